@@ -1,0 +1,1445 @@
+#!/usr/bin/env python3
+"""serve-package: an Omaha update server for Flatcar and CoreOS Container Linux, in one file.
+
+Copy it and an update payload onto an air-gapped host, then run
+
+    python3 serve-package.pyz --package-file flatcar_production_update.gz --package-version 3815.2.5
+
+and point each machine's update.conf at it (SERVER=http://<host>:8000/v1/update).
+
+The rules this file follows are the ones the real clients impose (update_engine, Flatcar's
+ue-rs extension downloader and the old grep-based post-install scripts); each place a client
+needs something particular says which client and why. The file reads top to bottom in the
+order data flows through it:
+
+  1. Codes and names    event types, results and error codes as words
+  2. Versions           parse and compare 3815.2.5 (+build ignored)
+  3. Payloads           CrAU inspection, one-pass hashing, the Package record
+  4. Protocol           parse_request(bytes) and render_response(...), pure
+  5. Policy             decide() what each app is offered
+  6. Words              what a request says about its machine, for the log
+  7. HTTP               the handler: Omaha endpoint and payload serving
+  8. Program            argparse, logging, signals, main()
+
+Standard library only; runs on Python 3.8 and newer.
+"""
+
+import argparse
+import base64
+import email.utils
+import errno
+import hashlib
+import http.server
+import logging
+import os
+import queue
+import re
+import signal
+import socket
+import socketserver
+import stat
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+__version__ = "0.1.0"
+
+PROG = "serve-package"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Codes and names
+# ---------------------------------------------------------------------------------------------
+
+# Omaha event types and results as update_engine sends them
+# (flatcar/update_engine: src/update_engine/omaha_request_action.h, OmahaEvent).
+EVENT_TYPES = {
+    0: "unknown",
+    1: "download complete",
+    2: "install complete",
+    3: "update complete",
+    13: "download started",
+    14: "download finished",
+    800: "ping",
+}
+EVENT_RESULTS = {
+    0: "error",
+    1: "success",
+    2: "success, reboot",
+    9: "deferred",
+}
+
+# update_engine's ActionExitCode values (flatcar/update_engine: src/update_engine/action_processor.h).
+ERROR_NAMES = {
+    0: "success",
+    1: "generic error",
+    2: "Omaha request error",
+    3: "Omaha response handler error",
+    4: "filesystem copier error",
+    5: "post-install failed",
+    6: "set bootable flag error",
+    7: "install device open error",
+    8: "kernel device open error",
+    9: "download transfer error",
+    10: "payload hash mismatch",
+    11: "payload size mismatch",
+    12: "payload verification error",
+    13: "new partition info error",
+    14: "download write error",
+    15: "new rootfs verification error",
+    16: "new kernel verification error",
+    17: "signed delta payload expected",
+    18: "payload signature verification error",
+    19: "post-install booted from firmware B",
+    20: "download state initialization error",
+    21: "invalid payload magic",
+    22: "signature missing in manifest",
+    23: "manifest parse error",
+    24: "metadata signature error",
+    25: "metadata signature verification error",
+    26: "metadata signature mismatch",
+    27: "operation hash verification error",
+    28: "operation execution error",
+    29: "operation hash mismatch",
+    30: "empty Omaha response",
+    31: "Omaha response is not valid XML",
+    32: "invalid metadata size",
+    33: "invalid metadata signature",
+    34: "Omaha response invalid",
+    35: "update ignored by policy",
+    36: "update deferred by policy",
+    37: "HTTP error from the update server",
+    38: "operation hash missing",
+    39: "metadata signature missing",
+    40: "update deferred for backoff",
+    41: "post-install powerwash error",
+    42: "new PCR policy verification error",
+    43: "new PCR policy HTTP error",
+    44: "rollback",
+}
+
+# The usual cause of the common failures, and what to do about it.
+ERROR_HINTS = {
+    5: "post-install failed; on Flatcar >= 3760 this is typically a missing OEM or extension "
+       "payload (oem-<ID>.gz, flatcar-<NAME>.gz); see the machine's journal",
+    9: "the download was cut or stalled; check the network path and this server's log",
+    10: "the downloaded bytes do not match the advertised SHA-256: the file changed on disk "
+        "or something in between altered it",
+    11: "the downloaded size differs from the advertised size: a proxy or a truncated file",
+    18: "the payload's signature does not match the machine's key: not an official payload "
+        "for this OS (Flatcar vs CoreOS, or a developer build)",
+    21: "the served file is not an update payload (wrong file, or an HTML error page)",
+    28: "wrong bytes at some offset: a server or proxy that mishandles Range requests",
+    34: "the machine rejected this server's response as invalid",
+    37: "the update check got an HTTP error",
+    44: "the new version failed to boot and the machine rolled back",
+}
+
+# Flag bits OR-ed into error codes (action_processor.h).
+ERROR_FLAGS = (
+    (1 << 31, "dev mode"),
+    (1 << 30, "resumed download"),
+    (1 << 29, "dev/test image"),
+    (1 << 28, "non-production server"),  # always set when SERVER= is not the vendor's
+)
+ERROR_BASE_MASK = 0x0FFFFFFF
+
+
+def describe_error(code: int) -> str:
+    """Turn an update_engine error code into words: 'payload hash mismatch (error 10; flags: ...)'."""
+    base = code & ERROR_BASE_MASK
+    flags = [name for bit, name in ERROR_FLAGS if code & bit]
+    if 2000 <= base < 3000:
+        name = "HTTP %d from the update check" % (base - 2000)
+    else:
+        name = ERROR_NAMES.get(base, "unknown error")
+    text = "%s (error %d" % (name, base)
+    if flags:
+        text += "; flags: " + ", ".join(flags)
+    return text + ")"
+
+
+def error_hint(code: int) -> Optional[str]:
+    base = code & ERROR_BASE_MASK
+    if 2000 <= base < 3000:
+        return ERROR_HINTS[37]
+    return ERROR_HINTS.get(base)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Versions
+# ---------------------------------------------------------------------------------------------
+
+# Flatcar/CoreOS versions are MAJOR.MINOR.PATCH; developer builds add semver build metadata
+# (3340.0.0+nightly-20220823-2100), which does not take part in comparisons.
+_VERSION_RE = re.compile(r"(\d{1,9}(?:\.\d{1,9}){0,3})(?:\+[0-9A-Za-z.-]*)?")
+_VERSION_PARTS = 4
+
+
+def parse_version(text: str) -> Optional[Tuple[int, ...]]:
+    """'3815.2.5+build' -> (3815, 2, 5, 0); None if it is not a dotted version."""
+    match = _VERSION_RE.fullmatch(text)
+    if not match:
+        return None
+    parts = tuple(int(part) for part in match.group(1).split("."))
+    return parts + (0,) * (_VERSION_PARTS - len(parts))
+
+
+def parse_package_version(text: str) -> Tuple[int, ...]:
+    """The served version must be a full MAJOR.MINOR.PATCH, as every Flatcar/CoreOS release is."""
+    key = parse_version(text)
+    if key is None or text.split("+", 1)[0].count(".") != 2:
+        raise ValueError(
+            "--package-version %r is not a version like 3815.2.5 "
+            "(MAJOR.MINOR.PATCH, optionally +build)" % text)
+    return key
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Payloads
+# ---------------------------------------------------------------------------------------------
+
+CRAU_MAGIC = b"CrAU"
+CRAU_HEADER = struct.Struct(">4sQQ")  # magic, format version, manifest size (omaha-spec section 5)
+MAX_MANIFEST = 64 << 20
+HASH_CHUNK = 1 << 20
+OS_PAYLOAD_NAME = "update.gz"  # the name go-omaha serves the OS payload under
+
+
+class PayloadError(Exception):
+    """A served file is unusable; the message is one sentence for the operator."""
+
+
+@dataclass(frozen=True)
+class PayloadHeader:
+    format_version: int
+    manifest_size: int
+    expected_size: Optional[int]  # from the manifest's signature extent, when present
+
+
+def _read_varint(buf: bytes, pos: int) -> Tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("bad varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def manifest_signature_extent(manifest: bytes) -> Optional[Tuple[int, int]]:
+    """(signatures_offset, signatures_size) from a DeltaArchiveManifest (protobuf fields 4 and 5).
+
+    Walks only the top-level fields; None when either is absent or the manifest does not parse.
+    """
+    fields = {}
+    pos = 0
+    try:
+        while pos < len(manifest):
+            key, pos = _read_varint(manifest, pos)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                value, pos = _read_varint(manifest, pos)
+                fields[number] = value
+            elif wire == 1:
+                pos += 8
+            elif wire == 2:
+                length, pos = _read_varint(manifest, pos)
+                pos += length
+            elif wire == 5:
+                pos += 4
+            else:
+                return None
+        if pos != len(manifest):
+            return None
+    except ValueError:
+        return None
+    if 4 in fields and 5 in fields:
+        return fields[4], fields[5]
+    return None
+
+
+def describe_foreign_file(head: bytes) -> str:
+    """What a file that is not an update payload looks like, from its first bytes."""
+    stripped = head.lstrip().lower()
+    if head.startswith(b"\x1f\x8b"):
+        return "it is a gzip archive (update payloads are named .gz but are not gzip)"
+    if head.startswith(b"BZh"):
+        return ("it is a bzip2 archive, perhaps the disk image flatcar_production_image.bin.bz2; "
+                "the update payload is flatcar_production_update.gz")
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return "it is an xz archive"
+    if head.startswith(b"PK\x03\x04"):
+        return "it is a zip archive"
+    if stripped.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml", b"<")):
+        return "it looks like an HTML or XML page, perhaps an error page saved by a failed download"
+    if head.startswith(b"\x7fELF"):
+        return "it is an executable (ELF)"
+    if head.startswith(b"QFI\xfb"):
+        return "it is a qcow2 disk image"
+    return "it starts with %s instead" % (head[:4].hex() or "nothing")
+
+
+def inspect_payload(fd: int, size: int, label: str) -> PayloadHeader:
+    """Check the CrAU header and, when the manifest says, that the file is complete."""
+    head = os.pread(fd, 64, 0)
+    if not head.startswith(CRAU_MAGIC):
+        raise PayloadError("%s is not an update payload: %s." % (label, describe_foreign_file(head)))
+    if len(head) < CRAU_HEADER.size:
+        raise PayloadError("%s is truncated: it ends inside the payload header." % label)
+    _, format_version, manifest_size = CRAU_HEADER.unpack_from(head)
+    expected = None
+    if format_version == 1 and manifest_size <= MAX_MANIFEST:
+        if CRAU_HEADER.size + manifest_size > size:
+            raise PayloadError(
+                "%s is truncated: it ends inside the payload manifest (%d bytes); "
+                "copy it again." % (label, size))
+        manifest = os.pread(fd, manifest_size, CRAU_HEADER.size)
+        extent = manifest_signature_extent(manifest)
+        if extent is not None:
+            expected = CRAU_HEADER.size + manifest_size + extent[0] + extent[1]
+            if expected != size:
+                raise PayloadError(
+                    "%s is %s: its header says %d bytes but the file has %d; copy it again."
+                    % (label, "truncated" if size < expected else "longer than its header says",
+                       expected, size))
+    return PayloadHeader(format_version, manifest_size, expected)
+
+
+def hash_file(fd: int, progress: Optional[Callable[[int], None]] = None
+              ) -> Tuple[bytes, bytes, int]:
+    """SHA-1 and SHA-256 of a file and its length, in one read, the digests computed in parallel.
+
+    The reading thread feeds SHA-256 itself and hands each chunk to a second thread for SHA-1;
+    hashlib releases the GIL on large buffers, so both run at once. Three reusable buffers keep
+    memory constant whatever the file size.
+    """
+    sha1, sha256 = hashlib.sha1(), hashlib.sha256()
+    free = queue.Queue()  # type: queue.Queue
+    work = queue.Queue()  # type: queue.Queue
+    for _ in range(3):
+        free.put(bytearray(HASH_CHUNK))
+
+    def sha1_worker() -> None:
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            buf, view = item
+            sha1.update(view)
+            view.release()
+            free.put(buf)
+
+    worker = threading.Thread(target=sha1_worker, name="sha1", daemon=True)
+    worker.start()
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    done = 0
+    try:
+        while True:
+            buf = free.get()
+            n = os.preadv(fd, [buf], done) if hasattr(os, "preadv") else _pread_into(fd, buf, done)
+            if n == 0:
+                free.put(buf)
+                break
+            work.put((buf, memoryview(buf)[:n]))
+            with memoryview(buf)[:n] as view:
+                sha256.update(view)
+            done += n
+            if progress is not None:
+                progress(done)
+    finally:
+        work.put(None)
+        worker.join()
+    return sha1.digest(), sha256.digest(), done
+
+
+def _pread_into(fd: int, buf: bytearray, offset: int) -> int:
+    data = os.pread(fd, len(buf), offset)
+    buf[:len(data)] = data
+    return len(data)
+
+
+def _file_identity(st: os.stat_result) -> Tuple[int, ...]:
+    # An in-place write changes mtime and ctime even when the writer restores mtime.
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class Package:
+    """One served file: where it is, what it is called on the wire, and its digests."""
+    name: str
+    path: str
+    size: int
+    sha1_b64: str
+    sha256_b64: str
+    sha256_hex: str
+    mtime: float
+    identity: Tuple[int, ...]
+    fd: int  # held open for the server's lifetime: a rename or delete does not change what we serve
+
+    def changed_on_disk(self) -> bool:
+        """True when the open file was written to since it was hashed."""
+        return _file_identity(os.fstat(self.fd)) != self.identity
+
+
+def load_package(path: str, name: str,
+                 progress: Optional[Callable[[int, int], None]] = None) -> Package:
+    """Open, check and hash one payload; every failure is a PayloadError sentence."""
+    label = path
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise PayloadError("%s does not exist." % label) from None
+    except IsADirectoryError:
+        raise PayloadError("%s is a directory, not a payload file." % label) from None
+    except PermissionError:
+        raise PayloadError("%s cannot be read: permission denied." % label) from None
+    except OSError as exc:
+        raise PayloadError("%s cannot be opened: %s." % (label, exc.strerror)) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise PayloadError("%s is a directory, not a payload file." % label)
+        if not stat.S_ISREG(st.st_mode):
+            raise PayloadError("%s is not a regular file." % label)
+        if st.st_size == 0:
+            raise PayloadError("%s is empty (0 bytes): the download or copy failed." % label)
+        try:
+            inspect_payload(fd, st.st_size, label)
+            sha1, sha256, hashed = hash_file(
+                fd, None if progress is None else lambda done: progress(done, st.st_size))
+        except OSError as exc:
+            raise PayloadError("%s cannot be read: %s." % (label, exc.strerror)) from None
+        if hashed != st.st_size or _file_identity(os.fstat(fd)) != _file_identity(st):
+            raise PayloadError("%s changed while it was being hashed; start again once it is "
+                               "fully copied." % label)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Package(
+        name=name, path=path, size=st.st_size,
+        sha1_b64=base64.b64encode(sha1).decode("ascii"),
+        sha256_b64=base64.b64encode(sha256).decode("ascii"),
+        sha256_hex=sha256.hex(),
+        mtime=st.st_mtime, identity=_file_identity(st), fd=fd)
+
+
+@dataclass(frozen=True)
+class Release:
+    """The version on offer and its files; the OS payload is always first."""
+    version: str
+    key: Tuple[int, ...]
+    packages: Tuple[Package, ...]
+
+    def find(self, name: str) -> Optional[Package]:
+        for package in self.packages:
+            if package.name == name:
+                return package
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Protocol
+# ---------------------------------------------------------------------------------------------
+
+MAX_BODY = 1 << 20  # as go-omaha; update_engine's requests are under 2 KiB
+MAX_DEPTH = 8  # update_engine nests three levels deep: request/app/event
+MAX_ELEMENTS = 512
+MAX_APPS = 16  # update_engine sends one
+MAX_ATTRIBUTE = 4096
+
+
+class RequestError(ValueError):
+    """The request body breaks the protocol; the message is the one-line reason sent back."""
+
+
+@dataclass(frozen=True)
+class Event:
+    type: int
+    result: int
+    errorcode: Optional[int]
+    previousversion: str
+
+
+@dataclass(frozen=True)
+class AppRequest:
+    appid: str
+    version: str
+    track: str
+    machineid: str
+    machinealias: str
+    oem: str
+    board: str
+    ping: bool
+    updatecheck: bool
+    events: Tuple[Event, ...]
+
+
+@dataclass(frozen=True)
+class Request:
+    updater: str  # request@version: update_engine-0.4.10, CoreOSUpdateEngine-0.1.0.0, ...
+    installsource: str
+    apps: Tuple[AppRequest, ...]
+
+
+_FORBIDDEN_MARKUP = re.compile(rb"<!(?!--|\[CDATA\[)")
+_DECLARED_ENCODING = re.compile(rb"""\A(?:\xef\xbb\xbf)?\s*<\?xml[^>]*?encoding\s*=\s*["']([^"']*)["']""")
+
+
+def _int_attr(attrs: Dict[str, str], name: str, required: bool) -> Optional[int]:
+    text = attrs.get(name, "").strip()
+    if not text:
+        if required:
+            raise RequestError("<event> has no %s" % name)
+        return None
+    if not re.fullmatch(r"-?\d{1,12}", text):
+        raise RequestError("<event> %s=%r is not a number" % (name, text[:40]))
+    return int(text)
+
+
+class _RequestBuilder:
+    """expat target that builds the Request as elements stream by, within fixed limits.
+
+    Building our own small records instead of an element tree bounds the work per element and
+    lets a hostile body (deep nesting, thousands of apps) be stopped at the first excess.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.elements = 0
+        self.root = None  # type: Optional[Dict[str, str]]
+        self.apps = []  # type: List[Tuple[Dict[str, str], List]]
+
+    def start(self, tag: str, attrs: Dict[str, str]) -> None:
+        self.depth += 1
+        self.elements += 1
+        if self.depth > MAX_DEPTH:
+            raise RequestError("XML is nested deeper than %d levels" % MAX_DEPTH)
+        if self.elements > MAX_ELEMENTS:
+            raise RequestError("request has more than %d elements" % MAX_ELEMENTS)
+        for value in attrs.values():
+            if len(value) > MAX_ATTRIBUTE:
+                raise RequestError("<%s> has an attribute longer than %d characters"
+                                   % (tag[:40], MAX_ATTRIBUTE))
+        if self.depth == 1:
+            if tag != "request":
+                raise RequestError("root element is <%s>, not <request>" % tag[:40])
+            self.root = attrs
+        elif self.depth == 2 and tag == "app":
+            if len(self.apps) == MAX_APPS:
+                raise RequestError("request has more than %d <app> elements" % MAX_APPS)
+            self.apps.append((attrs, []))
+        elif self.depth == 3 and self.apps and tag in ("ping", "updatecheck", "event"):
+            self.apps[-1][1].append((tag, attrs))
+
+    def end(self, tag: str) -> None:
+        self.depth -= 1
+
+    def data(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        return None
+
+
+def parse_request(body: bytes) -> Request:
+    """Parse an update_engine request body; RequestError says what is wrong with it."""
+    if not body.strip():
+        raise RequestError("request body is empty")
+    if _FORBIDDEN_MARKUP.search(body):
+        # No DTD, entity or other declaration: update_engine never sends one, and refusing them
+        # before parsing means no entity can be expanded and no external file can be read.
+        raise RequestError("DTD and entity declarations are not accepted")
+    declared = _DECLARED_ENCODING.match(body)
+    if declared and declared.group(1).lower() not in (b"utf-8", b"utf8", b"us-ascii"):
+        raise RequestError("request declares encoding %r; only UTF-8 is accepted"
+                           % declared.group(1).decode("ascii", "replace")[:20])
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError("request body is not valid UTF-8") from None
+    builder = _RequestBuilder()
+    parser = ET.XMLParser(target=builder)
+    try:
+        parser.feed(body)
+        parser.close()
+    except ET.ParseError as exc:
+        raise RequestError("malformed XML: %s" % exc) from None
+    root = builder.root
+    assert root is not None  # expat refuses a document without a root element
+    protocol = root.get("protocol", "")
+    if protocol != "3.0":
+        raise RequestError("protocol is %r, expected \"3.0\"" % protocol[:20])
+    if not builder.apps:
+        raise RequestError("request has no <app>")
+    apps = []
+    for attrs, children in builder.apps:
+        events = tuple(
+            Event(type=_int_attr(child, "eventtype", True),
+                  result=_int_attr(child, "eventresult", True),
+                  errorcode=_int_attr(child, "errorcode", False),
+                  previousversion=child.get("previousversion", ""))
+            for tag, child in children if tag == "event")
+        tags = {tag for tag, _ in children}
+        apps.append(AppRequest(
+            appid=attrs.get("appid", ""), version=attrs.get("version", ""),
+            track=attrs.get("track", ""), machineid=attrs.get("machineid", ""),
+            machinealias=attrs.get("machinealias", ""), oem=attrs.get("oem", ""),
+            board=attrs.get("board", ""), ping="ping" in tags,
+            updatecheck="updatecheck" in tags, events=events))
+    return Request(updater=root.get("version", ""), installsource=root.get("installsource", ""),
+                   apps=tuple(apps))
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What an update check is offered: where to download and what."""
+    version: str
+    codebase: str
+    packages: Tuple[Package, ...]
+
+
+@dataclass(frozen=True)
+class AppAnswer:
+    appid: str
+    ping: bool
+    events: int
+    updatecheck: bool
+    offer: Optional[Offer]  # None with updatecheck: noupdate
+
+
+_ATTR_ESCAPES = str.maketrans({
+    "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;",
+    "\t": "&#9;", "\n": "&#10;", "\r": "&#13;",
+})
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def xml_attr(value: str) -> str:
+    """Escape for a double-quoted attribute; characters XML cannot carry become U+FFFD."""
+    return _XML_INVALID.sub("\ufffd", value).translate(_ATTR_ESCAPES)
+
+
+def _render_updatecheck(offer: Offer) -> List[str]:
+    # Shape rules (omaha-spec sections 2 and 4): every start tag on one line with double quotes
+    # (the old post-install scripts grep them); <url> on a line of its own with codebase as its
+    # first attribute (ue-rs); the OS payload first (update_engine uses only the first package);
+    # name first in <package> (old scripts); hash = base64 SHA-1, hash_sha256 = hex (ue-rs
+    # rejects base64 there); size in plain decimal (update_engine reads it with %i).
+    lines = ['    <updatecheck status="ok">', "      <urls>",
+             '        <url codebase="%s"></url>' % xml_attr(offer.codebase),
+             "      </urls>",
+             '      <manifest version="%s">' % xml_attr(offer.version),
+             "        <packages>"]
+    for index, package in enumerate(offer.packages):
+        lines.append(
+            '          <package name="%s" hash="%s" hash_sha256="%s" size="%d" required="%s">'
+            "</package>" % (xml_attr(package.name), package.sha1_b64, package.sha256_hex,
+                            package.size, "true" if index == 0 else "false"))
+    os_payload = offer.packages[0]
+    lines += ["        </packages>", "        <actions>",
+              # update_engine verifies the download against action@sha256 (base64) and backs
+              # off for a day after each download unless DisablePayloadBackoff is "true".
+              '          <action event="postinstall" sha256="%s" DisablePayloadBackoff="true">'
+              "</action>" % os_payload.sha256_b64,
+              "        </actions>", "      </manifest>", "    </updatecheck>"]
+    return lines
+
+
+def render_response(answers: Sequence[AppAnswer], server: str = PROG) -> bytes:
+    """The complete <response> document for one request: every answer, to an update check, an
+    event or a ping alike, is a whole protocol 3.0 document (some clients save the last one)."""
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+             '<response protocol="3.0" server="%s">' % xml_attr(server),
+             '  <daystart elapsed_seconds="0"></daystart>']
+    for answer in answers:
+        lines.append('  <app appid="%s" status="ok">' % xml_attr(answer.appid))
+        if answer.ping:
+            lines.append('    <ping status="ok"></ping>')
+        lines.extend(['    <event status="ok"></event>'] * answer.events)
+        if answer.updatecheck:
+            if answer.offer is None:
+                lines.append('    <updatecheck status="noupdate"></updatecheck>')
+            else:
+                lines.extend(_render_updatecheck(answer.offer))
+        lines.append("  </app>")
+    lines.append("</response>\n")
+    return "\n".join(lines).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Policy
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    offer: bool
+    reason: str
+    warning: bool = False
+
+
+def decide(app: AppRequest, release: Release) -> Decision:
+    """Whether this app is offered the release. update_engine installs whatever it is offered,
+    older or equal included (omaha-spec section 1), so this is the only version check there is."""
+    client = parse_version(app.version)
+    if client is None:
+        return Decision(False, "its version %r is not a version, so it is not offered %s"
+                        % (clean(app.version, 40), release.version), warning=True)
+    if client < release.key:
+        return Decision(True, "older than %s" % release.version)
+    if client == release.key:
+        return Decision(False, "up to date")
+    return Decision(False, "newer than %s" % release.version)
+
+
+def answer_app(app: AppRequest, decision: Optional[Decision], release: Release,
+               codebase: str) -> AppAnswer:
+    offer = None
+    if decision is not None and decision.offer:
+        offer = Offer(version=release.version, codebase=codebase, packages=release.packages)
+    return AppAnswer(appid=app.appid, ping=app.ping, events=len(app.events),
+                     updatecheck=app.updatecheck, offer=offer)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Words: what a request says about its machine
+# ---------------------------------------------------------------------------------------------
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def clean(text: str, limit: int = 120) -> str:
+    """Request data made safe for one log line: control characters escaped, length bounded."""
+    text = _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
+                        else "\\u%04x" % ord(m.group()), text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def describe_machine(app: AppRequest) -> str:
+    """'machine 01234567 (3815.2.5, stable, azure)': who is asking, in a few words."""
+    name = app.machinealias or (app.machineid[:8] if app.machineid else "")
+    details = [app.version or "no version"]
+    details += [x for x in (app.track, app.oem) if x]
+    return clean("machine %s (%s)" % (name or "?", ", ".join(details)), 160)
+
+
+def _is_real_version(text: str) -> bool:
+    return text not in ("", "0.0.0.0")
+
+
+def describe_event(event: Event, app: AppRequest) -> str:
+    """One event in words (omaha-spec section 6)."""
+    kind, result, code = event.type, event.result, event.errorcode
+    if kind == 3 and result == 2:
+        if app.updatecheck and not _is_real_version(event.previousversion):
+            return "routine check"
+        return "update complete: rebooted from %s into %s" % (
+            clean(event.previousversion, 40) or "?", clean(app.version, 40))
+    if kind == 3 and result == 0 and code is not None and code & ERROR_BASE_MASK == 44:
+        return "rolled back: still on %s" % clean(app.version, 40)
+    if kind == 13 and result == 1:
+        return "download started"
+    if kind == 14 and result == 1:
+        return "download finished, payload verified"
+    if kind == 3 and result == 1:
+        return "installed, waiting for reboot"
+    if kind == 3 and result == 0:
+        text = "update failed: " + (describe_error(code) if code is not None else "no error code")
+        hint = error_hint(code) if code is not None else None
+        return text + (" -- " + hint if hint else "")
+    if kind == 3 and result == 9:
+        return "update deferred" + (": " + describe_error(code) if code is not None else "")
+    text = "event %s (%d), result %s (%d)" % (
+        EVENT_TYPES.get(kind, "unknown"), kind, EVENT_RESULTS.get(result, "unknown"), result)
+    if code is not None:
+        text += ", " + describe_error(code)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. HTTP
+# ---------------------------------------------------------------------------------------------
+
+IDLE_TIMEOUT = 60.0  # seconds a connection may sit idle or stalled; progress resets it
+SEND_CHUNK = 8 << 20
+OMAHA_PATHS = ("/v1/update", "/v1/update/")
+PACKAGES_PREFIX = "/packages/"
+_HOST_HEADER = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
+_RANGE_SPEC = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")
+MAX_RANGES = 64
+
+log = logging.getLogger(PROG)
+
+
+def parse_range(header: Optional[str], size: int) -> Optional[List[Tuple[int, int]]]:
+    """RFC 9110 section 14.2 for one representation of `size` bytes.
+
+    Returns None to ignore the header (absent, another unit, or invalid: the whole file is then
+    sent with 200), [] when no range is satisfiable (416), else the satisfiable ranges as
+    inclusive (first, last) pairs, clipped to the file.
+    """
+    if header is None:
+        return None
+    unit, sep, spec = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return None
+    parts = [part for part in spec.split(",") if part.strip()]
+    if not parts or len(parts) > MAX_RANGES:
+        return None
+    ranges = []
+    for part in parts:
+        match = _RANGE_SPEC.fullmatch(part)
+        if not match or (not match.group(1) and not match.group(2)):
+            return None
+        first, last = match.group(1), match.group(2)
+        if first:
+            start = int(first)
+            end = int(last) if last else size - 1
+            if end < start:
+                return None  # invalid range-spec: the whole header is ignored
+            if start < size:
+                ranges.append((start, min(end, size - 1)))
+        else:
+            suffix = int(last)
+            if suffix > 0:
+                ranges.append((max(0, size - suffix), size - 1))
+    return ranges
+
+
+def http_date(timestamp: float) -> str:
+    return email.utils.formatdate(timestamp, usegmt=True)
+
+
+def _parse_http_date(text: str) -> Optional[float]:
+    try:
+        parsed = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed is None or parsed.tzinfo is None:
+        return None
+    return parsed.timestamp()
+
+
+def request_path(target: str) -> str:
+    """The path of a request target: absolute-form accepted, query dropped, %-escapes decoded,
+    runs of slashes folded (old post-install scripts ask for codebase + "/" + name)."""
+    if not target.startswith("/"):
+        target = urllib.parse.urlsplit(target).path or "/"
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    path = urllib.parse.unquote(path, errors="replace")
+    return re.sub(r"/{2,}", "/", path)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """One connection: the Omaha endpoint, the payload files, and a plain index page."""
+
+    server_version = PROG
+    sys_version = ""
+    protocol_version = "HTTP/1.1"  # keep-alive: update_engine reuses its connection
+    disable_nagle_algorithm = True  # else keep-alive answers wait on delayed ACKs
+    timeout = IDLE_TIMEOUT
+    server: "Server"
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def version_string(self) -> str:
+        return PROG
+
+    def client(self) -> str:
+        host = self.client_address[0] if self.client_address else "?"
+        return host[7:] if host.startswith("::ffff:") else host
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (BaseHTTPRequestHandler's name)
+        log.info("%s %s", self.client(), clean(format % args, 300))
+
+    def log_request(self, code="-", size="-") -> None:
+        pass  # each route logs one line of its own, in words
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None):
+        """Errors raised by http.server's own parsing (bad request line, huge headers)."""
+        reason = message or self.responses.get(code, ("error",))[0]
+        log.warning("%s %s -> %d %s", self.client(),
+                    clean(getattr(self, "requestline", "") or "-", 200), code, reason)
+        self.send_text(code, reason, close=True)
+
+    def send_text(self, code: int, text: str, headers: Sequence[Tuple[str, str]] = (),
+                  close: bool = False) -> None:
+        body = (text + "\n").encode("utf-8")
+        self.send_response_only(code)
+        self.send_header("Server", PROG)
+        self.send_header("Date", self.date_time_string())
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in headers:
+            self.send_header(name, value)
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if getattr(self, "command", "") != "HEAD":
+            self.wfile.write(body)
+
+    def reject(self, code: int, reason: str, headers: Sequence[Tuple[str, str]] = (),
+               close: bool = False) -> None:
+        log.warning("%s %s %s -> %d %s", self.client(), self.command,
+                    clean(self.path, 200), code, reason)
+        self.send_text(code, reason, headers, close)
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self.route()
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def route(self) -> None:
+        path = request_path(self.path)
+        if path in OMAHA_PATHS:
+            if self.command != "POST":
+                self.reject(405, "the Omaha endpoint expects a POST", [("Allow", "POST")],
+                            close=self._has_body())
+            else:
+                self.omaha()
+        elif path.startswith(PACKAGES_PREFIX):
+            package = self.server.release.find(path[len(PACKAGES_PREFIX):])
+            if package is None:
+                self.reject(404, "no such package", close=self._has_body())
+            elif self.command not in ("GET", "HEAD"):
+                self.reject(405, "packages are downloaded with GET", [("Allow", "GET, HEAD")],
+                            close=self._has_body())
+            else:
+                self.serve_package(package)
+        elif path == "/" and self.command in ("GET", "HEAD"):
+            self.index()
+        else:
+            self.reject(404, "not found", close=self._has_body())
+
+    def _has_body(self) -> bool:
+        return bool(self.headers.get("Content-Length", "0").strip() not in ("", "0")
+                    or "Transfer-Encoding" in self.headers)
+
+    # -- Omaha -----------------------------------------------------------------------------
+
+    def omaha(self) -> None:
+        if "Transfer-Encoding" in self.headers:
+            # update_engine always sends Content-Length; refusing chunked bodies keeps the cap
+            # simple to enforce before anything is read.
+            self.reject(411, "send the body with Content-Length, not Transfer-Encoding",
+                        close=True)
+            return
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            self.reject(411, "Content-Length is required", close=True)
+            return
+        if not length_text.strip().isdigit():
+            self.reject(400, "Content-Length is not a number", close=True)
+            return
+        length = int(length_text)
+        if length > MAX_BODY:
+            self.reject(413, "request body is over %d bytes" % MAX_BODY, close=True)
+            return
+        content_type = self.headers.get("Content-Type", "")
+        problem = content_type_problem(content_type)
+        if problem:
+            self.reject(415, problem, close=True)
+            return
+        body = self.rfile.read(length)
+        if len(body) < length:
+            log.warning("%s POST %s: client closed after %d of %d body bytes",
+                        self.client(), clean(self.path, 200), len(body), length)
+            self.close_connection = True
+            return
+        try:
+            request = parse_request(body)
+        except RequestError as exc:
+            self.reject(400, str(exc))
+            return
+        release = self.server.release
+        codebase = self.codebase()
+        answers = []
+        for app in request.apps:
+            decision = decide(app, release) if app.updatecheck else None
+            answers.append(answer_app(app, decision, release, codebase))
+            self.log_app(app, decision)
+        payload = render_response(answers)
+        self.send_response_only(200)
+        self.send_header("Server", PROG)
+        self.send_header("Date", self.date_time_string())
+        self.send_header("Content-Type", "text/xml; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_app(self, app: AppRequest, decision: Optional[Decision]) -> None:
+        said = [describe_event(event, app) for event in app.events
+                if not (app.updatecheck and event.type == 3 and event.result == 2
+                        and not _is_real_version(event.previousversion))]
+        if decision is not None:
+            if decision.offer:
+                said.append("update check: offered %s" % self.server.release.version)
+            else:
+                said.append("update check: no update (%s)" % decision.reason)
+        elif app.ping and not app.events:
+            said.append("ping (waiting for reboot, or idle)")
+        line = "%s %s: %s" % (self.client(), describe_machine(app), "; ".join(said) or "nothing")
+        if decision is not None and decision.warning:
+            log.warning("%s", line)
+        elif any(event.type == 3 and event.result == 0 for event in app.events):
+            log.warning("%s", line)
+        else:
+            log.info("%s", line)
+
+    def codebase(self) -> str:
+        """http://<Host header>/packages/, ending in '/': CoreOS appends the package name with
+        no slash of its own, and ue-rs's URL join drops a last segment without one."""
+        host = self.headers.get("Host", "").strip()
+        if not _HOST_HEADER.fullmatch(host):
+            address, port = self.connection.getsockname()[:2]
+            if address.startswith("::ffff:"):
+                address = address[7:]
+            host = ("[%s]:%d" if ":" in address else "%s:%d") % (address, port)
+        return "http://%s%s" % (host, PACKAGES_PREFIX)
+
+    # -- payloads --------------------------------------------------------------------------
+
+    def serve_package(self, package: Package) -> None:
+        """GET and HEAD of one payload: the same headers for both, Range as RFC 9110 says.
+
+        update_engine resumes with Range and accepts any 2xx, so a satisfiable single range is
+        always 206 (a 200 would be written at the wrong offset and corrupt the update).
+        """
+        if package.changed_on_disk():
+            log.error("%s is no longer the file that was hashed at startup (it was written to); "
+                      "refusing to serve it: restart %s to re-hash it", package.path, PROG)
+            self.reject(503, "the payload changed on disk; the server must be restarted",
+                        [("Retry-After", "300")])
+            return
+        size = package.size
+        last_modified = http_date(package.mtime)
+        etag = '"%s"' % package.sha256_hex
+        validators = [("Last-Modified", last_modified), ("ETag", etag)]
+        since = self.headers.get("If-Modified-Since")
+        if since and "If-None-Match" not in self.headers:
+            when = _parse_http_date(since)
+            if when is not None and int(package.mtime) <= when:
+                self.send_headers(304, validators)
+                self.log_download(package, 304, 0, "not modified")
+                return
+        range_header = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        if range_header is not None and if_range is not None and if_range.strip() not in (
+                etag, last_modified):
+            range_header = None  # the client's copy is stale: send the whole file
+        ranges = parse_range(range_header, size)
+        if ranges == []:
+            self.send_headers(416, [("Content-Range", "bytes */%d" % size),
+                                    ("Content-Length", "0")])
+            self.log_download(package, 416, 0, "unsatisfiable range %s" % clean(range_header, 60))
+            return
+        if ranges is not None and len(ranges) == 1:
+            start, end = ranges[0]
+            status = 206
+            headers = [("Content-Range", "bytes %d-%d/%d" % (start, end, size))]
+        else:
+            # No Range, an invalid one, or several: the whole file (several ranges are allowed
+            # to be answered this way; update_engine only ever asks for one).
+            start, end, status, headers = 0, size - 1, 200, []
+        count = end - start + 1
+        self.send_headers(status, headers + [
+            ("Content-Type", "application/octet-stream"),  # never Content-Encoding: not gzip
+            ("Content-Length", str(count)), ("Accept-Ranges", "bytes")] + validators)
+        if self.command == "HEAD":
+            self.log_download(package, status, 0, "headers only")
+            return
+        began = time.monotonic()
+        sent = self.send_file(package, start, count)
+        what = ("bytes %d-%d" % (start, end)) if status == 206 else "whole file"
+        seconds = time.monotonic() - began
+        if sent == count:
+            self.log_download(package, status, sent, "%s in %.1f s (%s)" % (
+                what, seconds, format_rate(sent, seconds)))
+        else:
+            log.warning("%s GET %s %d: %s: client went away after %s of %s", self.client(),
+                        package.name, status, what, format_size(sent), format_size(count))
+
+    def send_headers(self, status: int, headers: Sequence[Tuple[str, str]]) -> None:
+        self.send_response_only(status)
+        self.send_header("Server", PROG)
+        self.send_header("Date", self.date_time_string())
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+
+    def send_file(self, package: Package, offset: int, count: int) -> int:
+        """Zero-copy send of count bytes from offset; returns the bytes sent. The socket timeout
+        bounds each wait for the client, never the whole transfer, so a download that keeps
+        moving is never cut. A short send closes the connection: the client must never be left
+        waiting for bytes that the Content-Length promised."""
+        sent = 0
+        try:
+            with open(package.fd, "rb", buffering=0, closefd=False) as source:
+                while sent < count:
+                    n = self.connection.sendfile(source, offset + sent, min(SEND_CHUNK, count - sent))
+                    if n == 0:
+                        log.error("%s ended early while serving it; closing the connection",
+                                  package.path)
+                        break
+                    sent += n
+        except OSError:
+            pass  # the client went away or stalled past the timeout
+        if sent != count:
+            self.close_connection = True
+        return sent
+
+    def log_download(self, package: Package, status: int, sent: int, what: str) -> None:
+        log.info("%s %s %s -> %d, %s", self.client(), self.command, package.name, status, what)
+
+    def index(self) -> None:
+        release = self.server.release
+        lines = ["%s %s" % (PROG, __version__),
+                 "offering version %s" % release.version]
+        for package in release.packages:
+            lines.append("  %s%s  %d bytes  sha256 %s" % (
+                PACKAGES_PREFIX, package.name, package.size, package.sha256_hex))
+        lines.append("Omaha endpoint: POST /v1/update")
+        log.info("%s %s / -> 200", self.client(), self.command)
+        self.send_text(200, "\n".join(lines))
+
+
+def content_type_problem(value: str) -> Optional[str]:
+    """None when the Content-Type is one update_engine could send (go-omaha's rule)."""
+    if not value.strip():
+        return None
+    media, _, params = value.partition(";")
+    if media.strip().lower() not in ("text/xml", "application/xml"):
+        return "Content-Type %r is not text/xml or application/xml" % clean(media.strip(), 60)
+    for param in params.split(";"):
+        name, _, charset = param.partition("=")
+        if name.strip().lower() == "charset" and charset.strip().strip('"').lower() not in (
+                "utf-8", "utf8"):
+            return "charset %r is not utf-8" % clean(charset.strip(), 30)
+    return None
+
+
+def format_size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return ("%d %s" if unit == "bytes" else "%.1f %s") % (n, unit)
+        n /= 1024
+    return ""
+
+
+def format_rate(n: int, seconds: float) -> str:
+    return "%s/s" % format_size(n / seconds) if seconds > 0 else "instant"
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """A thread per connection; the listening socket and the release being served."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True  # restart at once; Linux still refuses a second live listener
+    request_queue_size = 1024  # the default backlog of 5 overflows under a burst of checks
+
+    def __init__(self, address: Tuple, family: int, release: Release) -> None:
+        self.address_family = family
+        self.release = release
+        super().__init__(address, Handler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            # One socket for IPv6 and IPv4, like Go's ":8000".
+            try:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError:
+                pass
+        # Skip HTTPServer.server_bind's getfqdn(): a reverse DNS lookup that can hang for
+        # many seconds on an air-gapped network without DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.socket.getsockname()[:2]
+
+    def handle_error(self, request, client_address) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
+            return  # the client went away; nothing to report
+        log.error("%s: internal error while handling a request: %r", client_address[0], exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Program
+# ---------------------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """A mistake on the command line; the message is one sentence."""
+
+
+def parse_listen_address(text: str) -> Tuple[str, int]:
+    """':8000', 'HOST:8000', '[::1]:8000', or a bare '8000' -> (host, port); host '' = all."""
+    text = text.strip()
+    if text.isdigit():
+        host, port_text = "", text
+    elif text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise UsageError("--listen-address %r is not valid: write an IPv6 address as "
+                             "[ADDRESS]:PORT, e.g. [::1]:8000" % text)
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise UsageError("--listen-address %r is not valid: use HOST:PORT, :PORT or "
+                             "[IPv6]:PORT, e.g. :8000" % text)
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise UsageError("--listen-address %r is not valid: the port must be a number from 0 "
+                         "to 65535" % text)
+    return host, int(port_text)
+
+
+def make_server(release: Release, host: str, port: int) -> Server:
+    """Bind the listening socket; every bind failure is a UsageError sentence."""
+    shown = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+    if host == "" and socket.has_ipv6:
+        try:
+            return Server(("::", port), socket.AF_INET6, release)
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                raise UsageError(_bind_failure(shown, exc)) from None
+    if host == "":
+        candidates = [(socket.AF_INET, ("0.0.0.0", port))]
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        except (socket.gaierror, UnicodeError):
+            raise UsageError("--listen-address %s is not valid: %r is not an address or a known "
+                             "host name" % (shown, host)) from None
+        candidates = [(info[0], info[4]) for info in infos
+                      if info[0] in (socket.AF_INET, socket.AF_INET6)]
+    for family, address in candidates:
+        try:
+            return Server(address, family, release)
+        except OSError as exc:
+            failure = _bind_failure(shown, exc)
+    raise UsageError(failure)
+
+
+def _bind_failure(shown: str, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return ("cannot listen on %s: the address is already in use (another serve-package or "
+                "web server?); stop it or pick another port with --listen-address" % shown)
+    if exc.errno == errno.EACCES:
+        return ("cannot listen on %s: permission denied (ports below 1024 need root); "
+                "use a port such as 8000" % shown)
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "cannot listen on %s: that address does not belong to this machine" % shown
+    return "cannot listen on %s: %s" % (shown, exc.strerror or exc)
+
+
+def local_addresses() -> List[str]:
+    """This host's non-loopback addresses that a machine could use to reach it (Linux first:
+    interface addresses; elsewhere what the host name resolves to). No packet is sent."""
+    found = []  # type: List[str]
+    try:
+        import fcntl
+        import array
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            buf = array.array("B", bytes(4096))
+            request = struct.pack("iL", len(buf), buf.buffer_info()[0])
+            length = struct.unpack("iL", fcntl.ioctl(probe.fileno(), 0x8912, request))[0]  # SIOCGIFCONF
+        finally:
+            probe.close()
+        raw = buf.tobytes()[:length]
+        for offset in range(0, len(raw), 40):  # struct ifreq is 40 bytes on 64-bit Linux
+            found.append(socket.inet_ntoa(raw[offset + 20:offset + 24]))
+    except (ImportError, OSError, struct.error, ValueError):
+        pass
+    try:
+        with open("/proc/net/if_inet6") as table:
+            for row in table:
+                fields = row.split()
+                if len(fields) >= 6 and fields[3] == "00":  # global scope only
+                    found.append(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[0])))
+    except (OSError, ValueError):
+        pass
+    if not found:
+        try:
+            found = socket.gethostbyname_ex(socket.gethostname())[2]
+        except OSError:
+            pass
+    unique = []  # type: List[str]
+    for address in found:
+        if address not in unique and not address.startswith("127.") and address != "::1":
+            unique.append(address)
+    return unique
+
+
+def url_host(address: str, port: int) -> str:
+    return ("[%s]:%d" if ":" in address else "%s:%d") % (address, port)
+
+
+def banner(release: Release, server: Server, host: str) -> str:
+    port = server.server_port
+    bound = server.server_address[0]
+    lines = ["%s %s: offering version %s" % (PROG, __version__, release.version)]
+    for package in release.packages:
+        lines += ["  %s" % package.path,
+                  "    served as %s%s, %s (%d bytes)" % (PACKAGES_PREFIX, package.name,
+                                                        format_size(package.size), package.size),
+                  "    sha256 %s" % package.sha256_hex]
+    if host == "":
+        lines.append("listening on http://%s/ (all interfaces)" % url_host(
+            "0.0.0.0" if server.address_family == socket.AF_INET else "::", port))
+        addresses = local_addresses() or ["<this-host's-address>"]
+    else:
+        lines.append("listening on http://%s/" % url_host(bound, port))
+        addresses = [bound]
+    lines += ["",
+              "On each machine, put this line in /etc/flatcar/update.conf "
+              "(CoreOS: /etc/coreos/update.conf),",
+              "using an address of this host that the machine can reach:"]
+    lines += ["    SERVER=http://%s/v1/update" % url_host(address, port) for address in addresses]
+    lines += ["then run:",
+              "    update_engine_client -check_for_update",
+              "and watch it with:",
+              "    journalctl -f -u update-engine",
+              "Stop the server with Ctrl-C.", ""]
+    return "\n".join(lines)
+
+
+class _Formatter(logging.Formatter):
+    prefixes = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "error: "}
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+        return "%s %s%s" % (stamp, self.prefixes.get(record.levelno, ""), record.getMessage())
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message[0].upper() + message[1:] + " (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog=PROG, allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve one Flatcar or CoreOS Container Linux update payload to machines "
+                    "that cannot reach the internet (an Omaha update server).",
+        epilog="example:\n"
+               "  python3 serve-package.pyz --package-file flatcar_production_update.gz \\\n"
+               "      --package-version 3815.2.5\n\n"
+               "then on each machine, in /etc/flatcar/update.conf (CoreOS: /etc/coreos/update.conf):\n"
+               "  SERVER=http://<this-host>:8000/v1/update\n"
+               "and run: update_engine_client -check_for_update\n\n"
+               "Go-style single-dash flags (-package-file ...) are accepted too.")
+    parser.add_argument("--package-file", "-package-file", metavar="FILE",
+                        help="the update payload, e.g. flatcar_production_update.gz (required)")
+    parser.add_argument("--package-version", "-package-version", metavar="VERSION",
+                        help="the version inside the payload, e.g. 3815.2.5 (required); machines "
+                             "running an older version are offered it")
+    parser.add_argument("--listen-address", "-listen-address", metavar="ADDR", default=":8000",
+                        help="where to listen: :PORT (all interfaces), HOST:PORT or [IPv6]:PORT; "
+                             "port 0 picks a free port (default :8000)")
+    parser.add_argument("--version", "-version", action="version",
+                        version="%s %s" % (PROG, __version__))
+    return parser
+
+
+def _progress_printer(label: str) -> Optional[Callable[[int, int], None]]:
+    """A progress line on a terminal, shown only once hashing has taken over a second."""
+    if not sys.stderr.isatty():
+        return None
+    began = time.monotonic()
+    shown = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - began < 1.0 or (now - shown[0] < 0.2 and done < total):
+            return
+        shown[0] = now
+        sys.stderr.write("\rhashing %s: %3d%% (%s of %s)%s" % (
+            label, done * 100 // total, format_size(done), format_size(total),
+            "\n" if done >= total else ""))
+        sys.stderr.flush()
+    return show
+
+
+def load_release(path: str, version: str) -> Release:
+    key = parse_package_version(version)
+    package = load_package(path, OS_PAYLOAD_NAME, _progress_printer(os.path.basename(path)))
+    return Release(version=version, key=key, packages=(package,))
+
+
+def serve(server: Server) -> str:
+    """Serve until SIGINT or SIGTERM; returns the signal's name."""
+    stop = threading.Event()
+    received = []  # type: List[str]
+
+    def on_signal(signum, frame) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25},
+                              name="accept", daemon=True)
+    thread.start()
+    while not stop.wait(0.5):
+        pass
+    server.shutdown()
+    server.server_close()
+    return received[0]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    setup_logging()
+    try:
+        args = build_parser().parse_args(argv)
+        missing = [flag for flag, value in (("--package-file", args.package_file),
+                                            ("--package-version", args.package_version))
+                   if not value]
+        if missing:
+            raise UsageError("%s %s required (see --help)" % (
+                " and ".join(missing), "is" if len(missing) == 1 else "are"))
+        host, port = parse_listen_address(args.listen_address)
+        try:
+            release = load_release(args.package_file, args.package_version)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        server = make_server(release, host, port)
+    except (UsageError, PayloadError) as exc:
+        sys.stderr.write("%s: error: %s\n" % (PROG, str(exc).rstrip(".") + "."))
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("\n%s: interrupted\n" % PROG)
+        return 130
+    sys.stdout.write(banner(release, server, host))
+    sys.stdout.flush()
+    name = serve(server)
+    log.info("received %s, stopped", name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -373,6 +373,39 @@ def _file_identity(st: os.stat_result) -> Tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+class FileGuard:
+    """Tells whether an open payload still holds the bytes that were hashed at startup.
+
+    The file stays open for the server's lifetime, so a rename or delete of its path changes
+    nothing that is served. A write into the file itself does, and changes its mtime or ctime;
+    but a rename changes ctime too. So a changed identity triggers one re-hash of the open file:
+    the same bytes are served on, different bytes are refused until a restart.
+    """
+
+    def __init__(self, fd: int, identity: Tuple[int, ...], sha256: bytes) -> None:
+        self.fd = fd
+        self.identity = identity
+        self.sha256 = sha256
+        self.bad_identity = None  # type: Optional[Tuple[int, ...]]
+        self.lock = threading.Lock()
+
+    def intact(self) -> bool:
+        if _file_identity(os.fstat(self.fd)) == self.identity:
+            return True
+        with self.lock:
+            current = _file_identity(os.fstat(self.fd))
+            if current == self.identity:
+                return True
+            if current == self.bad_identity:
+                return False
+            _, sha256, size = hash_file(self.fd)
+            if sha256 == self.sha256 and size == self.identity[2]:
+                self.identity = current
+                return True
+            self.bad_identity = current
+            return False
+
+
 @dataclass(frozen=True)
 class Package:
     """One served file: where it is, what it is called on the wire, and its digests."""
@@ -383,12 +416,12 @@ class Package:
     sha256_b64: str
     sha256_hex: str
     mtime: float
-    identity: Tuple[int, ...]
-    fd: int  # held open for the server's lifetime: a rename or delete does not change what we serve
+    fd: int  # held open for the server's lifetime
+    guard: FileGuard
 
     def changed_on_disk(self) -> bool:
-        """True when the open file was written to since it was hashed."""
-        return _file_identity(os.fstat(self.fd)) != self.identity
+        """True when the open file no longer holds the bytes that were hashed."""
+        return not self.guard.intact()
 
 
 def load_package(path: str, name: str,
@@ -430,7 +463,7 @@ def load_package(path: str, name: str,
         sha1_b64=base64.b64encode(sha1).decode("ascii"),
         sha256_b64=base64.b64encode(sha256).decode("ascii"),
         sha256_hex=sha256.hex(),
-        mtime=st.st_mtime, identity=_file_identity(st), fd=fd)
+        mtime=st.st_mtime, fd=fd, guard=FileGuard(fd, _file_identity(st), sha256))
 
 
 @dataclass(frozen=True)
@@ -711,6 +744,16 @@ def answer_app(app: AppRequest, decision: Optional[Decision], release: Release,
                      updatecheck=app.updatecheck, offer=offer)
 
 
+def respond(request: Request, release: Release,
+            codebase: str) -> Tuple[bytes, List[Optional[Decision]]]:
+    """The response document for a request, and the decision taken for each app (None for an
+    app that did not ask for an update check)."""
+    decisions = [decide(app, release) if app.updatecheck else None for app in request.apps]
+    answers = [answer_app(app, decision, release, codebase)
+               for app, decision in zip(request.apps, decisions)]
+    return render_response(answers), decisions
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Words: what a request says about its machine
 # ---------------------------------------------------------------------------------------------
@@ -805,7 +848,7 @@ def parse_range(header: Optional[str], size: int) -> Optional[List[Tuple[int, in
         if first:
             start = int(first)
             end = int(last) if last else size - 1
-            if end < start:
+            if last and end < start:
                 return None  # invalid range-spec: the whole header is ignored
             if start < size:
                 ranges.append((start, min(end, size - 1)))
@@ -846,6 +889,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = PROG
     sys_version = ""
     protocol_version = "HTTP/1.1"  # keep-alive: update_engine reuses its connection
+    default_request_version = "HTTP/1.0"  # errors to garbled request lines get a status line
     disable_nagle_algorithm = True  # else keep-alive answers wait on delayed ACKs
     timeout = IDLE_TIMEOUT
     server: "Server"
@@ -965,14 +1009,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except RequestError as exc:
             self.reject(400, str(exc))
             return
-        release = self.server.release
-        codebase = self.codebase()
-        answers = []
-        for app in request.apps:
-            decision = decide(app, release) if app.updatecheck else None
-            answers.append(answer_app(app, decision, release, codebase))
+        payload, decisions = respond(request, self.server.release, self.codebase())
+        for app, decision in zip(request.apps, decisions):
             self.log_app(app, decision)
-        payload = render_response(answers)
         self.send_response_only(200)
         self.send_header("Server", PROG)
         self.send_header("Date", self.date_time_string())
@@ -1022,7 +1061,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """
         if package.changed_on_disk():
             log.error("%s is no longer the file that was hashed at startup (it was written to); "
-                      "refusing to serve it: restart %s to re-hash it", package.path, PROG)
+                      "refusing to serve it: restart %s to hash it again", package.path, PROG)
             self.reject(503, "the payload changed on disk; the server must be restarted",
                         [("Retry-After", "300")])
             return

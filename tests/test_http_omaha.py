@@ -209,3 +209,53 @@ def test_malformed_request_line_is_400_and_server_keeps_serving(server):
     assert raw_exchange(server.port, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n").startswith(
         b"HTTP/1.1 414 ")
     assert server.post(FLATCAR)[0] == 200
+
+
+def test_expect_100_continue_gets_an_interim_answer(server):
+    """libcurl sends Expect: 100-continue for larger bodies and waits a second for it."""
+    head = (b"POST /v1/update HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(FLATCAR))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head)
+        began = time.monotonic()
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert time.monotonic() - began < 0.5
+        sock.sendall(FLATCAR)
+        reply = b""
+        while b"</response>" not in reply:
+            chunk = sock.recv(65536)
+            assert chunk
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET / HTTP/2.0\r\n\r\n", b"505"),
+    (b"GET /  HTTP/1.1\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n folded: value\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", b"431"),
+    (b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 70 + b"\r\n", b"431"),
+    (b"POST /v1/update HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello", b"400"),
+])
+def test_malformed_heads_are_refused_with_a_status_line(server, request_bytes, status):
+    reply = raw_exchange(server.port, request_bytes)
+    assert reply.startswith(b"HTTP/1.1 " + status + b" "), reply[:100]
+    assert b"Connection: close" in reply
+    assert server.post(FLATCAR)[0] == 200
+
+
+def test_http_1_0_gets_an_answer_and_a_close(server):
+    reply = raw_exchange(server.port, b"POST /v1/update HTTP/1.0\r\nContent-Length: %d\r\n\r\n"
+                         % len(FLATCAR) + FLATCAR)
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close\r\n" in reply
+    assert reply.endswith(b"</response>\n")
+
+
+def test_header_names_are_case_insensitive(server):
+    reply = raw_exchange(server.port, b"POST /v1/update HTTP/1.1\r\nhOsT: h:1\r\ncontent-type: "
+                         b"TEXT/XML\r\nCONTENT-LENGTH: %d\r\nconnection: close\r\n\r\n"
+                         % len(FLATCAR) + FLATCAR)
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b'<url codebase="http://h:1/packages/"></url>' in reply

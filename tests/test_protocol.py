@@ -109,7 +109,7 @@ def test_decide(client, package, offered, reason, demo_release):
     release = sp.Release(version=package, key=sp.parse_version(package),
                          packages=demo_release.packages)
     app = request("flatcar-update-check.xml").apps[0]
-    app = sp.AppRequest(**dict(app.__dict__, version=client))
+    app = app._replace(version=client)
     decision = sp.decide(app, release)
     assert decision.offer is offered
     assert decision.reason.startswith(reason)
@@ -159,9 +159,10 @@ def _with_app(app_xml: str, root='<request protocol="3.0">') -> bytes:
     (b'<?xml version="1.0" encoding="ISO-8859-1"?><request protocol="3.0"><app/></request>',
      "declares encoding 'ISO-8859-1'"),
     (_with_app('<app appid="&undefined;"/>'), "malformed XML: undefined entity"),
-    (_with_app("<app>" + "<x>" * 20 + "</x>" * 20 + "</app>"), "nested deeper than 8 levels"),
+    (_with_app("<app>" + "<x>" * 50000 + "</x>" * 50000 + "</app>"), "more than 256 elements"),
     (_with_app('<app appid="a"/>' * 17), "more than 16 <app> elements"),
-    (_with_app("<app>" + "<os/>" * 600 + "</app>"), "more than 512 elements"),
+    (_with_app('<app appid="a"/>' * 20000), "more than 256 elements"),
+    (_with_app("<app>" + "<os/>" * 600 + "</app>"), "more than 256 elements"),
     (_with_app('<app appid="%s"/>' % ("a" * 5000)), "attribute longer than 4096"),
 ])
 def test_bad_requests_say_why(body, reason):
@@ -169,6 +170,12 @@ def test_bad_requests_say_why(body, reason):
         sp.parse_request(body)
     assert reason in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_unknown_elements_and_nesting_within_the_limit_are_ignored():
+    body = _with_app('<app appid="a" version="1.2.3"><x><y><z/></y></x><updatecheck/></app><other/>')
+    (app,) = sp.parse_request(body).apps
+    assert app.updatecheck and app.version == "1.2.3" and app.events == ()
 
 
 def test_comments_and_cdata_are_fine():

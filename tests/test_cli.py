@@ -1,0 +1,214 @@
+"""Section 8: the built serve-package.pyz, run as a subprocess exactly as a user runs it."""
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clients import update_engine_reads
+from conftest import (DEMO_PAYLOAD, DEMO_VERSION, ROOT, PyzProcess, fixture_bytes, run_pyz)
+from make_fixtures import crau_payload
+
+DEMO_ARGS = ["--package-file", DEMO_PAYLOAD, "--package-version", DEMO_VERSION]
+
+
+def one_sentence_error(result, *words):
+    """A user error: non-zero exit, one line on stderr, no traceback."""
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert err.startswith("serve-package: error: ") and err.endswith(".\n"), err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def test_help_has_an_example(pyz):
+    result = run_pyz(pyz, "--help")
+    out = result.stdout.decode()
+    assert result.returncode == 0
+    assert "python3 serve-package.pyz --package-file flatcar_production_update.gz" in out
+    for flag in ("--package-file", "--package-version", "--listen-address", "--version"):
+        assert flag in out
+
+
+def test_version(pyz):
+    result = run_pyz(pyz, "--version")
+    assert result.returncode == 0 and result.stdout.decode().startswith("serve-package 0.")
+
+
+def test_build_is_reproducible(pyz, tmp_path):
+    again = str(tmp_path / "again.pyz")
+    subprocess.run(["sh", os.path.join(ROOT, "build_pyz.sh"), again], check=True,
+                   stdout=subprocess.PIPE)
+    with open(pyz, "rb") as a, open(again, "rb") as b:
+        assert a.read() == b.read()
+    assert os.stat(pyz).st_mode & stat.S_IXUSR
+    with open(pyz, "rb") as f:
+        assert f.readline() == b"#!/usr/bin/env python3\n"
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], ["--package-file and --package-version are required"]),
+    (["--package-file", DEMO_PAYLOAD], ["--package-version is required"]),
+    (["--package-version", "1.2.3"], ["--package-file is required"]),
+    (DEMO_ARGS + ["--bogus"], ["Unrecognized arguments: --bogus"]),
+    (["--package-file", DEMO_PAYLOAD, "--package-version", "3815.2"], ["'3815.2' is not a version like 3815.2.5"]),
+    (["--package-file", DEMO_PAYLOAD, "--package-version", "latest"], ["'latest' is not a version"]),
+    (["--package-file", "/nonexistent/update.gz", "--package-version", "1.2.3"], ["/nonexistent/update.gz does not exist"]),
+    (["--package-file", ROOT, "--package-version", "1.2.3"], ["is a directory"]),
+    (["--package-file", "/dev/null", "--package-version", "1.2.3"], ["/dev/null is not a regular file"]),
+    (DEMO_ARGS + ["--listen-address", "nonsense"], ["--listen-address 'nonsense' is not valid"]),
+    (DEMO_ARGS + ["--listen-address", ":99999"], ["port must be a number from 0 to 65535"]),
+    (DEMO_ARGS + ["--listen-address", "::1:8000"], ["is not valid: use HOST:PORT"]),
+    (DEMO_ARGS + ["--listen-address", "[::1:8000"], ["write an IPv6 address as [ADDRESS]:PORT"]),
+    (DEMO_ARGS + ["--listen-address", "no-such-host.invalid:0"], ["is not an address or a known host name"]),
+    (DEMO_ARGS + ["--listen-address", "192.0.2.77:0"], ["that address does not belong to this machine"]),
+])
+def test_usage_errors_are_one_sentence(pyz, args, words):
+    one_sentence_error(run_pyz(pyz, *args), *words)
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", ["is empty (0 bytes)"]),
+    (b"\x1f\x8b\x08\x00" + bytes(200), ["is not an update payload", "gzip"]),
+    (b"BZh91AY&SY" + bytes(200), ["is not an update payload", "flatcar_production_image.bin.bz2"]),
+    (b"<html><body>403 Forbidden</body></html>", ["is not an update payload", "error page"]),
+    (crau_payload(5000)[:3000], ["is truncated", "copy it again"]),
+])
+def test_bad_payload_files(pyz, tmp_path, content, words):
+    path = tmp_path / "flatcar_production_update.gz"
+    path.write_bytes(content)
+    one_sentence_error(run_pyz(pyz, "--package-file", str(path), "--package-version", "1.2.3"),
+                       str(path), *words)
+
+
+def test_unreadable_payload(pyz, tmp_path):
+    payload = tmp_path / "update.gz"
+    payload.write_bytes(crau_payload(100))
+    payload.chmod(0)
+    command = [sys.executable, pyz, "--package-file", str(payload), "--package-version", "1.2.3"]
+    if os.geteuid() == 0:
+        # Root reads anything; without the two DAC capabilities it obeys the mode bits.
+        assert shutil.which("setpriv"), "setpriv (util-linux) is needed to test this as root"
+        command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] + command
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, timeout=60)
+    one_sentence_error(result, str(payload), "cannot be read: permission denied")
+
+
+def test_address_in_use(pyz):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run_pyz(pyz, *DEMO_ARGS, "--listen-address", "127.0.0.1:%d" % port)
+    one_sentence_error(result, "cannot listen on 127.0.0.1:%d: the address is already in use" % port)
+
+
+def test_second_instance_on_the_same_port_fails_clearly(pyz):
+    first = PyzProcess(pyz, DEMO_ARGS + ["--listen-address", "127.0.0.1:0"])
+    try:
+        result = run_pyz(pyz, *DEMO_ARGS, "--listen-address", "127.0.0.1:%d" % first.port)
+        one_sentence_error(result, "already in use")
+    finally:
+        first.kill()
+
+
+def post(port, body, host="127.0.0.1"):
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("POST", "/v1/update", body, {"Content-Type": "text/xml"})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, data
+
+
+def get(port, path, headers=None, host="127.0.0.1"):
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("GET", path, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, data
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serve_update_and_stop_on_signal(pyz, signum, demo_bytes):
+    server = PyzProcess(pyz, DEMO_ARGS + ["--listen-address", "127.0.0.1:0"])
+    try:
+        banner = server.stdout.decode()
+        assert "offering version 9999.9.9" in banner
+        assert "sha256 %s" % __import__("hashlib").sha256(demo_bytes).hexdigest() in banner
+        assert "SERVER=http://127.0.0.1:%d/v1/update" % server.port in banner
+        assert "update_engine_client -check_for_update" in banner
+        assert "journalctl -f -u update-engine" in banner
+        status, body = post(server.port, fixture_bytes("requests", "flatcar-update-check.xml"))
+        offer = update_engine_reads(body)
+        assert status == 200 and offer.status == "ok"
+        assert get(server.port, "/packages/update.gz") == (200, demo_bytes)
+        log = server.wait_for_log("GET update.gz -> 200")
+        assert "machine 01234567 (3815.2.5, stable, azure): update check: offered 9999.9.9" in log
+        began = time.monotonic()
+        server.proc.send_signal(signum)
+        assert server.finish(timeout=10) == 0
+        assert time.monotonic() - began < 5
+        err = server.stderr.decode()
+        assert "received %s, stopped" % signal.Signals(signum).name in err
+        assert "Traceback" not in err
+    finally:
+        server.kill()
+
+
+def test_go_style_flags(pyz, demo_bytes):
+    server = PyzProcess(pyz, ["-package-file", DEMO_PAYLOAD, "-package-version=" + DEMO_VERSION,
+                              "-listen-address", "127.0.0.1:0"])
+    try:
+        assert get(server.port, "/packages/update.gz", {"Range": "bytes=0-3"}) == (206, b"CrAU")
+    finally:
+        server.kill()
+
+
+def test_default_address_is_all_interfaces_ipv4_and_ipv6(pyz):
+    # Port 0 stands in for the default :8000, which this machine may have in use.
+    server = PyzProcess(pyz, DEMO_ARGS + ["--listen-address", ":0"])
+    try:
+        assert "(all interfaces)" in server.stdout.decode()
+        assert post(server.port, fixture_bytes("requests", "flatcar-ping-only.xml"))[0] == 200
+        if socket.has_ipv6:
+            status, body = post(server.port, fixture_bytes("requests", "flatcar-update-check.xml"),
+                                host="::1")
+            assert status == 200
+            assert b'codebase="http://[::1]:%d/packages/"' % server.port in body
+    finally:
+        server.kill()
+
+
+def test_ipv6_loopback_address(pyz):
+    server = PyzProcess(pyz, DEMO_ARGS + ["--listen-address", "[::1]:0"])
+    try:
+        assert "listening on http://[::1]:%d/" % server.port in server.stdout.decode()
+        assert get(server.port, "/packages/update.gz", {"Range": "bytes=0-3"}, host="::1") == (206, b"CrAU")
+    finally:
+        server.kill()
+
+
+def test_runs_on_the_oldest_supported_python(pyz):
+    """Python 3.8 is the floor; run the .pyz with it when this machine has one."""
+    candidates = [shutil.which("python3.8"),
+                  os.path.expanduser("~/.pyenv/versions/3.8.18/bin/python3")]
+    python38 = next((c for c in candidates if c and os.access(c, os.X_OK)
+                     and subprocess.run([c, "--version"], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT).returncode == 0), None)
+    if python38 is None:
+        pytest.skip("no Python 3.8 on this machine (vermin checks 3.8 compatibility in CI)")
+    result = subprocess.run([python38, pyz, "--package-file", DEMO_PAYLOAD, "--package-version",
+                             "bad"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    one_sentence_error(result, "'bad' is not a version")

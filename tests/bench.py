@@ -39,9 +39,10 @@ MIB = 1 << 20
 def make_payload(path: str, size_mib: int) -> int:
     """A CrAU file of about size_mib MiB whose header describes it completely."""
     block = os.urandom(MIB)
-    data_size = size_mib * MIB - 4096
     signature = b"s" * 256
+    data_size = size_mib * MIB - 256 - 20 - 16  # the manifest below is 16 bytes long
     manifest = _field(3, 4096) + _field(4, data_size) + _field(5, len(signature))
+    manifest += b"\x0a" + bytes([16 - len(manifest) - 2]) + b"\0" * (16 - len(manifest) - 2)
     with open(path, "wb") as f:
         f.write(b"CrAU" + (1).to_bytes(8, "big") + len(manifest).to_bytes(8, "big") + manifest)
         left = data_size
@@ -50,7 +51,10 @@ def make_payload(path: str, size_mib: int) -> int:
             f.write(block[:n])
             left -= n
         f.write(signature)
-    return os.path.getsize(path)
+    os.sync()  # no writeback of the new file during the timings
+    size = os.path.getsize(path)
+    assert size == size_mib * MIB, size
+    return size
 
 
 def warm(path: str) -> None:
@@ -79,11 +83,13 @@ def hash_floor(path: str) -> float:
 
 
 class Server:
+    python = sys.executable
+
     def __init__(self, pyz: str, payload: str, log_path: str) -> None:
         self.began = time.perf_counter()
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, pyz, "--package-file", payload, "--package-version", "9999.9.9",
+            [self.python, pyz, "--package-file", payload, "--package-version", "9999.9.9",
              "--listen-address", "127.0.0.1:0"],
             stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL)
         self.port = None
@@ -199,7 +205,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pyz", help="a built serve-package.pyz (default: build one)")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter that runs the server (default: this one)")
     args = parser.parse_args()
+    Server.python = args.python
     for tool in ("wrk", "nginx", "curl"):
         if not shutil.which(tool):
             raise SystemExit("bench: %s is not installed (apt-get install wrk nginx-light curl)"
@@ -216,8 +225,10 @@ def main() -> None:
         size = make_payload(payload, args.size_mib)
         warm(payload)
         log_path = os.path.join(workdir, "server.log")
-        print("payload %d MiB, %d runs, Python %s, %d cores" % (
-            size // MIB, args.runs, sys.version.split()[0], os.cpu_count()))
+        version = subprocess.run([args.python, "--version"], stdout=subprocess.PIPE,
+                                 universal_newlines=True).stdout.split()[-1]
+        print("payload %d MiB, %d runs, server on %s (Python %s), %d cores" % (
+            size // MIB, args.runs, args.python, version, os.cpu_count()))
 
         floor = statistics.median(hash_floor(payload) for _ in range(args.runs))
         start = statistics.median(startup_time(pyz, payload, log_path) for _ in range(args.runs))

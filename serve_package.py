@@ -418,52 +418,246 @@ class Package(NamedTuple):
     mtime: float
     fd: int  # held open for the server's lifetime
     guard: FileGuard
+    verified: str  # how its SHA-256 was checked, in words, for the banner
 
     def changed_on_disk(self) -> bool:
         """True when the open file no longer holds the bytes that were hashed."""
         return not self.guard.intact()
 
 
-def load_package(path: str, name: str,
-                 progress: Optional[Callable[[int, int], None]] = None) -> Package:
-    """Open, check and hash one payload; every failure is a PayloadError sentence."""
-    label = path
+def open_payload(path: str) -> Tuple[int, os.stat_result]:
+    """Open a payload and check it is a complete update payload; the caller closes the fd."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise PayloadError("%s does not exist." % label) from None
+        raise PayloadError("%s does not exist." % path) from None
     except IsADirectoryError:
-        raise PayloadError("%s is a directory, not a payload file." % label) from None
+        raise PayloadError("%s is a directory, not a payload file." % path) from None
     except PermissionError:
-        raise PayloadError("%s cannot be read: permission denied." % label) from None
+        raise PayloadError("%s cannot be read: permission denied." % path) from None
     except OSError as exc:
-        raise PayloadError("%s cannot be opened: %s." % (label, exc.strerror)) from None
+        raise PayloadError("%s cannot be opened: %s." % (path, exc.strerror)) from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise PayloadError("%s is a directory, not a payload file." % label)
+            raise PayloadError("%s is a directory, not a payload file." % path)
         if not stat.S_ISREG(st.st_mode):
-            raise PayloadError("%s is not a regular file." % label)
+            raise PayloadError("%s is not a regular file." % path)
         if st.st_size == 0:
-            raise PayloadError("%s is empty (0 bytes): the download or copy failed." % label)
+            raise PayloadError("%s is empty (0 bytes): the download or copy failed." % path)
         try:
-            inspect_payload(fd, st.st_size, label)
-            sha1, sha256, hashed = hash_file(
-                fd, None if progress is None else lambda done: progress(done, st.st_size))
+            inspect_payload(fd, st.st_size, path)
         except OSError as exc:
-            raise PayloadError("%s cannot be read: %s." % (label, exc.strerror)) from None
-        if hashed != st.st_size or _file_identity(os.fstat(fd)) != _file_identity(st):
-            raise PayloadError("%s changed while it was being hashed; start again once it is "
-                               "fully copied." % label)
+            raise PayloadError("%s cannot be read: %s." % (path, exc.strerror)) from None
     except BaseException:
         os.close(fd)
         raise
+    return fd, st
+
+
+def hash_payload(path: str, name: str, fd: int, st: os.stat_result,
+                 progress: Optional[Callable[[int], None]] = None) -> Package:
+    """Hash an opened payload into its Package; it must not change while it is read."""
+    try:
+        sha1, sha256, hashed = hash_file(fd, progress)
+    except OSError as exc:
+        raise PayloadError("%s cannot be read: %s." % (path, exc.strerror)) from None
+    if hashed != st.st_size or _file_identity(os.fstat(fd)) != _file_identity(st):
+        raise PayloadError("%s changed while it was being hashed; start again once it is "
+                           "fully copied." % path)
     return Package(
         name=name, path=path, size=st.st_size,
         sha1_b64=base64.b64encode(sha1).decode("ascii"),
         sha256_b64=base64.b64encode(sha256).decode("ascii"),
         sha256_hex=sha256.hex(),
-        mtime=st.st_mtime, fd=fd, guard=FileGuard(fd, _file_identity(st), sha256))
+        mtime=st.st_mtime, fd=fd, guard=FileGuard(fd, _file_identity(st), sha256),
+        verified="")
+
+
+def load_package(path: str, name: str,
+                 progress: Optional[Callable[[int], None]] = None) -> Package:
+    """Open, check and hash one payload; every failure is a PayloadError sentence."""
+    fd, st = open_payload(path)
+    try:
+        return hash_payload(path, name, fd, st, progress)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# Extension payloads: Flatcar's post-install finds them by name (omaha-spec section 4).
+EXTENSION_NAME = re.compile(r"(?:oem|flatcar)-[A-Za-z0-9][A-Za-z0-9._+-]*\.gz")
+TEST_BUILD_PREFIX = "flatcar_test_update-"  # developer builds carry it; machines ask without
+OS_PAYLOAD_FILES = ("flatcar_production_update.gz", "update.gz")  # what --package-dir looks for
+
+
+class PayloadSpec(NamedTuple):
+    """A file to serve, before it is read: where it is, its name on the wire, and the SHA-256
+    it must have, if one is known (hex) with where that came from."""
+    path: str
+    name: str
+    expected: Optional[str]
+    source: str
+
+
+def extension_name(path: str) -> str:
+    """The name an extension payload is served under: its file name, test-build prefix off."""
+    name = os.path.basename(path)
+    if name.startswith(TEST_BUILD_PREFIX):
+        name = name[len(TEST_BUILD_PREFIX):]
+    if not EXTENSION_NAME.fullmatch(name):
+        raise PayloadError(
+            "%s is not an OEM or extension payload name: it must be oem-<ID>.gz or "
+            "flatcar-<NAME>.gz, as the release server names them (e.g. oem-azure.gz, "
+            "flatcar-python.gz)." % path)
+    return name
+
+
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def read_checksum_file(path: str) -> Optional[str]:
+    """The hex SHA-256 in PATH.sha256 (as the release server publishes: the digest, optionally
+    followed by a file name), lower case; None when there is no such file."""
+    sidecar = path + ".sha256"
+    try:
+        with open(sidecar, "rb") as f:
+            text = f.read(4096).decode("ascii", "replace")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PayloadError("%s cannot be read: %s." % (sidecar, exc.strerror)) from None
+    words = text.split()
+    if not words or not _SHA256_HEX.fullmatch(words[0]):
+        raise PayloadError("%s does not start with a SHA-256 (64 hex digits)." % sidecar)
+    return words[0].lower()
+
+
+def plan_payloads(package_file: Optional[str], package_dir: Optional[str],
+                  extensions: Sequence[str], sha256: Optional[str]) -> List[PayloadSpec]:
+    """Decide what to serve, from the command line, before reading any payload: the OS
+    payload first, then the extensions by name. Every conflict is a PayloadError sentence."""
+    found = []  # type: List[str]
+    if package_dir is not None:
+        try:
+            entries = sorted(os.listdir(package_dir))
+        except OSError as exc:
+            raise PayloadError("--package-dir %s cannot be listed: %s." % (
+                package_dir, exc.strerror or exc)) from None
+        if package_file is None:
+            candidates = [n for n in OS_PAYLOAD_FILES if n in entries]
+            if not candidates:
+                raise PayloadError("%s has no OS payload (flatcar_production_update.gz or "
+                                   "update.gz); name it with --package-file." % package_dir)
+            if len(candidates) > 1:
+                raise PayloadError("%s has both flatcar_production_update.gz and update.gz; "
+                                   "choose one with --package-file." % package_dir)
+            package_file = os.path.join(package_dir, candidates[0])
+        for entry in entries:
+            bare = entry[len(TEST_BUILD_PREFIX):] if entry.startswith(TEST_BUILD_PREFIX) else entry
+            if EXTENSION_NAME.fullmatch(bare):
+                found.append(os.path.join(package_dir, entry))
+    if package_file is None:
+        raise PayloadError("--package-file (or --package-dir) is required (see --help).")
+    if sha256 is not None and not _SHA256_HEX.fullmatch(sha256):
+        raise PayloadError("--sha256 %r is not a SHA-256: it must be 64 hex digits." % sha256[:80])
+    if sha256 is not None:
+        os_spec = PayloadSpec(package_file, OS_PAYLOAD_NAME, sha256.lower(), "--sha256")
+    else:
+        expected = read_checksum_file(package_file)
+        os_spec = PayloadSpec(package_file, OS_PAYLOAD_NAME, expected,
+                              os.path.basename(package_file) + ".sha256" if expected else "")
+    specs = [os_spec]
+    by_name = {}  # type: Dict[str, str]
+    for path in list(extensions) + found:
+        name = extension_name(path)
+        if name in (OS_PAYLOAD_NAME, os.path.basename(package_file)) or _same_file(path, package_file):
+            raise PayloadError("%s is the OS payload; give it with --package-file only." % path)
+        if name in by_name:
+            if _same_file(path, by_name[name]):
+                continue  # named twice, e.g. with --extension and found in --package-dir
+            raise PayloadError("%s and %s would both be served as %s; keep one." % (
+                by_name[name], path, name))
+        by_name[name] = path
+        expected = read_checksum_file(path)
+        specs.append(PayloadSpec(path, name, expected,
+                                 os.path.basename(path) + ".sha256" if expected else ""))
+    return [specs[0]] + sorted(specs[1:], key=lambda spec: spec.name)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def load_packages(specs: Sequence[PayloadSpec],
+                  progress: Optional[Callable[[int, int], None]] = None) -> List[Package]:
+    """Check every file first (so a bad one is reported before minutes of hashing), then hash
+    them, several at once when there are cores to spare (each hash already uses two), then
+    verify each against its expected SHA-256."""
+    opened = []  # type: List[Tuple[int, os.stat_result]]
+    try:
+        for spec in specs:
+            opened.append(open_payload(spec.path))
+        total = sum(st.st_size for _, st in opened)
+        done = [0] * len(specs)
+        lock = threading.Lock()
+
+        def report(index: int, count: int) -> None:
+            with lock:
+                done[index] = count
+                if progress is not None:
+                    progress(sum(done), total)
+
+        packages = [None] * len(specs)  # type: List[Optional[Package]]
+        failures = []  # type: List[BaseException]
+        pending = queue.Queue()  # type: queue.Queue
+        for index in range(len(specs)):
+            pending.put(index)
+
+        def worker() -> None:
+            while not failures:
+                try:
+                    index = pending.get_nowait()
+                except queue.Empty:
+                    return
+                spec, (fd, st) = specs[index], opened[index]
+                try:
+                    packages[index] = hash_payload(spec.path, spec.name, fd, st,
+                                                   lambda count, i=index: report(i, count))
+                except BaseException as exc:  # re-raised below, in the calling thread
+                    failures.append(exc)
+
+        workers = max(1, min(len(specs), (os.cpu_count() or 2) // 2))
+        threads = [threading.Thread(target=worker, name="hash", daemon=True)
+                   for _ in range(workers - 1)]
+        for thread in threads:
+            thread.start()
+        worker()
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise failures[0]
+        result = []
+        for spec, package in zip(specs, packages):
+            assert package is not None
+            if spec.expected is None:
+                verified = "no .sha256 found: compare the SHA-256 above with the release's"
+            elif package.sha256_hex != spec.expected:
+                raise PayloadError(
+                    "%s does not match %s: its SHA-256 is %s but %s says %s; the copy is "
+                    "damaged or incomplete, copy it again." % (
+                        spec.path, spec.source, package.sha256_hex, spec.source, spec.expected))
+            else:
+                verified = "verified against " + spec.source
+            result.append(package._replace(verified=verified))
+        return result
+    except BaseException:
+        for fd, _ in opened:
+            os.close(fd)
+        raise
 
 
 class Release(NamedTuple):
@@ -608,8 +802,8 @@ class AppAnswer(NamedTuple):
     appid: str
     ping: bool
     events: int
-    updatecheck: bool
-    offer: Optional[Offer]  # None with updatecheck: noupdate
+    updatecheck: bool  # asked for one: without an offer, the answer is noupdate
+    offer: Optional[Offer]  # on offer: in the answer whether asked for or not
 
 
 _ATTR_ESCAPES = str.maketrans({
@@ -662,11 +856,10 @@ def render_response(answers: Sequence[AppAnswer], server: str = PROG) -> bytes:
         if answer.ping:
             lines.append('    <ping status="ok"></ping>')
         lines.extend(['    <event status="ok"></event>'] * answer.events)
-        if answer.updatecheck:
-            if answer.offer is None:
-                lines.append('    <updatecheck status="noupdate"></updatecheck>')
-            else:
-                lines.extend(_render_updatecheck(answer.offer))
+        if answer.offer is not None:
+            lines.extend(_render_updatecheck(answer.offer))
+        elif answer.updatecheck:
+            lines.append('    <updatecheck status="noupdate"></updatecheck>')
         lines.append("  </app>")
     lines.append("</response>\n")
     return "\n".join(lines).encode("utf-8")
@@ -697,10 +890,13 @@ def decide(app: AppRequest, release: Release) -> Decision:
     return Decision(False, "newer than %s" % release.version)
 
 
-def answer_app(app: AppRequest, decision: Optional[Decision], release: Release,
+def answer_app(app: AppRequest, decision: Decision, release: Release,
                codebase: str) -> AppAnswer:
+    """An app's answer. While an update is on offer to it, the <updatecheck> block goes into its
+    event and ping answers too: some Flatcar versions keep the answer to the last event as "the
+    response" that post-install reads the extension payloads from (omaha-spec section 4)."""
     offer = None
-    if decision is not None and decision.offer:
+    if decision.offer:
         offer = Offer(version=release.version, codebase=codebase, packages=release.packages)
     return AppAnswer(appid=app.appid, ping=app.ping, events=len(app.events),
                      updatecheck=app.updatecheck, offer=offer)
@@ -708,12 +904,32 @@ def answer_app(app: AppRequest, decision: Optional[Decision], release: Release,
 
 def respond(request: Request, release: Release,
             codebase: str) -> Tuple[bytes, List[Optional[Decision]]]:
-    """The response document for a request, and the decision taken for each app (None for an
-    app that did not ask for an update check)."""
-    decisions = [decide(app, release) if app.updatecheck else None for app in request.apps]
+    """The response document for a request, and the decision taken for each app that asked
+    for an update check (None for the others)."""
+    decisions = [decide(app, release) for app in request.apps]
     answers = [answer_app(app, decision, release, codebase)
                for app, decision in zip(request.apps, decisions)]
-    return render_response(answers), decisions
+    return render_response(answers), [d if app.updatecheck else None
+                                      for app, d in zip(request.apps, decisions)]
+
+
+SYSEXT_OEM_SINCE = (3760, 0, 0, 0)  # Flatcar moved OEM software into system extensions
+RELEASE_SERVER = "https://update.release.flatcar-linux.net"
+
+
+def missing_oem_payload(app: AppRequest, release: Release) -> Optional[str]:
+    """The OEM payload name this machine may need and is not served, if any."""
+    if not app.oem or release.key < SYSEXT_OEM_SINCE:
+        return None
+    name = "oem-%s.gz" % app.oem
+    if release.find(name) is not None or not EXTENSION_NAME.fullmatch(name):
+        return None
+    return name
+
+
+def is_postinstall_failure(event: Event) -> bool:
+    return (event.type == 3 and event.result == 0 and event.errorcode is not None
+            and event.errorcode & ERROR_BASE_MASK == 5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1076,13 +1292,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 said.append("update check: no update (%s)" % decision.reason)
         elif app.ping and not app.events:
             said.append("ping (waiting for reboot, or idle)")
-        line = "%s %s: %s" % (self.client(), describe_machine(app), "; ".join(said) or "nothing")
+        machine = "%s %s" % (self.client(), describe_machine(app))
+        line = "%s: %s" % (machine, "; ".join(said) or "nothing")
         if decision is not None and decision.warning:
             log.warning("%s", line)
         elif any(event.type == 3 and event.result == 0 for event in app.events):
             log.warning("%s", line)
         else:
             info(line)
+        release = self.server.release
+        if decision is not None and decision.offer:
+            oem_payload = missing_oem_payload(app, release)
+            if oem_payload and self.server.first_time(("oem", app.machineid or self.client())):
+                log.warning(
+                    "%s runs the %r OEM and may need %s, which is not served: Flatcar OEMs "
+                    "with a system extension download it after installing %s, and the update "
+                    "fails without it (error 5). Download %s/%s/%s/%s and its .sha256, and add "
+                    "--extension %s", machine, clean(app.oem, 40), oem_payload, release.version,
+                    RELEASE_SERVER, clean(app.board, 40) or "amd64-usr", release.version,
+                    oem_payload, oem_payload)
+        if any(is_postinstall_failure(event) for event in app.events):
+            extras = [p.name for p in release.packages[1:]]
+            log.warning(
+                "%s: post-install failure is the typical sign of a missing OEM or extension "
+                "payload (oem-<ID>.gz, flatcar-<NAME>.gz of version %s); served here: %s. See "
+                "the machine's journal (journalctl -u update-engine) for the name it wanted",
+                machine, release.version,
+                ", ".join(extras) if extras else "none, only the OS payload")
 
     def codebase(self) -> str:
         """http://<Host header>/packages/, ending in '/': CoreOS appends the package name with
@@ -1231,7 +1467,17 @@ class Server(http.server.ThreadingHTTPServer):
     def __init__(self, address: Tuple, family: int, release: Release) -> None:
         self.address_family = family
         self.release = release
+        self.said = set()  # type: set
+        self.said_lock = threading.Lock()
         super().__init__(address, Handler)
+
+    def first_time(self, key: Tuple) -> bool:
+        """True once per key: for advice that is worth one line per machine, not one a check."""
+        with self.said_lock:
+            if key in self.said:
+                return False
+            self.said.add(key)
+            return True
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
@@ -1372,7 +1618,10 @@ def banner(release: Release, server: Server, host: str) -> str:
         lines += ["  %s" % package.path,
                   "    served as %s%s, %s (%d bytes)" % (PACKAGES_PREFIX, package.name,
                                                         format_size(package.size), package.size),
-                  "    sha256 %s" % package.sha256_hex]
+                  "    sha256 %s, %s" % (package.sha256_hex, package.verified)]
+    if len(release.packages) == 1 and release.key >= SYSEXT_OEM_SINCE:
+        lines.append("  no OEM or extension payloads: Flatcar >= 3760 machines with an OEM "
+                     "sysext or extensions need them (see --extension)")
     if host == "":
         lines.append("listening on http://%s/ (all interfaces)" % url_host(
             "0.0.0.0" if server.address_family == socket.AF_INET else "::", port))
@@ -1496,6 +1745,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--package-version", "-package-version", metavar="VERSION",
                         help="the version inside the payload, e.g. 3815.2.5 (required); machines "
                              "running an older version are offered it")
+    parser.add_argument("--extension", "-extension", metavar="FILE", action="append", default=[],
+                        help="an OEM or extension payload of the same version, served beside the "
+                             "OS payload (oem-<ID>.gz, flatcar-<NAME>.gz); repeat for each")
+    parser.add_argument("--package-dir", "-package-dir", metavar="DIR",
+                        help="serve the OS payload (flatcar_production_update.gz or update.gz, "
+                             "unless --package-file names it) and every oem-*.gz and "
+                             "flatcar-*.gz found in DIR")
+    parser.add_argument("--sha256", "-sha256", metavar="HEX",
+                        help="the OS payload's expected SHA-256; by default it is read from "
+                             "FILE.sha256 beside the payload when there is one")
     parser.add_argument("--listen-address", "-listen-address", metavar="ADDR", default=":8000",
                         help="where to listen: :PORT (all interfaces), HOST:PORT or [IPv6]:PORT; "
                              "port 0 picks a free port (default :8000)")
@@ -1523,10 +1782,14 @@ def _progress_printer(label: str) -> Optional[Callable[[int, int], None]]:
     return show
 
 
-def load_release(path: str, version: str) -> Release:
+def load_release(package_file: Optional[str], version: str, extensions: Sequence[str] = (),
+                 package_dir: Optional[str] = None, sha256: Optional[str] = None) -> Release:
+    """Everything the server will offer, checked, hashed and verified."""
     key = parse_package_version(version)
-    package = load_package(path, OS_PAYLOAD_NAME, _progress_printer(os.path.basename(path)))
-    return Release(version=version, key=key, packages=(package,))
+    specs = plan_payloads(package_file, package_dir, extensions, sha256)
+    label = os.path.basename(specs[0].path) if len(specs) == 1 else "%d files" % len(specs)
+    packages = load_packages(specs, _progress_printer(label))
+    return Release(version=version, key=key, packages=tuple(packages))
 
 
 def serve(server: Server) -> str:
@@ -1554,7 +1817,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     try:
         args = build_parser().parse_args(argv)
-        missing = [flag for flag, value in (("--package-file", args.package_file),
+        missing = [flag for flag, value in (("--package-file", args.package_file or args.package_dir),
                                             ("--package-version", args.package_version))
                    if not value]
         if missing:
@@ -1562,7 +1825,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 " and ".join(missing), "is" if len(missing) == 1 else "are"))
         host, port = parse_listen_address(args.listen_address)
         try:
-            release = load_release(args.package_file, args.package_version)
+            release = load_release(args.package_file, args.package_version, args.extension,
+                                   args.package_dir, args.sha256)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         server = make_server(release, host, port)

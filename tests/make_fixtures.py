@@ -14,6 +14,7 @@ import struct
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "fixtures")
 DEMO_PAYLOAD = "demo_update.gz"
 DEMO_VERSION = "9999.9.9"
+EXTENSIONS = {"oem-azure.gz": 20_000, "flatcar-python.gz": 30_000}  # in fixtures/extensions/
 
 
 def _varint(value: int) -> bytes:
@@ -48,9 +49,20 @@ def crau_payload(data_size: int, seed: bytes = b"demo") -> bytes:
     return b"CrAU" + struct.pack(">QQ", 1, len(manifest)) + manifest + data + signature
 
 
+def write_with_checksum(path: str, data: bytes) -> None:
+    """The file and, beside it, FILE.sha256 as the release server publishes it."""
+    with open(path, "wb") as out:
+        out.write(data)
+    with open(path + ".sha256", "w") as out:
+        out.write("%s  %s\n" % (hashlib.sha256(data).hexdigest(), os.path.basename(path)))
+
+
 def main() -> None:
-    with open(os.path.join(FIXTURES, DEMO_PAYLOAD), "wb") as out:
-        out.write(crau_payload(150_000))
+    write_with_checksum(os.path.join(FIXTURES, DEMO_PAYLOAD), crau_payload(150_000))
+    os.makedirs(os.path.join(FIXTURES, "extensions"), exist_ok=True)
+    for name, size in EXTENSIONS.items():
+        write_with_checksum(os.path.join(FIXTURES, "extensions", name),
+                            crau_payload(size, seed=name.encode()))
 
 
 if __name__ == "__main__":

@@ -212,3 +212,71 @@ def test_runs_on_the_oldest_supported_python(pyz):
     result = subprocess.run([python38, pyz, "--package-file", DEMO_PAYLOAD, "--package-version",
                              "bad"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
     one_sentence_error(result, "'bad' is not a version")
+
+
+# --- OEM and extension payloads through the .pyz ---------------------------------------------
+
+EXT_DIR = os.path.join(ROOT, "fixtures", "extensions")
+
+
+def test_extensions_banner_says_what_was_verified(pyz):
+    server = PyzProcess(pyz, DEMO_ARGS + ["--listen-address", "127.0.0.1:0",
+                                          "-extension", os.path.join(EXT_DIR, "oem-azure.gz"),
+                                          "--extension", os.path.join(EXT_DIR, "flatcar-python.gz")])
+    try:
+        banner = server.stdout.decode()
+        for name in ("demo_update.gz", "oem-azure.gz", "flatcar-python.gz"):
+            assert "verified against %s.sha256" % name in banner
+        assert "served as /packages/oem-azure.gz" in banner
+        status, body = post(server.port, fixture_bytes("requests", "flatcar-update-check.xml"))
+        assert b'<package name="oem-azure.gz" ' in body
+        assert get(server.port, "/packages/oem-azure.gz")[1] == open(
+            os.path.join(EXT_DIR, "oem-azure.gz"), "rb").read()
+    finally:
+        server.kill()
+
+
+def test_package_dir_says_what_it_picked_up(pyz, tmp_path):
+    shutil.copy(DEMO_PAYLOAD, str(tmp_path / "flatcar_production_update.gz"))
+    for name in ("oem-azure.gz", "oem-azure.gz.sha256", "flatcar-python.gz"):
+        shutil.copy(os.path.join(EXT_DIR, name), str(tmp_path / name))
+    server = PyzProcess(pyz, ["--package-dir", str(tmp_path), "--package-version", "9999.9.9",
+                              "--listen-address", "127.0.0.1:0"])
+    try:
+        banner = server.stdout.decode()
+        assert "%s/flatcar_production_update.gz\n    served as /packages/update.gz" % tmp_path in banner
+        assert "served as /packages/flatcar-python.gz" in banner
+        assert "verified against oem-azure.gz.sha256" in banner
+        assert banner.count("no .sha256 found") == 2  # the OS payload and flatcar-python.gz
+    finally:
+        server.kill()
+
+
+def test_extension_refusals(pyz, tmp_path):
+    python_gz = os.path.join(EXT_DIR, "flatcar-python.gz")
+    renamed = tmp_path / "python.gz"
+    shutil.copy(python_gz, str(renamed))
+    one_sentence_error(run_pyz(pyz, *DEMO_ARGS, "--extension", str(renamed)),
+                       "python.gz is not an OEM or extension payload name")
+    dup = tmp_path / "flatcar_test_update-flatcar-python.gz"
+    shutil.copy(python_gz, str(dup))
+    one_sentence_error(run_pyz(pyz, *DEMO_ARGS, "--extension", python_gz, "--extension", str(dup)),
+                       "would both be served as flatcar-python.gz")
+    html = tmp_path / "oem-azure.gz"
+    html.write_bytes(b"<!DOCTYPE html><html>404</html>")
+    one_sentence_error(run_pyz(pyz, *DEMO_ARGS, "--extension", str(html)),
+                       "oem-azure.gz is not an update payload", "error page")
+    truncated = tmp_path / "oem-gcp.gz"
+    truncated.write_bytes(crau_payload(9000)[:5000])
+    one_sentence_error(run_pyz(pyz, *DEMO_ARGS, "--extension", str(truncated)), "is truncated")
+
+
+def test_checksum_mismatch_refuses_to_start(pyz, tmp_path):
+    payload = tmp_path / "flatcar_production_update.gz"
+    shutil.copy(DEMO_PAYLOAD, str(payload))
+    (tmp_path / "flatcar_production_update.gz.sha256").write_text("0" * 64 + "  flatcar_production_update.gz\n")
+    err = one_sentence_error(run_pyz(pyz, "--package-file", str(payload), "--package-version", "1.2.3"),
+                             "does not match flatcar_production_update.gz.sha256", "copy it again")
+    assert str(payload) in err
+    one_sentence_error(run_pyz(pyz, "--package-file", str(payload), "--package-version", "1.2.3",
+                               "--sha256", "f" * 64), "does not match --sha256")

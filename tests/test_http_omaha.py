@@ -43,10 +43,15 @@ def test_absolute_form_request_target(server):
 def test_events_and_pings_get_complete_documents(server):
     for name, inner in [("flatcar-event-download-started.xml", b'<event status="ok"></event>'),
                         ("flatcar-ping-only.xml", b'<ping status="ok"></ping>')]:
-        status, _, body = server.post(fixture_bytes("requests", name))
-        assert status == 200
-        assert body.startswith(b'<?xml version="1.0" encoding="UTF-8"?>\n<response protocol="3.0"')
-        assert inner in body and b"<daystart" in body and b"<updatecheck" not in body
+        for version, offered in ((b"3815.2.5", True), (b"9999.9.9", False)):
+            body = fixture_bytes("requests", name).replace(b'version="3815.2.5" track',
+                                                          b'version="%s" track' % version)
+            status, _, answer = server.post(body)
+            assert status == 200
+            assert answer.startswith(b'<?xml version="1.0" encoding="UTF-8"?>\n<response protocol="3.0"')
+            assert inner in answer and b"<daystart" in answer
+            assert (b'<updatecheck status="ok">' in answer) is offered
+            assert b"noupdate" not in answer  # nothing was asked
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "HEAD"])

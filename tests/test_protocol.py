@@ -2,6 +2,7 @@
 
 import base64
 import hashlib
+import os
 import re
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 import serve_package as sp
 
 from clients import update_engine_reads
-from conftest import DEMO_PAYLOAD, fixture_bytes
+from conftest import DEMO_PAYLOAD, FIXTURES, fixture_bytes
 
 CODEBASE = "http://10.0.0.1:8000/packages/"
 REQUESTS = ["flatcar-update-check.xml", "coreos-0.4.10-update-check.xml",
@@ -46,24 +47,32 @@ def test_parse_event_only_and_ping_only():
     assert ping.ping and not ping.updatecheck and ping.events == ()
 
 
+EXTENSIONS = [os.path.join(FIXTURES, "extensions", n) for n in ("oem-azure.gz", "flatcar-python.gz")]
 GOLDEN = [
-    ("offer-flatcar.xml", "flatcar-update-check.xml", "9999.9.9"),
-    ("offer-coreos-0.4.10.xml", "coreos-0.4.10-update-check.xml", "9999.9.9"),
-    ("offer-coreos-old.xml", "coreos-old-update-check.xml", "9999.9.9"),
-    ("noupdate-flatcar.xml", "flatcar-update-check.xml", "3815.2.5"),
-    ("event-download-started.xml", "flatcar-event-download-started.xml", "9999.9.9"),
-    ("ping-only.xml", "flatcar-ping-only.xml", "9999.9.9"),
+    # (golden response, request, package version, with the extension fixtures)
+    ("offer-flatcar.xml", "flatcar-update-check.xml", "9999.9.9", False),
+    ("offer-coreos-0.4.10.xml", "coreos-0.4.10-update-check.xml", "9999.9.9", False),
+    ("offer-coreos-old.xml", "coreos-old-update-check.xml", "9999.9.9", False),
+    ("noupdate-flatcar.xml", "flatcar-update-check.xml", "3815.2.5", False),
+    ("event-download-started.xml", "flatcar-event-download-started.xml", "9999.9.9", False),
+    ("event-up-to-date.xml", "flatcar-event-download-started.xml", "3815.2.5", False),
+    ("ping-only.xml", "flatcar-ping-only.xml", "9999.9.9", False),
+    ("ping-up-to-date.xml", "flatcar-ping-only.xml", "3815.2.5", False),
+    ("offer-flatcar-extensions.xml", "flatcar-update-check.xml", "9999.9.9", True),
 ]
 
 
-@pytest.mark.parametrize("golden, req, version", GOLDEN)
-def test_golden_responses(golden, req, version):
-    release = sp.load_release(DEMO_PAYLOAD, version)
-    body, _ = sp.respond(request(req), release, CODEBASE)
+def golden_release(version: str, extensions: bool) -> sp.Release:
+    return sp.load_release(DEMO_PAYLOAD, version, EXTENSIONS if extensions else ())
+
+
+@pytest.mark.parametrize("golden, req, version, extensions", GOLDEN)
+def test_golden_responses(golden, req, version, extensions):
+    body, _ = sp.respond(request(req), golden_release(version, extensions), CODEBASE)
     assert body == fixture_bytes("responses", golden)
 
 
-@pytest.mark.parametrize("golden", [g for g, _, _ in GOLDEN])
+@pytest.mark.parametrize("golden", [g[0] for g in GOLDEN])
 def test_every_answer_is_a_complete_response_document(golden):
     body = fixture_bytes("responses", golden).decode()
     assert body.startswith('<?xml version="1.0" encoding="UTF-8"?>\n<response protocol="3.0" ')

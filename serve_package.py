@@ -126,8 +126,8 @@ ERROR_NAMES = {
 
 # The usual cause of the common failures, and what to do about it.
 ERROR_HINTS = {
-    5: "post-install failed; on Flatcar >= 3760 this is typically a missing OEM or extension "
-       "payload (oem-<ID>.gz, flatcar-<NAME>.gz); see the machine's journal",
+    5: "on Flatcar >= 3760 usually a missing OEM or extension payload (oem-<ID>.gz, "
+       "flatcar-<NAME>.gz); the machine's journal names it",
     9: "the download was cut or stalled; check the network path and this server's log",
     10: "the downloaded bytes do not match the advertised SHA-256: the file changed on disk "
         "or something in between altered it",
@@ -472,17 +472,6 @@ def hash_payload(path: str, name: str, fd: int, st: os.stat_result,
         sha256_hex=sha256.hex(),
         mtime=st.st_mtime, fd=fd, guard=FileGuard(fd, _file_identity(st), sha256),
         verified="")
-
-
-def load_package(path: str, name: str,
-                 progress: Optional[Callable[[int], None]] = None) -> Package:
-    """Open, check and hash one payload; every failure is a PayloadError sentence."""
-    fd, st = open_payload(path)
-    try:
-        return hash_payload(path, name, fd, st, progress)
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 # Extension payloads: Flatcar's post-install finds them by name (omaha-spec section 4).

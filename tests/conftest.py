@@ -59,6 +59,12 @@ class Running:
         self.server.shutdown()
         self.server.server_close()
 
+    def __enter__(self) -> "Running":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 @pytest.fixture(scope="session")
 def demo_release():

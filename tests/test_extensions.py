@@ -285,15 +285,12 @@ def test_missing_oem_payload_is_warned_once_per_machine(ext_server, caplog):
 
 
 def test_no_oem_warning_before_flatcar_3760(tmp_path, caplog):
-    running = Running(sp.load_release(DEMO_PAYLOAD, "3745.0.0"))
-    try:
+    with Running(sp.load_release(DEMO_PAYLOAD, "3745.0.0")) as running:
         old = fixture_bytes("requests", "flatcar-update-check.xml").replace(
             b'version="3815.2.5" track', b'version="3700.0.0" track')
         with caplog.at_level(logging.INFO, logger="serve-package"):
             assert b'<updatecheck status="ok">' in running.post(old)[2]
         assert "may need" not in caplog.text
-    finally:
-        running.stop()
 
 
 def test_post_install_failure_points_at_missing_extension_payloads(ext_server, caplog):

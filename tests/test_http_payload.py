@@ -177,20 +177,16 @@ def test_large_payload_is_sent_in_full(tmp_path):
     data = crau_payload(3 * sp.SEND_CHUNK + 12345, seed=b"large")
     path = tmp_path / "large.gz"
     path.write_bytes(data)
-    running = Running(sp.load_release(str(path), "9999.9.9"))
-    try:
+    with Running(sp.load_release(str(path), "9999.9.9")) as running:
         status, _, body = running.request("GET", PATH)
         assert status == 200 and hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
         status, _, body = running.request("GET", PATH, headers={"Range": "bytes=%d-" % (sp.SEND_CHUNK - 7)})
         assert status == 206 and body == data[sp.SEND_CHUNK - 7:]
-    finally:
-        running.stop()
 
 
 def test_file_written_in_place_is_refused_with_503(tmp_path, caplog):
     path = copy_demo(tmp_path)
-    running = Running(sp.load_release(path, "9999.9.9"))
-    try:
+    with Running(sp.load_release(path, "9999.9.9")) as running:
         assert running.request("GET", PATH, headers={"Range": "bytes=0-3"})[2] == b"CrAU"
         time.sleep(0.01)
         with open(path, "r+b") as f:
@@ -199,21 +195,16 @@ def test_file_written_in_place_is_refused_with_503(tmp_path, caplog):
         status, headers, body = running.request("GET", PATH)
         assert status == 503 and headers["Retry-After"] == "300" and b"CrAU" not in body
         wait_for_log(caplog, "is no longer the file that was hashed at startup")
-    finally:
-        running.stop()
 
 
 def test_file_renamed_or_deleted_keeps_serving_the_hashed_bytes(tmp_path, demo_bytes):
     path = copy_demo(tmp_path)
-    running = Running(sp.load_release(path, "9999.9.9"))
-    try:
+    with Running(sp.load_release(path, "9999.9.9")) as running:
         (tmp_path / "payload.gz").rename(tmp_path / "moved.gz")
         (tmp_path / "payload.gz").write_bytes(b"something else entirely")
         assert running.request("GET", PATH)[2] == demo_bytes
         (tmp_path / "moved.gz").unlink()
         assert running.request("GET", PATH)[2] == demo_bytes
-    finally:
-        running.stop()
 
 
 def test_download_log_line(server, caplog, demo_bytes):

@@ -865,9 +865,12 @@ class Decision(NamedTuple):
     warning: bool = False
 
 
-def decide(app: AppRequest, release: Release) -> Decision:
+def decide(app: AppRequest, release: Release, intact: bool = True) -> Decision:
     """Whether this app is offered the release. update_engine installs whatever it is offered,
-    older or equal included (omaha-spec section 1), so this is the only version check there is."""
+    older or equal included (omaha-spec section 1), so this is the only version check there is.
+    Nothing is offered while a payload file is not the one hashed at startup (intact False)."""
+    if not intact:
+        return Decision(False, "a payload file changed on disk; restart %s" % PROG, warning=True)
     client = parse_version(app.version)
     if client is None:
         return Decision(False, "its version %r is not a version, so it is not offered %s"
@@ -891,11 +894,11 @@ def answer_app(app: AppRequest, decision: Decision, release: Release,
                      updatecheck=app.updatecheck, offer=offer)
 
 
-def respond(request: Request, release: Release,
-            codebase: str) -> Tuple[bytes, List[Optional[Decision]]]:
+def respond(request: Request, release: Release, codebase: str,
+            intact: bool = True) -> Tuple[bytes, List[Optional[Decision]]]:
     """The response document for a request, and the decision taken for each app that asked
     for an update check (None for the others)."""
-    decisions = [decide(app, release) for app in request.apps]
+    decisions = [decide(app, release, intact) for app in request.apps]
     answers = [answer_app(app, decision, release, codebase)
                for app, decision in zip(request.apps, decisions)]
     return render_response(answers), [d if app.updatecheck else None
@@ -981,13 +984,19 @@ def describe_event(event: Event, app: AppRequest) -> str:
 # ---------------------------------------------------------------------------------------------
 
 IDLE_TIMEOUT = 60  # seconds a connection may sit idle or stalled; any progress resets it
-SEND_CHUNK = 8 << 20
+MAX_CONNECTIONS = 256  # beyond it, 503 with Retry-After: update_engine tries again later
+RETRY_AFTER = 60
+SHUTDOWN_GRACE = 10  # seconds downloads in flight may take to finish after SIGTERM
+SEND_CHUNK = 2 << 20  # the payload is checked for changes between chunks
 OMAHA_PATHS = ("/v1/update", "/v1/update/")
 PACKAGES_PREFIX = "/packages/"
 _HOST_HEADER = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
 _RANGE_SPEC = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")
 MAX_RANGES = 64
 MAX_HEADER_LINE = 8192
+# send errors that mean the client went away or stalled, not that the payload could not be read
+CLIENT_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN,
+                         errno.ETIMEDOUT, errno.EAGAIN, errno.EWOULDBLOCK, errno.ESHUTDOWN))
 MAX_HEADER_FIELDS = 64
 
 log = logging.getLogger(PROG)
@@ -1119,6 +1128,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (BaseHTTPRequestHandler's name)
         log.info("%s %s", self.client(), clean(format % args, 300))
+
+    def handle_one_request(self) -> None:
+        """One request on the connection, read within the server's deadline (see Server)."""
+        self.server.arm(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.disarm(self.connection)
 
     def parse_request(self) -> bool:
         """The request line and header fields (RFC 9112 sections 3 and 5).
@@ -1254,6 +1271,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # libcurl asks before sending a larger body, and waits a second for this
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self.rfile.read(length)
+        self.server.disarm(self.connection)
         if len(body) < length:
             log.warning("%s POST %s: client closed after %d of %d body bytes",
                         self.client(), clean(self.path, 200), len(body), length)
@@ -1264,7 +1282,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except RequestError as exc:
             self.reject(400, str(exc))
             return
-        payload, decisions = respond(request, self.server.release, self.codebase())
+        payload, decisions = respond(request, self.server.release, self.codebase(),
+                                     self.server.payloads_intact())
         for app, decision in zip(request.apps, decisions):
             self.log_app(app, decision)
         self.send(200, [("Content-Type", "text/xml; charset=utf-8"),
@@ -1328,9 +1347,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         update_engine resumes with Range and accepts any 2xx, so a satisfiable single range is
         always 206 (a 200 would be written at the wrong offset and corrupt the update).
         """
+        self.server.disarm(self.connection)  # from here on, only a stall ends the transfer
         if package.changed_on_disk():
-            log.error("%s is no longer the file that was hashed at startup (it was written to); "
-                      "refusing to serve it: restart %s to hash it again", package.path, PROG)
+            self.server.report_changed(package)
             self.reject(503, "the payload changed on disk; the server must be restarted",
                         [("Retry-After", "300")])
             return
@@ -1371,7 +1390,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.log_download(package, status, 0, "headers only")
             return
         began = time.monotonic()
-        sent = self.send_file(package, start, count)
+        with self.server.lock:
+            self.server.downloads += 1
+        try:
+            sent = self.send_file(package, start, count)
+        finally:
+            with self.server.lock:
+                self.server.downloads -= 1
         what = ("bytes %d-%d" % (start, end)) if status == 206 else "whole file"
         seconds = time.monotonic() - began
         if sent == count:
@@ -1390,14 +1415,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         out = self.connection.fileno()
         try:
             while sent < count:
+                if package.changed_on_disk():
+                    # Cut rather than finish with other bytes than the advertised SHA-256's.
+                    self.server.report_changed(package)
+                    break
                 n = os.sendfile(out, package.fd, offset + sent, min(SEND_CHUNK, count - sent))
                 if n == 0:
                     log.error("%s ended early while serving it; closing the connection",
                               package.path)
                     break
                 sent += n
-        except OSError:
-            pass  # the client went away, or made no progress for idle_timeout (EAGAIN)
+        except OSError as exc:
+            if exc.errno not in CLIENT_GONE:
+                log.error("%s: reading %s failed (%s) after %s; closed the connection, "
+                          "still serving", self.client(), package.path,
+                          exc.strerror or exc, format_size(sent))
         if sent != count:
             self.close_connection = True
         return sent
@@ -1444,29 +1476,123 @@ def format_rate(n: int, seconds: float) -> str:
     return "%s/s" % format_size(n / seconds) if seconds > 0 else "instant"
 
 
+_REFUSAL = ("HTTP/1.1 503 Service Unavailable\r\nServer: %s\r\nRetry-After: %d\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Length: 34\r\n"
+            "Connection: close\r\n\r\ntoo many connections; retry later\n"
+            % (PROG, RETRY_AFTER)).encode("ascii")
+
+
 class Server(http.server.ThreadingHTTPServer):
-    """A thread per connection; the listening socket and the release being served."""
+    """A thread per connection, at most max_connections of them; the release being served.
+
+    A reaper thread enforces a deadline on every request: its head and body must arrive within
+    idle_timeout of the moment the server starts waiting for it. Kernel receive timeouts alone
+    cannot do that, since a client that trickles a byte a second never leaves recv() idle.
+    """
 
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True  # restart at once; Linux still refuses a second live listener
     request_queue_size = 1024  # the default backlog of 5 overflows under a burst of checks
     idle_timeout = IDLE_TIMEOUT
+    max_connections = MAX_CONNECTIONS
 
     def __init__(self, address: Tuple, family: int, release: Release) -> None:
         self.address_family = family
         self.release = release
+        self.lock = threading.Lock()
         self.said = set()  # type: set
-        self.said_lock = threading.Lock()
+        self.connections = 0
+        self.downloads = 0
+        self.deadlines = {}  # type: Dict[socket.socket, float]
+        self.refusals = 0
+        self.closing = threading.Event()
         super().__init__(address, Handler)
+        threading.Thread(target=self._reap, name="reaper", daemon=True).start()
 
     def first_time(self, key: Tuple) -> bool:
         """True once per key: for advice that is worth one line per machine, not one a check."""
-        with self.said_lock:
+        with self.lock:
             if key in self.said:
                 return False
             self.said.add(key)
             return True
+
+    def process_request(self, request, client_address) -> None:
+        with self.lock:
+            full = self.connections >= self.max_connections
+            if not full:
+                self.connections += 1
+            else:
+                self.refusals += 1
+                refusals = self.refusals
+        if full:
+            # Answered in the accepting thread without reading: a short, non-blocking send.
+            if refusals == 1 or refusals % 100 == 0:
+                log.warning("%s: refused with 503: %d connections are open (the limit); "
+                            "%d refused so far", client_address[0], self.max_connections,
+                            refusals)
+            try:
+                request.setblocking(False)
+                request.send(_REFUSAL)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._finished()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._finished()
+
+    def _finished(self) -> None:
+        with self.lock:
+            self.connections -= 1
+
+    def report_changed(self, package: Package) -> None:
+        if self.first_time(("changed", package.path)):
+            log.error("%s is no longer the file that was hashed at startup (it was written to): "
+                      "it is not offered and not served any more; restart %s to hash it again",
+                      package.path, PROG)
+
+    def payloads_intact(self) -> bool:
+        for package in self.release.packages:
+            if package.changed_on_disk():
+                self.report_changed(package)
+                return False
+        return True
+
+    def arm(self, connection: socket.socket) -> None:
+        """Start the clock on a request: all of it must arrive within idle_timeout."""
+        with self.lock:
+            self.deadlines[connection] = time.monotonic() + self.idle_timeout
+
+    def disarm(self, connection: socket.socket) -> None:
+        with self.lock:
+            self.deadlines.pop(connection, None)
+
+    def _reap(self) -> None:
+        while not self.closing.wait(min(1.0, self.idle_timeout / 4)):
+            now = time.monotonic()
+            with self.lock:
+                late = [conn for conn, deadline in self.deadlines.items() if deadline <= now]
+                for conn in late:
+                    del self.deadlines[conn]
+            for conn in late:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)  # the blocked read returns: the thread ends
+                except OSError:
+                    pass
+
+    def server_close(self) -> None:
+        self.closing.set()
+        super().server_close()
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
@@ -1781,25 +1907,42 @@ def load_release(package_file: Optional[str], version: str, extensions: Sequence
     return Release(version=version, key=key, packages=tuple(packages))
 
 
-def serve(server: Server) -> str:
-    """Serve until SIGINT or SIGTERM; returns the signal's name."""
-    stop = threading.Event()
-    received = []  # type: List[str]
+def serve(server: Server, grace: float = SHUTDOWN_GRACE) -> str:
+    """Serve until SIGINT or SIGTERM, then stop accepting and give the downloads in flight up to
+    `grace` seconds to finish (a second signal ends that at once); returns the signal's name."""
+    signals = queue.Queue()  # type: queue.Queue
 
     def on_signal(signum, frame) -> None:
-        received.append(signal.Signals(signum).name)
-        stop.set()
+        signals.put(signal.Signals(signum).name)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25},
                               name="accept", daemon=True)
     thread.start()
-    while not stop.wait(0.5):
-        pass
+    while True:
+        try:
+            name = signals.get(timeout=0.5)
+            break
+        except queue.Empty:
+            pass
     server.shutdown()
     server.server_close()
-    return received[0]
+    deadline = time.monotonic() + grace
+    if server.downloads:
+        log.info("received %s: no new connections; waiting up to %d s for %d download(s) to "
+                 "finish (send it again to stop now)", name, grace, server.downloads)
+    while server.downloads and time.monotonic() < deadline:
+        try:
+            again = signals.get(timeout=0.1)
+            log.info("received %s again: stopping now", again)
+            break
+        except queue.Empty:
+            pass
+    if server.downloads:
+        log.warning("%d download(s) cut short; the machines resume them from where they stopped",
+                    server.downloads)
+    return name
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

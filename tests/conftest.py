@@ -163,3 +163,16 @@ def wait_for_log(caplog, text: str, timeout: float = 5) -> None:
     while text not in caplog.text:
         assert time.monotonic() < deadline, "%r not logged in:\n%s" % (text, caplog.text)
         time.sleep(0.02)
+
+
+def big_payload(path, size: int) -> bytes:
+    """A complete CrAU payload of about `size` bytes, random data; returns its bytes."""
+    from make_fixtures import _field
+    signature = b"s" * 64
+    data = os.urandom(size)
+    manifest = _field(3, 4096) + _field(4, len(data)) + _field(5, len(signature))
+    payload = b"CrAU" + (1).to_bytes(8, "big") + len(manifest).to_bytes(8, "big") + manifest \
+        + data + signature
+    with open(str(path), "wb") as f:
+        f.write(payload)
+    return payload

@@ -280,3 +280,80 @@ def test_checksum_mismatch_refuses_to_start(pyz, tmp_path):
     assert str(payload) in err
     one_sentence_error(run_pyz(pyz, "--package-file", str(payload), "--package-version", "1.2.3",
                                "--sha256", "f" * 64), "does not match --sha256")
+
+
+# --- stopping while downloads are in flight ---------------------------------------------------
+
+def slow_download(port, received, done, pause):
+    """Reads the whole payload slowly, through a small receive buffer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 << 10)
+    sock.settimeout(30)
+    try:
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /packages/update.gz HTTP/1.1\r\nHost: x\r\n\r\n")
+        while True:
+            chunk = sock.recv(256 << 10)
+            if not chunk:
+                break
+            received.append(chunk)
+            time.sleep(pause)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+        done.set()
+
+
+def test_sigterm_lets_a_download_in_flight_finish(pyz, tmp_path):
+    import threading
+    from conftest import big_payload
+    payload = big_payload(tmp_path / "update.gz", 40 << 20)
+    server = PyzProcess(pyz, ["--package-file", str(tmp_path / "update.gz"), "--package-version",
+                              "9999.9.9", "--listen-address", "127.0.0.1:0"])
+    try:
+        received, done = [], threading.Event()
+        client = threading.Thread(target=slow_download, args=(server.port, received, done, 0.01))
+        client.start()
+        deadline = time.monotonic() + 10
+        while sum(map(len, received)) < 1 << 20:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_for_log("received SIGTERM: no new connections; waiting up to 10 s for 1 download")
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+        assert done.wait(15)
+        body = b"".join(received).partition(b"\r\n\r\n")[2]
+        assert body == payload  # finished, whole
+        assert server.finish(timeout=15) == 0
+        assert "received SIGTERM, stopped" in server.stderr.decode()
+    finally:
+        server.kill()
+
+
+def test_second_sigint_stops_at_once(pyz, tmp_path):
+    import threading
+    from conftest import big_payload
+    big_payload(tmp_path / "update.gz", 40 << 20)
+    server = PyzProcess(pyz, ["--package-file", str(tmp_path / "update.gz"), "--package-version",
+                              "9999.9.9", "--listen-address", "127.0.0.1:0"])
+    try:
+        received, done = [], threading.Event()
+        client = threading.Thread(target=slow_download, args=(server.port, received, done, 1.0))
+        client.start()  # reads a chunk a second: will not finish within the grace period
+        deadline = time.monotonic() + 10
+        while not received:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.proc.send_signal(signal.SIGINT)
+        server.wait_for_log("waiting up to 10 s for 1 download")
+        began = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        assert server.finish(timeout=10) == 0
+        assert time.monotonic() - began < 3
+        err = server.stderr.decode()
+        assert "received SIGINT again: stopping now" in err
+        assert "1 download(s) cut short; the machines resume them" in err
+    finally:
+        server.kill()

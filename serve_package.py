@@ -979,6 +979,280 @@ def describe_event(event: Event, app: AppRequest) -> str:
     return text
 
 
+class Machine:
+    """What one machine is doing, as far as its requests tell; changed only under Fleet.lock."""
+
+    __slots__ = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
+                 "first_seen", "last_seen", "state", "detail", "error", "from_version",
+                 "downloaded", "size", "rate", "download_began", "logged_percent", "logged_at")
+
+    def __init__(self, key: str, now: float) -> None:
+        self.key = key
+        self.machineid = self.alias = self.address = self.oem = self.group = self.version = ""
+        self.target = ""  # the version it was offered, while an update is under way
+        self.first_seen = self.last_seen = now
+        self.state = "new"
+        self.detail = ""
+        self.error = None  # type: Optional[int]
+        self.from_version = ""
+        self.downloaded = self.size = 0
+        self.rate = 0.0
+        self.download_began = 0.0
+        self.logged_percent = -100
+        self.logged_at = 0.0
+
+    def label(self) -> str:
+        """'node-3 (10.0.0.7, azure) 3760.2.0 -> 3815.2.5': who, where, from what to what."""
+        name = self.alias or (self.machineid[:8] if self.machineid else self.address)
+        where = ", ".join(x for x in (self.address, self.oem) if x)
+        versions = self.version or "?"
+        if self.target and self.target != self.version:
+            versions += " \u2192 " + self.target
+        return clean("%s (%s) %s" % (name, where, versions), 200)
+
+    def facts(self) -> Dict[str, object]:
+        """The stable fields of /status.json and of JSON log lines."""
+        download = None
+        if self.size:
+            download = {"bytes": self.downloaded, "size": self.size,
+                        "percent": round(self.downloaded * 100.0 / self.size, 1),
+                        "rate_bytes_per_second": round(self.rate)}
+        error = None
+        if self.error is not None:
+            error = {"code": self.error, "base": self.error & ERROR_BASE_MASK,
+                     "words": describe_error(self.error), "hint": error_hint(self.error)}
+        return {"id": self.machineid, "alias": self.alias, "address": self.address,
+                "oem": self.oem, "group": self.group, "version": self.version,
+                "target": self.target, "from_version": self.from_version,
+                "state": self.state, "state_words": self.detail,
+                "first_seen": iso_time(self.first_seen), "last_seen": iso_time(self.last_seen),
+                "download": download, "error": error}
+
+
+def iso_time(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+# The update states in the order an update goes through them (omaha-spec section 6).
+STATES = ("new", "idle", "offered", "downloading", "downloaded", "installed", "complete",
+          "failed", "rolled-back", "deferred")
+UNDER_WAY = ("offered", "downloading", "downloaded", "installed")
+PROGRESS_EVERY_PERCENT = 10
+PROGRESS_EVERY_SECONDS = 10.0
+
+
+class Fleet:
+    """Every machine seen, by machineid (or client address when a request carries none), and
+    the state its requests and downloads put it in. Each state change is said once, in words,
+    through `say(level, text, facts)`."""
+
+    def __init__(self, release: Release,
+                 say: Callable[[int, str, Dict[str, object]], None]) -> None:
+        self.release = release
+        self.say = say
+        self.lock = threading.Lock()
+        self.machines = {}  # type: Dict[str, Machine]
+        self.by_address = {}  # type: Dict[str, str]
+
+    def _change(self, machine: Machine, state: str, detail: str, said: List) -> None:
+        if (machine.state, machine.detail) == (state, detail):
+            return
+        machine.state, machine.detail = state, detail
+        level = logging.WARNING if state in ("failed", "rolled-back") else logging.INFO
+        said.append((level, "%s: %s" % (machine.label(), detail),
+                     {"event": "state", "machine": machine.facts()}))
+
+    def request(self, app: AppRequest, address: str, decision: Optional[Decision],
+                now: Optional[float] = None) -> None:
+        """An Omaha request from this machine: its events, then its update check."""
+        now = time.time() if now is None else now
+        key = app.machineid or address
+        said = []  # type: List[Tuple[int, str, Dict[str, object]]]
+        with self.lock:
+            machine = self.machines.get(key)
+            if machine is None:
+                machine = self.machines[key] = Machine(key, now)
+            machine.machineid, machine.alias, machine.address = app.machineid, app.machinealias, address
+            machine.oem, machine.group, machine.version = app.oem, app.track, app.version
+            machine.last_seen = now
+            self.by_address[address] = key
+            for event in app.events:
+                self._event(machine, app, event, said)
+            if decision is not None:
+                self._decision(machine, decision, said)
+        for entry in said:
+            self.say(*entry)
+
+    def _event(self, machine: Machine, app: AppRequest, event: Event, said: List) -> None:
+        kind, result, code = event.type, event.result, event.errorcode
+        if kind == 3 and result == 2:
+            if not _is_real_version(event.previousversion):
+                return  # every update check carries this routine event: nothing happened
+            machine.from_version, machine.target, machine.error = event.previousversion, "", None
+            machine.size = 0
+            self._change(machine, "complete", describe_event(event, app), said)
+        elif kind == 3 and result == 0 and code is not None and code & ERROR_BASE_MASK == 44:
+            machine.error, machine.target = code, ""
+            self._change(machine, "rolled-back", describe_event(event, app), said)
+        elif kind == 13 and result == 1:
+            machine.downloaded, machine.size, machine.logged_percent = 0, 0, -100
+            self._change(machine, "downloading", "download started", said)
+        elif kind == 14 and result == 1:
+            self._change(machine, "downloaded", describe_event(event, app), said)
+        elif kind == 3 and result == 1:
+            self._change(machine, "installed", describe_event(event, app), said)
+        elif kind == 3 and result == 0:
+            machine.error = code
+            self._change(machine, "failed", describe_event(event, app), said)
+        elif kind == 3 and result == 9:
+            machine.error = code
+            self._change(machine, "deferred", describe_event(event, app), said)
+
+    def _decision(self, machine: Machine, decision: Decision, said: List) -> None:
+        if decision.offer:
+            if machine.state not in UNDER_WAY:
+                machine.target, machine.error = self.release.version, None
+                self._change(machine, "offered", "offered", said)
+        elif machine.state in ("new", "idle", "offered"):
+            machine.target = ""
+            self._change(machine, "idle", decision.reason, said)
+
+    def download(self, address: str, package: Package, end: int, sent: int,
+                 seconds: float) -> None:
+        """Progress of a download of the OS payload: `end` is the offset reached in the file,
+        `sent` the bytes of this transfer so far, in `seconds`."""
+        if package is not self.release.packages[0]:
+            return
+        now = time.time()
+        said = []  # type: List[Tuple[int, str, Dict[str, object]]]
+        with self.lock:
+            key = self.by_address.get(address, address)
+            machine = self.machines.get(key)
+            if machine is None:
+                machine = self.machines[key] = Machine(key, now)
+                machine.address = address
+                self.by_address[address] = key
+            machine.last_seen = now
+            machine.size = package.size
+            machine.downloaded = max(machine.downloaded, end)
+            if seconds > 0.5:
+                machine.rate = sent / seconds
+            percent = machine.downloaded * 100 // package.size
+            if machine.state != "downloading":
+                machine.logged_percent, machine.logged_at = -100, 0.0
+            if (percent >= machine.logged_percent + PROGRESS_EVERY_PERCENT
+                    or now - machine.logged_at >= PROGRESS_EVERY_SECONDS
+                    or (end == package.size and machine.logged_percent < 100)):
+                machine.logged_percent, machine.logged_at = percent, now
+                detail = "downloading %d%% (%s%s)" % (
+                    percent, format_fraction(machine.downloaded, package.size),
+                    ", %s/s" % format_size(machine.rate) if machine.rate else "")
+                machine.state = "downloading"  # progress: said even when the state is the same
+                machine.detail = detail
+                said.append((logging.INFO, "%s: %s" % (machine.label(), detail),
+                             {"event": "progress", "machine": machine.facts()}))
+        for entry in said:
+            self.say(*entry)
+
+    def snapshot(self) -> List[Dict[str, object]]:
+        with self.lock:
+            machines = sorted(self.machines.values(), key=lambda m: (m.alias or m.key))
+            return [m.facts() for m in machines]
+
+    def summary(self) -> str:
+        """One line per machine: where it started, where it is, in what state."""
+        rows = self.snapshot()
+        if not rows:
+            return "no machine checked in"
+        lines = ["%d machine(s):" % len(rows)]
+        for row in rows:
+            name = row["alias"] or (row["id"][:8] if row["id"] else row["address"])
+            start = row["from_version"] or row["version"] or "?"
+            end = row["target"] or row["version"] or "?"
+            lines.append("  %-20s %-16s %-28s %s" % (
+                clean(str(name), 20), row["address"], "%s -> %s" % (start, end),
+                row["state_words"] or row["state"]))
+        return "\n".join(lines)
+
+
+def status_document(server: "Server") -> Dict[str, object]:
+    """What /status.json says; its field names are stable (documented in the README)."""
+    release = server.release
+    machines = server.fleet.snapshot()
+    counts = {}  # type: Dict[str, int]
+    for machine in machines:
+        counts[str(machine["state"])] = counts.get(str(machine["state"]), 0) + 1
+    return {
+        "server": {"name": PROG, "version": __version__, "started": iso_time(server.started)},
+        "offering": release.version,
+        "payloads": [{"name": p.name, "path": p.path, "size": p.size, "sha256": p.sha256_hex,
+                      "verified": p.verified, "url_path": PACKAGES_PREFIX + p.name,
+                      "required": index == 0}
+                     for index, p in enumerate(release.packages)],
+        "states": counts,
+        "machines": machines,
+    }
+
+
+STATE_COLOURS = {"complete": "#1a7f37", "idle": "#57606a", "failed": "#cf222e",
+                 "rolled-back": "#cf222e", "deferred": "#9a6700", "downloading": "#0969da",
+                 "offered": "#0969da", "downloaded": "#0969da", "installed": "#8250df"}
+
+
+def status_page(server: "Server") -> str:
+    """A small self-contained HTML page: no script, no external asset (air-gapped browsers),
+    refreshed by the browser every 5 seconds."""
+    import html
+    doc = status_document(server)
+    esc = html.escape
+    rows = []
+    for m in doc["machines"]:  # type: ignore[union-attr]
+        download = m["download"] or {}
+        progress = ""
+        if m["state"] == "downloading" and download:
+            progress = ('<progress max="100" value="%.1f"></progress> %s' % (
+                download["percent"], esc(str(m["state_words"]))))
+        error = m["error"] or {}
+        rows.append(
+            '<tr class="machine" data-state="%s"><td class="name">%s</td><td>%s</td><td>%s</td>'
+            '<td>%s</td><td>%s</td><td class="state" style="color:%s">%s</td><td class="progress">'
+            '%s</td><td class="error">%s</td><td>%s</td></tr>' % (
+                esc(str(m["state"])), esc(str(m["alias"] or str(m["id"])[:8] or m["address"])),
+                esc(str(m["address"])), esc(str(m["oem"])), esc(str(m["group"])),
+                esc(str(m["version"]) + (" \u2192 " + str(m["target"]) if m["target"] else "")),
+                STATE_COLOURS.get(str(m["state"]), "#24292f"),
+                esc(str(m["state_words"] or m["state"])), progress,
+                esc(str(error.get("words", "")) + (" -- " + str(error["hint"])
+                                                    if error.get("hint") else "")),
+                esc(str(m["last_seen"]))))
+    payloads = "".join(
+        "<li><code>%s</code> %s, sha256 <code>%s</code>, %s</li>" % (
+            esc(p["url_path"]), esc(format_size(p["size"])), esc(p["sha256"]), esc(p["verified"]))
+        for p in doc["payloads"])  # type: ignore[union-attr]
+    counts = ", ".join("%d %s" % (n, esc(state)) for state, n in sorted(doc["states"].items()))
+    return """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
+<title>serve-package: %(version)s</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#24292f}
+table{border-collapse:collapse;width:100%%}
+th,td{border-bottom:1px solid #d0d7de;padding:.35em .6em;text-align:left;font-size:.92em}
+th{background:#f6f8fa} progress{width:8em} code{font-size:.85em}
+.state{font-weight:600} .error{color:#cf222e}
+</style></head><body>
+<h1>serve-package: offering <span id="offering">%(version)s</span></h1>
+<ul id="payloads">%(payloads)s</ul>
+<p id="summary">%(n)d machine(s)%(counts)s. This page refreshes every 5 seconds;
+the same facts as JSON: <a href="/status.json">/status.json</a>.</p>
+<table id="machines"><thead><tr><th>machine</th><th>address</th><th>OEM</th><th>group</th>
+<th>version</th><th>state</th><th>download</th><th>last error</th><th>last seen (UTC)</th></tr>
+</thead><tbody>
+%(rows)s
+</tbody></table></body></html>
+""" % {"version": esc(str(doc["offering"])), "payloads": payloads, "n": len(rows),
+       "counts": ": " + counts if counts else "", "rows": "\n".join(rows)}
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. HTTP
 # ---------------------------------------------------------------------------------------------
@@ -1003,14 +1277,16 @@ log = logging.getLogger(PROG)
 _direct = None  # type: Optional[_BatchingHandler]
 
 
-def info(line: str) -> None:
-    """An INFO line for every request: straight to the program's own log handler when main()
-    installed it (the logging module's record machinery costs more than the rest of a check's
-    logging), else through logging as usual."""
+def emit(level: int, text: str, facts: Optional[Dict[str, object]] = None) -> None:
+    """A log line, with facts for --log-format json. Straight to the program's own handler when
+    main() installed it (the logging module's record machinery costs more than the rest of an
+    update check's logging), else through logging as usual (tests, embedding)."""
+    if not log.isEnabledFor(level):
+        return
     if _direct is not None:
-        _direct.write_line(line)
+        _direct.write_line(level, text, facts)
     else:
-        log.info("%s", line)
+        log.log(level, "%s", text, extra={"facts": facts})
 
 
 def parse_range(header: Optional[str], size: int) -> Optional[List[Tuple[int, int]]]:
@@ -1129,13 +1405,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (BaseHTTPRequestHandler's name)
         log.info("%s %s", self.client(), clean(format % args, 300))
 
+    deadline = None  # type: Optional[float]
+
+    def handle(self) -> None:
+        self.server.watch(self)
+        try:
+            super().handle()
+        finally:
+            self.server.unwatch(self)
+
     def handle_one_request(self) -> None:
         """One request on the connection, read within the server's deadline (see Server)."""
-        self.server.arm(self.connection)
+        self.deadline = time.monotonic() + self.server.idle_timeout
         try:
             super().handle_one_request()
         finally:
-            self.server.disarm(self.connection)
+            self.deadline = None
 
     def parse_request(self) -> bool:
         """The request line and header fields (RFC 9112 sections 3 and 5).
@@ -1233,8 +1518,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                             close=self._has_body())
             else:
                 self.serve_package(package)
-        elif path == "/" and self.command in ("GET", "HEAD"):
-            self.index()
+        elif path in ("/", "/status.json", "/healthz") and self.command in ("GET", "HEAD"):
+            self.status(path)
         else:
             self.reject(404, "not found", close=self._has_body())
 
@@ -1271,7 +1556,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # libcurl asks before sending a larger body, and waits a second for this
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self.rfile.read(length)
-        self.server.disarm(self.connection)
+        self.deadline = None
         if len(body) < length:
             log.warning("%s POST %s: client closed after %d of %d body bytes",
                         self.client(), clean(self.path, 200), len(body), length)
@@ -1302,16 +1587,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             said.append("ping (waiting for reboot, or idle)")
         machine = "%s %s" % (self.client(), describe_machine(app))
         line = "%s: %s" % (machine, "; ".join(said) or "nothing")
-        if decision is not None and decision.warning:
-            log.warning("%s", line)
-        elif any(event.type == 3 and event.result == 0 for event in app.events):
-            log.warning("%s", line)
+        key = app.machineid or self.client()
+        if decision is not None and decision.warning and self.server.first_time(("warn", key)):
+            emit(logging.WARNING, line)  # once per machine; -v shows every request
         else:
-            info(line)
+            emit(logging.DEBUG, line)
+        self.server.fleet.request(app, self.client(), decision)
         release = self.server.release
         if decision is not None and decision.offer:
             oem_payload = missing_oem_payload(app, release)
-            if oem_payload and self.server.first_time(("oem", app.machineid or self.client())):
+            if oem_payload and self.server.first_time(("oem", key)):
                 log.warning(
                     "%s runs the %r OEM and may need %s, which is not served: Flatcar OEMs "
                     "with a system extension download it after installing %s, and the update "
@@ -1347,7 +1632,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         update_engine resumes with Range and accepts any 2xx, so a satisfiable single range is
         always 206 (a 200 would be written at the wrong offset and corrupt the update).
         """
-        self.server.disarm(self.connection)  # from here on, only a stall ends the transfer
+        self.deadline = None  # from here on, only a stall ends the transfer
         if package.changed_on_disk():
             self.server.report_changed(package)
             self.reject(503, "the payload changed on disk; the server must be restarted",
@@ -1413,6 +1698,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for bytes that the Content-Length promised."""
         sent = 0
         out = self.connection.fileno()
+        fleet, client, began = self.server.fleet, self.client(), time.monotonic()
         try:
             while sent < count:
                 if package.changed_on_disk():
@@ -1425,6 +1711,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                               package.path)
                     break
                 sent += n
+                fleet.download(client, package, offset + sent, sent, time.monotonic() - began)
         except OSError as exc:
             if exc.errno not in CLIENT_GONE:
                 log.error("%s: reading %s failed (%s) after %s; closed the connection, "
@@ -1435,18 +1722,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return sent
 
     def log_download(self, package: Package, status: int, sent: int, what: str) -> None:
-        info("%s %s %s -> %d, %s" % (self.client(), self.command, package.name, status, what))
+        emit(logging.DEBUG, "%s %s %s -> %d, %s" % (
+            self.client(), self.command, package.name, status, what))
 
-    def index(self) -> None:
-        release = self.server.release
-        lines = ["%s %s" % (PROG, __version__),
-                 "offering version %s" % release.version]
-        for package in release.packages:
-            lines.append("  %s%s  %d bytes  sha256 %s" % (
-                PACKAGES_PREFIX, package.name, package.size, package.sha256_hex))
-        lines.append("Omaha endpoint: POST /v1/update")
-        info("%s %s / -> 200" % (self.client(), self.command))
-        self.send_text(200, "\n".join(lines))
+    def status(self, path: str) -> None:
+        """/healthz, /status.json and the HTML status page at /."""
+        if path == "/healthz":
+            body, ctype = b"ok\n", "text/plain; charset=utf-8"
+        elif path == "/status.json":
+            import json
+            body = (json.dumps(status_document(self.server), indent=1) + "\n").encode("utf-8")
+            ctype = "application/json"
+        else:
+            body, ctype = status_page(self.server).encode("utf-8"), "text/html; charset=utf-8"
+        emit(logging.DEBUG, "%s %s %s -> 200" % (self.client(), self.command, path))
+        self.send(200, [("Content-Type", ctype), ("Content-Length", str(len(body))),
+                        ("Cache-Control", "no-store")], body)
 
 
 def content_type_problem(value: str) -> Optional[str]:
@@ -1470,6 +1761,16 @@ def format_size(n: float) -> str:
             return ("%d %s" if unit == "bytes" else "%.1f %s") % (n, unit)
         n /= 1024
     return ""
+
+
+def format_fraction(done: int, total: int) -> str:
+    """'214/512 MiB': both in the unit of the total."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if total >= scale:
+            if total >= 10 * scale:
+                return "%d/%d %s" % (done // scale, total // scale, unit)
+            return "%.1f/%.1f %s" % (done / scale, total / scale, unit)
+    return "%d/%d bytes" % (done, total)
 
 
 def format_rate(n: int, seconds: float) -> str:
@@ -1500,11 +1801,14 @@ class Server(http.server.ThreadingHTTPServer):
     def __init__(self, address: Tuple, family: int, release: Release) -> None:
         self.address_family = family
         self.release = release
+        self.fleet = Fleet(release, emit)
+        self.started = time.time()
         self.lock = threading.Lock()
         self.said = set()  # type: set
         self.connections = 0
         self.downloads = 0
-        self.deadlines = {}  # type: Dict[socket.socket, float]
+        self.handlers = set()  # type: set
+        self.intact = (0.0, True)
         self.refusals = 0
         self.closing = threading.Event()
         super().__init__(address, Handler)
@@ -1551,6 +1855,15 @@ class Server(http.server.ThreadingHTTPServer):
         finally:
             self._finished()
 
+    def watch(self, handler: "Handler") -> None:
+        """Register a connection's handler with the reaper (once per connection)."""
+        with self.lock:
+            self.handlers.add(handler)
+
+    def unwatch(self, handler: "Handler") -> None:
+        with self.lock:
+            self.handlers.discard(handler)
+
     def _finished(self) -> None:
         with self.lock:
             self.connections -= 1
@@ -1562,31 +1875,30 @@ class Server(http.server.ThreadingHTTPServer):
                       package.path, PROG)
 
     def payloads_intact(self) -> bool:
+        """Whether every payload is still the file hashed at startup, looked at no more than
+        once a second for update checks (downloads look between every chunk they send)."""
+        checked, intact = self.intact
+        now = time.monotonic()
+        if now - checked < 1.0:
+            return intact
+        intact = True
         for package in self.release.packages:
             if package.changed_on_disk():
                 self.report_changed(package)
-                return False
-        return True
-
-    def arm(self, connection: socket.socket) -> None:
-        """Start the clock on a request: all of it must arrive within idle_timeout."""
-        with self.lock:
-            self.deadlines[connection] = time.monotonic() + self.idle_timeout
-
-    def disarm(self, connection: socket.socket) -> None:
-        with self.lock:
-            self.deadlines.pop(connection, None)
+                intact = False
+                break
+        self.intact = (now, intact)
+        return intact
 
     def _reap(self) -> None:
         while not self.closing.wait(min(1.0, self.idle_timeout / 4)):
             now = time.monotonic()
             with self.lock:
-                late = [conn for conn, deadline in self.deadlines.items() if deadline <= now]
-                for conn in late:
-                    del self.deadlines[conn]
-            for conn in late:
+                late = [h for h in self.handlers if h.deadline is not None and h.deadline <= now]
+            for handler in late:
+                handler.deadline = None
                 try:
-                    conn.shutdown(socket.SHUT_RDWR)  # the blocked read returns: the thread ends
+                    handler.connection.shutdown(socket.SHUT_RDWR)  # its blocked read returns
                 except OSError:
                     pass
 
@@ -1757,8 +2069,9 @@ def banner(release: Release, server: Server, host: str) -> str:
     return "\n".join(lines)
 
 
-class _Formatter(logging.Formatter):
-    prefixes = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "error: "}
+class _Formatter:
+    prefixes = {logging.DEBUG: "", logging.WARNING: "warning: ", logging.ERROR: "error: ",
+                logging.CRITICAL: "error: "}
     stamp = (0, "")
 
     @classmethod
@@ -1768,10 +2081,6 @@ class _Formatter(logging.Formatter):
         if cls.stamp[0] != second:
             cls.stamp = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
         return cls.stamp[1]
-
-    def format(self, record: logging.LogRecord) -> str:
-        return "%s %s%s" % (self.timestamp(record.created), self.prefixes.get(record.levelno, ""),
-                            record.getMessage())
 
 
 class _BatchingHandler(logging.Handler):
@@ -1784,23 +2093,39 @@ class _BatchingHandler(logging.Handler):
 
     FLUSH_INTERVAL = 0.1
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, json_lines: bool = False) -> None:
         super().__init__()
         self.fd = fd
+        self.json_lines = json_lines
         self.pending = []  # type: List[str]
         flusher = threading.Thread(target=self._flush_periodically, name="log", daemon=True)
         flusher.start()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.pending.append(self.format(record) + "\n")  # called under self.lock
+        self.pending.append(self.render(  # called under self.lock
+            record.levelno, record.created, record.getMessage(), getattr(record, "facts", None)))
         if record.levelno >= logging.WARNING:
             self.flush()
 
-    def write_line(self, text: str) -> None:
-        """An INFO line without a LogRecord, in order with every other line."""
-        line = _Formatter.timestamp(time.time()) + " " + text + "\n"
+    def write_line(self, level: int, text: str, facts: Optional[Dict[str, object]]) -> None:
+        """A line without a LogRecord, in order with every other line."""
+        line = self.render(level, time.time(), text, facts)
         with self.lock:  # type: ignore[union-attr]
             self.pending.append(line)
+        if level >= logging.WARNING:
+            self.flush()
+
+    def render(self, level: int, created: float, text: str,
+               facts: Optional[Dict[str, object]]) -> str:
+        if self.json_lines:
+            import json
+            entry = {"time": iso_time(created), "level": logging.getLevelName(level).lower(),
+                     "message": text}  # type: Dict[str, object]
+            if facts:
+                entry.update(facts)
+            return json.dumps(entry) + "\n"
+        return "%s %s%s\n" % (_Formatter.timestamp(created),
+                               _Formatter.prefixes.get(level, ""), text)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
@@ -1820,7 +2145,7 @@ class _BatchingHandler(logging.Handler):
             self.flush()
 
 
-def setup_logging() -> None:
+def setup_logging(verbose: bool = False, json_lines: bool = False) -> None:
     # The logging module's documented speed-ups: no caller lookup (a stack walk per record), no
     # thread or process names; a log line is written for every request.
     logging._srcfile = None  # type: ignore[attr-defined]
@@ -1829,11 +2154,10 @@ def setup_logging() -> None:
     logging.logMultiprocessing = False
     global _direct
     sys.stderr.flush()
-    handler = _BatchingHandler(sys.stderr.fileno())
-    handler.setFormatter(_Formatter())
+    handler = _BatchingHandler(sys.stderr.fileno(), json_lines)
     log.handlers[:] = [handler]
     _direct = handler
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
 
 
@@ -1873,6 +2197,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen-address", "-listen-address", metavar="ADDR", default=":8000",
                         help="where to listen: :PORT (all interfaces), HOST:PORT or [IPv6]:PORT; "
                              "port 0 picks a free port (default :8000)")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="log every request, not only what changes in each machine's update")
+    parser.add_argument("--log-format", "-log-format", choices=("text", "json"), default="text",
+                        help="text (default) or json: one JSON object per line, with the same "
+                             "facts, for journald or ELK")
     parser.add_argument("--version", "-version", action="version",
                         version="%s %s" % (PROG, __version__))
     return parser
@@ -1946,9 +2275,9 @@ def serve(server: Server, grace: float = SHUTDOWN_GRACE) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    setup_logging()
     try:
         args = build_parser().parse_args(argv)
+        setup_logging(args.verbose, args.log_format == "json")
         missing = [flag for flag, value in (("--package-file", args.package_file or args.package_dir),
                                             ("--package-version", args.package_version))
                    if not value]
@@ -1971,7 +2300,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout.write(banner(release, server, host))
     sys.stdout.flush()
     name = serve(server)
-    log.info("received %s, stopped", name)
+    emit(logging.INFO, "received %s, stopped" % name)
+    if args.log_format == "json":
+        emit(logging.INFO, "summary", {"event": "summary", "machines": server.fleet.snapshot()})
+    else:
+        for line in server.fleet.summary().splitlines():
+            emit(logging.INFO, line)
     logging.shutdown()  # writes what is still batched
     return 0
 

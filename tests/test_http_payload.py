@@ -208,7 +208,7 @@ def test_file_renamed_or_deleted_keeps_serving_the_hashed_bytes(tmp_path, demo_b
 
 
 def test_download_log_line(server, caplog, demo_bytes):
-    with caplog.at_level(logging.INFO, logger="serve-package"):
+    with caplog.at_level(logging.DEBUG, logger="serve-package"):
         server.request("GET", PATH, headers={"Range": "bytes=100-"})
         server.request("GET", PATH)
         wait_for_log(caplog, "127.0.0.1 GET update.gz -> 206, bytes 100-%d in " % (len(demo_bytes) - 1))

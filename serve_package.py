@@ -1076,9 +1076,14 @@ class Fleet:
             machine.oem, machine.group, machine.version = app.oem, app.track, app.version
             machine.last_seen = now
             self.by_address[address] = key
+            reported = len(said)
             for event in app.events:
                 self._event(machine, app, event, said)
-            if decision is not None:
+            failed_now = len(said) > reported and machine.state in ("failed", "rolled-back",
+                                                                    "deferred")
+            # A failure reported with an update check (a rollback is) stays what this request
+            # says; the offer that comes with it shows on the machine's next check.
+            if decision is not None and not failed_now:
                 self._decision(machine, decision, said)
         for entry in said:
             self.say(*entry)
@@ -1194,6 +1199,8 @@ def status_document(server: "Server") -> Dict[str, object]:
     }
 
 
+SHORT_STATE_WORDS = {"failed": "update failed", "rolled-back": "rolled back",
+                     "deferred": "deferred"}  # the last-error column says the rest
 STATE_COLOURS = {"complete": "#1a7f37", "idle": "#57606a", "failed": "#cf222e",
                  "rolled-back": "#cf222e", "deferred": "#9a6700", "downloading": "#0969da",
                  "offered": "#0969da", "downloaded": "#0969da", "installed": "#8250df"}
@@ -1215,16 +1222,18 @@ def status_page(server: "Server") -> str:
         error = m["error"] or {}
         rows.append(
             '<tr class="machine" data-state="%s"><td class="name">%s</td><td>%s</td><td>%s</td>'
-            '<td>%s</td><td>%s</td><td class="state" style="color:%s">%s</td><td class="progress">'
+            '<td>%s</td><td class="version">%s</td><td class="state" style="color:%s">%s</td>'
+            '<td class="progress">'
             '%s</td><td class="error">%s</td><td>%s</td></tr>' % (
                 esc(str(m["state"])), esc(str(m["alias"] or str(m["id"])[:8] or m["address"])),
                 esc(str(m["address"])), esc(str(m["oem"])), esc(str(m["group"])),
                 esc(str(m["version"]) + (" \u2192 " + str(m["target"]) if m["target"] else "")),
                 STATE_COLOURS.get(str(m["state"]), "#24292f"),
-                esc(str(m["state_words"] or m["state"])), progress,
+                esc(SHORT_STATE_WORDS.get(str(m["state"])) or str(m["state_words"] or m["state"])),
+                progress,
                 esc(str(error.get("words", "")) + (" -- " + str(error["hint"])
                                                     if error.get("hint") else "")),
-                esc(str(m["last_seen"]))))
+                esc(str(m["last_seen"]).replace("T", " ").rstrip("Z"))))
     payloads = "".join(
         "<li><code>%s</code> %s, sha256 <code>%s</code>, %s</li>" % (
             esc(p["url_path"]), esc(format_size(p["size"])), esc(p["sha256"]), esc(p["verified"]))
@@ -1237,7 +1246,7 @@ def status_page(server: "Server") -> str:
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#24292f}
 table{border-collapse:collapse;width:100%%}
 th,td{border-bottom:1px solid #d0d7de;padding:.35em .6em;text-align:left;font-size:.92em}
-th{background:#f6f8fa} progress{width:8em} code{font-size:.85em}
+th{background:#f6f8fa} progress{width:8em} code{font-size:.85em} .version{white-space:nowrap}
 .state{font-weight:600} .error{color:#cf222e}
 </style></head><body>
 <h1>serve-package: offering <span id="offering">%(version)s</span></h1>

@@ -357,3 +357,42 @@ def test_second_sigint_stops_at_once(pyz, tmp_path):
         assert "1 download(s) cut short; the machines resume them" in err
     finally:
         server.kill()
+
+
+# --- logs -------------------------------------------------------------------------------------
+
+def test_json_log_lines_and_shutdown_summary(pyz):
+    import json
+    server = PyzProcess(pyz, DEMO_ARGS + ["--listen-address", "127.0.0.1:0", "--log-format", "json"])
+    try:
+        post(server.port, fixture_bytes("requests", "flatcar-update-check.xml"))
+        server.wait_for_log('"event": "state"')
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.finish() == 0
+        entries = [json.loads(line) for line in server.stderr.decode().splitlines()]
+        state = [e for e in entries if e.get("event") == "state"][0]
+        assert state["level"] == "info" and state["message"].endswith(": offered")
+        assert state["machine"]["state"] == "offered" and state["machine"]["oem"] == "azure"
+        assert state["machine"]["target"] == "9999.9.9" and state["time"].endswith("Z")
+        summary = [e for e in entries if e.get("event") == "summary"][0]
+        assert [m["state"] for m in summary["machines"]] == ["offered"]
+    finally:
+        server.kill()
+
+
+def test_verbose_logs_every_request_and_text_summary(pyz):
+    server = PyzProcess(pyz, DEMO_ARGS + ["--listen-address", "127.0.0.1:0", "-v"])
+    try:
+        for _ in range(2):
+            post(server.port, fixture_bytes("requests", "flatcar-update-check.xml"))
+        log = server.wait_for_log("update check: offered 9999.9.9")
+        server.proc.send_signal(signal.SIGINT)
+        assert server.finish() == 0
+        err = server.stderr.decode()
+        assert err.count("127.0.0.1 machine 01234567 (3815.2.5, stable, azure): update check: "
+                         "offered 9999.9.9") == 2
+        assert err.count(": offered\n") == 1  # the state changed once
+        assert "1 machine(s):\n" in err
+        assert "  01234567             127.0.0.1        3815.2.5 -> 9999.9.9         offered" in err
+    finally:
+        server.kill()

@@ -1,0 +1,219 @@
+"""Issue: see what every machine is doing. Simulated machines (the exact update_engine bodies
+from fixtures/) walk every path; the state, the log lines and /status.json are checked at
+each step."""
+
+import json
+import logging
+import time
+
+import pytest
+
+import serve_package as sp
+
+from conftest import DEMO_PAYLOAD, Running, fixture_bytes
+
+CHECK = fixture_bytes("requests", "flatcar-update-check.xml")
+EVENT = fixture_bytes("requests", "flatcar-event-download-started.xml")
+PING = fixture_bytes("requests", "flatcar-ping-only.xml")
+NON_PRODUCTION = 1 << 28
+
+
+def as_machine(body: bytes, alias: str = "node-3", version: str = "3760.2.0") -> bytes:
+    return (body.replace(b'machinealias=""', b'machinealias="%s"' % alias.encode())
+            .replace(b'version="3815.2.5" track', b'version="%s" track' % version.encode()))
+
+
+def event(kind: int, result: int, code: int = None, alias="node-3", version="3760.2.0") -> bytes:
+    attrs = b'eventtype="%d" eventresult="%d"' % (kind, result)
+    if code is not None:
+        attrs += b' errorcode="%d"' % code
+    return as_machine(EVENT.replace(b'eventtype="13" eventresult="1"', attrs), alias, version)
+
+
+def check(alias="node-3", version="3760.2.0", previous=None) -> bytes:
+    body = as_machine(CHECK, alias, version)
+    if previous is not None:
+        body = body.replace(b'previousversion=""', b'previousversion="%s"' % previous.encode())
+    return body
+
+
+class Walk:
+    """A server, a simulated machine's requests, and what the operator sees after each."""
+
+    def __init__(self, running, caplog):
+        self.running, self.caplog = running, caplog
+
+    def post(self, body):
+        status, _, answer = self.running.post(body)
+        assert status == 200
+        return answer
+
+    def machine(self, alias="node-3"):
+        status, headers, body = self.running.request("GET", "/status.json")
+        assert status == 200 and headers["Content-Type"] == "application/json"
+        doc = json.loads(body)
+        found = [m for m in doc["machines"] if m["alias"] == alias]
+        assert len(found) == 1
+        return found[0]
+
+    def said(self):
+        return [r.getMessage() for r in self.caplog.records if r.levelno >= logging.INFO]
+
+
+@pytest.fixture
+def walk(demo_release, caplog):
+    with caplog.at_level(logging.INFO, logger="serve-package"):
+        with Running(sp.load_release(DEMO_PAYLOAD, "3815.2.5")) as running:
+            yield Walk(running, caplog)
+
+
+def test_success_with_a_resumed_download_and_a_reboot(walk, demo_bytes):
+    label = "node-3 (127.0.0.1, azure) 3760.2.0 \u2192 3815.2.5"
+    walk.post(check())
+    m = walk.machine()
+    assert (m["state"], m["version"], m["target"], m["oem"], m["group"]) == (
+        "offered", "3760.2.0", "3815.2.5", "azure", "stable")
+    assert m["id"] == "0123456789abcdef0123456789abcdef" and m["address"] == "127.0.0.1"
+    assert label + ": offered" in walk.said()
+
+    walk.post(event(13, 1))
+    assert walk.machine()["state"] == "downloading"
+    assert walk.said()[-1] == label + ": download started"
+
+    half = len(demo_bytes) // 2
+    walk.running.request("GET", "/packages/update.gz", headers={"Range": "bytes=0-%d" % (half - 1)})
+    m = walk.machine()
+    assert m["state"] == "downloading" and m["download"]["bytes"] == half
+    assert m["download"]["size"] == len(demo_bytes) and m["download"]["percent"] == pytest.approx(50, abs=0.1)
+    walk.running.request("GET", "/packages/update.gz", headers={"Range": "bytes=%d-" % half})  # resume
+    m = walk.machine()
+    assert m["download"]["bytes"] == len(demo_bytes) and m["download"]["percent"] == 100
+    progress = [line for line in walk.said() if ": downloading " in line]
+    assert progress[0].startswith(label + ": downloading 49% (")
+    assert progress[-1].startswith(label + ": downloading 100% (146/146 KiB")
+
+    walk.post(event(14, 1))
+    assert walk.machine()["state"] == "downloaded"
+    assert walk.said()[-1] == label + ": download finished, payload verified"
+    walk.post(event(3, 1))
+    assert walk.machine()["state"] == "installed"
+    assert walk.said()[-1] == label + ": installed, waiting for reboot"
+    before = len(walk.said())
+    for _ in range(3):
+        walk.post(as_machine(PING))  # waiting for the reboot
+    assert walk.machine()["state"] == "installed" and len(walk.said()) == before
+
+    walk.post(check(version="3815.2.5", previous="3760.2.0"))  # rebooted into the new version
+    m = walk.machine()
+    assert (m["state"], m["version"], m["target"], m["from_version"]) == (
+        "complete", "3815.2.5", "", "3760.2.0")
+    assert walk.said()[-1] == ("node-3 (127.0.0.1, azure) 3815.2.5: update complete: "
+                               "rebooted from 3760.2.0 into 3815.2.5")
+    before = len(walk.said())
+    for _ in range(3):
+        walk.post(check(version="3815.2.5"))  # routine checks afterwards: nothing to say
+    assert walk.machine()["state"] == "complete" and len(walk.said()) == before
+
+
+def test_hash_mismatch_failure_is_named_with_its_flags(walk):
+    walk.post(check())
+    walk.post(event(13, 1))
+    walk.post(event(3, 0, 10 | NON_PRODUCTION))
+    m = walk.machine()
+    assert m["state"] == "failed"
+    assert m["error"] == {"code": 268435466, "base": 10,
+                          "words": "payload hash mismatch (error 10; flags: non-production server)",
+                          "hint": sp.ERROR_HINTS[10]}
+    record = [r for r in walk.caplog.records if "update failed" in r.getMessage()][-1]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith(
+        "node-3 (127.0.0.1, azure) 3760.2.0 \u2192 3815.2.5: update failed: payload hash "
+        "mismatch (error 10; flags: non-production server) -- ")
+    walk.post(check())  # it tries again later: offered again
+    assert walk.machine()["state"] == "offered" and walk.machine()["error"] is None
+
+
+def test_post_install_failure(walk):
+    walk.post(check())
+    walk.post(event(3, 0, 5 | NON_PRODUCTION))
+    m = walk.machine()
+    assert m["state"] == "failed" and m["error"]["base"] == 5
+    assert "missing OEM or extension payload" in m["error"]["hint"]
+    assert any("post-install failure is the typical sign" in line for line in walk.said())
+
+
+def test_rollback(walk):
+    walk.post(check())
+    walk.post(event(3, 1))
+    body = check().replace(b'eventtype="3" eventresult="2" previousversion=""',
+                           b'eventtype="3" eventresult="0" errorcode="%d"' % (44 | NON_PRODUCTION))
+    walk.post(body)
+    m = walk.machine()
+    assert m["state"] == "rolled-back" and m["error"]["base"] == 44
+    assert walk.said()[-1].endswith(": rolled back: still on 3760.2.0")
+    walk.post(check())  # the next check is offered the update again
+    assert walk.machine()["state"] == "offered"
+
+
+def test_deferred(walk):
+    walk.post(check())
+    walk.post(event(3, 9, 40 | NON_PRODUCTION))
+    m = walk.machine()
+    assert m["state"] == "deferred"
+    assert walk.said()[-1].endswith(
+        ": update deferred: update deferred for backoff (error 40; flags: non-production server)")
+
+
+def test_up_to_date_machine_is_idle_and_routine_checks_are_quiet(walk):
+    for _ in range(5):
+        walk.post(check(version="3815.2.5"))
+    m = walk.machine()
+    assert (m["state"], m["state_words"], m["target"]) == ("idle", "up to date", "")
+    assert [line for line in walk.said() if "node-3" in line] == [
+        "node-3 (127.0.0.1, azure) 3815.2.5: up to date"]
+
+
+def test_machine_without_id_is_tracked_by_address(walk):
+    walk.post(check().replace(b'machineid="0123456789abcdef0123456789abcdef"', b'machineid=""'))
+    m = walk.machine()
+    assert m["id"] == "" and m["address"] == "127.0.0.1" and m["state"] == "offered"
+
+
+def test_status_json_fields(walk, demo_bytes):
+    walk.post(check())
+    status, _, body = walk.running.request("GET", "/status.json")
+    doc = json.loads(body)
+    assert set(doc) == {"server", "offering", "payloads", "states", "machines"}
+    assert doc["offering"] == "3815.2.5" and doc["states"] == {"offered": 1}
+    assert doc["server"]["name"] == "serve-package"
+    (payload,) = doc["payloads"]
+    assert payload["name"] == "update.gz" and payload["size"] == len(demo_bytes)
+    assert payload["url_path"] == "/packages/update.gz" and payload["required"] is True
+    assert set(doc["machines"][0]) == {
+        "id", "alias", "address", "oem", "group", "version", "target", "from_version", "state",
+        "state_words", "first_seen", "last_seen", "download", "error"}
+
+
+def test_html_status_page(walk):
+    walk.post(check())
+    walk.post(event(13, 1))
+    walk.running.request("GET", "/packages/update.gz", headers={"Range": "bytes=0-50000"})
+    walk.post(check(alias="node&lt;script&gt;", version="3700.0.0").replace(
+        b"0123456789abcdef0123456789abcdef", b"f" * 32))
+    status, headers, body = walk.running.request("GET", "/")
+    page = body.decode()
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert '<meta http-equiv="refresh" content="5">' in page and "<script" not in page
+    assert "node&lt;script&gt;" in page
+    assert '<tr class="machine" data-state="downloading"><td class="name">node-3</td>' in page
+    assert '<progress max="100" value="33.3"></progress> downloading 33%' in page
+
+
+def test_summary_table():
+    fleet = sp.Fleet(sp.load_release(DEMO_PAYLOAD, "3815.2.5"), lambda *a: None)
+    app = sp.parse_request(check()).apps[0]
+    fleet.request(app, "10.0.0.7", sp.Decision(True, "older"))
+    assert fleet.summary().splitlines() == [
+        "1 machine(s):",
+        "  node-3               10.0.0.7         3760.2.0 -> 3815.2.5         offered"]
+    assert sp.Fleet(fleet.release, lambda *a: None).summary() == "no machine checked in"

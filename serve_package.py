@@ -46,7 +46,7 @@ import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
 
@@ -209,7 +209,8 @@ def parse_package_version(text: str) -> Tuple[int, ...]:
 CRAU_MAGIC = b"CrAU"
 CRAU_HEADER = struct.Struct(">4sQQ")  # magic, format version, manifest size (omaha-spec section 5)
 MAX_MANIFEST = 64 << 20
-HASH_CHUNK = 512 << 10
+HASH_CHUNK = 2 << 20  # with HASH_BUFFERS: few handoffs between the two threads
+HASH_BUFFERS = 4
 OS_PAYLOAD_NAME = "update.gz"  # the name go-omaha serves the OS payload under
 
 
@@ -321,12 +322,13 @@ def hash_file(fd: int, progress: Optional[Callable[[int], None]] = None
 
     The reading thread feeds SHA-1 (the faster of the two) itself and hands each chunk to a
     second thread for SHA-256; hashlib releases the GIL on large buffers, so both run at once.
-    Three reusable buffers keep memory constant whatever the file size.
+    A few reusable buffers (8 MiB) keep memory constant whatever the file size; fewer or smaller
+    ones make the threads wait on each other (measured: 1.5 MiB of buffers hash 20% slower).
     """
     sha1, sha256 = hashlib.sha1(), hashlib.sha256()
     free = queue.Queue()  # type: queue.Queue
     work = queue.Queue()  # type: queue.Queue
-    for _ in range(3):
+    for _ in range(HASH_BUFFERS):
         free.put(bytearray(HASH_CHUNK))
 
     def sha256_worker() -> None:
@@ -781,9 +783,9 @@ def parse_request(body: bytes) -> Request:
 
 
 class Offer(NamedTuple):
-    """What an update check is offered: where to download and what."""
+    """What an update check is offered: where to download (mirrors in order) and what."""
     version: str
-    codebase: str
+    codebases: Tuple[str, ...]
     packages: Tuple[Package, ...]
 
 
@@ -814,9 +816,10 @@ def _render_updatecheck(offer: Offer) -> Tuple[str, ...]:
     # first attribute (ue-rs); the OS payload first (update_engine uses only the first package);
     # name first in <package> (old scripts); hash = base64 SHA-1, hash_sha256 = hex (ue-rs
     # rejects base64 there); size in plain decimal (update_engine reads it with %i).
-    lines = ['    <updatecheck status="ok">', "      <urls>",
-             '        <url codebase="%s"></url>' % xml_attr(offer.codebase),
-             "      </urls>",
+    lines = ['    <updatecheck status="ok">', "      <urls>"]
+    lines += ['        <url codebase="%s"></url>' % xml_attr(codebase)
+              for codebase in offer.codebases]
+    lines += ["      </urls>",
              '      <manifest version="%s">' % xml_attr(offer.version),
              "        <packages>"]
     for index, package in enumerate(offer.packages):
@@ -865,7 +868,27 @@ class Decision(NamedTuple):
     warning: bool = False
 
 
-def decide(app: AppRequest, release: Release, intact: bool = True) -> Decision:
+class Policy(NamedTuple):
+    """The operator's rollout rules (the flags --force, --group, --machine-id, --min-version,
+    --max-concurrent, --update-timeout, --pause-file)."""
+    force: bool = False
+    groups: FrozenSet[str] = frozenset()
+    machine_ids: FrozenSet[str] = frozenset()
+    min_version: str = ""
+    max_concurrent: int = 0  # 0: no limit
+    update_timeout: float = 7200.0
+    pause_file: str = ""
+
+
+class Slots(NamedTuple):
+    """For --max-concurrent: whether this machine holds a slot, and how many are held."""
+    held: bool
+    in_use: int
+
+
+def decide(app: AppRequest, release: Release, intact: bool = True,
+           policy: Policy = Policy(), paused: bool = False,
+           slots: Slots = Slots(False, 0)) -> Decision:
     """Whether this app is offered the release. update_engine installs whatever it is offered,
     older or equal included (omaha-spec section 1), so this is the only version check there is.
     Nothing is offered while a payload file is not the one hashed at startup (intact False)."""
@@ -875,31 +898,51 @@ def decide(app: AppRequest, release: Release, intact: bool = True) -> Decision:
     if client is None:
         return Decision(False, "its version %r is not a version, so it is not offered %s"
                         % (clean(app.version, 40), release.version), warning=True)
-    if client < release.key:
-        return Decision(True, "older than %s" % release.version)
-    if client == release.key:
-        return Decision(False, "up to date")
-    return Decision(False, "newer than %s" % release.version)
+    if policy.groups and app.track not in policy.groups:
+        return Decision(False, "its group %r is not one of --group %s" % (
+            clean(app.track, 40), ", ".join(sorted(policy.groups))))
+    if policy.machine_ids and app.machineid not in policy.machine_ids:
+        return Decision(False, "not one of the machines named by --machine-id")
+    if not policy.force:
+        if client == release.key:
+            return Decision(False, "up to date")
+        if client > release.key:
+            return Decision(False, "newer than %s" % release.version)
+    if policy.min_version and client < parse_version(policy.min_version):
+        return Decision(False, "it runs %s, older than --min-version %s: update it to an "
+                        "intermediate version first" % (clean(app.version, 40),
+                                                        policy.min_version), warning=True)
+    if not slots.held:
+        if paused:
+            return Decision(False, "rollout paused: %s exists" % policy.pause_file)
+        if policy.max_concurrent and slots.in_use >= policy.max_concurrent:
+            return Decision(False, "waiting for a slot: %d machines are updating "
+                            "(--max-concurrent)" % policy.max_concurrent)
+    if client >= release.key:
+        return Decision(True, "forced (it runs %s)" % clean(app.version, 40))
+    return Decision(True, "older than %s" % release.version)
 
 
 def answer_app(app: AppRequest, decision: Decision, release: Release,
-               codebase: str) -> AppAnswer:
+               codebases: Tuple[str, ...]) -> AppAnswer:
     """An app's answer. While an update is on offer to it, the <updatecheck> block goes into its
     event and ping answers too: some Flatcar versions keep the answer to the last event as "the
     response" that post-install reads the extension payloads from (omaha-spec section 4)."""
     offer = None
     if decision.offer:
-        offer = Offer(version=release.version, codebase=codebase, packages=release.packages)
+        offer = Offer(version=release.version, codebases=codebases, packages=release.packages)
     return AppAnswer(appid=app.appid, ping=app.ping, events=len(app.events),
                      updatecheck=app.updatecheck, offer=offer)
 
 
-def respond(request: Request, release: Release, codebase: str,
-            intact: bool = True) -> Tuple[bytes, List[Optional[Decision]]]:
+def respond(request: Request, release: Release, codebases: Tuple[str, ...],
+            decisions: Optional[Sequence[Decision]] = None
+            ) -> Tuple[bytes, List[Optional[Decision]]]:
     """The response document for a request, and the decision taken for each app that asked
-    for an update check (None for the others)."""
-    decisions = [decide(app, release, intact) for app in request.apps]
-    answers = [answer_app(app, decision, release, codebase)
+    for an update check (None for the others). Decisions default to decide() without policy."""
+    if decisions is None:
+        decisions = [decide(app, release) for app in request.apps]
+    answers = [answer_app(app, decision, release, codebases)
                for app, decision in zip(request.apps, decisions)]
     return render_response(answers), [d if app.updatecheck else None
                                       for app, d in zip(request.apps, decisions)]
@@ -984,7 +1027,8 @@ class Machine:
 
     __slots__ = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
                  "first_seen", "last_seen", "state", "detail", "error", "from_version",
-                 "downloaded", "size", "rate", "download_began", "logged_percent", "logged_at")
+                 "downloaded", "size", "rate", "download_began", "logged_percent", "logged_at",
+                 "offered_at")
 
     def __init__(self, key: str, now: float) -> None:
         self.key = key
@@ -1000,6 +1044,7 @@ class Machine:
         self.download_began = 0.0
         self.logged_percent = -100
         self.logged_at = 0.0
+        self.offered_at = 0.0  # when it took a --max-concurrent slot
 
     def label(self) -> str:
         """'node-3 (10.0.0.7, azure) 3760.2.0 -> 3815.2.5': who, where, from what to what."""
@@ -1046,13 +1091,46 @@ class Fleet:
     the state its requests and downloads put it in. Each state change is said once, in words,
     through `say(level, text, facts)`."""
 
+    SLOT_STATES = ("offered", "downloading", "downloaded")  # finished: installed or failed
+
     def __init__(self, release: Release,
-                 say: Callable[[int, str, Dict[str, object]], None]) -> None:
+                 say: Callable[[int, str, Dict[str, object]], None],
+                 update_timeout: float = 7200.0) -> None:
         self.release = release
         self.say = say
+        self.update_timeout = update_timeout
         self.lock = threading.Lock()
         self.machines = {}  # type: Dict[str, Machine]
         self.by_address = {}  # type: Dict[str, str]
+
+    def _holds_slot(self, machine: Optional[Machine], now: float) -> bool:
+        return (machine is not None and machine.state in self.SLOT_STATES
+                and now - machine.offered_at < self.update_timeout)
+
+    def admit(self, app: AppRequest, address: str, reserve: bool,
+              choose: Callable[[Slots], Decision]) -> Decision:
+        """Decide under the fleet's lock, so that --max-concurrent holds however many machines
+        check at once: an offer to a machine that held no slot takes one there and then (it
+        is freed when the machine installs, fails, or after --update-timeout)."""
+        now = time.time()
+        with self.lock:
+            machine = self.machines.get(app.machineid or address)
+            held = self._holds_slot(machine, now)
+            in_use = sum(1 for m in self.machines.values() if self._holds_slot(m, now))
+            decision = choose(Slots(held, in_use))
+            if decision.offer and reserve and not held:
+                if machine is None:
+                    machine = self.machines[app.machineid or address] = Machine(
+                        app.machineid or address, now)
+                    machine.address = address
+                machine.state, machine.detail, machine.offered_at = "offered", "offered", now
+                machine.machineid, machine.version = app.machineid, app.version
+                machine.alias, machine.oem, machine.group = app.machinealias, app.oem, app.track
+                machine.target, machine.error = self.release.version, None
+                self.by_address[address] = machine.key
+                self.say(logging.INFO, "%s: offered" % machine.label(),
+                         {"event": "state", "machine": machine.facts()})
+            return decision
 
     def _change(self, machine: Machine, state: str, detail: str, said: List) -> None:
         if (machine.state, machine.detail) == (state, detail):
@@ -1518,7 +1596,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                             close=self._has_body())
             else:
                 self.omaha()
-        elif path.startswith(PACKAGES_PREFIX):
+        elif path.startswith(PACKAGES_PREFIX) and self.server.local_payload:
             package = self.server.release.find(path[len(PACKAGES_PREFIX):])
             if package is None:
                 self.reject(404, "no such package", close=self._has_body())
@@ -1576,8 +1654,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except RequestError as exc:
             self.reject(400, str(exc))
             return
-        payload, decisions = respond(request, self.server.release, self.codebase(),
-                                     self.server.payloads_intact())
+        server = self.server
+        release, policy, client = server.release, server.policy, self.client()
+        intact, paused = server.payloads_intact(), server.paused()
+        decisions = [server.fleet.admit(app, client, app.updatecheck,
+                                        lambda slots, app=app: decide(app, release, intact, policy,
+                                                                      paused, slots))
+                     for app in request.apps]
+        payload, decisions = respond(request, release, self.codebases(), decisions)
         for app, decision in zip(request.apps, decisions):
             self.log_app(app, decision)
         self.send(200, [("Content-Type", "text/xml; charset=utf-8"),
@@ -1599,6 +1683,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         key = app.machineid or self.client()
         if decision is not None and decision.warning and self.server.first_time(("warn", key)):
             emit(logging.WARNING, line)  # once per machine; -v shows every request
+        elif decision is not None and decision.offer and decision.reason.startswith("forced"):
+            emit(logging.INFO, line)  # --force: every forced offer is said
         else:
             emit(logging.DEBUG, line)
         self.server.fleet.request(app, self.client(), decision)
@@ -1622,16 +1708,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 machine, release.version,
                 ", ".join(extras) if extras else "none, only the OS payload")
 
-    def codebase(self) -> str:
-        """http://<Host header>/packages/, ending in '/': CoreOS appends the package name with
-        no slash of its own, and ue-rs's URL join drops a last segment without one."""
+    def codebases(self) -> Tuple[str, ...]:
+        """Where machines download from, in order: this server (its --base-url, or
+        <scheme>://<Host header>/packages/), then each --mirror. Every codebase ends in '/':
+        CoreOS appends the package name with no slash of its own, and ue-rs's URL join drops
+        a last segment without one."""
+        server = self.server
+        if server.local_payload and server.base_url:
+            return (server.base_url,) + server.mirrors
+        if not server.local_payload:
+            return server.mirrors
         host = self.headers.get("Host", "").strip()
         if not _HOST_HEADER.fullmatch(host):
             address, port = self.connection.getsockname()[:2]
             if address.startswith("::ffff:"):
                 address = address[7:]
             host = ("[%s]:%d" if ":" in address else "%s:%d") % (address, port)
-        return "http://%s%s" % (host, PACKAGES_PREFIX)
+        return ("%s://%s%s" % (server.scheme, host, PACKAGES_PREFIX),) + server.mirrors
 
     # -- payloads --------------------------------------------------------------------------
 
@@ -1810,6 +1903,13 @@ class Server(http.server.ThreadingHTTPServer):
     def __init__(self, address: Tuple, family: int, release: Release) -> None:
         self.address_family = family
         self.release = release
+        self.policy = Policy()
+        self.base_url = ""
+        self.mirrors = ()  # type: Tuple[str, ...]
+        self.local_payload = True  # False: Omaha only, the bytes come from the mirrors
+        self.scheme = "http"
+        self.credentials = ()  # type: Tuple[str, ...]
+        self.paused_seen = (0.0, False)
         self.fleet = Fleet(release, emit)
         self.started = time.time()
         self.lock = threading.Lock()
@@ -1882,6 +1982,29 @@ class Server(http.server.ThreadingHTTPServer):
             log.error("%s is no longer the file that was hashed at startup (it was written to): "
                       "it is not offered and not served any more; restart %s to hash it again",
                       package.path, PROG)
+
+    def configure(self, policy: Policy, base_url: str = "", mirrors: Sequence[str] = (),
+                  local_payload: bool = True) -> None:
+        self.policy = policy
+        self.fleet.update_timeout = policy.update_timeout
+        self.base_url, self.mirrors = base_url, tuple(mirrors)
+        self.local_payload = local_payload
+
+    def paused(self) -> bool:
+        """Whether --pause-file exists, looked at no more than once a second."""
+        if not self.policy.pause_file:
+            return False
+        checked, paused = self.paused_seen
+        now = time.monotonic()
+        if now - checked >= 1.0:
+            paused = os.path.exists(self.policy.pause_file)
+            if paused != self.paused_seen[1]:
+                emit(logging.WARNING if paused else logging.INFO,
+                     "rollout %s: %s %s" % ("paused" if paused else "resumed",
+                                            self.policy.pause_file,
+                                            "exists" if paused else "is gone"))
+            self.paused_seen = (now, paused)
+        return paused
 
     def payloads_intact(self) -> bool:
         """Whether every payload is still the file hashed at startup, looked at no more than
@@ -2206,6 +2329,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen-address", "-listen-address", metavar="ADDR", default=":8000",
                         help="where to listen: :PORT (all interfaces), HOST:PORT or [IPv6]:PORT; "
                              "port 0 picks a free port (default :8000)")
+    rollout = parser.add_argument_group("rollout policy")
+    rollout.add_argument("--force", "-force", action="store_true", default=False,
+                         help="offer the package to every update check whatever the machine "
+                              "runs: a downgrade, or a reinstall of the same version")
+    rollout.add_argument("--group", "-group", metavar="NAME", action="append", default=[],
+                         help="offer only to machines in this group (update.conf GROUP=, "
+                              "e.g. stable); repeatable")
+    rollout.add_argument("--machine-id", "-machine-id", metavar="ID", action="append", default=[],
+                         help="offer only to this machine (/etc/machine-id): canaries; repeatable")
+    rollout.add_argument("--machine-ids-file", "-machine-ids-file", metavar="FILE",
+                         help="like --machine-id, one id per line (# comments allowed)")
+    rollout.add_argument("--min-version", "-min-version", metavar="VERSION",
+                         help="machines older than this are not offered the update and a "
+                              "warning says they need an intermediate version first")
+    rollout.add_argument("--max-concurrent", "-max-concurrent", metavar="N", type=int, default=0,
+                         help="at most N machines updating at once (from offered until "
+                              "installed, failed, or --update-timeout); 0: no limit")
+    rollout.add_argument("--update-timeout", "-update-timeout", metavar="DURATION", default="2h",
+                         help="how long an offered machine may hold its --max-concurrent slot "
+                              "(e.g. 90m, 2h, 3600; default 2h)")
+    rollout.add_argument("--pause-file", "-pause-file", metavar="FILE",
+                         help="while FILE exists, no new offers; machines mid-update continue")
+    where = parser.add_argument_group("addresses, mirrors and TLS")
+    where.add_argument("--base-url", "-base-url", metavar="URL",
+                       help="the codebase to advertise instead of http://<Host header>/packages/ "
+                            "(a reverse proxy, NAT, another port)")
+    where.add_argument("--mirror", "-mirror", metavar="URL", action="append", default=[],
+                       help="another codebase serving the same files, listed after ours; "
+                            "update_engine fails over to it; repeatable")
+    where.add_argument("--no-local-payload", "-no-local-payload", action="store_true",
+                       default=False,
+                       help="advertise only the mirrors and answer Omaha only: the bytes come "
+                            "from an existing web server, CDN or object store")
+    where.add_argument("--tls-cert", "-tls-cert", metavar="FILE", help="serve HTTPS with this "
+                       "certificate (PEM; with --tls-key)")
+    where.add_argument("--tls-key", "-tls-key", metavar="FILE", help="the certificate's key (PEM)")
+    where.add_argument("--basic-auth-file", "-basic-auth-file", metavar="FILE",
+                       help="user:password lines; payload downloads then need one of them "
+                            "(update_engine sends DOWNLOAD_USER/DOWNLOAD_PASSWORD over HTTPS "
+                            "only, so this needs --tls-cert)")
+    parser.add_argument("--config", "-config", metavar="FILE",
+                        help="a JSON object with long flags as keys (\"package-file\": ...); "
+                             "flags on the command line override it")
+    parser.add_argument("--print-config", "-print-config", action="store_true", default=False,
+                        help="print the effective settings as JSON and exit")
     parser.add_argument("--verbose", "-v", action="store_true",
                         help="log every request, not only what changes in each machine's update")
     parser.add_argument("--log-format", "-log-format", choices=("text", "json"), default="text",
@@ -2283,9 +2451,125 @@ def serve(server: Server, grace: float = SHUTDOWN_GRACE) -> str:
     return name
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def parse_duration(flag: str, text: str) -> float:
+    """'90m', '2h', '45s' or plain seconds."""
+    match = re.fullmatch(r"\s*(\d{1,9})\s*([smh]?)\s*", text)
+    if not match:
+        raise UsageError("%s %r is not a duration like 90m, 2h or 3600" % (flag, text))
+    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def normalise_url(flag: str, text: str) -> str:
+    """An http(s) URL that ends in '/', as every codebase must (see Handler.codebases)."""
+    parts = urllib.parse.urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise UsageError("%s %r is not an http:// or https:// URL" % (flag, text))
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/", "", ""))
+
+
+def read_list_file(flag: str, path: str) -> List[str]:
     try:
-        args = build_parser().parse_args(argv)
+        with open(path, encoding="utf-8") as f:
+            lines = [line.split("#", 1)[0].strip() for line in f]
+    except (OSError, UnicodeError) as exc:
+        raise UsageError("%s %s cannot be read: %s" % (flag, path, getattr(exc, "strerror", None)
+                                                      or exc)) from None
+    return [line for line in lines if line]
+
+
+def read_credentials(path: str) -> Tuple[str, ...]:
+    """The Authorization header values that --basic-auth-file's user:password lines allow."""
+    values = []
+    for number, line in enumerate(read_list_file("--basic-auth-file", path), 1):
+        user, colon, password = line.partition(":")
+        if not colon or not user or not password:
+            raise UsageError("--basic-auth-file %s line %d is not user:password" % (path, number))
+        values.append("Basic " + base64.b64encode(line.encode("utf-8")).decode("ascii"))
+    if not values:
+        raise UsageError("--basic-auth-file %s has no user:password line" % path)
+    return tuple(values)
+
+
+def tls_context(cert: Optional[str], key: Optional[str]):
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError("cannot use --tls-cert %s with --tls-key %s: %s" % (
+            cert, key, getattr(exc, "strerror", None) or exc.args[-1])) from None
+    return context
+
+
+def config_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> List[str]:
+    """--config FILE as command-line arguments, without the flags the command line gives
+    itself (so those override the file's)."""
+    actions = {}  # type: Dict[str, argparse.Action]
+    for action in parser._actions:  # the parser's own table of flags
+        for option in action.option_strings:
+            if option.startswith("--"):
+                actions[option[2:]] = action
+    given = set()
+    config = None
+    for index, token in enumerate(argv):
+        name = token.lstrip("-").split("=", 1)[0]
+        if token.startswith("-") and name in actions:
+            given.add(actions[name].dest)
+            if name == "config":
+                config = token.split("=", 1)[1] if "=" in token else (
+                    argv[index + 1] if index + 1 < len(argv) else None)
+    if config is None:
+        return []
+    import json
+    try:
+        with open(config, encoding="utf-8") as f:
+            settings = json.load(f)
+    except OSError as exc:
+        raise UsageError("--config %s cannot be read: %s" % (config, exc.strerror)) from None
+    except ValueError as exc:
+        raise UsageError("--config %s is not valid JSON: %s" % (config, exc)) from None
+    if not isinstance(settings, dict):
+        raise UsageError("--config %s must hold a JSON object of flags" % config)
+    arguments = []  # type: List[str]
+    for key, value in settings.items():
+        action = actions.get(str(key).replace("_", "-"))
+        if action is None or key in ("config", "print-config", "help", "version"):
+            raise UsageError("--config %s has an unknown key %r; the keys are the long flags, "
+                             "like \"package-file\"" % (config, key))
+        if action.dest in given:
+            continue
+        option = "--" + str(key).replace("_", "-")
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise UsageError("--config %s: %r must be true or false" % (config, key))
+            arguments += [option] if value else []
+        elif isinstance(action, argparse._AppendAction):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UsageError("--config %s: %r must be a list of strings" % (config, key))
+            for item in value:
+                arguments += [option, item]
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            arguments += [option, str(value)]
+        else:
+            raise UsageError("--config %s: %r must be a string or a number" % (config, key))
+    return arguments
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(config_arguments(parser, argv) + argv)
+        if args.print_config:
+            import json
+            settings = {k.replace("_", "-"): v for k, v in sorted(vars(args).items())
+                        if k not in ("config", "print_config")}
+            sys.stdout.write(json.dumps(settings, indent=1) + "\n")
+            return 0
         setup_logging(args.verbose, args.log_format == "json")
         missing = [flag for flag, value in (("--package-file", args.package_file or args.package_dir),
                                             ("--package-version", args.package_version))
@@ -2294,12 +2578,47 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError("%s %s required (see --help)" % (
                 " and ".join(missing), "is" if len(missing) == 1 else "are"))
         host, port = parse_listen_address(args.listen_address)
+        if args.min_version:
+            try:
+                parse_package_version(args.min_version)
+            except ValueError:
+                raise UsageError("--min-version %r is not a version like 3815.2.5"
+                                 % args.min_version) from None
+        if args.max_concurrent < 0:
+            raise UsageError("--max-concurrent must be 0 (no limit) or more")
+        machine_ids = list(args.machine_id)
+        if args.machine_ids_file:
+            machine_ids += read_list_file("--machine-ids-file", args.machine_ids_file)
+            if not machine_ids:
+                raise UsageError("--machine-ids-file %s names no machine" % args.machine_ids_file)
+        policy = Policy(force=args.force, groups=frozenset(args.group),
+                        machine_ids=frozenset(machine_ids), min_version=args.min_version or "",
+                        max_concurrent=args.max_concurrent,
+                        update_timeout=parse_duration("--update-timeout", args.update_timeout),
+                        pause_file=args.pause_file or "")
+        base_url = normalise_url("--base-url", args.base_url) if args.base_url else ""
+        mirrors = [normalise_url("--mirror", url) for url in args.mirror]
+        if args.no_local_payload and not mirrors:
+            raise UsageError("--no-local-payload needs at least one --mirror to send machines to")
+        context = tls_context(args.tls_cert, args.tls_key)
+        credentials = read_credentials(args.basic_auth_file) if args.basic_auth_file else ()
+        if credentials and context is None:
+            raise UsageError("--basic-auth-file needs --tls-cert and --tls-key: update_engine "
+                             "sends its download credentials over HTTPS only")
         try:
             release = load_release(args.package_file, args.package_version, args.extension,
                                    args.package_dir, args.sha256)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         server = make_server(release, host, port)
+        server.configure(policy, base_url, mirrors, not args.no_local_payload)
+        server.credentials = credentials
+        if context is not None:
+            # The handshake happens in each connection's own thread (Handler.setup), so a slow
+            # client cannot hold up the accepting thread.
+            server.socket = context.wrap_socket(server.socket, server_side=True,
+                                                do_handshake_on_connect=False)
+            server.scheme = "https"
     except (UsageError, PayloadError) as exc:
         sys.stderr.write("%s: error: %s\n" % (PROG, str(exc).rstrip(".") + "."))
         return 2

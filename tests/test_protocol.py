@@ -68,7 +68,7 @@ def golden_release(version: str, extensions: bool) -> sp.Release:
 
 @pytest.mark.parametrize("golden, req, version, extensions", GOLDEN)
 def test_golden_responses(golden, req, version, extensions):
-    body, _ = sp.respond(request(req), golden_release(version, extensions), CODEBASE)
+    body, _ = sp.respond(request(req), golden_release(version, extensions), (CODEBASE,))
     assert body == fixture_bytes("responses", golden)
 
 
@@ -128,7 +128,7 @@ def test_decide(client, package, offered, reason, demo_release):
 def test_any_appid_is_served_and_escaped(demo_release):
     body = fixture_bytes("requests", "flatcar-update-check.xml").replace(
         b"{e96281a6-d1af-4bde-9a0a-97b76e56dc57}", b"other&lt;&quot;app")
-    out, _ = sp.respond(sp.parse_request(body), demo_release, CODEBASE)
+    out, _ = sp.respond(sp.parse_request(body), demo_release, (CODEBASE,))
     assert b'<app appid="other&lt;&quot;app" status="ok">' in out
     assert update_engine_reads(out).status == "ok"
 
@@ -141,7 +141,7 @@ def test_several_events_each_get_an_answer(demo_release):
     body = fixture_bytes("requests", "flatcar-event-download-started.xml").replace(
         b'<event eventtype="13" eventresult="1"></event>',
         b'<event eventtype="13" eventresult="1"/><event eventtype="14" eventresult="1"/>')
-    out, decisions = sp.respond(sp.parse_request(body), demo_release, CODEBASE)
+    out, decisions = sp.respond(sp.parse_request(body), demo_release, (CODEBASE,))
     assert out.count(b'<event status="ok"></event>') == 2 and decisions == [None]
 
 

@@ -29,6 +29,7 @@ import base64
 import email.utils
 import errno
 import functools
+import hmac
 import hashlib
 import http.server
 from http import HTTPStatus
@@ -919,7 +920,7 @@ def decide(app: AppRequest, release: Release, intact: bool = True,
             return Decision(False, "waiting for a slot: %d machines are updating "
                             "(--max-concurrent)" % policy.max_concurrent)
     if client >= release.key:
-        return Decision(True, "forced (it runs %s)" % clean(app.version, 40))
+        return Decision(True, "forced: it runs %s" % clean(app.version, 40))
     return Decision(True, "older than %s" % release.version)
 
 
@@ -1483,6 +1484,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         limit = struct.pack("ll", self.server.idle_timeout, 0)
         self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
         self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+        if self.server.scheme == "https":
+            self.request.do_handshake()  # here, in this connection's thread, bounded as above
         super().setup()
 
     def client(self) -> str:
@@ -1603,6 +1606,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             elif self.command not in ("GET", "HEAD"):
                 self.reject(405, "packages are downloaded with GET", [("Allow", "GET, HEAD")],
                             close=self._has_body())
+            elif not self.authorised():
+                self.reject(401, "credentials are required to download (DOWNLOAD_USER and "
+                            "DOWNLOAD_PASSWORD in update.conf)",
+                            [("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % PROG)])
             else:
                 self.serve_package(package)
         elif path in ("/", "/status.json", "/healthz") and self.command in ("GET", "HEAD"):
@@ -1673,7 +1680,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         and not _is_real_version(event.previousversion))]
         if decision is not None:
             if decision.offer:
-                said.append("update check: offered %s" % self.server.release.version)
+                said.append("update check: offered %s%s" % (
+                    self.server.release.version,
+                    " (%s)" % decision.reason if decision.reason.startswith("forced") else ""))
             else:
                 said.append("update check: no update (%s)" % decision.reason)
         elif app.ping and not app.events:
@@ -1800,6 +1809,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for bytes that the Content-Length promised."""
         sent = 0
         out = self.connection.fileno()
+        send_chunk = os.sendfile
+        if self.server.scheme == "https":
+            send_chunk = self._send_encrypted  # sendfile would bypass TLS: read and write
         fleet, client, began = self.server.fleet, self.client(), time.monotonic()
         try:
             while sent < count:
@@ -1807,7 +1819,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     # Cut rather than finish with other bytes than the advertised SHA-256's.
                     self.server.report_changed(package)
                     break
-                n = os.sendfile(out, package.fd, offset + sent, min(SEND_CHUNK, count - sent))
+                n = send_chunk(out, package.fd, offset + sent, min(SEND_CHUNK, count - sent))
                 if n == 0:
                     log.error("%s ended early while serving it; closing the connection",
                               package.path)
@@ -1815,13 +1827,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 sent += n
                 fleet.download(client, package, offset + sent, sent, time.monotonic() - began)
         except OSError as exc:
-            if exc.errno not in CLIENT_GONE:
+            if exc.errno not in CLIENT_GONE and type(exc).__module__ != "ssl":
                 log.error("%s: reading %s failed (%s) after %s; closed the connection, "
                           "still serving", self.client(), package.path,
                           exc.strerror or exc, format_size(sent))
         if sent != count:
             self.close_connection = True
         return sent
+
+    def _send_encrypted(self, out: int, fd: int, offset: int, count: int) -> int:
+        data = os.pread(fd, min(count, 256 << 10), offset)
+        if data:
+            self.connection.sendall(data)
+        return len(data)
+
+    def authorised(self) -> bool:
+        """With --basic-auth-file, downloads need credentials (the Omaha endpoint does not:
+        update_engine sends none there)."""
+        credentials = self.server.credentials
+        if not credentials:
+            return True
+        given = self.headers.get("Authorization", "").strip()
+        return any(hmac.compare_digest(given, allowed) for allowed in credentials)
 
     def log_download(self, package: Package, status: int, sent: int, what: str) -> None:
         emit(logging.DEBUG, "%s %s %s -> %d, %s" % (
@@ -2054,6 +2081,9 @@ class Server(http.server.ThreadingHTTPServer):
         exc = sys.exc_info()[1]
         if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout, BlockingIOError)):
             return  # the client went away, or stalled past idle_timeout (EAGAIN)
+        if type(exc).__module__ == "ssl":
+            emit(logging.DEBUG, "%s: TLS: %s" % (client_address[0], exc))
+            return  # a failed handshake: a client that does not speak TLS, or a bad certificate
         log.error("%s: internal error while handling a request: %r", client_address[0], exc)
 
 
@@ -2181,18 +2211,44 @@ def banner(release: Release, server: Server, host: str) -> str:
     if len(release.packages) == 1 and release.key >= SYSEXT_OEM_SINCE:
         lines.append("  no OEM or extension payloads: Flatcar >= 3760 machines with an OEM "
                      "sysext or extensions need them (see --extension)")
+    scheme = server.scheme
+    if not server.local_payload:
+        lines.append("payloads are not served here: machines download them from %s"
+                     % ", ".join(server.mirrors))
+    elif server.base_url or server.mirrors:
+        lines.append("machines download from %s" % ", ".join(
+            ((server.base_url,) if server.base_url else ("this server",)) + server.mirrors))
+    policy = server.policy
+    rules = []
+    if policy.force:
+        rules.append("--force: offered whatever the machine runs")
+    if policy.groups:
+        rules.append("only groups " + ", ".join(sorted(policy.groups)))
+    if policy.machine_ids:
+        rules.append("only %d named machine(s)" % len(policy.machine_ids))
+    if policy.min_version:
+        rules.append("not to machines older than " + policy.min_version)
+    if policy.max_concurrent:
+        rules.append("at most %d updating at once" % policy.max_concurrent)
+    if policy.pause_file:
+        rules.append("paused while %s exists" % policy.pause_file)
+    if rules:
+        lines.append("rollout: " + "; ".join(rules))
     if host == "":
-        lines.append("listening on http://%s/ (all interfaces)" % url_host(
-            "0.0.0.0" if server.address_family == socket.AF_INET else "::", port))
+        lines.append("listening on %s://%s/ (all interfaces)" % (scheme, url_host(
+            "0.0.0.0" if server.address_family == socket.AF_INET else "::", port)))
         addresses = local_addresses() or ["<this-host's-address>"]
     else:
-        lines.append("listening on http://%s/" % url_host(bound, port))
+        lines.append("listening on %s://%s/" % (scheme, url_host(bound, port)))
         addresses = [bound]
     lines += ["",
               "On each machine, put this line in /etc/flatcar/update.conf "
               "(CoreOS: /etc/coreos/update.conf),",
               "using an address of this host that the machine can reach:"]
-    lines += ["    SERVER=http://%s/v1/update" % url_host(address, port) for address in addresses]
+    lines += ["    SERVER=%s://%s/v1/update" % (scheme, url_host(address, port))
+              for address in addresses]
+    if server.credentials:
+        lines.append("and DOWNLOAD_USER=... and DOWNLOAD_PASSWORD=... from --basic-auth-file")
     lines += ["then run:",
               "    update_engine_client -check_for_update",
               "and watch it with:",

@@ -107,7 +107,7 @@ class PyzProcess:
         while self.port is None:
             self._pump(deadline - time.monotonic())
             for line in self.stdout.decode().splitlines():
-                if line.startswith("listening on http://"):
+                if line.startswith(("listening on http://", "listening on https://")):
                     self.port = int(line.split("/")[2].rsplit(":", 1)[1])
             if self.proc.poll() is not None and self.port is None:
                 raise AssertionError("server exited: %r %r" % (self.stdout, self.stderr))

@@ -1,0 +1,330 @@
+"""Issue: fleet rollout controls and scale-out. Every policy walked with simulated machines
+(the exact update_engine bodies from fixtures/), their interactions, Omaha-only mode against a
+second local HTTP server, HTTPS with basic auth, and the config file."""
+
+import base64
+import functools
+import hashlib
+import http.client
+import http.server
+import json
+import logging
+import os
+import shutil
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+import serve_package as sp
+
+from clients import update_engine_reads
+from conftest import (DEMO_PAYLOAD, DEMO_VERSION, PyzProcess, Running, fixture_bytes, run_pyz)
+from test_cli import one_sentence_error
+from test_fleet import check, event
+
+DEMO_ARGS = ["--package-file", DEMO_PAYLOAD, "--package-version", DEMO_VERSION]
+
+
+def machine(n: int, version="3760.2.0", group="stable") -> bytes:
+    """Machine n's update check: its own id and alias."""
+    mid = ("%032x" % (n + 1)).encode()
+    return (check(alias="node-%d" % n, version=version)
+            .replace(b"0123456789abcdef0123456789abcdef", mid)
+            .replace(b'track="stable"', b'track="%s"' % group.encode()))
+
+
+def machine_event(n: int, kind: int, result: int, code=None) -> bytes:
+    return event(kind, result, code, alias="node-%d" % n).replace(
+        b"0123456789abcdef0123456789abcdef", ("%032x" % (n + 1)).encode())
+
+
+def offered(running, body) -> bool:
+    status, _, answer = running.post(body)
+    assert status == 200
+    return b'<updatecheck status="ok">' in answer
+
+
+def policy_server(demo_release, **policy):
+    running = Running(demo_release)
+    running.server.configure(sp.Policy(**policy))
+    return running
+
+
+def test_force_offers_reinstall_and_downgrade(demo_release, caplog):
+    with caplog.at_level(logging.INFO, logger="serve-package"):
+        with policy_server(demo_release, force=True) as running:
+            assert offered(running, machine(1, version=DEMO_VERSION))  # reinstall
+            assert offered(running, machine(2, version="99999.0.0"))  # downgrade
+            assert offered(running, machine(3))
+    forced = [r.getMessage() for r in caplog.records if "forced" in r.getMessage()]
+    assert len(forced) == 2
+    assert "node-1 (9999.9.9, stable, azure): update check: offered 9999.9.9 (forced: it " \
+           "runs 9999.9.9)" in forced[0]
+
+
+def test_groups(demo_release, caplog):
+    with caplog.at_level(logging.INFO, logger="serve-package"):
+        with policy_server(demo_release, groups=frozenset({"beta", "alpha"})) as running:
+            assert offered(running, machine(1, group="beta"))
+            for _ in range(3):
+                assert not offered(running, machine(2, group="stable"))
+    reasons = [r.getMessage() for r in caplog.records if "node-2" in r.getMessage()]
+    assert reasons == ["node-2 (127.0.0.1, azure) 3760.2.0: its group 'stable' is not one of "
+                       "--group alpha, beta"]  # logged once, not on every check
+
+
+def test_canaries_and_group_together(demo_release):
+    canary = "%032x" % 2
+    with policy_server(demo_release, machine_ids=frozenset({canary}),
+                       groups=frozenset({"stable"})) as running:
+        assert offered(running, machine(1))  # the canary, in the group
+        assert not offered(running, machine(2))  # in the group, not a canary
+        assert not offered(running, machine(1, group="beta"))  # the canary, other group
+
+
+def test_min_version_warns_once(demo_release, caplog):
+    with caplog.at_level(logging.INFO, logger="serve-package"):
+        with policy_server(demo_release, min_version="3500.0.0") as running:
+            assert offered(running, machine(1, version="3510.1.0"))
+            for _ in range(2):
+                assert not offered(running, machine(2, version="2605.12.0"))
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "--min-version" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "it runs 2605.12.0, older than --min-version 3500.0.0: update it to an " \
+           "intermediate version first" in warnings[0]
+
+
+def test_max_concurrent_slots_freed_by_install_failure_and_timeout(demo_release):
+    with policy_server(demo_release, max_concurrent=2, update_timeout=1.5) as running:
+        assert offered(running, machine(1)) and offered(running, machine(2))
+        assert not offered(running, machine(3))  # both slots taken
+        assert offered(running, machine(1))  # a machine with a slot keeps its offer
+        running.post(machine_event(1, 3, 1))  # installed: slot freed
+        assert offered(running, machine(3))
+        assert not offered(running, machine(4))
+        running.post(machine_event(2, 3, 0, 9 | 1 << 28))  # failed: slot freed
+        assert offered(running, machine(4))
+        assert not offered(running, machine(5))
+        time.sleep(1.6)  # machines 3 and 4 never finish: --update-timeout frees their slots
+        assert offered(running, machine(5))
+        status = json.loads(running.request("GET", "/status.json")[2])
+        waiting = [m for m in status["machines"] if m["alias"] == "node-5"][0]
+        assert waiting["state"] == "offered"
+
+
+def test_max_concurrent_holds_under_a_burst(demo_release):
+    with policy_server(demo_release, max_concurrent=3) as running:
+        results = []
+        threads = [threading.Thread(target=lambda n=n: results.append(offered(running, machine(n))))
+                   for n in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert results.count(True) == 3
+
+
+def test_pause_file_mid_rollout(demo_release, tmp_path):
+    pause = tmp_path / "pause"
+    with policy_server(demo_release, pause_file=str(pause)) as running:
+        assert offered(running, machine(1))
+        pause.write_text("")
+        time.sleep(1.1)  # looked at once a second
+        assert not offered(running, machine(2))  # no new offers
+        assert offered(running, machine(1))  # mid-update: continues
+        pause.unlink()
+        time.sleep(1.1)
+        assert offered(running, machine(2))
+
+
+# --- addresses and mirrors --------------------------------------------------------------------
+
+def test_base_url_and_mirrors_in_order(demo_release):
+    with Running(demo_release) as running:
+        running.server.configure(sp.Policy(), "https://updates.example/flatcar/",
+                                 ["http://mirror-1.example/f/", "http://mirror-2.example/"])
+        offer = update_engine_reads(running.post(machine(1))[2])
+        assert offer.urls == ["https://updates.example/flatcar/update.gz",
+                              "http://mirror-1.example/f/update.gz",
+                              "http://mirror-2.example/update.gz"]
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A plain web server on 127.0.0.1 standing in for nginx/a CDN, holding the payloads."""
+    root = tmp_path / "mirror" / "flatcar"
+    root.mkdir(parents=True)
+    shutil.copy(DEMO_PAYLOAD, str(root / "update.gz"))
+    handler = functools.partial(QuietFiles, directory=str(tmp_path / "mirror"))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield "http://127.0.0.1:%d/flatcar" % httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_omaha_only_mode_sends_machines_to_the_mirror(pyz, mirror, demo_bytes):
+    server = PyzProcess(pyz, DEMO_ARGS + ["--listen-address", "127.0.0.1:0", "--mirror", mirror,
+                                          "--no-local-payload"])
+    try:
+        assert "payloads are not served here: machines download them from %s/" % mirror \
+            in server.stdout.decode()
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("POST", "/v1/update", machine(1), {"Content-Type": "text/xml"})
+        offer = update_engine_reads(conn.getresponse().read())
+        assert offer.urls == [mirror + "/update.gz"]
+        conn.request("GET", "/packages/update.gz")
+        response = conn.getresponse()
+        assert response.status == 404 and response.read()
+        conn.close()
+        for url in offer.urls + offer.coreos_urls:
+            data = subprocess.run(["curl", "-sf", url], stdout=subprocess.PIPE, check=True).stdout
+            assert len(data) == offer.size
+            assert base64.b64encode(hashlib.sha256(data).digest()).decode() == offer.sha256_b64
+    finally:
+        server.kill()
+
+
+# --- HTTPS with basic auth ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, made here with the openssl command."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return cert, key
+
+
+def test_https_with_basic_auth(pyz, certificate, tmp_path, demo_bytes):
+    cert, key = certificate
+    users = tmp_path / "users"
+    users.write_text("core:s3cret\n# a comment\nops:other:colon\n")
+    server = PyzProcess(pyz, DEMO_ARGS + ["--listen-address", "127.0.0.1:0", "--tls-cert", cert,
+                                          "--tls-key", key, "--basic-auth-file", str(users)])
+    try:
+        banner = server.stdout.decode()
+        assert "listening on https://127.0.0.1:%d/" % server.port in banner
+        assert "SERVER=https://127.0.0.1:%d/v1/update" % server.port in banner
+        context = ssl.create_default_context(cafile=cert)
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=10)
+        conn.request("POST", "/v1/update", machine(1), {"Content-Type": "text/xml"})  # no credentials
+        offer = update_engine_reads(conn.getresponse().read())
+        assert offer.urls == ["https://127.0.0.1:%d/packages/update.gz" % server.port]
+        conn.request("GET", "/packages/update.gz")
+        response = conn.getresponse()
+        assert response.status == 401 and response.getheader("WWW-Authenticate").startswith("Basic ")
+        response.read()
+        good = "Basic " + base64.b64encode(b"core:s3cret").decode()
+        conn.request("GET", "/packages/update.gz", headers={"Authorization": good,
+                                                            "Range": "bytes=100-"})
+        response = conn.getresponse()
+        assert response.status == 206 and response.read() == demo_bytes[100:]
+        conn.request("GET", "/packages/update.gz", headers={
+            "Authorization": "Basic " + base64.b64encode(b"core:wrong").decode()})
+        response = conn.getresponse()
+        assert response.status == 401
+        response.read()
+        conn.close()
+        url = offer.urls[0]
+        curl = ["curl", "-s", "--cacert", cert, "-o", "/dev/null", "-w", "%{http_code}"]
+        assert subprocess.run(curl + [url], stdout=subprocess.PIPE).stdout == b"401"
+        assert subprocess.run(curl + ["-u", "ops:other:colon", url], stdout=subprocess.PIPE).stdout == b"200"
+        got = subprocess.run(["curl", "-sf", "--cacert", cert, "-u", "core:s3cret", url],
+                             stdout=subprocess.PIPE, check=True).stdout
+        assert got == demo_bytes
+        # a client that does not speak TLS is turned away without harm
+        import socket
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as plain:
+            plain.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            plain.recv(100)
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=10)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read() == b"ok\n"
+    finally:
+        server.kill()
+
+
+# --- config file and errors -----------------------------------------------------------------
+
+def test_config_file_and_print_config(pyz, tmp_path):
+    config = tmp_path / "serve.json"
+    config.write_text(json.dumps({"package-file": DEMO_PAYLOAD, "package-version": "1.2.3",
+                                  "group": ["stable"], "max-concurrent": 4, "force": True,
+                                  "mirror": ["http://m.example/x"]}))
+    result = run_pyz(pyz, "--config", str(config), "--package-version", DEMO_VERSION,
+                     "--group", "beta", "--print-config")
+    assert result.returncode == 0
+    settings = json.loads(result.stdout)
+    assert settings["package-version"] == DEMO_VERSION  # the command line wins
+    assert settings["group"] == ["beta"]  # lists too: replaced, not added to
+    assert settings["max-concurrent"] == 4 and settings["force"] is True
+    assert settings["mirror"] == ["http://m.example/x"] and settings["package-file"] == DEMO_PAYLOAD
+    server = PyzProcess(pyz, ["--config", str(config), "--listen-address", "127.0.0.1:0"])
+    try:
+        banner = server.stdout.decode()
+        assert "offering version 1.2.3" in banner
+        assert "rollout: --force: offered whatever the machine runs; only groups stable; " \
+               "at most 4 updating at once" in banner
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("content, words", [
+    ({"package-file": "x", "colour": "blue"}, "has an unknown key 'colour'"),
+    ({"group": "stable"}, "'group' must be a list of strings"),
+    ({"force": "yes"}, "'force' must be true or false"),
+    ([1, 2], "must hold a JSON object of flags"),
+])
+def test_config_file_errors(pyz, tmp_path, content, words):
+    config = tmp_path / "serve.json"
+    config.write_text(json.dumps(content))
+    one_sentence_error(run_pyz(pyz, "--config", str(config), *DEMO_ARGS), words)
+
+
+def test_config_file_not_json(pyz, tmp_path):
+    config = tmp_path / "serve.json"
+    config.write_text("{package-file: x")
+    one_sentence_error(run_pyz(pyz, "--config", str(config)), "is not valid JSON")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--no-local-payload"], "--no-local-payload needs at least one --mirror"),
+    (["--mirror", "ftp://x/"], "--mirror 'ftp://x/' is not an http:// or https:// URL"),
+    (["--base-url", "updates.example"], "is not an http:// or https:// URL"),
+    (["--update-timeout", "soon"], "--update-timeout 'soon' is not a duration"),
+    (["--min-version", "35"], "--min-version '35' is not a version"),
+    (["--max-concurrent", "-1"], "--max-concurrent must be 0 (no limit) or more"),
+    (["--tls-cert", DEMO_PAYLOAD], "--tls-cert and --tls-key go together"),
+    (["--tls-cert", DEMO_PAYLOAD, "--tls-key", DEMO_PAYLOAD], "cannot use --tls-cert"),
+    (["--machine-ids-file", "/nonexistent"], "--machine-ids-file /nonexistent cannot be read"),
+])
+def test_rollout_flag_errors(pyz, args, words):
+    one_sentence_error(run_pyz(pyz, *DEMO_ARGS, *args), words)
+
+
+def test_basic_auth_file_must_hold_user_password_lines(pyz, tmp_path, certificate):
+    users = tmp_path / "users"
+    users.write_text("core\n")
+    one_sentence_error(run_pyz(pyz, *DEMO_ARGS, "--basic-auth-file", str(users), "--tls-cert",
+                               certificate[0], "--tls-key", certificate[1]),
+                       "line 1 is not user:password")
+
+
+def test_basic_auth_needs_tls(pyz, tmp_path):
+    users = tmp_path / "users"
+    users.write_text("core:s3cret\n")
+    one_sentence_error(run_pyz(pyz, *DEMO_ARGS, "--basic-auth-file", str(users)),
+                       "--basic-auth-file needs --tls-cert and --tls-key")

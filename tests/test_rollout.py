@@ -328,3 +328,21 @@ def test_basic_auth_needs_tls(pyz, tmp_path):
     users.write_text("core:s3cret\n")
     one_sentence_error(run_pyz(pyz, *DEMO_ARGS, "--basic-auth-file", str(users)),
                        "--basic-auth-file needs --tls-cert and --tls-key")
+
+
+def test_machine_ids_file_names_the_canaries(pyz, tmp_path):
+    ids = tmp_path / "canaries"
+    ids.write_text("# canaries for 3815.2.5\n%032x\n\n%032x  # the second one\n" % (2, 4))
+    server = PyzProcess(pyz, DEMO_ARGS + ["--listen-address", "127.0.0.1:0",
+                                          "--machine-ids-file", str(ids)])
+    try:
+        assert "rollout: only 2 named machine(s)" in server.stdout.decode()
+        answers = []
+        for n in (1, 2, 3):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            conn.request("POST", "/v1/update", machine(n), {"Content-Type": "text/xml"})
+            answers.append(b'<updatecheck status="ok">' in conn.getresponse().read())
+            conn.close()
+        assert answers == [True, False, True]
+    finally:
+        server.kill()

@@ -2354,6 +2354,12 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message[0].upper() + message[1:] + " (see --help)")
 
 
+def add_flag(group, name: str, **options) -> None:
+    """A flag in both spellings: --name, and Go's -name, which scripts written for go-omaha's
+    serve-package use."""
+    group.add_argument("--" + name, "-" + name, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog=PROG, allow_abbrev=False,
@@ -2367,76 +2373,76 @@ def build_parser() -> argparse.ArgumentParser:
                "  SERVER=http://<this-host>:8000/v1/update\n"
                "and run: update_engine_client -check_for_update\n\n"
                "Go-style single-dash flags (-package-file ...) are accepted too.")
-    parser.add_argument("--package-file", "-package-file", metavar="FILE",
-                        help="the update payload, e.g. flatcar_production_update.gz (required)")
-    parser.add_argument("--package-version", "-package-version", metavar="VERSION",
-                        help="the version inside the payload, e.g. 3815.2.5 (required); machines "
-                             "running an older version are offered it")
-    parser.add_argument("--extension", "-extension", metavar="FILE", action="append", default=[],
-                        help="an OEM or extension payload of the same version, served beside the "
-                             "OS payload (oem-<ID>.gz, flatcar-<NAME>.gz); repeat for each")
-    parser.add_argument("--package-dir", "-package-dir", metavar="DIR",
-                        help="serve the OS payload (flatcar_production_update.gz or update.gz, "
-                             "unless --package-file names it) and every oem-*.gz and "
-                             "flatcar-*.gz found in DIR")
-    parser.add_argument("--sha256", "-sha256", metavar="HEX",
-                        help="the OS payload's expected SHA-256; by default it is read from "
-                             "FILE.sha256 beside the payload when there is one")
-    parser.add_argument("--listen-address", "-listen-address", metavar="ADDR", default=":8000",
-                        help="where to listen: :PORT (all interfaces), HOST:PORT or [IPv6]:PORT; "
-                             "port 0 picks a free port (default :8000)")
+    add_flag(parser, "package-file", metavar="FILE",
+             help="the update payload, e.g. flatcar_production_update.gz (required)")
+    add_flag(parser, "package-version", metavar="VERSION",
+             help="the version inside the payload, e.g. 3815.2.5 (required); machines "
+                  "running an older version are offered it")
+    add_flag(parser, "extension", metavar="FILE", action="append", default=[],
+             help="an OEM or extension payload of the same version, served beside the "
+                  "OS payload (oem-<ID>.gz, flatcar-<NAME>.gz); repeat for each")
+    add_flag(parser, "package-dir", metavar="DIR",
+             help="serve the OS payload (flatcar_production_update.gz or update.gz, "
+                  "unless --package-file names it) and every oem-*.gz and "
+                  "flatcar-*.gz found in DIR")
+    add_flag(parser, "sha256", metavar="HEX",
+             help="the OS payload's expected SHA-256; by default it is read from "
+                  "FILE.sha256 beside the payload when there is one")
+    add_flag(parser, "listen-address", metavar="ADDR", default=":8000",
+             help="where to listen: :PORT (all interfaces), HOST:PORT or [IPv6]:PORT; "
+                  "port 0 picks a free port (default :8000)")
     rollout = parser.add_argument_group("rollout policy")
-    rollout.add_argument("--force", "-force", action="store_true", default=False,
-                         help="offer the package to every update check whatever the machine "
-                              "runs: a downgrade, or a reinstall of the same version")
-    rollout.add_argument("--group", "-group", metavar="NAME", action="append", default=[],
-                         help="offer only to machines in this group (update.conf GROUP=, "
-                              "e.g. stable); repeatable")
-    rollout.add_argument("--machine-id", "-machine-id", metavar="ID", action="append", default=[],
-                         help="offer only to this machine (/etc/machine-id): canaries; repeatable")
-    rollout.add_argument("--machine-ids-file", "-machine-ids-file", metavar="FILE",
-                         help="like --machine-id, one id per line (# comments allowed)")
-    rollout.add_argument("--min-version", "-min-version", metavar="VERSION",
-                         help="machines older than this are not offered the update and a "
-                              "warning says they need an intermediate version first")
-    rollout.add_argument("--max-concurrent", "-max-concurrent", metavar="N", type=int, default=0,
-                         help="at most N machines updating at once (from offered until "
-                              "installed, failed, or --update-timeout); 0: no limit")
-    rollout.add_argument("--update-timeout", "-update-timeout", metavar="DURATION", default="2h",
-                         help="how long an offered machine may hold its --max-concurrent slot "
-                              "(e.g. 90m, 2h, 3600; default 2h)")
-    rollout.add_argument("--pause-file", "-pause-file", metavar="FILE",
-                         help="while FILE exists, no new offers; machines mid-update continue")
+    add_flag(rollout, "force", action="store_true", default=False,
+             help="offer the package to every update check whatever the machine "
+                  "runs: a downgrade, or a reinstall of the same version")
+    add_flag(rollout, "group", metavar="NAME", action="append", default=[],
+             help="offer only to machines in this group (update.conf GROUP=, "
+                  "e.g. stable); repeatable")
+    add_flag(rollout, "machine-id", metavar="ID", action="append", default=[],
+             help="offer only to this machine (/etc/machine-id): canaries; repeatable")
+    add_flag(rollout, "machine-ids-file", metavar="FILE",
+             help="like --machine-id, one id per line (# comments allowed)")
+    add_flag(rollout, "min-version", metavar="VERSION",
+             help="machines older than this are not offered the update and a "
+                  "warning says they need an intermediate version first")
+    add_flag(rollout, "max-concurrent", metavar="N", type=int, default=0,
+             help="at most N machines updating at once (from offered until "
+                  "installed, failed, or --update-timeout); 0: no limit")
+    add_flag(rollout, "update-timeout", metavar="DURATION", default="2h",
+             help="how long an offered machine may hold its --max-concurrent slot "
+                  "(e.g. 90m, 2h, 3600; default 2h)")
+    add_flag(rollout, "pause-file", metavar="FILE",
+             help="while FILE exists, no new offers; machines mid-update continue")
     where = parser.add_argument_group("addresses, mirrors and TLS")
-    where.add_argument("--base-url", "-base-url", metavar="URL",
-                       help="the codebase to advertise instead of http://<Host header>/packages/ "
-                            "(a reverse proxy, NAT, another port)")
-    where.add_argument("--mirror", "-mirror", metavar="URL", action="append", default=[],
-                       help="another codebase serving the same files, listed after ours; "
-                            "update_engine fails over to it; repeatable")
-    where.add_argument("--no-local-payload", "-no-local-payload", action="store_true",
-                       default=False,
-                       help="advertise only the mirrors and answer Omaha only: the bytes come "
-                            "from an existing web server, CDN or object store")
-    where.add_argument("--tls-cert", "-tls-cert", metavar="FILE", help="serve HTTPS with this "
-                       "certificate (PEM; with --tls-key)")
-    where.add_argument("--tls-key", "-tls-key", metavar="FILE", help="the certificate's key (PEM)")
-    where.add_argument("--basic-auth-file", "-basic-auth-file", metavar="FILE",
-                       help="user:password lines; payload downloads then need one of them "
-                            "(update_engine sends DOWNLOAD_USER/DOWNLOAD_PASSWORD over HTTPS "
-                            "only, so this needs --tls-cert)")
-    parser.add_argument("--config", "-config", metavar="FILE",
-                        help="a JSON object with long flags as keys (\"package-file\": ...); "
-                             "flags on the command line override it")
-    parser.add_argument("--print-config", "-print-config", action="store_true", default=False,
-                        help="print the effective settings as JSON and exit")
+    add_flag(where, "base-url", metavar="URL",
+             help="the codebase to advertise instead of http://<Host header>/packages/ "
+                  "(a reverse proxy, NAT, another port)")
+    add_flag(where, "mirror", metavar="URL", action="append", default=[],
+             help="another codebase serving the same files, listed after ours; "
+                  "update_engine fails over to it; repeatable")
+    add_flag(where, "no-local-payload", action="store_true",
+             default=False,
+             help="advertise only the mirrors and answer Omaha only: the bytes come "
+                  "from an existing web server, CDN or object store")
+    add_flag(where, "tls-cert", metavar="FILE", help="serve HTTPS with this "
+             "certificate (PEM; with --tls-key)")
+    add_flag(where, "tls-key", metavar="FILE", help="the certificate's key (PEM)")
+    add_flag(where, "basic-auth-file", metavar="FILE",
+             help="user:password lines; payload downloads then need one of them "
+                  "(update_engine sends DOWNLOAD_USER/DOWNLOAD_PASSWORD over HTTPS "
+                  "only, so this needs --tls-cert)")
+    add_flag(parser, "config", metavar="FILE",
+             help="a JSON object with long flags as keys (\"package-file\": ...); "
+                  "flags on the command line override it")
+    add_flag(parser, "print-config", action="store_true", default=False,
+             help="print the effective settings as JSON and exit")
     parser.add_argument("--verbose", "-v", action="store_true",
                         help="log every request, not only what changes in each machine's update")
-    parser.add_argument("--log-format", "-log-format", choices=("text", "json"), default="text",
-                        help="text (default) or json: one JSON object per line, with the same "
-                             "facts, for journald or ELK")
-    parser.add_argument("--version", "-version", action="version",
-                        version="%s %s" % (PROG, __version__))
+    add_flag(parser, "log-format", choices=("text", "json"), default="text",
+             help="text (default) or json: one JSON object per line, with the same "
+                  "facts, for journald or ELK")
+    add_flag(parser, "version", action="version",
+             version="%s %s" % (PROG, __version__))
     return parser
 
 

@@ -385,7 +385,7 @@ def test_verbose_logs_every_request_and_text_summary(pyz):
     try:
         for _ in range(2):
             post(server.port, fixture_bytes("requests", "flatcar-update-check.xml"))
-        log = server.wait_for_log("update check: offered 9999.9.9")
+        server.wait_for_log("update check: offered 9999.9.9")
         server.proc.send_signal(signal.SIGINT)
         assert server.finish() == 0
         err = server.stderr.decode()

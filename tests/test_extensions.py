@@ -11,7 +11,7 @@ import serve_package as sp
 
 from clients import (Rejected, old_postinst_finds, ue_rs_finds, ue_rs_reads,
                      update_engine_reads)
-from conftest import DEMO_PAYLOAD, FIXTURES, Running, fixture_bytes, wait_for_log
+from conftest import DEMO_PAYLOAD, FIXTURES, Running, fixture_bytes
 from make_fixtures import crau_payload, write_with_checksum
 
 EXT_DIR = os.path.join(FIXTURES, "extensions")

@@ -4,7 +4,6 @@ each step."""
 
 import json
 import logging
-import time
 
 import pytest
 

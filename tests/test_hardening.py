@@ -3,7 +3,6 @@ connections and time and talks only to 127.0.0.1."""
 
 import errno
 import hashlib
-import logging
 import os
 import socket
 import threading
@@ -13,7 +12,7 @@ import pytest
 
 import serve_package as sp
 
-from conftest import DEMO_PAYLOAD, Running, big_payload, fixture_bytes, wait_for_log
+from conftest import Running, big_payload, fixture_bytes, wait_for_log
 
 FLATCAR = fixture_bytes("requests", "flatcar-update-check.xml")
 PATH = "/packages/update.gz"

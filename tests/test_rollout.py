@@ -9,7 +9,6 @@ import http.client
 import http.server
 import json
 import logging
-import os
 import shutil
 import ssl
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 import serve_package as sp
 
 from clients import update_engine_reads
-from conftest import (DEMO_PAYLOAD, DEMO_VERSION, PyzProcess, Running, fixture_bytes, run_pyz)
+from conftest import DEMO_PAYLOAD, DEMO_VERSION, PyzProcess, Running, run_pyz
 from test_cli import one_sentence_error
 from test_fleet import check, event
 

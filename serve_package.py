@@ -1079,9 +1079,8 @@ def iso_time(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-# The update states in the order an update goes through them (omaha-spec section 6).
-STATES = ("new", "idle", "offered", "downloading", "downloaded", "installed", "complete",
-          "failed", "rolled-back", "deferred")
+# An update goes: new -> idle (up to date) or offered -> downloading -> downloaded ->
+# installed -> complete; or it ends failed, rolled-back or deferred (omaha-spec section 6).
 UNDER_WAY = ("offered", "downloading", "downloaded", "installed")
 PROGRESS_EVERY_PERCENT = 10
 PROGRESS_EVERY_SECONDS = 10.0

@@ -1253,7 +1253,7 @@ class Fleet:
             start = row["from_version"] or row["version"] or "?"
             end = row["target"] or row["version"] or "?"
             lines.append("  %-20s %-16s %-28s %s" % (
-                clean(str(name), 20), row["address"], "%s -> %s" % (start, end),
+                clean(str(name), 20), row["address"], "%s \u2192 %s" % (start, end),
                 row["state_words"] or row["state"]))
         return "\n".join(lines)
 

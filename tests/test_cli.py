@@ -393,6 +393,6 @@ def test_verbose_logs_every_request_and_text_summary(pyz):
                          "offered 9999.9.9") == 2
         assert err.count(": offered\n") == 1  # the state changed once
         assert "1 machine(s):\n" in err
-        assert "  01234567             127.0.0.1        3815.2.5 -> 9999.9.9         offered" in err
+        assert "  01234567             127.0.0.1        3815.2.5 \u2192 9999.9.9          offered" in err
     finally:
         server.kill()

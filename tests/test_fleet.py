@@ -214,5 +214,5 @@ def test_summary_table():
     fleet.request(app, "10.0.0.7", sp.Decision(True, "older"))
     assert fleet.summary().splitlines() == [
         "1 machine(s):",
-        "  node-3               10.0.0.7         3760.2.0 -> 3815.2.5         offered"]
+        "  node-3               10.0.0.7         3760.2.0 \u2192 3815.2.5          offered"]
     assert sp.Fleet(fleet.release, lambda *a: None).summary() == "no machine checked in"

@@ -16,9 +16,9 @@ order data flows through it:
   2. Versions           parse and compare 3815.2.5 (+build ignored)
   3. Payloads           CrAU inspection, one-pass hashing, the Package record
   4. Protocol           parse_request(bytes) and render_response(...), pure
-  5. Policy             decide() what each app is offered
-  6. Words              what a request says about its machine, for the log
-  7. HTTP               the handler: Omaha endpoint and payload serving
+  5. Policy             decide() what each app is offered, under the rollout rules
+  6. Fleet              what each machine is doing, in words: log lines, status page, JSON
+  7. HTTP               the handler: Omaha endpoint, payload serving, status endpoints
   8. Program            argparse, logging, signals, main()
 
 Standard library only; runs on Python 3.8 and newer.
@@ -969,7 +969,7 @@ def is_postinstall_failure(event: Event) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Words: what a request says about its machine
+# 6. Fleet: what each machine is doing, in words
 # ---------------------------------------------------------------------------------------------
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")

@@ -1107,64 +1107,77 @@ class Fleet:
         return (machine is not None and machine.state in self.SLOT_STATES
                 and now - machine.offered_at < self.update_timeout)
 
-    def admit(self, app: AppRequest, address: str, reserve: bool,
+    def admit(self, app: AppRequest, address: str, reserve: bool, limited: bool,
               choose: Callable[[Slots], Decision]) -> Decision:
         """Decide under the fleet's lock, so that --max-concurrent holds however many machines
         check at once: an offer to a machine that held no slot takes one there and then (it
-        is freed when the machine installs, fails, or after --update-timeout)."""
+        is freed when the machine installs, fails, or after --update-timeout). The slots in
+        use are counted only when there is a limit (`limited`): it is a walk over the fleet."""
         now = time.time()
+        said = []  # type: List[Tuple[int, str, Dict[str, object]]]
         with self.lock:
             machine = self.machines.get(app.machineid or address)
             held = self._holds_slot(machine, now)
-            in_use = sum(1 for m in self.machines.values() if self._holds_slot(m, now))
+            in_use = (sum(1 for m in self.machines.values() if self._holds_slot(m, now))
+                      if limited else 0)
             decision = choose(Slots(held, in_use))
             if decision.offer and reserve and not held:
-                if machine is None:
-                    machine = self.machines[app.machineid or address] = Machine(
-                        app.machineid or address, now)
-                    machine.address = address
-                machine.state, machine.detail, machine.offered_at = "offered", "offered", now
-                machine.machineid, machine.version = app.machineid, app.version
-                machine.alias, machine.oem, machine.group = app.machinealias, app.oem, app.track
-                machine.target, machine.error = self.release.version, None
-                self.by_address[address] = machine.key
-                self.say(logging.INFO, "%s: offered" % machine.label(),
-                         {"event": "state", "machine": machine.facts()})
-            return decision
+                self._offer(self._seen(app, address, now), now, said)
+        self._tell(said)
+        return decision
+
+    def _seen(self, app: AppRequest, address: str, now: float) -> Machine:
+        """The machine a request comes from, created on first sight, with what it says of
+        itself brought up to date."""
+        key = app.machineid or address
+        machine = self._machine(key, address, now)
+        machine.machineid, machine.alias, machine.address = app.machineid, app.machinealias, address
+        machine.oem, machine.group, machine.version = app.oem, app.track, app.version
+        return machine
+
+    def _machine(self, key: str, address: str, now: float) -> Machine:
+        machine = self.machines.get(key)
+        if machine is None:
+            machine = self.machines[key] = Machine(key, now)
+            machine.address = address
+        machine.last_seen = now
+        self.by_address[address] = key
+        return machine
+
+    def _said(self, machine: Machine, level: int, event: str, said: List) -> None:
+        said.append((level, "%s: %s" % (machine.label(), machine.detail),
+                     {"event": event, "machine": machine.facts()}))
+
+    def _tell(self, said: List) -> None:
+        for entry in said:
+            self.say(*entry)
+
+    def _offer(self, machine: Machine, now: float, said: List) -> None:
+        machine.target, machine.error, machine.offered_at = self.release.version, None, now
+        machine.state, machine.detail = "offered", "offered"
+        self._said(machine, logging.INFO, "state", said)
 
     def _change(self, machine: Machine, state: str, detail: str, said: List) -> None:
         if (machine.state, machine.detail) == (state, detail):
             return
         machine.state, machine.detail = state, detail
         level = logging.WARNING if state in ("failed", "rolled-back") else logging.INFO
-        said.append((level, "%s: %s" % (machine.label(), detail),
-                     {"event": "state", "machine": machine.facts()}))
+        self._said(machine, level, "state", said)
 
-    def request(self, app: AppRequest, address: str, decision: Optional[Decision],
-                now: Optional[float] = None) -> None:
+    def request(self, app: AppRequest, address: str, decision: Optional[Decision]) -> None:
         """An Omaha request from this machine: its events, then its update check."""
-        now = time.time() if now is None else now
-        key = app.machineid or address
+        now = time.time()
         said = []  # type: List[Tuple[int, str, Dict[str, object]]]
         with self.lock:
-            machine = self.machines.get(key)
-            if machine is None:
-                machine = self.machines[key] = Machine(key, now)
-            machine.machineid, machine.alias, machine.address = app.machineid, app.machinealias, address
-            machine.oem, machine.group, machine.version = app.oem, app.track, app.version
-            machine.last_seen = now
-            self.by_address[address] = key
-            reported = len(said)
+            machine = self._seen(app, address, now)
             for event in app.events:
                 self._event(machine, app, event, said)
-            failed_now = len(said) > reported and machine.state in ("failed", "rolled-back",
-                                                                    "deferred")
+            failed_now = bool(said) and machine.state in ("failed", "rolled-back", "deferred")
             # A failure reported with an update check (a rollback is) stays what this request
             # says; the offer that comes with it shows on the machine's next check.
             if decision is not None and not failed_now:
-                self._decision(machine, decision, said)
-        for entry in said:
-            self.say(*entry)
+                self._decision(machine, decision, now, said)
+        self._tell(said)
 
     def _event(self, machine: Machine, app: AppRequest, event: Event, said: List) -> None:
         kind, result, code = event.type, event.result, event.errorcode
@@ -1191,11 +1204,10 @@ class Fleet:
             machine.error = code
             self._change(machine, "deferred", describe_event(event, app), said)
 
-    def _decision(self, machine: Machine, decision: Decision, said: List) -> None:
+    def _decision(self, machine: Machine, decision: Decision, now: float, said: List) -> None:
         if decision.offer:
             if machine.state not in UNDER_WAY:
-                machine.target, machine.error = self.release.version, None
-                self._change(machine, "offered", "offered", said)
+                self._offer(machine, now, said)
         elif machine.state in ("new", "idle", "offered"):
             machine.target = ""
             self._change(machine, "idle", decision.reason, said)
@@ -1209,13 +1221,7 @@ class Fleet:
         now = time.time()
         said = []  # type: List[Tuple[int, str, Dict[str, object]]]
         with self.lock:
-            key = self.by_address.get(address, address)
-            machine = self.machines.get(key)
-            if machine is None:
-                machine = self.machines[key] = Machine(key, now)
-                machine.address = address
-                self.by_address[address] = key
-            machine.last_seen = now
+            machine = self._machine(self.by_address.get(address, address), address, now)
             machine.size = package.size
             machine.downloaded = max(machine.downloaded, end)
             if seconds > 0.5:
@@ -1232,10 +1238,8 @@ class Fleet:
                     ", %s/s" % format_size(machine.rate) if machine.rate else "")
                 machine.state = "downloading"  # progress: said even when the state is the same
                 machine.detail = detail
-                said.append((logging.INFO, "%s: %s" % (machine.label(), detail),
-                             {"event": "progress", "machine": machine.facts()}))
-        for entry in said:
-            self.say(*entry)
+                self._said(machine, logging.INFO, "progress", said)
+        self._tell(said)
 
     def snapshot(self) -> List[Dict[str, object]]:
         with self.lock:
@@ -1663,7 +1667,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         server = self.server
         release, policy, client = server.release, server.policy, self.client()
         intact, paused = server.payloads_intact(), server.paused()
-        decisions = [server.fleet.admit(app, client, app.updatecheck,
+        limited = policy.max_concurrent > 0
+        decisions = [server.fleet.admit(app, client, app.updatecheck, limited,
                                         lambda slots, app=app: decide(app, release, intact, policy,
                                                                       paused, slots))
                      for app in request.apps]

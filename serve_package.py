@@ -867,6 +867,7 @@ class Decision(NamedTuple):
     offer: bool
     reason: str
     warning: bool = False
+    forced: bool = False  # offered only because of --force: every one is logged
 
 
 class Policy(NamedTuple):
@@ -920,7 +921,7 @@ def decide(app: AppRequest, release: Release, intact: bool = True,
             return Decision(False, "waiting for a slot: %d machines are updating "
                             "(--max-concurrent)" % policy.max_concurrent)
     if client >= release.key:
-        return Decision(True, "forced: it runs %s" % clean(app.version, 40))
+        return Decision(True, "forced: it runs %s" % clean(app.version, 40), forced=True)
     return Decision(True, "older than %s" % release.version)
 
 
@@ -1685,8 +1686,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if decision is not None:
             if decision.offer:
                 said.append("update check: offered %s%s" % (
-                    self.server.release.version,
-                    " (%s)" % decision.reason if decision.reason.startswith("forced") else ""))
+                    self.server.release.version, " (%s)" % decision.reason if decision.forced else ""))
             else:
                 said.append("update check: no update (%s)" % decision.reason)
         elif app.ping and not app.events:
@@ -1696,7 +1696,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         key = app.machineid or self.client()
         if decision is not None and decision.warning and self.server.first_time(("warn", key)):
             emit(logging.WARNING, line)  # once per machine; -v shows every request
-        elif decision is not None and decision.offer and decision.reason.startswith("forced"):
+        elif decision is not None and decision.forced:
             emit(logging.INFO, line)  # --force: every forced offer is said
         else:
             emit(logging.DEBUG, line)

@@ -492,11 +492,13 @@ class PayloadSpec(NamedTuple):
     source: str
 
 
+def _served_name(file_name: str) -> str:
+    return file_name[len(TEST_BUILD_PREFIX):] if file_name.startswith(TEST_BUILD_PREFIX) else file_name
+
+
 def extension_name(path: str) -> str:
     """The name an extension payload is served under: its file name, test-build prefix off."""
-    name = os.path.basename(path)
-    if name.startswith(TEST_BUILD_PREFIX):
-        name = name[len(TEST_BUILD_PREFIX):]
+    name = _served_name(os.path.basename(path))
     if not EXTENSION_NAME.fullmatch(name):
         raise PayloadError(
             "%s is not an OEM or extension payload name: it must be oem-<ID>.gz or "
@@ -545,21 +547,16 @@ def plan_payloads(package_file: Optional[str], package_dir: Optional[str],
                 raise PayloadError("%s has both flatcar_production_update.gz and update.gz; "
                                    "choose one with --package-file." % package_dir)
             package_file = os.path.join(package_dir, candidates[0])
-        for entry in entries:
-            bare = entry[len(TEST_BUILD_PREFIX):] if entry.startswith(TEST_BUILD_PREFIX) else entry
-            if EXTENSION_NAME.fullmatch(bare):
-                found.append(os.path.join(package_dir, entry))
+        found = [os.path.join(package_dir, entry) for entry in entries
+                 if EXTENSION_NAME.fullmatch(_served_name(entry))]
     if package_file is None:
         raise PayloadError("--package-file (or --package-dir) is required (see --help).")
     if sha256 is not None and not _SHA256_HEX.fullmatch(sha256):
         raise PayloadError("--sha256 %r is not a SHA-256: it must be 64 hex digits." % sha256[:80])
     if sha256 is not None:
-        os_spec = PayloadSpec(package_file, OS_PAYLOAD_NAME, sha256.lower(), "--sha256")
+        specs = [PayloadSpec(package_file, OS_PAYLOAD_NAME, sha256.lower(), "--sha256")]
     else:
-        expected = read_checksum_file(package_file)
-        os_spec = PayloadSpec(package_file, OS_PAYLOAD_NAME, expected,
-                              os.path.basename(package_file) + ".sha256" if expected else "")
-    specs = [os_spec]
+        specs = [_checked_spec(package_file, OS_PAYLOAD_NAME)]
     by_name = {}  # type: Dict[str, str]
     for path in list(extensions) + found:
         name = extension_name(path)
@@ -571,10 +568,15 @@ def plan_payloads(package_file: Optional[str], package_dir: Optional[str],
             raise PayloadError("%s and %s would both be served as %s; keep one." % (
                 by_name[name], path, name))
         by_name[name] = path
-        expected = read_checksum_file(path)
-        specs.append(PayloadSpec(path, name, expected,
-                                 os.path.basename(path) + ".sha256" if expected else ""))
+        specs.append(_checked_spec(path, name))
     return [specs[0]] + sorted(specs[1:], key=lambda spec: spec.name)
+
+
+def _checked_spec(path: str, name: str) -> PayloadSpec:
+    """A file to serve, expected to match the FILE.sha256 beside it when there is one."""
+    expected = read_checksum_file(path)
+    return PayloadSpec(path, name, expected,
+                       os.path.basename(path) + ".sha256" if expected else "")
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -1918,6 +1918,19 @@ _REFUSAL = ("HTTP/1.1 503 Service Unavailable\r\nServer: %s\r\nRetry-After: %d\r
             % (PROG, RETRY_AFTER)).encode("ascii")
 
 
+class EverySecond:
+    """A value looked up at most once a second; look(previous value) computes it."""
+
+    def __init__(self, look: Callable[[bool], bool], value: bool) -> None:
+        self.look, self.value, self.at = look, value, float("-inf")
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.at >= 1.0:
+            self.value, self.at = self.look(self.value), now
+        return self.value
+
+
 class Server(http.server.ThreadingHTTPServer):
     """A thread per connection, at most max_connections of them; the release being served.
 
@@ -1942,7 +1955,10 @@ class Server(http.server.ThreadingHTTPServer):
         self.local_payload = True  # False: Omaha only, the bytes come from the mirrors
         self.scheme = "http"
         self.credentials = ()  # type: Tuple[str, ...]
-        self.paused_seen = (0.0, False)
+        # Looked at no more than once a second: each look is a syscall, checks come by the
+        # thousand; downloads look at their payload between every chunk they send.
+        self.paused = EverySecond(self._look_paused, False)
+        self.payloads_intact = EverySecond(self._look_intact, True)
         self.fleet = Fleet(release, emit)
         self.started = time.time()
         self.lock = threading.Lock()
@@ -1950,7 +1966,6 @@ class Server(http.server.ThreadingHTTPServer):
         self.connections = 0
         self.downloads = 0
         self.handlers = set()  # type: set
-        self.intact = (0.0, True)
         self.refusals = 0
         self.closing = threading.Event()
         super().__init__(address, Handler)
@@ -2023,37 +2038,24 @@ class Server(http.server.ThreadingHTTPServer):
         self.base_url, self.mirrors = base_url, tuple(mirrors)
         self.local_payload = local_payload
 
-    def paused(self) -> bool:
-        """Whether --pause-file exists, looked at no more than once a second."""
+    def _look_paused(self, was_paused: bool) -> bool:
+        """Whether --pause-file exists; a change is logged."""
         if not self.policy.pause_file:
             return False
-        checked, paused = self.paused_seen
-        now = time.monotonic()
-        if now - checked >= 1.0:
-            paused = os.path.exists(self.policy.pause_file)
-            if paused != self.paused_seen[1]:
-                emit(logging.WARNING if paused else logging.INFO,
-                     "rollout %s: %s %s" % ("paused" if paused else "resumed",
-                                            self.policy.pause_file,
-                                            "exists" if paused else "is gone"))
-            self.paused_seen = (now, paused)
+        paused = os.path.exists(self.policy.pause_file)
+        if paused != was_paused:
+            emit(logging.WARNING if paused else logging.INFO,
+                 "rollout %s: %s %s" % ("paused" if paused else "resumed", self.policy.pause_file,
+                                        "exists" if paused else "is gone"))
         return paused
 
-    def payloads_intact(self) -> bool:
-        """Whether every payload is still the file hashed at startup, looked at no more than
-        once a second for update checks (downloads look between every chunk they send)."""
-        checked, intact = self.intact
-        now = time.monotonic()
-        if now - checked < 1.0:
-            return intact
-        intact = True
+    def _look_intact(self, _previous: bool) -> bool:
+        """Whether every payload is still the file hashed at startup."""
         for package in self.release.packages:
             if package.changed_on_disk():
                 self.report_changed(package)
-                intact = False
-                break
-        self.intact = (now, intact)
-        return intact
+                return False
+        return True
 
     def _reap(self) -> None:
         while not self.closing.wait(min(1.0, self.idle_timeout / 4)):

@@ -600,10 +600,10 @@ def load_packages(specs: Sequence[PayloadSpec],
         lock = threading.Lock()
 
         def report(index: int, count: int) -> None:
+            assert progress is not None
             with lock:
                 done[index] = count
-                if progress is not None:
-                    progress(sum(done), total)
+                progress(sum(done), total)
 
         packages = [None] * len(specs)  # type: List[Optional[Package]]
         failures = []  # type: List[BaseException]
@@ -619,8 +619,9 @@ def load_packages(specs: Sequence[PayloadSpec],
                     return
                 spec, (fd, st) = specs[index], opened[index]
                 try:
-                    packages[index] = hash_payload(spec.path, spec.name, fd, st,
-                                                   lambda count, i=index: report(i, count))
+                    packages[index] = hash_payload(
+                        spec.path, spec.name, fd, st,
+                        None if progress is None else lambda count, i=index: report(i, count))
                 except BaseException as exc:  # re-raised below, in the calling thread
                     failures.append(exc)
 
@@ -1471,7 +1472,7 @@ def request_path(target: str) -> str:
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """One connection: the Omaha endpoint, the payload files, and a plain index page."""
+    """One connection: the Omaha endpoint, the payload files, and the status endpoints."""
 
     protocol_version = "HTTP/1.1"  # keep-alive: update_engine reuses its connection
     disable_nagle_algorithm = True  # else keep-alive answers wait on delayed ACKs
@@ -1764,7 +1765,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             when = _parse_http_date(since)
             if when is not None and int(package.mtime) <= when:
                 self.send(304, validators)
-                self.log_download(package, 304, 0, "not modified")
+                self.log_download(package, 304, "not modified")
                 return
         range_header = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
@@ -1774,7 +1775,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ranges = parse_range(range_header, size)
         if ranges == []:
             self.send(416, [("Content-Range", "bytes */%d" % size), ("Content-Length", "0")])
-            self.log_download(package, 416, 0, "unsatisfiable range %s" % clean(range_header, 60))
+            self.log_download(package, 416, "unsatisfiable range %s" % clean(range_header, 60))
             return
         if ranges is not None and len(ranges) == 1:
             start, end = ranges[0]
@@ -1789,7 +1790,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             ("Content-Type", "application/octet-stream"),  # never Content-Encoding: not gzip
             ("Content-Length", str(count)), ("Accept-Ranges", "bytes")] + validators)
         if self.command == "HEAD":
-            self.log_download(package, status, 0, "headers only")
+            self.log_download(package, status, "headers only")
             return
         began = time.monotonic()
         with self.server.lock:
@@ -1802,7 +1803,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         what = ("bytes %d-%d" % (start, end)) if status == 206 else "whole file"
         seconds = time.monotonic() - began
         if sent == count:
-            self.log_download(package, status, sent, "%s in %.1f s (%s)" % (
+            self.log_download(package, status, "%s in %.1f s (%s)" % (
                 what, seconds, format_rate(sent, seconds)))
         else:
             log.warning("%s GET %s %d: %s: client went away after %s of %s", self.client(),
@@ -1856,7 +1857,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         given = self.headers.get("Authorization", "").strip()
         return any(hmac.compare_digest(given, allowed) for allowed in credentials)
 
-    def log_download(self, package: Package, status: int, sent: int, what: str) -> None:
+    def log_download(self, package: Package, status: int, what: str) -> None:
         emit(logging.DEBUG, "%s %s %s -> %d, %s" % (
             self.client(), self.command, package.name, status, what))
 

@@ -26,6 +26,7 @@ Standard library only; runs on Python 3.8 and newer.
 
 import argparse
 import base64
+import contextlib
 import email.utils
 import errno
 import functools
@@ -47,7 +48,7 @@ import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from typing import Callable, Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,8 @@ PROG = "serve-package"
 
 # Omaha event types and results as update_engine sends them
 # (flatcar/update_engine: src/update_engine/omaha_request_action.h, OmahaEvent).
+EVENT_UPDATE_COMPLETE, EVENT_DOWNLOAD_STARTED, EVENT_DOWNLOAD_FINISHED = 3, 13, 14
+RESULT_ERROR, RESULT_SUCCESS, RESULT_SUCCESS_REBOOT, RESULT_DEFERRED = 0, 1, 2, 9
 EVENT_TYPES = {
     0: "unknown",
     1: "download complete",
@@ -77,6 +80,7 @@ EVENT_RESULTS = {
 }
 
 # update_engine's ActionExitCode values (flatcar/update_engine: src/update_engine/action_processor.h).
+ERROR_POSTINSTALL, ERROR_ROLLBACK = 5, 44
 ERROR_NAMES = {
     0: "success",
     1: "generic error",
@@ -173,6 +177,133 @@ def error_hint(code: int) -> Optional[str]:
     return ERROR_HINTS.get(base)
 
 
+# What a machine is doing, as far as its requests tell. An update goes: new -> idle (up to
+# date) or offered -> downloading -> downloaded -> installed -> complete; or it ends failed,
+# rolled-back or deferred.
+NEW, IDLE, OFFERED = "new", "idle", "offered"
+DOWNLOADING, DOWNLOADED, INSTALLED, COMPLETE = "downloading", "downloaded", "installed", "complete"
+FAILED, ROLLED_BACK, DEFERRED = "failed", "rolled-back", "deferred"
+UNDER_WAY = (OFFERED, DOWNLOADING, DOWNLOADED, INSTALLED)
+HOLDS_SLOT = (OFFERED, DOWNLOADING, DOWNLOADED)  # a --max-concurrent slot; freed at installed
+UNHAPPY = (FAILED, ROLLED_BACK, DEFERRED)
+
+# update_engine sends this previousversion on a routine check; a real version there means it
+# rebooted into an update (flatcar/update_engine: src/update_engine/omaha_request_action.cc,
+# which sends the version it updated from once, on its first check after the reboot).
+NO_PREVIOUS_VERSION = ("", "0.0.0.0")
+
+
+class Happening(NamedTuple):
+    """What one event says a machine did: the state it is in now (None: no change), in words."""
+    state: Optional[str]
+    words: str
+    routine: bool = False  # the event every update check carries: nothing happened
+
+
+# The events whose meaning needs nothing but their type and result.
+_PLAIN_EVENTS = {
+    (EVENT_DOWNLOAD_STARTED, RESULT_SUCCESS): Happening(DOWNLOADING, "download started"),
+    (EVENT_DOWNLOAD_FINISHED, RESULT_SUCCESS):
+        Happening(DOWNLOADED, "download finished, payload verified"),
+    (EVENT_UPDATE_COMPLETE, RESULT_SUCCESS): Happening(INSTALLED, "installed, waiting for reboot"),
+}
+
+
+def classify_event(event: "Event", app: "AppRequest") -> Happening:
+    """One event in words, and the state it puts the machine in (the table of requests and
+    meanings is update_engine's: omaha_request_action.cc and update_attempter.cc)."""
+    kind, result, code = event.type, event.result, event.errorcode
+    plain = _PLAIN_EVENTS.get((kind, result))
+    if plain is not None:
+        return plain
+    if kind == EVENT_UPDATE_COMPLETE and result == RESULT_SUCCESS_REBOOT:
+        if event.previousversion in NO_PREVIOUS_VERSION:
+            if app.updatecheck:
+                return Happening(None, "routine check", routine=True)
+            return Happening(None, "update complete: rebooted from ? into %s"
+                             % clean(app.version, 40))
+        return Happening(COMPLETE, "update complete: rebooted from %s into %s" % (
+            clean(event.previousversion, 40), clean(app.version, 40)))
+    if kind == EVENT_UPDATE_COMPLETE and result == RESULT_ERROR:
+        if code is not None and code & ERROR_BASE_MASK == ERROR_ROLLBACK:
+            return Happening(ROLLED_BACK, "rolled back: still on %s" % clean(app.version, 40))
+        hint = error_hint(code) if code is not None else None
+        return Happening(FAILED, "update failed: %s%s" % (
+            describe_error(code) if code is not None else "no error code",
+            " -- " + hint if hint else ""))
+    if kind == EVENT_UPDATE_COMPLETE and result == RESULT_DEFERRED:
+        return Happening(DEFERRED, "update deferred" + (
+            ": " + describe_error(code) if code is not None else ""))
+    words = "event %s (%d), result %s (%d)" % (
+        EVENT_TYPES.get(kind, "unknown"), kind, EVENT_RESULTS.get(result, "unknown"), result)
+    return Happening(None, words + (", " + describe_error(code) if code is not None else ""))
+
+
+def is_postinstall_failure(event: "Event", app: "AppRequest") -> bool:
+    """Error 5: on Flatcar >= 3760 the usual sign of a missing OEM or extension payload."""
+    return (classify_event(event, app).state == FAILED and event.errorcode is not None
+            and event.errorcode & ERROR_BASE_MASK == ERROR_POSTINSTALL)
+
+
+# Words for log lines and pages.
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def clean(text: str, limit: int = 120) -> str:
+    """Request data made safe for one log line: control characters escaped, length bounded."""
+    text = _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
+                        else "\\u%04x" % ord(m.group()), text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def short_name(alias: str, machineid: str, fallback: str) -> str:
+    """How a machine is called in one word: its alias, the start of its id, or the fallback."""
+    return alias or (machineid[:8] if machineid else fallback)
+
+
+def format_size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return ("%d %s" if unit == "bytes" else "%.1f %s") % (n, unit)
+        n /= 1024
+    return ""
+
+
+def format_fraction(done: int, total: int) -> str:
+    """'214/512 MiB': both in the unit of the total."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if total >= scale:
+            if total >= 10 * scale:
+                return "%d/%d %s" % (done // scale, total // scale, unit)
+            return "%.1f/%.1f %s" % (done / scale, total / scale, unit)
+    return "%d/%d bytes" % (done, total)
+
+
+def format_rate(n: int, seconds: float) -> str:
+    return "%s/s" % format_size(n / seconds) if seconds > 0 else "instant"
+
+
+def iso_time(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+class PerSecond:
+    """A value computed at most once per second of the clock it is given: for work that
+    thousands of requests a second would otherwise repeat (a Date header, a file's existence)."""
+
+    def __init__(self, compute: Callable[[Any, int], Any], value: Any = None) -> None:
+        self._compute = compute
+        self._second = None  # type: Optional[int]
+        self._value = value
+
+    def __call__(self, now: float) -> Any:
+        second = int(now)
+        if second != self._second:
+            self._value, self._second = self._compute(self._value, second), second
+        return self._value
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Versions
 # ---------------------------------------------------------------------------------------------
@@ -193,13 +324,13 @@ def parse_version(text: str) -> Optional[Tuple[int, ...]]:
     return parts + (0,) * (_VERSION_PARTS - len(parts))
 
 
-def parse_package_version(text: str) -> Tuple[int, ...]:
-    """The served version must be a full MAJOR.MINOR.PATCH, as every Flatcar/CoreOS release is."""
+def parse_release_version(text: str) -> Tuple[int, ...]:
+    """A release's version must be a full MAJOR.MINOR.PATCH, as every Flatcar/CoreOS release
+    is; the ValueError names the text, and the caller the flag it came from."""
     key = parse_version(text)
     if key is None or text.split("+", 1)[0].count(".") != 2:
-        raise ValueError(
-            "--package-version %r is not a version like 3815.2.5 "
-            "(MAJOR.MINOR.PATCH, optionally +build)" % text)
+        raise ValueError("%r is not a version like 3815.2.5 (MAJOR.MINOR.PATCH, optionally "
+                         "+build)" % text)
     return key
 
 
@@ -208,7 +339,8 @@ def parse_package_version(text: str) -> Tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------
 
 CRAU_MAGIC = b"CrAU"
-CRAU_HEADER = struct.Struct(">4sQQ")  # magic, format version, manifest size (omaha-spec section 5)
+# magic, format version, manifest size (flatcar/update_engine: src/update_engine/payload_processor.cc)
+CRAU_HEADER = struct.Struct(">4sQQ")
 MAX_MANIFEST = 64 << 20
 HASH_CHUNK = 2 << 20  # with HASH_BUFFERS: few handoffs between the two threads
 HASH_BUFFERS = 4
@@ -421,7 +553,7 @@ class Package(NamedTuple):
     mtime: float
     fd: int  # held open for the server's lifetime
     guard: FileGuard
-    verified: str  # how its SHA-256 was checked, in words, for the banner
+    checked_against: str  # where its expected SHA-256 came from ("" when from nowhere)
 
     def changed_on_disk(self) -> bool:
         """True when the open file no longer holds the bytes that were hashed."""
@@ -474,10 +606,18 @@ def hash_payload(path: str, name: str, fd: int, st: os.stat_result,
         sha256_b64=base64.b64encode(sha256).decode("ascii"),
         sha256_hex=sha256.hex(),
         mtime=st.st_mtime, fd=fd, guard=FileGuard(fd, _file_identity(st), sha256),
-        verified="")
+        checked_against="")
 
 
-# Extension payloads: Flatcar's post-install finds them by name (omaha-spec section 4).
+def checksum_words(package: Package) -> str:
+    """How the file's SHA-256 was checked, for the banner and the status page."""
+    if not package.checked_against:
+        return "no .sha256 found: compare the SHA-256 above with the release's"
+    return "verified against " + package.checked_against
+
+
+# Extension payloads: Flatcar's post-install finds them by name, with the globs *oem-<ID>.gz and
+# *flatcar-<NAME>.gz (flatcar/init: flatcar-postinst; flatcar/ue-rs: src/bin/download_sysext.rs).
 EXTENSION_NAME = re.compile(r"(?:oem|flatcar)-[A-Za-z0-9][A-Za-z0-9._+-]*\.gz")
 TEST_BUILD_PREFIX = "flatcar_test_update-"  # developer builds carry it; machines ask without
 OS_PAYLOAD_FILES = ("flatcar_production_update.gz", "update.gz")  # what --package-dir looks for
@@ -589,70 +729,75 @@ def _same_file(a: str, b: str) -> bool:
 def load_packages(specs: Sequence[PayloadSpec],
                   progress: Optional[Callable[[int, int], None]] = None) -> List[Package]:
     """Check every file first (so a bad one is reported before minutes of hashing), then hash
-    them, several at once when there are cores to spare (each hash already uses two), then
-    verify each against its expected SHA-256."""
+    them, then verify each against its expected SHA-256."""
     opened = []  # type: List[Tuple[int, os.stat_result]]
     try:
         for spec in specs:
             opened.append(open_payload(spec.path))
-        total = sum(st.st_size for _, st in opened)
-        done = [0] * len(specs)
-        lock = threading.Lock()
-
-        def report(index: int, count: int) -> None:
-            assert progress is not None
-            with lock:
-                done[index] = count
-                progress(sum(done), total)
-
-        packages = [None] * len(specs)  # type: List[Optional[Package]]
-        failures = []  # type: List[BaseException]
-        pending = queue.Queue()  # type: queue.Queue
-        for index in range(len(specs)):
-            pending.put(index)
-
-        def worker() -> None:
-            while not failures:
-                try:
-                    index = pending.get_nowait()
-                except queue.Empty:
-                    return
-                spec, (fd, st) = specs[index], opened[index]
-                try:
-                    packages[index] = hash_payload(
-                        spec.path, spec.name, fd, st,
-                        None if progress is None else lambda count, i=index: report(i, count))
-                except BaseException as exc:  # re-raised below, in the calling thread
-                    failures.append(exc)
-
-        workers = max(1, min(len(specs), (os.cpu_count() or 2) // 2))
-        threads = [threading.Thread(target=worker, name="hash", daemon=True)
-                   for _ in range(workers - 1)]
-        for thread in threads:
-            thread.start()
-        worker()
-        for thread in threads:
-            thread.join()
-        if failures:
-            raise failures[0]
-        result = []
-        for spec, package in zip(specs, packages):
-            assert package is not None
-            if spec.expected is None:
-                verified = "no .sha256 found: compare the SHA-256 above with the release's"
-            elif package.sha256_hex != spec.expected:
-                raise PayloadError(
-                    "%s does not match %s: its SHA-256 is %s but %s says %s; the copy is "
-                    "damaged or incomplete, copy it again." % (
-                        spec.path, spec.source, package.sha256_hex, spec.source, spec.expected))
-            else:
-                verified = "verified against " + spec.source
-            result.append(package._replace(verified=verified))
-        return result
+        packages = _hash_all(specs, opened, progress)
+        return [_verified(spec, package) for spec, package in zip(specs, packages)]
     except BaseException:
         for fd, _ in opened:
             os.close(fd)
         raise
+
+
+def _hash_all(specs: Sequence[PayloadSpec], opened: Sequence[Tuple[int, os.stat_result]],
+              progress: Optional[Callable[[int, int], None]]) -> List[Package]:
+    """Hash the opened files, several at once when there are cores to spare (each hash already
+    uses two); the first failure is raised in the calling thread."""
+    total = sum(st.st_size for _, st in opened)
+    done = [0] * len(specs)
+    lock = threading.Lock()
+
+    def report(index: int, count: int) -> None:
+        assert progress is not None
+        with lock:
+            done[index] = count
+            progress(sum(done), total)
+
+    packages = [None] * len(specs)  # type: List[Optional[Package]]
+    failures = []  # type: List[BaseException]
+    pending = queue.Queue()  # type: queue.Queue
+    for index in range(len(specs)):
+        pending.put(index)
+
+    def worker() -> None:
+        while not failures:
+            try:
+                index = pending.get_nowait()
+            except queue.Empty:
+                return
+            spec, (fd, st) = specs[index], opened[index]
+            try:
+                packages[index] = hash_payload(
+                    spec.path, spec.name, fd, st,
+                    None if progress is None else functools.partial(report, index))
+            except BaseException as exc:  # re-raised below, in the calling thread
+                failures.append(exc)
+
+    workers = max(1, min(len(specs), (os.cpu_count() or 2) // 2))
+    threads = [threading.Thread(target=worker, name="hash", daemon=True)
+               for _ in range(workers - 1)]
+    for thread in threads:
+        thread.start()
+    worker()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return [package for package in packages if package is not None]
+
+
+def _verified(spec: PayloadSpec, package: Package) -> Package:
+    if spec.expected is None:
+        return package
+    if package.sha256_hex != spec.expected:
+        raise PayloadError(
+            "%s does not match %s: its SHA-256 is %s but %s says %s; the copy is damaged or "
+            "incomplete, copy it again." % (
+                spec.path, spec.source, package.sha256_hex, spec.source, spec.expected))
+    return package._replace(checked_against=spec.source)
 
 
 class Release(NamedTuple):
@@ -786,6 +931,21 @@ def parse_request(body: bytes) -> Request:
                    tuple(_app_request(app) for app in apps))
 
 
+def content_type_problem(value: str) -> Optional[str]:
+    """None when the Content-Type is one update_engine could send (go-omaha's rule)."""
+    if not value.strip():
+        return None
+    media, _, params = value.partition(";")
+    if media.strip().lower() not in ("text/xml", "application/xml"):
+        return "Content-Type %r is not text/xml or application/xml" % clean(media.strip(), 60)
+    for param in params.split(";"):
+        name, _, charset = param.partition("=")
+        if name.strip().lower() == "charset" and charset.strip().strip('"').lower() not in (
+                "utf-8", "utf8"):
+            return "charset %r is not utf-8" % clean(charset.strip(), 30)
+    return None
+
+
 class Offer(NamedTuple):
     """What an update check is offered: where to download (mirrors in order) and what."""
     version: str
@@ -815,11 +975,13 @@ def xml_attr(value: str) -> str:
 
 @functools.lru_cache(maxsize=64)  # one entry per Host name machines use: the same bytes for all
 def _render_updatecheck(offer: Offer) -> Tuple[str, ...]:
-    # Shape rules (omaha-spec sections 2 and 4): every start tag on one line with double quotes
-    # (the old post-install scripts grep them); <url> on a line of its own with codebase as its
-    # first attribute (ue-rs); the OS payload first (update_engine uses only the first package);
-    # name first in <package> (old scripts); hash = base64 SHA-1, hash_sha256 = hex (ue-rs
-    # rejects base64 there); size in plain decimal (update_engine reads it with %i).
+    # Shape rules, each from a client's source: every start tag on one line with double quotes
+    # (the old post-install scripts grep them: flatcar/update_engine branch flatcar-3815-backport,
+    # flatcar-postinst); <url> on a line of its own with codebase as its first attribute, and
+    # hash = base64 SHA-1, hash_sha256 = hex (flatcar/ue-rs: omaha/src/response.rs rejects
+    # anything else); the OS payload first (update_engine uses only the first package) and size
+    # in plain decimal (read with %i: flatcar/update_engine: src/update_engine/
+    # omaha_request_action.cc); name first in <package> (the old scripts).
     lines = ['    <updatecheck status="ok">', "      <urls>"]
     lines += ['        <url codebase="%s"></url>' % xml_attr(codebase)
               for codebase in offer.codebases]
@@ -865,6 +1027,8 @@ def render_response(answers: Sequence[AppAnswer], server: str = PROG) -> bytes:
 # 5. Policy
 # ---------------------------------------------------------------------------------------------
 
+UPDATE_TIMEOUT = 7200.0  # seconds an offered machine may hold a --max-concurrent slot
+
 
 class Decision(NamedTuple):
     offer: bool
@@ -881,7 +1045,7 @@ class Policy(NamedTuple):
     machine_ids: FrozenSet[str] = frozenset()
     min_version: str = ""
     max_concurrent: int = 0  # 0: no limit
-    update_timeout: float = 7200.0
+    update_timeout: float = UPDATE_TIMEOUT
     pause_file: str = ""
 
 
@@ -895,7 +1059,8 @@ def decide(app: AppRequest, release: Release, intact: bool = True,
            policy: Policy = Policy(), paused: bool = False,
            slots: Slots = Slots(False, 0)) -> Decision:
     """Whether this app is offered the release. update_engine installs whatever it is offered,
-    older or equal included (omaha-spec section 1), so this is the only version check there is.
+    older or equal included (it compares no versions: flatcar/update_engine:
+    src/update_engine/omaha_response_handler_action.cc), so this is the only version check.
     Nothing is offered while a payload file is not the one hashed at startup (intact False)."""
     if not intact:
         return Decision(False, "a payload file changed on disk; restart %s" % PROG, warning=True)
@@ -932,7 +1097,8 @@ def answer_app(app: AppRequest, decision: Decision, release: Release,
                codebases: Tuple[str, ...]) -> AppAnswer:
     """An app's answer. While an update is on offer to it, the <updatecheck> block goes into its
     event and ping answers too: some Flatcar versions keep the answer to the last event as "the
-    response" that post-install reads the extension payloads from (omaha-spec section 4)."""
+    response" that post-install reads the extension payloads from (flatcar/init:
+    flatcar-update sends one body for every POST)."""
     offer = None
     if decision.offer:
         offer = Offer(version=release.version, codebases=codebases, packages=release.packages)
@@ -967,98 +1133,152 @@ def missing_oem_payload(app: AppRequest, release: Release) -> Optional[str]:
     return name
 
 
-def is_postinstall_failure(event: Event) -> bool:
-    return (event.type == 3 and event.result == 0 and event.errorcode is not None
-            and event.errorcode & ERROR_BASE_MASK == 5)
-
-
 # ---------------------------------------------------------------------------------------------
 # 6. Fleet: what each machine is doing, in words
 # ---------------------------------------------------------------------------------------------
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
-
-def clean(text: str, limit: int = 120) -> str:
-    """Request data made safe for one log line: control characters escaped, length bounded."""
-    text = _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
-                        else "\\u%04x" % ord(m.group()), text)
-    return text if len(text) <= limit else text[:limit] + "..."
+class Note(NamedTuple):
+    """A line for the log: its level, its words, and the facts for --log-format json."""
+    level: int
+    text: str
+    facts: Optional[Dict[str, object]] = None
 
 
 def describe_machine(app: AppRequest) -> str:
     """'machine 01234567 (3815.2.5, stable, azure)': who is asking, in a few words."""
-    name = app.machinealias or (app.machineid[:8] if app.machineid else "")
     details = [app.version or "no version"]
     details += [x for x in (app.track, app.oem) if x]
-    return clean("machine %s (%s)" % (name or "?", ", ".join(details)), 160)
+    return clean("machine %s (%s)" % (short_name(app.machinealias, app.machineid, "?"),
+                                      ", ".join(details)), 160)
 
 
-def _is_real_version(text: str) -> bool:
-    return text not in ("", "0.0.0.0")
+def describe_request(app: AppRequest, decision: Optional[Decision], version: str) -> str:
+    """What one app's request said and was answered, for the request's log line."""
+    parts = [happening.words for happening in (classify_event(e, app) for e in app.events)
+             if not happening.routine]
+    if decision is not None:
+        if decision.offer:
+            parts.append("update check: offered %s%s" % (
+                version, " (%s)" % decision.reason if decision.forced else ""))
+        else:
+            parts.append("update check: no update (%s)" % decision.reason)
+    elif app.ping and not app.events:
+        parts.append("ping (waiting for reboot, or idle)")
+    return "; ".join(parts) or "nothing"
 
 
-def describe_event(event: Event, app: AppRequest) -> str:
-    """One event in words (omaha-spec section 6)."""
-    kind, result, code = event.type, event.result, event.errorcode
-    if kind == 3 and result == 2:
-        if app.updatecheck and not _is_real_version(event.previousversion):
-            return "routine check"
-        return "update complete: rebooted from %s into %s" % (
-            clean(event.previousversion, 40) or "?", clean(app.version, 40))
-    if kind == 3 and result == 0 and code is not None and code & ERROR_BASE_MASK == 44:
-        return "rolled back: still on %s" % clean(app.version, 40)
-    if kind == 13 and result == 1:
-        return "download started"
-    if kind == 14 and result == 1:
-        return "download finished, payload verified"
-    if kind == 3 and result == 1:
-        return "installed, waiting for reboot"
-    if kind == 3 and result == 0:
-        text = "update failed: " + (describe_error(code) if code is not None else "no error code")
-        hint = error_hint(code) if code is not None else None
-        return text + (" -- " + hint if hint else "")
-    if kind == 3 and result == 9:
-        return "update deferred" + (": " + describe_error(code) if code is not None else "")
-    text = "event %s (%d), result %s (%d)" % (
-        EVENT_TYPES.get(kind, "unknown"), kind, EVENT_RESULTS.get(result, "unknown"), result)
-    if code is not None:
-        text += ", " + describe_error(code)
-    return text
+def oem_advice(who: str, app: AppRequest, release: Release, payload: str) -> str:
+    """Why a machine whose OEM payload is not served will fail, and the files that fix it."""
+    return ("%s runs the %r OEM and may need %s, which is not served: Flatcar OEMs with a system "
+            "extension download it after installing %s, and the update fails without it (error "
+            "5). Download %s/%s/%s/%s and its .sha256, and add --extension %s" % (
+                who, clean(app.oem, 40), payload, release.version, RELEASE_SERVER,
+                clean(app.board, 40) or "amd64-usr", release.version, payload, payload))
+
+
+def postinstall_advice(who: str, release: Release) -> str:
+    extras = [p.name for p in release.packages[1:]]
+    return ("%s: post-install failure is the typical sign of a missing OEM or extension payload "
+            "(oem-<ID>.gz, flatcar-<NAME>.gz of version %s); served here: %s. See the machine's "
+            "journal (journalctl -u update-engine) for the name it wanted" % (
+                who, release.version, ", ".join(extras) if extras else "none, only the OS payload"))
+
+
+PROGRESS_EVERY_PERCENT = 10
+PROGRESS_EVERY_SECONDS = 10.0
+NO_PROGRESS_LOGGED = -PROGRESS_EVERY_PERCENT  # so that the first chunk, at 0%, is logged
 
 
 class Machine:
-    """What one machine is doing, as far as its requests tell; changed only under Fleet.lock."""
+    """What one machine is doing, as far as its requests tell; changed only under Fleet.lock,
+    through its own methods."""
 
     __slots__ = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
                  "first_seen", "last_seen", "state", "detail", "error", "from_version",
-                 "downloaded", "size", "rate", "download_began", "logged_percent", "logged_at",
-                 "offered_at")
+                 "downloaded", "size", "rate", "logged_percent", "logged_at", "offered_at")
 
-    def __init__(self, key: str, now: float) -> None:
-        self.key = key
-        self.machineid = self.alias = self.address = self.oem = self.group = self.version = ""
+    def __init__(self, key: str, address: str, now: float) -> None:
+        self.key, self.address = key, address
+        self.machineid = self.alias = self.oem = self.group = self.version = ""
         self.target = ""  # the version it was offered, while an update is under way
         self.first_seen = self.last_seen = now
-        self.state = "new"
+        self.state = NEW
         self.detail = ""
         self.error = None  # type: Optional[int]
         self.from_version = ""
         self.downloaded = self.size = 0
         self.rate = 0.0
-        self.download_began = 0.0
-        self.logged_percent = -100
-        self.logged_at = 0.0
+        self.logged_percent, self.logged_at = NO_PROGRESS_LOGGED, 0.0
         self.offered_at = 0.0  # when it took a --max-concurrent slot
+
+    def introduce(self, app: AppRequest, address: str) -> None:
+        """What a request says of the machine that sent it."""
+        self.machineid, self.alias, self.address = app.machineid, app.machinealias, address
+        self.oem, self.group, self.version = app.oem, app.track, app.version
+
+    def holds_slot(self, now: float, timeout: float) -> bool:
+        return self.state in HOLDS_SLOT and now - self.offered_at < timeout
+
+    def offer(self, version: str, now: float) -> None:
+        self.target, self.error, self.offered_at = version, None, now
+        self.state, self.detail = OFFERED, "offered"
+
+    def change(self, state: str, detail: str) -> bool:
+        """Move to a state; False when it is where it was, in the same words."""
+        if (self.state, self.detail) == (state, detail):
+            return False
+        self.state, self.detail = state, detail
+        return True
+
+    def happened(self, happening: Happening, event: Event) -> bool:
+        """An event's consequence; False when it changes nothing."""
+        if happening.state == COMPLETE:
+            self.from_version, self.target, self.error = event.previousversion, "", None
+            self.size = 0
+        elif happening.state == ROLLED_BACK:
+            self.error, self.target = event.errorcode, ""
+        elif happening.state == DOWNLOADING:
+            self.downloaded, self.size, self.logged_percent = 0, 0, NO_PROGRESS_LOGGED
+        elif happening.state in (FAILED, DEFERRED):
+            self.error = event.errorcode
+        return self.change(happening.state, happening.words) if happening.state else False
+
+    def progress(self, size: int, end: int, sent: int, seconds: float, now: float) -> bool:
+        """A download's progress; True when it is time for a progress line (every 10% or
+        10 seconds, and at the end)."""
+        self.size = size
+        self.downloaded = max(self.downloaded, end)
+        if seconds > 0.5:
+            self.rate = sent / seconds
+        percent = self.downloaded * 100 // size
+        if self.state != DOWNLOADING:
+            self.logged_percent, self.logged_at = NO_PROGRESS_LOGGED, 0.0
+        if not (percent >= self.logged_percent + PROGRESS_EVERY_PERCENT
+                or now - self.logged_at >= PROGRESS_EVERY_SECONDS
+                or (end == size and self.logged_percent < 100)):
+            return False
+        self.logged_percent, self.logged_at = percent, now
+        self.state = DOWNLOADING  # progress: said even when the state is the same
+        self.detail = "downloading %d%% (%s%s)" % (
+            percent, format_fraction(self.downloaded, size),
+            ", %s/s" % format_size(self.rate) if self.rate else "")
+        return True
+
+    def name(self) -> str:
+        return short_name(self.alias, self.machineid, self.address)
 
     def label(self) -> str:
         """'node-3 (10.0.0.7, azure) 3760.2.0 -> 3815.2.5': who, where, from what to what."""
-        name = self.alias or (self.machineid[:8] if self.machineid else self.address)
         where = ", ".join(x for x in (self.address, self.oem) if x)
         versions = self.version or "?"
         if self.target and self.target != self.version:
             versions += " \u2192 " + self.target
-        return clean("%s (%s) %s" % (name, where, versions), 200)
+        return clean("%s (%s) %s" % (self.name(), where, versions), 200)
+
+    def note(self, level: int, event: str) -> Note:
+        return Note(level, "%s: %s" % (self.label(), self.detail),
+                    {"event": event, "machine": self.facts()})
 
     def facts(self) -> Dict[str, object]:
         """The stable fields of /status.json and of JSON log lines."""
@@ -1079,171 +1299,91 @@ class Machine:
                 "download": download, "error": error}
 
 
-def iso_time(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
-
-
-# An update goes: new -> idle (up to date) or offered -> downloading -> downloaded ->
-# installed -> complete; or it ends failed, rolled-back or deferred (omaha-spec section 6).
-UNDER_WAY = ("offered", "downloading", "downloaded", "installed")
-PROGRESS_EVERY_PERCENT = 10
-PROGRESS_EVERY_SECONDS = 10.0
-
-
 class Fleet:
     """Every machine seen, by machineid (or client address when a request carries none), and
-    the state its requests and downloads put it in. Each state change is said once, in words,
-    through `say(level, text, facts)`."""
+    the state its requests and downloads put it in. Each method is given the time, and returns
+    the lines that say what changed (one per change) for the caller to log."""
 
-    SLOT_STATES = ("offered", "downloading", "downloaded")  # finished: installed or failed
-
-    def __init__(self, release: Release,
-                 say: Callable[[int, str, Dict[str, object]], None],
-                 update_timeout: float = 7200.0) -> None:
+    def __init__(self, release: Release, update_timeout: float) -> None:
         self.release = release
-        self.say = say
         self.update_timeout = update_timeout
         self.lock = threading.Lock()
         self.machines = {}  # type: Dict[str, Machine]
         self.by_address = {}  # type: Dict[str, str]
 
-    def _holds_slot(self, machine: Optional[Machine], now: float) -> bool:
-        return (machine is not None and machine.state in self.SLOT_STATES
-                and now - machine.offered_at < self.update_timeout)
-
-    def admit(self, app: AppRequest, address: str, reserve: bool, limited: bool,
-              choose: Callable[[Slots], Decision]) -> Decision:
+    def admit(self, app: AppRequest, address: str, now: float, reserve: bool, counted: bool,
+              choose: Callable[[Slots], Decision]) -> Tuple[Decision, List[Note]]:
         """Decide under the fleet's lock, so that --max-concurrent holds however many machines
         check at once: an offer to a machine that held no slot takes one there and then (it
         is freed when the machine installs, fails, or after --update-timeout). The slots in
-        use are counted only when there is a limit (`limited`): it is a walk over the fleet."""
-        now = time.time()
-        said = []  # type: List[Tuple[int, str, Dict[str, object]]]
+        use are counted only when there is a limit (`counted`): it is a walk over the fleet."""
+        notes = []  # type: List[Note]
         with self.lock:
             machine = self.machines.get(app.machineid or address)
-            held = self._holds_slot(machine, now)
-            in_use = (sum(1 for m in self.machines.values() if self._holds_slot(m, now))
-                      if limited else 0)
+            held = machine is not None and machine.holds_slot(now, self.update_timeout)
+            in_use = (sum(1 for m in self.machines.values()
+                          if m.holds_slot(now, self.update_timeout)) if counted else 0)
             decision = choose(Slots(held, in_use))
             if decision.offer and reserve and not held:
-                self._offer(self._seen(app, address, now), now, said)
-        self._tell(said)
-        return decision
+                machine = self._seen(app, address, now)
+                machine.offer(self.release.version, now)
+                notes.append(machine.note(logging.INFO, "state"))
+        return decision, notes
 
     def _seen(self, app: AppRequest, address: str, now: float) -> Machine:
         """The machine a request comes from, created on first sight, with what it says of
         itself brought up to date."""
-        key = app.machineid or address
-        machine = self._machine(key, address, now)
-        machine.machineid, machine.alias, machine.address = app.machineid, app.machinealias, address
-        machine.oem, machine.group, machine.version = app.oem, app.track, app.version
+        machine = self._machine(app.machineid or address, address, now)
+        machine.introduce(app, address)
         return machine
 
     def _machine(self, key: str, address: str, now: float) -> Machine:
         machine = self.machines.get(key)
         if machine is None:
-            machine = self.machines[key] = Machine(key, now)
-            machine.address = address
+            machine = self.machines[key] = Machine(key, address, now)
         machine.last_seen = now
         self.by_address[address] = key
         return machine
 
-    def _said(self, machine: Machine, level: int, event: str, said: List) -> None:
-        said.append((level, "%s: %s" % (machine.label(), machine.detail),
-                     {"event": event, "machine": machine.facts()}))
-
-    def _tell(self, said: List) -> None:
-        for entry in said:
-            self.say(*entry)
-
-    def _offer(self, machine: Machine, now: float, said: List) -> None:
-        machine.target, machine.error, machine.offered_at = self.release.version, None, now
-        machine.state, machine.detail = "offered", "offered"
-        self._said(machine, logging.INFO, "state", said)
-
-    def _change(self, machine: Machine, state: str, detail: str, said: List) -> None:
-        if (machine.state, machine.detail) == (state, detail):
-            return
-        machine.state, machine.detail = state, detail
-        level = logging.WARNING if state in ("failed", "rolled-back") else logging.INFO
-        self._said(machine, level, "state", said)
-
-    def request(self, app: AppRequest, address: str, decision: Optional[Decision]) -> None:
+    def request(self, app: AppRequest, address: str, decision: Optional[Decision],
+                now: float) -> List[Note]:
         """An Omaha request from this machine: its events, then its update check."""
-        now = time.time()
-        said = []  # type: List[Tuple[int, str, Dict[str, object]]]
+        notes = []  # type: List[Note]
         with self.lock:
             machine = self._seen(app, address, now)
             for event in app.events:
-                self._event(machine, app, event, said)
-            failed_now = bool(said) and machine.state in ("failed", "rolled-back", "deferred")
+                if machine.happened(classify_event(event, app), event):
+                    notes.append(machine.note(logging.WARNING if machine.state in (
+                        FAILED, ROLLED_BACK) else logging.INFO, "state"))
             # A failure reported with an update check (a rollback is) stays what this request
             # says; the offer that comes with it shows on the machine's next check.
+            failed_now = bool(notes) and machine.state in UNHAPPY
             if decision is not None and not failed_now:
-                self._decision(machine, decision, now, said)
-        self._tell(said)
+                notes += self._checked(machine, decision, now)
+        return notes
 
-    def _event(self, machine: Machine, app: AppRequest, event: Event, said: List) -> None:
-        kind, result, code = event.type, event.result, event.errorcode
-        if kind == 3 and result == 2:
-            if not _is_real_version(event.previousversion):
-                return  # every update check carries this routine event: nothing happened
-            machine.from_version, machine.target, machine.error = event.previousversion, "", None
-            machine.size = 0
-            self._change(machine, "complete", describe_event(event, app), said)
-        elif kind == 3 and result == 0 and code is not None and code & ERROR_BASE_MASK == 44:
-            machine.error, machine.target = code, ""
-            self._change(machine, "rolled-back", describe_event(event, app), said)
-        elif kind == 13 and result == 1:
-            machine.downloaded, machine.size, machine.logged_percent = 0, 0, -100
-            self._change(machine, "downloading", "download started", said)
-        elif kind == 14 and result == 1:
-            self._change(machine, "downloaded", describe_event(event, app), said)
-        elif kind == 3 and result == 1:
-            self._change(machine, "installed", describe_event(event, app), said)
-        elif kind == 3 and result == 0:
-            machine.error = code
-            self._change(machine, "failed", describe_event(event, app), said)
-        elif kind == 3 and result == 9:
-            machine.error = code
-            self._change(machine, "deferred", describe_event(event, app), said)
-
-    def _decision(self, machine: Machine, decision: Decision, now: float, said: List) -> None:
+    def _checked(self, machine: Machine, decision: Decision, now: float) -> List[Note]:
         if decision.offer:
             if machine.state not in UNDER_WAY:
-                self._offer(machine, now, said)
-        elif machine.state in ("new", "idle", "offered"):
+                machine.offer(self.release.version, now)
+                return [machine.note(logging.INFO, "state")]
+        elif machine.state in (NEW, IDLE, OFFERED):
             machine.target = ""
-            self._change(machine, "idle", decision.reason, said)
+            if machine.change(IDLE, decision.reason):
+                return [machine.note(logging.INFO, "state")]
+        return []
 
-    def download(self, address: str, package: Package, end: int, sent: int,
-                 seconds: float) -> None:
+    def download(self, address: str, package: Package, end: int, sent: int, seconds: float,
+                 now: float) -> List[Note]:
         """Progress of a download of the OS payload: `end` is the offset reached in the file,
         `sent` the bytes of this transfer so far, in `seconds`."""
         if package is not self.release.packages[0]:
-            return
-        now = time.time()
-        said = []  # type: List[Tuple[int, str, Dict[str, object]]]
+            return []
         with self.lock:
             machine = self._machine(self.by_address.get(address, address), address, now)
-            machine.size = package.size
-            machine.downloaded = max(machine.downloaded, end)
-            if seconds > 0.5:
-                machine.rate = sent / seconds
-            percent = machine.downloaded * 100 // package.size
-            if machine.state != "downloading":
-                machine.logged_percent, machine.logged_at = -100, 0.0
-            if (percent >= machine.logged_percent + PROGRESS_EVERY_PERCENT
-                    or now - machine.logged_at >= PROGRESS_EVERY_SECONDS
-                    or (end == package.size and machine.logged_percent < 100)):
-                machine.logged_percent, machine.logged_at = percent, now
-                detail = "downloading %d%% (%s%s)" % (
-                    percent, format_fraction(machine.downloaded, package.size),
-                    ", %s/s" % format_size(machine.rate) if machine.rate else "")
-                machine.state = "downloading"  # progress: said even when the state is the same
-                machine.detail = detail
-                self._said(machine, logging.INFO, "progress", said)
-        self._tell(said)
+            if machine.progress(package.size, end, sent, seconds, now):
+                return [machine.note(logging.INFO, "progress")]
+        return []
 
     def snapshot(self) -> List[Dict[str, object]]:
         with self.lock:
@@ -1257,27 +1397,26 @@ class Fleet:
             return "no machine checked in"
         lines = ["%d machine(s):" % len(rows)]
         for row in rows:
-            name = row["alias"] or (row["id"][:8] if row["id"] else row["address"])
+            name = short_name(str(row["alias"]), str(row["id"]), str(row["address"]))
             start = row["from_version"] or row["version"] or "?"
             end = row["target"] or row["version"] or "?"
             lines.append("  %-20s %-16s %-28s %s" % (
-                clean(str(name), 20), row["address"], "%s \u2192 %s" % (start, end),
+                clean(name, 20), row["address"], "%s \u2192 %s" % (start, end),
                 row["state_words"] or row["state"]))
         return "\n".join(lines)
 
 
-def status_document(server: "Server") -> Dict[str, object]:
+def status_document(release: Release, machines: List[Dict[str, object]],
+                    started: float) -> Dict[str, object]:
     """What /status.json says; its field names are stable (documented in the README)."""
-    release = server.release
-    machines = server.fleet.snapshot()
     counts = {}  # type: Dict[str, int]
     for machine in machines:
         counts[str(machine["state"])] = counts.get(str(machine["state"]), 0) + 1
     return {
-        "server": {"name": PROG, "version": __version__, "started": iso_time(server.started)},
+        "server": {"name": PROG, "version": __version__, "started": iso_time(started)},
         "offering": release.version,
         "payloads": [{"name": p.name, "path": p.path, "size": p.size, "sha256": p.sha256_hex,
-                      "verified": p.verified, "url_path": PACKAGES_PREFIX + p.name,
+                      "verified": checksum_words(p), "url_path": PACKAGES_PREFIX + p.name,
                       "required": index == 0}
                      for index, p in enumerate(release.packages)],
         "states": counts,
@@ -1285,41 +1424,45 @@ def status_document(server: "Server") -> Dict[str, object]:
     }
 
 
-SHORT_STATE_WORDS = {"failed": "update failed", "rolled-back": "rolled back",
-                     "deferred": "deferred"}  # the last-error column says the rest
-STATE_COLOURS = {"complete": "#1a7f37", "idle": "#57606a", "failed": "#cf222e",
-                 "rolled-back": "#cf222e", "deferred": "#9a6700", "downloading": "#0969da",
-                 "offered": "#0969da", "downloaded": "#0969da", "installed": "#8250df"}
+SHORT_STATE_WORDS = {FAILED: "update failed", ROLLED_BACK: "rolled back",
+                     DEFERRED: "deferred"}  # the last-error column says the rest
+STATE_COLOURS = {COMPLETE: "#1a7f37", IDLE: "#57606a", FAILED: "#cf222e",
+                 ROLLED_BACK: "#cf222e", DEFERRED: "#9a6700", DOWNLOADING: "#0969da",
+                 OFFERED: "#0969da", DOWNLOADED: "#0969da", INSTALLED: "#8250df"}
 
 
-def status_page(server: "Server") -> str:
-    """A small self-contained HTML page: no script, no external asset (air-gapped browsers),
-    refreshed by the browser every 5 seconds."""
+def _status_row(m: Dict[str, Any]) -> str:
+    """One machine's row of the status page."""
     import html
-    doc = status_document(server)
     esc = html.escape
-    rows = []
-    for m in doc["machines"]:  # type: ignore[union-attr]
-        download = m["download"] or {}
-        progress = ""
-        if m["state"] == "downloading" and download:
-            progress = ('<progress max="100" value="%.1f"></progress> %s' % (
-                download["percent"], esc(str(m["state_words"]))))
-        error = m["error"] or {}
-        rows.append(
-            '<tr class="machine" data-state="%s"><td class="name">%s</td><td>%s</td><td>%s</td>'
-            '<td>%s</td><td class="version">%s</td><td class="state" style="color:%s">%s</td>'
-            '<td class="progress">'
-            '%s</td><td class="error">%s</td><td>%s</td></tr>' % (
-                esc(str(m["state"])), esc(str(m["alias"] or str(m["id"])[:8] or m["address"])),
-                esc(str(m["address"])), esc(str(m["oem"])), esc(str(m["group"])),
-                esc(str(m["version"]) + (" \u2192 " + str(m["target"]) if m["target"] else "")),
-                STATE_COLOURS.get(str(m["state"]), "#24292f"),
-                esc(SHORT_STATE_WORDS.get(str(m["state"])) or str(m["state_words"] or m["state"])),
-                progress,
-                esc(str(error.get("words", "")) + (" -- " + str(error["hint"])
-                                                    if error.get("hint") else "")),
-                esc(str(m["last_seen"]).replace("T", " ").rstrip("Z"))))
+    download = m["download"] or {}
+    progress = ""
+    if m["state"] == DOWNLOADING and download:
+        progress = ('<progress max="100" value="%.1f"></progress> %s' % (
+            download["percent"], esc(str(m["state_words"]))))
+    error = m["error"] or {}
+    return (
+        '<tr class="machine" data-state="%s"><td class="name">%s</td><td>%s</td><td>%s</td>'
+        '<td>%s</td><td class="version">%s</td><td class="state" style="color:%s">%s</td>'
+        '<td class="progress">'
+        '%s</td><td class="error">%s</td><td>%s</td></tr>' % (
+            esc(str(m["state"])), esc(short_name(m["alias"], m["id"], m["address"])),
+            esc(str(m["address"])), esc(str(m["oem"])), esc(str(m["group"])),
+            esc(str(m["version"]) + (" \u2192 " + str(m["target"]) if m["target"] else "")),
+            STATE_COLOURS.get(str(m["state"]), "#24292f"),
+            esc(SHORT_STATE_WORDS.get(str(m["state"])) or str(m["state_words"] or m["state"])),
+            progress,
+            esc(str(error.get("words", "")) + (" -- " + str(error["hint"])
+                                                if error.get("hint") else "")),
+            esc(str(m["last_seen"]).replace("T", " ").rstrip("Z"))))
+
+
+def status_page(doc: Dict[str, Any]) -> str:
+    """A small self-contained HTML page of a status_document(): no script, no external asset
+    (air-gapped browsers), refreshed by the browser every 5 seconds."""
+    import html
+    esc = html.escape
+    rows = [_status_row(m) for m in doc["machines"]]
     payloads = "".join(
         "<li><code>%s</code> %s, sha256 <code>%s</code>, %s</li>" % (
             esc(p["url_path"]), esc(format_size(p["size"])), esc(p["sha256"]), esc(p["verified"]))
@@ -1357,31 +1500,47 @@ MAX_CONNECTIONS = 256  # beyond it, 503 with Retry-After: update_engine tries ag
 RETRY_AFTER = 60
 SHUTDOWN_GRACE = 10  # seconds downloads in flight may take to finish after SIGTERM
 SEND_CHUNK = 2 << 20  # the payload is checked for changes between chunks
+TLS_CHUNK = 256 << 10  # bytes read and encrypted at a time when sendfile cannot be used
 OMAHA_PATHS = ("/v1/update", "/v1/update/")
 PACKAGES_PREFIX = "/packages/"
+STATUS_PATHS = ("/", "/status.json", "/healthz")
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")  # others: 501
 _HOST_HEADER = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
 _RANGE_SPEC = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")
 MAX_RANGES = 64
+MAX_REQUEST_LINE = 65536
 MAX_HEADER_LINE = 8192
+MAX_HEADER_FIELDS = 64
 # send errors that mean the client went away or stalled, not that the payload could not be read
 CLIENT_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN,
                          errno.ETIMEDOUT, errno.EAGAIN, errno.EWOULDBLOCK, errno.ESHUTDOWN))
-MAX_HEADER_FIELDS = 64
-
-log = logging.getLogger(PROG)
-_direct = None  # type: Optional[_BatchingHandler]
 
 
-def emit(level: int, text: str, facts: Optional[Dict[str, object]] = None) -> None:
-    """A log line, with facts for --log-format json. Straight to the program's own handler when
-    main() installed it (the logging module's record machinery costs more than the rest of an
-    update check's logging), else through logging as usual (tests, embedding)."""
-    if not log.isEnabledFor(level):
-        return
-    if _direct is not None:
-        _direct.write_line(level, text, facts)
-    else:
-        log.log(level, "%s", text, extra={"facts": facts})
+class Settings(NamedTuple):
+    """How the server runs: every flag's value, checked (made by settings_from() in section 8,
+    or directly by tests), read-only once the server has it."""
+    package_file: Optional[str] = None
+    package_dir: Optional[str] = None
+    extensions: Tuple[str, ...] = ()
+    sha256: Optional[str] = None
+    package_version: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    policy: Policy = Policy()
+    base_url: str = ""  # with local_payload: advertised instead of <scheme>://<Host>/packages/
+    mirrors: Tuple[str, ...] = ()
+    local_payload: bool = True  # False: Omaha only, the bytes come from the mirrors
+    tls: Any = None  # an ssl.SSLContext: HTTPS
+    credentials: Tuple[str, ...] = ()  # Authorization header values allowed to download
+    idle_timeout: int = IDLE_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    grace: float = SHUTDOWN_GRACE
+    verbose: bool = False
+    log_format: str = "text"
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
 
 def parse_range(header: Optional[str], size: int) -> Optional[List[Tuple[int, int]]]:
@@ -1423,32 +1582,7 @@ def http_date(timestamp: float) -> str:
     return email.utils.formatdate(timestamp, usegmt=True)
 
 
-_date_now = (0, "")
-
-
-def http_date_now() -> str:
-    """The Date header value, formatted once a second."""
-    global _date_now
-    now = int(time.time())
-    if _date_now[0] != now:
-        _date_now = (now, http_date(now))
-    return _date_now[1]
-
-
-class Headers(dict):
-    """Request header fields by case-insensitive name; a repeated field's values are joined
-    with ', ' (RFC 9110 section 5.3), so a doubled Content-Length no longer parses as a number."""
-
-    def add(self, name: str, value: str) -> None:
-        key = name.lower()
-        previous = dict.get(self, key)
-        dict.__setitem__(self, key, value if previous is None else previous + ", " + value)
-
-    def get(self, name: str, default=None):  # type: ignore[override]
-        return dict.get(self, name.lower(), default)
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and dict.__contains__(self, name.lower())
+_date_header = PerSecond(lambda _previous, second: http_date(second))
 
 
 def _parse_http_date(text: str) -> Optional[float]:
@@ -1461,6 +1595,29 @@ def _parse_http_date(text: str) -> Optional[float]:
     return parsed.timestamp()
 
 
+class Headers:
+    """Request header fields by case-insensitive name, for `in`, get() and [] alike; a repeated
+    field's values are joined with ', ' (RFC 9110 section 5.3), so a doubled Content-Length
+    no longer parses as a number."""
+
+    def __init__(self) -> None:
+        self._fields = {}  # type: Dict[str, str]
+
+    def add(self, name: str, value: str) -> None:
+        key = name.lower()
+        previous = self._fields.get(key)
+        self._fields[key] = value if previous is None else previous + ", " + value
+
+    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        return self._fields.get(name.lower(), default)
+
+    def __getitem__(self, name: str) -> str:
+        return self._fields[name.lower()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._fields
+
+
 def request_path(target: str) -> str:
     """The path of a request target: absolute-form accepted, query dropped, %-escapes decoded,
     runs of slashes folded (old post-install scripts ask for codebase + "/" + name)."""
@@ -1471,13 +1628,22 @@ def request_path(target: str) -> str:
     return re.sub(r"/{2,}", "/", path)
 
 
+def url_host(address: str, port: int) -> str:
+    """HOST:PORT as a URL writes it: an IPv6 address in brackets, an IPv4-mapped one plain."""
+    if address.startswith("::ffff:") and "." in address:
+        address = address[7:]
+    return ("[%s]:%d" if ":" in address else "%s:%d") % (address, port)
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
-    """One connection: the Omaha endpoint, the payload files, and the status endpoints."""
+    """One connection: the Omaha endpoint, the payload files, and the status endpoints. It keeps
+    to HTTP framing; what an Omaha request means is the server's (Server.answer)."""
 
     protocol_version = "HTTP/1.1"  # keep-alive: update_engine reuses its connection
     disable_nagle_algorithm = True  # else keep-alive answers wait on delayed ACKs
     timeout = None  # see setup(): the kernel keeps the time, not Python
     server: "Server"
+    deadline = None  # type: Optional[float]
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -1488,21 +1654,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         because a transfer is long; and, unlike a Python socket timeout, it costs no extra
         poll() per call, which matters at thousands of update checks a second.
         """
-        limit = struct.pack("ll", self.server.idle_timeout, 0)
+        limit = struct.pack("ll", self.server.settings.idle_timeout, 0)
         self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
         self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
-        if self.server.scheme == "https":
+        if self.server.settings.tls is not None:
             self.request.do_handshake()  # here, in this connection's thread, bounded as above
         super().setup()
 
     def client(self) -> str:
         host = self.client_address[0] if self.client_address else "?"
         return host[7:] if host.startswith("::ffff:") else host
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (BaseHTTPRequestHandler's name)
-        log.info("%s %s", self.client(), clean(format % args, 300))
-
-    deadline = None  # type: Optional[float]
 
     def handle(self) -> None:
         self.server.watch(self)
@@ -1511,20 +1672,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             self.server.unwatch(self)
 
+    def cut_if_late(self, now: float) -> None:
+        """The reaper's call: past its deadline, the request's blocked read is ended."""
+        if self.deadline is not None and self.deadline <= now:
+            self.deadline = None
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def handle_one_request(self) -> None:
-        """One request on the connection, read within the server's deadline (see Server)."""
-        self.deadline = time.monotonic() + self.server.idle_timeout
+        """One request on the connection: its head read within the server's deadline (see
+        Server), then routed. Replaces http.server's own, whose email-based header parser
+        costs more CPU than all the rest of an update check together."""
+        self.deadline = time.monotonic() + self.server.settings.idle_timeout
         try:
-            super().handle_one_request()
+            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if not self.raw_requestline:
+                self.close_connection = True
+            elif len(self.raw_requestline) > MAX_REQUEST_LINE:
+                self.requestline, self.command = "-", ""
+                self.send_error(414, "the request line is over %d bytes" % MAX_REQUEST_LINE)
+            elif self.read_head():
+                if self.command in METHODS:
+                    self.route()
+                else:
+                    self.send_error(501, "Unsupported method (%r)" % clean(self.command, 20))
         finally:
             self.deadline = None
 
-    def parse_request(self) -> bool:
-        """The request line and header fields (RFC 9112 sections 3 and 5).
-
-        Parsed here rather than by http.server, whose email-based header parser costs more CPU
-        than all the rest of an update check together.
-        """
+    def read_head(self) -> bool:
+        """The request line and header fields (RFC 9112 sections 3 and 5); False when the
+        request was refused (already answered) or the client went away."""
         self.command, self.path, self.request_version = "", "", "HTTP/1.0"
         self.close_connection = True
         line = self.raw_requestline.decode("iso-8859-1").rstrip("\r\n")
@@ -1555,22 +1734,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_error(431, "more than %d header lines" % MAX_HEADER_FIELDS)
             return False
-        self.headers = headers
-        connection = headers.get("Connection", "").lower()
+        self.headers = headers  # type: ignore[assignment]
+        connection = (headers.get("Connection") or "").lower()
         self.close_connection = "close" in connection or self.request_version == "HTTP/1.0"
         return True
 
-    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None):
+    def send_error(self, code: int, message: Optional[str] = None,
+                   explain: Optional[str] = None) -> None:
         """Errors found while reading the request line and headers."""
         reason = message or HTTPStatus(code).phrase
-        log.warning("%s %s -> %d %s", self.client(),
-                    clean(getattr(self, "requestline", "") or "-", 200), code, reason)
+        log_line(logging.WARNING, "%s %s -> %d %s" % (
+            self.client(), clean(getattr(self, "requestline", "") or "-", 200), code, reason))
         self.send_text(code, reason, close=True)
 
     def send(self, status: int, headers: Sequence[Tuple[str, str]], body: bytes = b"") -> None:
         """Status line, header fields and body in one write: a small answer is one packet."""
         lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase), "Server: " + PROG,
-                 "Date: " + http_date_now(), "X-Content-Type-Options: nosniff"]
+                 "Date: " + _date_header(time.time()), "X-Content-Type-Options: nosniff"]
         lines += ["%s: %s" % field for field in headers]
         if self.close_connection:
             lines.append("Connection: close")
@@ -1587,26 +1767,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def reject(self, code: int, reason: str, headers: Sequence[Tuple[str, str]] = (),
                close: bool = False) -> None:
-        log.warning("%s %s %s -> %d %s", self.client(), self.command,
-                    clean(self.path, 200), code, reason)
+        log_line(logging.WARNING, "%s %s %s -> %d %s" % (
+            self.client(), self.command, clean(self.path, 200), code, reason))
         self.send_text(code, reason, headers, close)
 
     # -- routing ---------------------------------------------------------------------------
 
-    def do_GET(self) -> None:
-        self.route()
-
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
-
     def route(self) -> None:
         path = self.path if self.path in OMAHA_PATHS else request_path(self.path)
+        settings = self.server.settings
         if path in OMAHA_PATHS:
             if self.command != "POST":
                 self.reject(405, "the Omaha endpoint expects a POST", [("Allow", "POST")],
                             close=self._has_body())
             else:
                 self.omaha()
-        elif path.startswith(PACKAGES_PREFIX) and self.server.local_payload:
+        elif path.startswith(PACKAGES_PREFIX) and settings.local_payload:
             package = self.server.release.find(path[len(PACKAGES_PREFIX):])
             if package is None:
                 self.reject(404, "no such package", close=self._has_body())
@@ -1619,128 +1795,80 @@ class Handler(http.server.BaseHTTPRequestHandler):
                             [("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % PROG)])
             else:
                 self.serve_package(package)
-        elif path in ("/", "/status.json", "/healthz") and self.command in ("GET", "HEAD"):
+        elif path in STATUS_PATHS and self.command in ("GET", "HEAD"):
             self.status(path)
         else:
             self.reject(404, "not found", close=self._has_body())
 
     def _has_body(self) -> bool:
-        return bool(self.headers.get("Content-Length", "0").strip() not in ("", "0")
+        return bool((self.headers.get("Content-Length") or "0").strip() not in ("", "0")
                     or "Transfer-Encoding" in self.headers)
 
     # -- Omaha -----------------------------------------------------------------------------
 
     def omaha(self) -> None:
-        if "Transfer-Encoding" in self.headers:
-            # update_engine always sends Content-Length; refusing chunked bodies keeps the cap
-            # simple to enforce before anything is read.
-            self.reject(411, "send the body with Content-Length, not Transfer-Encoding",
-                        close=True)
-            return
-        length_text = self.headers.get("Content-Length")
-        if length_text is None:
-            self.reject(411, "Content-Length is required", close=True)
-            return
-        if not length_text.strip().isdigit():
-            self.reject(400, "Content-Length is not a number", close=True)
-            return
-        length = int(length_text)
-        if length > MAX_BODY:
-            self.reject(413, "request body is over %d bytes" % MAX_BODY, close=True)
-            return
-        content_type = self.headers.get("Content-Type", "")
-        problem = content_type_problem(content_type)
-        if problem:
-            self.reject(415, problem, close=True)
-            return
-        if self.headers.get("Expect", "").lower() == "100-continue":
-            # libcurl asks before sending a larger body, and waits a second for this
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = self.rfile.read(length)
-        self.deadline = None
-        if len(body) < length:
-            log.warning("%s POST %s: client closed after %d of %d body bytes",
-                        self.client(), clean(self.path, 200), len(body), length)
-            self.close_connection = True
+        """Read an Omaha request's body within bounds, and send the server's answer."""
+        body = self.read_body()
+        if body is None:
             return
         try:
             request = parse_request(body)
         except RequestError as exc:
             self.reject(400, str(exc))
             return
-        server = self.server
-        release, policy, client = server.release, server.policy, self.client()
-        intact, paused = server.payloads_intact(), server.paused()
-        limited = policy.max_concurrent > 0
-        decisions = [server.fleet.admit(app, client, app.updatecheck, limited,
-                                        lambda slots, app=app: decide(app, release, intact, policy,
-                                                                      paused, slots))
-                     for app in request.apps]
-        payload, decisions = respond(request, release, self.codebases(), decisions)
-        for app, decision in zip(request.apps, decisions):
-            self.log_app(app, decision)
+        answer = self.server.answer(request, self.client(), self.codebases(), self.server.clock())
         self.send(200, [("Content-Type", "text/xml; charset=utf-8"),
-                        ("Content-Length", str(len(payload)))], payload)
+                        ("Content-Length", str(len(answer)))], answer)
 
-    def log_app(self, app: AppRequest, decision: Optional[Decision]) -> None:
-        said = [describe_event(event, app) for event in app.events
-                if not (app.updatecheck and event.type == 3 and event.result == 2
-                        and not _is_real_version(event.previousversion))]
-        if decision is not None:
-            if decision.offer:
-                said.append("update check: offered %s%s" % (
-                    self.server.release.version, " (%s)" % decision.reason if decision.forced else ""))
-            else:
-                said.append("update check: no update (%s)" % decision.reason)
-        elif app.ping and not app.events:
-            said.append("ping (waiting for reboot, or idle)")
-        machine = "%s %s" % (self.client(), describe_machine(app))
-        line = "%s: %s" % (machine, "; ".join(said) or "nothing")
-        key = app.machineid or self.client()
-        if decision is not None and decision.warning and self.server.first_time(("warn", key)):
-            emit(logging.WARNING, line)  # once per machine; -v shows every request
-        elif decision is not None and decision.forced:
-            emit(logging.INFO, line)  # --force: every forced offer is said
-        else:
-            emit(logging.DEBUG, line)
-        self.server.fleet.request(app, self.client(), decision)
-        release = self.server.release
-        if decision is not None and decision.offer:
-            oem_payload = missing_oem_payload(app, release)
-            if oem_payload and self.server.first_time(("oem", key)):
-                log.warning(
-                    "%s runs the %r OEM and may need %s, which is not served: Flatcar OEMs "
-                    "with a system extension download it after installing %s, and the update "
-                    "fails without it (error 5). Download %s/%s/%s/%s and its .sha256, and add "
-                    "--extension %s", machine, clean(app.oem, 40), oem_payload, release.version,
-                    RELEASE_SERVER, clean(app.board, 40) or "amd64-usr", release.version,
-                    oem_payload, oem_payload)
-        if any(is_postinstall_failure(event) for event in app.events):
-            extras = [p.name for p in release.packages[1:]]
-            log.warning(
-                "%s: post-install failure is the typical sign of a missing OEM or extension "
-                "payload (oem-<ID>.gz, flatcar-<NAME>.gz of version %s); served here: %s. See "
-                "the machine's journal (journalctl -u update-engine) for the name it wanted",
-                machine, release.version,
-                ", ".join(extras) if extras else "none, only the OS payload")
+    def read_body(self) -> Optional[bytes]:
+        """The request body, or None when it was refused (answered) or cut short."""
+        if "Transfer-Encoding" in self.headers:
+            # update_engine always sends Content-Length; refusing chunked bodies keeps the cap
+            # simple to enforce before anything is read.
+            self.reject(411, "send the body with Content-Length, not Transfer-Encoding",
+                        close=True)
+            return None
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            self.reject(411, "Content-Length is required", close=True)
+            return None
+        if not length_text.strip().isdigit():
+            self.reject(400, "Content-Length is not a number", close=True)
+            return None
+        length = int(length_text)
+        if length > MAX_BODY:
+            self.reject(413, "request body is over %d bytes" % MAX_BODY, close=True)
+            return None
+        problem = content_type_problem(self.headers.get("Content-Type") or "")
+        if problem:
+            self.reject(415, problem, close=True)
+            return None
+        if (self.headers.get("Expect") or "").lower() == "100-continue":
+            # libcurl asks before sending a larger body, and waits a second for this
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = self.rfile.read(length)
+        self.deadline = None
+        if len(body) < length:
+            log_line(logging.WARNING, "%s POST %s: client closed after %d of %d body bytes" % (
+                self.client(), clean(self.path, 200), len(body), length))
+            self.close_connection = True
+            return None
+        return body
 
     def codebases(self) -> Tuple[str, ...]:
         """Where machines download from, in order: this server (its --base-url, or
         <scheme>://<Host header>/packages/), then each --mirror. Every codebase ends in '/':
         CoreOS appends the package name with no slash of its own, and ue-rs's URL join drops
         a last segment without one."""
-        server = self.server
-        if server.local_payload and server.base_url:
-            return (server.base_url,) + server.mirrors
-        if not server.local_payload:
-            return server.mirrors
-        host = self.headers.get("Host", "").strip()
+        settings = self.server.settings
+        if not settings.local_payload:
+            return settings.mirrors
+        if settings.base_url:
+            return (settings.base_url,) + settings.mirrors
+        host = (self.headers.get("Host") or "").strip()
         if not _HOST_HEADER.fullmatch(host):
-            address, port = self.connection.getsockname()[:2]
-            if address.startswith("::ffff:"):
-                address = address[7:]
-            host = ("[%s]:%d" if ":" in address else "%s:%d") % (address, port)
-        return ("%s://%s%s" % (server.scheme, host, PACKAGES_PREFIX),) + server.mirrors
+            host = url_host(*self.connection.getsockname()[:2])
+        return ("%s://%s%s" % (settings.scheme, host, PACKAGES_PREFIX),) + settings.mirrors
 
     # -- payloads --------------------------------------------------------------------------
 
@@ -1756,10 +1884,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.reject(503, "the payload changed on disk; the server must be restarted",
                         [("Retry-After", "300")])
             return
-        size = package.size
-        last_modified = http_date(package.mtime)
-        etag = '"%s"' % package.sha256_hex
-        validators = [("Last-Modified", last_modified), ("ETag", etag)]
+        validators = [("Last-Modified", http_date(package.mtime)),
+                      ("ETag", '"%s"' % package.sha256_hex)]
         since = self.headers.get("If-Modified-Since")
         if since and "If-None-Match" not in self.headers:
             when = _parse_http_date(since)
@@ -1767,24 +1893,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.send(304, validators)
                 self.log_download(package, 304, "not modified")
                 return
-        range_header = self.headers.get("Range")
-        if_range = self.headers.get("If-Range")
-        if range_header is not None and if_range is not None and if_range.strip() not in (
-                etag, last_modified):
-            range_header = None  # the client's copy is stale: send the whole file
-        ranges = parse_range(range_header, size)
-        if ranges == []:
-            self.send(416, [("Content-Range", "bytes */%d" % size), ("Content-Length", "0")])
-            self.log_download(package, 416, "unsatisfiable range %s" % clean(range_header, 60))
+        part = self.requested_part(package, [value for _, value in validators])
+        if part is None:
             return
-        if ranges is not None and len(ranges) == 1:
-            start, end = ranges[0]
-            status = 206
-            headers = [("Content-Range", "bytes %d-%d/%d" % (start, end, size))]
-        else:
-            # No Range, an invalid one, or several: the whole file (several ranges are allowed
-            # to be answered this way; update_engine only ever asks for one).
-            start, end, status, headers = 0, size - 1, 200, []
+        status, start, end, headers = part
         count = end - start + 1
         self.send(status, headers + [
             ("Content-Type", "application/octet-stream"),  # never Content-Encoding: not gzip
@@ -1793,21 +1905,37 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.log_download(package, status, "headers only")
             return
         began = time.monotonic()
-        with self.server.lock:
-            self.server.downloads += 1
-        try:
+        with self.server.downloading():
             sent = self.send_file(package, start, count)
-        finally:
-            with self.server.lock:
-                self.server.downloads -= 1
         what = ("bytes %d-%d" % (start, end)) if status == 206 else "whole file"
         seconds = time.monotonic() - began
         if sent == count:
             self.log_download(package, status, "%s in %.1f s (%s)" % (
                 what, seconds, format_rate(sent, seconds)))
         else:
-            log.warning("%s GET %s %d: %s: client went away after %s of %s", self.client(),
-                        package.name, status, what, format_size(sent), format_size(count))
+            log_line(logging.WARNING, "%s GET %s %d: %s: client went away after %s of %s" % (
+                self.client(), package.name, status, what, format_size(sent), format_size(count)))
+
+    def requested_part(self, package: Package, validators: Sequence[str]
+                       ) -> Optional[Tuple[int, int, int, List[Tuple[str, str]]]]:
+        """(status, first byte, last byte, extra headers) for the Range and If-Range asked
+        for; None when 416 was answered."""
+        size = package.size
+        range_header = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        if range_header is not None and if_range is not None and if_range.strip() not in validators:
+            range_header = None  # the client's copy is stale: send the whole file
+        ranges = parse_range(range_header, size)
+        if ranges == []:
+            self.send(416, [("Content-Range", "bytes */%d" % size), ("Content-Length", "0")])
+            self.log_download(package, 416, "unsatisfiable range %s" % clean(range_header or "", 60))
+            return None
+        if ranges is not None and len(ranges) == 1:
+            start, end = ranges[0]
+            return 206, start, end, [("Content-Range", "bytes %d-%d/%d" % (start, end, size))]
+        # No Range, an invalid one, or several: the whole file (several ranges are allowed to be
+        # answered this way; update_engine only ever asks for one).
+        return 200, 0, size - 1, []
 
     def send_file(self, package: Package, offset: int, count: int) -> int:
         """Zero-copy send of count bytes from offset; returns the bytes sent. SO_SNDTIMEO bounds
@@ -1817,33 +1945,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
         sent = 0
         out = self.connection.fileno()
         send_chunk = os.sendfile
-        if self.server.scheme == "https":
+        if self.server.settings.tls is not None:
             send_chunk = self._send_encrypted  # sendfile would bypass TLS: read and write
-        fleet, client, began = self.server.fleet, self.client(), time.monotonic()
+        server, client, began = self.server, self.client(), time.monotonic()
         try:
             while sent < count:
                 if package.changed_on_disk():
                     # Cut rather than finish with other bytes than the advertised SHA-256's.
-                    self.server.report_changed(package)
+                    server.report_changed(package)
                     break
                 n = send_chunk(out, package.fd, offset + sent, min(SEND_CHUNK, count - sent))
                 if n == 0:
-                    log.error("%s ended early while serving it; closing the connection",
-                              package.path)
+                    log_line(logging.ERROR, "%s ended early while serving it; closing the "
+                             "connection" % package.path)
                     break
                 sent += n
-                fleet.download(client, package, offset + sent, sent, time.monotonic() - began)
+                server.say(server.fleet.download(client, package, offset + sent, sent,
+                                                 time.monotonic() - began, server.clock()))
         except OSError as exc:
             if exc.errno not in CLIENT_GONE and type(exc).__module__ != "ssl":
-                log.error("%s: reading %s failed (%s) after %s; closed the connection, "
-                          "still serving", self.client(), package.path,
-                          exc.strerror or exc, format_size(sent))
+                log_line(logging.ERROR, "%s: reading %s failed (%s) after %s; closed the "
+                         "connection, still serving" % (self.client(), package.path,
+                                                         exc.strerror or exc, format_size(sent)))
         if sent != count:
             self.close_connection = True
         return sent
 
     def _send_encrypted(self, out: int, fd: int, offset: int, count: int) -> int:
-        data = os.pread(fd, min(count, 256 << 10), offset)
+        data = os.pread(fd, min(count, TLS_CHUNK), offset)
         if data:
             self.connection.sendall(data)
         return len(data)
@@ -1851,89 +1980,43 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def authorised(self) -> bool:
         """With --basic-auth-file, downloads need credentials (the Omaha endpoint does not:
         update_engine sends none there)."""
-        credentials = self.server.credentials
+        credentials = self.server.settings.credentials
         if not credentials:
             return True
-        given = self.headers.get("Authorization", "").strip()
+        given = (self.headers.get("Authorization") or "").strip()
         return any(hmac.compare_digest(given, allowed) for allowed in credentials)
 
     def log_download(self, package: Package, status: int, what: str) -> None:
-        emit(logging.DEBUG, "%s %s %s -> %d, %s" % (
+        log_line(logging.DEBUG, "%s %s %s -> %d, %s" % (
             self.client(), self.command, package.name, status, what))
 
     def status(self, path: str) -> None:
         """/healthz, /status.json and the HTML status page at /."""
         if path == "/healthz":
             body, ctype = b"ok\n", "text/plain; charset=utf-8"
-        elif path == "/status.json":
-            import json
-            body = (json.dumps(status_document(self.server), indent=1) + "\n").encode("utf-8")
-            ctype = "application/json"
         else:
-            body, ctype = status_page(self.server).encode("utf-8"), "text/html; charset=utf-8"
-        emit(logging.DEBUG, "%s %s %s -> 200" % (self.client(), self.command, path))
+            doc = self.server.status_document()
+            if path == "/status.json":
+                import json
+                body = (json.dumps(doc, indent=1) + "\n").encode("utf-8")
+                ctype = "application/json"
+            else:
+                body, ctype = status_page(doc).encode("utf-8"), "text/html; charset=utf-8"
+        log_line(logging.DEBUG, "%s %s %s -> 200" % (self.client(), self.command, path))
         self.send(200, [("Content-Type", ctype), ("Content-Length", str(len(body))),
                         ("Cache-Control", "no-store")], body)
 
 
-def content_type_problem(value: str) -> Optional[str]:
-    """None when the Content-Type is one update_engine could send (go-omaha's rule)."""
-    if not value.strip():
-        return None
-    media, _, params = value.partition(";")
-    if media.strip().lower() not in ("text/xml", "application/xml"):
-        return "Content-Type %r is not text/xml or application/xml" % clean(media.strip(), 60)
-    for param in params.split(";"):
-        name, _, charset = param.partition("=")
-        if name.strip().lower() == "charset" and charset.strip().strip('"').lower() not in (
-                "utf-8", "utf8"):
-            return "charset %r is not utf-8" % clean(charset.strip(), 30)
-    return None
-
-
-def format_size(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return ("%d %s" if unit == "bytes" else "%.1f %s") % (n, unit)
-        n /= 1024
-    return ""
-
-
-def format_fraction(done: int, total: int) -> str:
-    """'214/512 MiB': both in the unit of the total."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if total >= scale:
-            if total >= 10 * scale:
-                return "%d/%d %s" % (done // scale, total // scale, unit)
-            return "%.1f/%.1f %s" % (done / scale, total / scale, unit)
-    return "%d/%d bytes" % (done, total)
-
-
-def format_rate(n: int, seconds: float) -> str:
-    return "%s/s" % format_size(n / seconds) if seconds > 0 else "instant"
-
-
+_REFUSAL_TEXT = "too many connections; retry later\n"
 _REFUSAL = ("HTTP/1.1 503 Service Unavailable\r\nServer: %s\r\nRetry-After: %d\r\n"
-            "Content-Type: text/plain; charset=utf-8\r\nContent-Length: 34\r\n"
-            "Connection: close\r\n\r\ntoo many connections; retry later\n"
-            % (PROG, RETRY_AFTER)).encode("ascii")
-
-
-class EverySecond:
-    """A value looked up at most once a second; look(previous value) computes it."""
-
-    def __init__(self, look: Callable[[bool], bool], value: bool) -> None:
-        self.look, self.value, self.at = look, value, float("-inf")
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if now - self.at >= 1.0:
-            self.value, self.at = self.look(self.value), now
-        return self.value
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+            "Connection: close\r\n\r\n%s" % (PROG, RETRY_AFTER, len(_REFUSAL_TEXT),
+                                              _REFUSAL_TEXT)).encode("ascii")
 
 
 class Server(http.server.ThreadingHTTPServer):
-    """A thread per connection, at most max_connections of them; the release being served.
+    """A thread per connection, at most max_connections of them; the release being served, the
+    fleet it is served to, and the one place an Omaha request is answered (answer()).
 
     A reaper thread enforces a deadline on every request: its head and body must arrive within
     idle_timeout of the moment the server starts waiting for it. Kernel receive timeouts alone
@@ -1944,45 +2027,128 @@ class Server(http.server.ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True  # restart at once; Linux still refuses a second live listener
     request_queue_size = 1024  # the default backlog of 5 overflows under a burst of checks
-    idle_timeout = IDLE_TIMEOUT
-    max_connections = MAX_CONNECTIONS
 
-    def __init__(self, address: Tuple, family: int, release: Release) -> None:
+    def __init__(self, address: Tuple, family: int, release: Release, settings: Settings,
+                 clock: Callable[[], float] = time.time) -> None:
         self.address_family = family
         self.release = release
-        self.policy = Policy()
-        self.base_url = ""
-        self.mirrors = ()  # type: Tuple[str, ...]
-        self.local_payload = True  # False: Omaha only, the bytes come from the mirrors
-        self.scheme = "http"
-        self.credentials = ()  # type: Tuple[str, ...]
+        self.settings = settings
+        self.policy = settings.policy
+        self.clock = clock
+        self.fleet = Fleet(release, settings.policy.update_timeout)
+        self.started = clock()
         # Looked at no more than once a second: each look is a syscall, checks come by the
         # thousand; downloads look at their payload between every chunk they send.
-        self.paused = EverySecond(self._look_paused, False)
-        self.payloads_intact = EverySecond(self._look_intact, True)
-        self.fleet = Fleet(release, emit)
-        self.started = time.time()
+        self.paused = PerSecond(self._look_paused, False)
+        self.payloads_intact = PerSecond(self._look_intact, True)
         self.lock = threading.Lock()
-        self.said = set()  # type: set
+        self.warned = set()  # type: set
         self.connections = 0
         self.downloads = 0
         self.handlers = set()  # type: set
         self.refusals = 0
         self.closing = threading.Event()
         super().__init__(address, Handler)
+        if settings.tls is not None:
+            # The handshake happens in each connection's own thread (Handler.setup), so a slow
+            # client cannot hold up the accepting thread.
+            self.socket = settings.tls.wrap_socket(self.socket, server_side=True,
+                                                   do_handshake_on_connect=False)
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
 
-    def first_time(self, key: Tuple) -> bool:
+    # -- one Omaha request -----------------------------------------------------------------
+
+    def answer(self, request: Request, client: str, codebases: Tuple[str, ...],
+               now: float) -> bytes:
+        """An Omaha request's answer, top to bottom: decide what each app is offered (an offer
+        takes a --max-concurrent slot there and then), render the response, record what each
+        machine said in the fleet, and say it in the log."""
+        release, policy = self.release, self.policy
+        intact, paused = self.payloads_intact(now), self.paused(now)
+        decisions = []
+        for app in request.apps:
+            choose = functools.partial(decide, app, release, intact, policy, paused)
+            decision, notes = self.fleet.admit(app, client, now, app.updatecheck,
+                                               policy.max_concurrent > 0, choose)
+            self.say(notes)
+            decisions.append(decision)
+        body, checks = respond(request, release, codebases, decisions)
+        for app, decision in zip(request.apps, checks):
+            self.say_request(app, client, decision)
+            self.say(self.fleet.request(app, client, decision, now))
+            self.say(self.advice(app, client, decision))
+        return body
+
+    def say_request(self, app: AppRequest, client: str, decision: Optional[Decision]) -> None:
+        """The request's own line: with -v always; a warning once per machine; every forced
+        offer."""
+        line = "%s %s: %s" % (client, describe_machine(app),
+                              describe_request(app, decision, self.release.version))
+        if decision is not None and decision.warning and self.once(("warn", app.machineid or client)):
+            log_line(logging.WARNING, line)
+        elif decision is not None and decision.forced:
+            log_line(logging.INFO, line)
+        else:
+            log_line(logging.DEBUG, line)
+
+    def advice(self, app: AppRequest, client: str, decision: Optional[Decision]) -> List[Note]:
+        """What the operator can do about what this request shows is coming or went wrong."""
+        notes = []
+        who = "%s %s" % (client, describe_machine(app))
+        oem_payload = missing_oem_payload(app, self.release) if decision and decision.offer else None
+        if oem_payload and self.once(("oem", app.machineid or client)):
+            notes.append(Note(logging.WARNING, oem_advice(who, app, self.release, oem_payload)))
+        if any(is_postinstall_failure(event, app) for event in app.events):
+            notes.append(Note(logging.WARNING, postinstall_advice(who, self.release)))
+        return notes
+
+    def say(self, notes: Sequence[Note]) -> None:
+        for note in notes:
+            log_line(*note)
+
+    def once(self, key: Tuple) -> bool:
         """True once per key: for advice that is worth one line per machine, not one a check."""
         with self.lock:
-            if key in self.said:
+            if key in self.warned:
                 return False
-            self.said.add(key)
+            self.warned.add(key)
             return True
+
+    def status_document(self) -> Dict[str, object]:
+        return status_document(self.release, self.fleet.snapshot(), self.started)
+
+    # -- payload files and the pause file, looked at once a second -------------------------
+
+    def _look_paused(self, was_paused: bool, _second: int) -> bool:
+        """Whether --pause-file exists; a change is logged."""
+        if not self.policy.pause_file:
+            return False
+        paused = os.path.exists(self.policy.pause_file)
+        if paused != was_paused:
+            log_line(logging.WARNING if paused else logging.INFO, "rollout %s: %s %s" % (
+                "paused" if paused else "resumed", self.policy.pause_file,
+                "exists" if paused else "is gone"))
+        return paused
+
+    def _look_intact(self, _previous: bool, _second: int) -> bool:
+        """Whether every payload is still the file hashed at startup."""
+        for package in self.release.packages:
+            if package.changed_on_disk():
+                self.report_changed(package)
+                return False
+        return True
+
+    def report_changed(self, package: Package) -> None:
+        if self.once(("changed", package.path)):
+            log_line(logging.ERROR, "%s is no longer the file that was hashed at startup (it was "
+                     "written to): it is not offered and not served any more; restart %s to "
+                     "hash it again" % (package.path, PROG))
+
+    # -- connections -----------------------------------------------------------------------
 
     def process_request(self, request, client_address) -> None:
         with self.lock:
-            full = self.connections >= self.max_connections
+            full = self.connections >= self.settings.max_connections
             if not full:
                 self.connections += 1
             else:
@@ -1991,9 +2157,9 @@ class Server(http.server.ThreadingHTTPServer):
         if full:
             # Answered in the accepting thread without reading: a short, non-blocking send.
             if refusals == 1 or refusals % 100 == 0:
-                log.warning("%s: refused with 503: %d connections are open (the limit); "
-                            "%d refused so far", client_address[0], self.max_connections,
-                            refusals)
+                log_line(logging.WARNING, "%s: refused with 503: %d connections are open (the "
+                         "limit); %d refused so far" % (
+                             client_address[0], self.settings.max_connections, refusals))
             try:
                 request.setblocking(False)
                 request.send(_REFUSAL)
@@ -2013,62 +2179,37 @@ class Server(http.server.ThreadingHTTPServer):
         finally:
             self._finished()
 
-    def watch(self, handler: "Handler") -> None:
-        """Register a connection's handler with the reaper (once per connection)."""
-        with self.lock:
-            self.handlers.add(handler)
-
-    def unwatch(self, handler: "Handler") -> None:
-        with self.lock:
-            self.handlers.discard(handler)
-
     def _finished(self) -> None:
         with self.lock:
             self.connections -= 1
 
-    def report_changed(self, package: Package) -> None:
-        if self.first_time(("changed", package.path)):
-            log.error("%s is no longer the file that was hashed at startup (it was written to): "
-                      "it is not offered and not served any more; restart %s to hash it again",
-                      package.path, PROG)
+    def watch(self, handler: Handler) -> None:
+        """Register a connection's handler with the reaper (once per connection)."""
+        with self.lock:
+            self.handlers.add(handler)
 
-    def configure(self, policy: Policy, base_url: str = "", mirrors: Sequence[str] = (),
-                  local_payload: bool = True) -> None:
-        self.policy = policy
-        self.fleet.update_timeout = policy.update_timeout
-        self.base_url, self.mirrors = base_url, tuple(mirrors)
-        self.local_payload = local_payload
+    def unwatch(self, handler: Handler) -> None:
+        with self.lock:
+            self.handlers.discard(handler)
 
-    def _look_paused(self, was_paused: bool) -> bool:
-        """Whether --pause-file exists; a change is logged."""
-        if not self.policy.pause_file:
-            return False
-        paused = os.path.exists(self.policy.pause_file)
-        if paused != was_paused:
-            emit(logging.WARNING if paused else logging.INFO,
-                 "rollout %s: %s %s" % ("paused" if paused else "resumed", self.policy.pause_file,
-                                        "exists" if paused else "is gone"))
-        return paused
-
-    def _look_intact(self, _previous: bool) -> bool:
-        """Whether every payload is still the file hashed at startup."""
-        for package in self.release.packages:
-            if package.changed_on_disk():
-                self.report_changed(package)
-                return False
-        return True
+    @contextlib.contextmanager
+    def downloading(self) -> Iterator[None]:
+        """Counts the downloads in flight, which a graceful stop waits for."""
+        with self.lock:
+            self.downloads += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.downloads -= 1
 
     def _reap(self) -> None:
-        while not self.closing.wait(min(1.0, self.idle_timeout / 4)):
+        while not self.closing.wait(min(1.0, self.settings.idle_timeout / 4)):
             now = time.monotonic()
             with self.lock:
-                late = [h for h in self.handlers if h.deadline is not None and h.deadline <= now]
-            for handler in late:
-                handler.deadline = None
-                try:
-                    handler.connection.shutdown(socket.SHUT_RDWR)  # its blocked read returns
-                except OSError:
-                    pass
+                handlers = list(self.handlers)
+            for handler in handlers:
+                handler.cut_if_late(now)
 
     def server_close(self) -> None:
         self.closing.set()
@@ -2091,9 +2232,10 @@ class Server(http.server.ThreadingHTTPServer):
         if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout, BlockingIOError)):
             return  # the client went away, or stalled past idle_timeout (EAGAIN)
         if type(exc).__module__ == "ssl":
-            emit(logging.DEBUG, "%s: TLS: %s" % (client_address[0], exc))
+            log_line(logging.DEBUG, "%s: TLS: %s" % (client_address[0], exc))
             return  # a failed handshake: a client that does not speak TLS, or a bad certificate
-        log.error("%s: internal error while handling a request: %r", client_address[0], exc)
+        log_line(logging.ERROR, "%s: internal error while handling a request: %r" % (
+            client_address[0], exc))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2105,179 +2247,28 @@ class UsageError(Exception):
     """A mistake on the command line; the message is one sentence."""
 
 
-def parse_listen_address(text: str) -> Tuple[str, int]:
-    """':8000', 'HOST:8000', '[::1]:8000', or a bare '8000' -> (host, port); host '' = all."""
-    text = text.strip()
-    if text.isdigit():
-        host, port_text = "", text
-    elif text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep:
-            raise UsageError("--listen-address %r is not valid: write an IPv6 address as "
-                             "[ADDRESS]:PORT, e.g. [::1]:8000" % text)
+# -- logging -------------------------------------------------------------------------------
+
+log = logging.getLogger(PROG)
+_direct = None  # type: Optional[_BatchingHandler]
+
+
+def log_line(level: int, text: str, facts: Optional[Dict[str, object]] = None) -> None:
+    """A log line, with facts for --log-format json. Straight to the program's own handler when
+    main() installed it (the logging module's record machinery costs more than the rest of an
+    update check's logging), else through logging as usual (tests, embedding)."""
+    if not log.isEnabledFor(level):
+        return
+    if _direct is not None:
+        _direct.write_line(level, text, facts)
     else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or ":" in host:
-            raise UsageError("--listen-address %r is not valid: use HOST:PORT, :PORT or "
-                             "[IPv6]:PORT, e.g. :8000" % text)
-    if not port_text.isdigit() or int(port_text) > 65535:
-        raise UsageError("--listen-address %r is not valid: the port must be a number from 0 "
-                         "to 65535" % text)
-    return host, int(port_text)
+        log.log(level, "%s", text, extra={"facts": facts})
 
 
-def make_server(release: Release, host: str, port: int) -> Server:
-    """Bind the listening socket; every bind failure is a UsageError sentence."""
-    shown = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
-    if host == "" and socket.has_ipv6:
-        try:
-            return Server(("::", port), socket.AF_INET6, release)
-        except OSError as exc:
-            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
-                raise UsageError(_bind_failure(shown, exc)) from None
-    if host == "":
-        candidates = [(socket.AF_INET, ("0.0.0.0", port))]
-    else:
-        try:
-            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-        except (socket.gaierror, UnicodeError):
-            raise UsageError("--listen-address %s is not valid: %r is not an address or a known "
-                             "host name" % (shown, host)) from None
-        candidates = [(info[0], info[4]) for info in infos
-                      if info[0] in (socket.AF_INET, socket.AF_INET6)]
-    for family, address in candidates:
-        try:
-            return Server(address, family, release)
-        except OSError as exc:
-            failure = _bind_failure(shown, exc)
-    raise UsageError(failure)
-
-
-def _bind_failure(shown: str, exc: OSError) -> str:
-    if exc.errno == errno.EADDRINUSE:
-        return ("cannot listen on %s: the address is already in use (another serve-package or "
-                "web server?); stop it or pick another port with --listen-address" % shown)
-    if exc.errno == errno.EACCES:
-        return ("cannot listen on %s: permission denied (ports below 1024 need root); "
-                "use a port such as 8000" % shown)
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return "cannot listen on %s: that address does not belong to this machine" % shown
-    return "cannot listen on %s: %s" % (shown, exc.strerror or exc)
-
-
-def local_addresses() -> List[str]:
-    """This host's non-loopback addresses that a machine could use to reach it (Linux first:
-    interface addresses; elsewhere what the host name resolves to). No packet is sent."""
-    found = []  # type: List[str]
-    try:
-        import fcntl
-        import array
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            buf = array.array("B", bytes(4096))
-            request = struct.pack("iL", len(buf), buf.buffer_info()[0])
-            length = struct.unpack("iL", fcntl.ioctl(probe.fileno(), 0x8912, request))[0]  # SIOCGIFCONF
-        finally:
-            probe.close()
-        raw = buf.tobytes()[:length]
-        for offset in range(0, len(raw), 40):  # struct ifreq is 40 bytes on 64-bit Linux
-            found.append(socket.inet_ntoa(raw[offset + 20:offset + 24]))
-    except (ImportError, OSError, struct.error, ValueError):
-        pass
-    try:
-        with open("/proc/net/if_inet6") as table:
-            for row in table:
-                fields = row.split()
-                if len(fields) >= 6 and fields[3] == "00":  # global scope only
-                    found.append(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[0])))
-    except (OSError, ValueError):
-        pass
-    if not found:
-        try:
-            found = socket.gethostbyname_ex(socket.gethostname())[2]
-        except OSError:
-            pass
-    unique = []  # type: List[str]
-    for address in found:
-        if address not in unique and not address.startswith("127.") and address != "::1":
-            unique.append(address)
-    return unique
-
-
-def url_host(address: str, port: int) -> str:
-    return ("[%s]:%d" if ":" in address else "%s:%d") % (address, port)
-
-
-def banner(release: Release, server: Server, host: str) -> str:
-    port = server.server_port
-    bound = server.server_address[0]
-    lines = ["%s %s: offering version %s" % (PROG, __version__, release.version)]
-    for package in release.packages:
-        lines += ["  %s" % package.path,
-                  "    served as %s%s, %s (%d bytes)" % (PACKAGES_PREFIX, package.name,
-                                                        format_size(package.size), package.size),
-                  "    sha256 %s, %s" % (package.sha256_hex, package.verified)]
-    if len(release.packages) == 1 and release.key >= SYSEXT_OEM_SINCE:
-        lines.append("  no OEM or extension payloads: Flatcar >= 3760 machines with an OEM "
-                     "sysext or extensions need them (see --extension)")
-    scheme = server.scheme
-    if not server.local_payload:
-        lines.append("payloads are not served here: machines download them from %s"
-                     % ", ".join(server.mirrors))
-    elif server.base_url or server.mirrors:
-        lines.append("machines download from %s" % ", ".join(
-            ((server.base_url,) if server.base_url else ("this server",)) + server.mirrors))
-    policy = server.policy
-    rules = []
-    if policy.force:
-        rules.append("--force: offered whatever the machine runs")
-    if policy.groups:
-        rules.append("only groups " + ", ".join(sorted(policy.groups)))
-    if policy.machine_ids:
-        rules.append("only %d named machine(s)" % len(policy.machine_ids))
-    if policy.min_version:
-        rules.append("not to machines older than " + policy.min_version)
-    if policy.max_concurrent:
-        rules.append("at most %d updating at once" % policy.max_concurrent)
-    if policy.pause_file:
-        rules.append("paused while %s exists" % policy.pause_file)
-    if rules:
-        lines.append("rollout: " + "; ".join(rules))
-    if host == "":
-        lines.append("listening on %s://%s/ (all interfaces)" % (scheme, url_host(
-            "0.0.0.0" if server.address_family == socket.AF_INET else "::", port)))
-        addresses = local_addresses() or ["<this-host's-address>"]
-    else:
-        lines.append("listening on %s://%s/" % (scheme, url_host(bound, port)))
-        addresses = [bound]
-    lines += ["",
-              "On each machine, put this line in /etc/flatcar/update.conf "
-              "(CoreOS: /etc/coreos/update.conf),",
-              "using an address of this host that the machine can reach:"]
-    lines += ["    SERVER=%s://%s/v1/update" % (scheme, url_host(address, port))
-              for address in addresses]
-    if server.credentials:
-        lines.append("and DOWNLOAD_USER=... and DOWNLOAD_PASSWORD=... from --basic-auth-file")
-    lines += ["then run:",
-              "    update_engine_client -check_for_update",
-              "and watch it with:",
-              "    journalctl -f -u update-engine",
-              "Stop the server with Ctrl-C.", ""]
-    return "\n".join(lines)
-
-
-class _Formatter:
-    prefixes = {logging.DEBUG: "", logging.WARNING: "warning: ", logging.ERROR: "error: ",
-                logging.CRITICAL: "error: "}
-    stamp = (0, "")
-
-    @classmethod
-    def timestamp(cls, created: float) -> str:
-        """Local time to the second, formatted once a second."""
-        second = int(created)
-        if cls.stamp[0] != second:
-            cls.stamp = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
-        return cls.stamp[1]
+_LEVEL_PREFIXES = {logging.WARNING: "warning: ", logging.ERROR: "error: ",
+                   logging.CRITICAL: "error: "}
+_local_stamp = PerSecond(lambda _previous, second: time.strftime(
+    "%Y-%m-%d %H:%M:%S", time.localtime(second)))
 
 
 class _BatchingHandler(logging.Handler):
@@ -2298,8 +2289,8 @@ class _BatchingHandler(logging.Handler):
         flusher = threading.Thread(target=self._flush_periodically, name="log", daemon=True)
         flusher.start()
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.pending.append(self.render(  # called under self.lock
+    def emit(self, record: logging.LogRecord) -> None:  # logging's name: called under self.lock
+        self.pending.append(self.render(
             record.levelno, record.created, record.getMessage(), getattr(record, "facts", None)))
         if record.levelno >= logging.WARNING:
             self.flush()
@@ -2321,8 +2312,7 @@ class _BatchingHandler(logging.Handler):
             if facts:
                 entry.update(facts)
             return json.dumps(entry) + "\n"
-        return "%s %s%s\n" % (_Formatter.timestamp(created),
-                               _Formatter.prefixes.get(level, ""), text)
+        return "%s %s%s\n" % (_local_stamp(created), _LEVEL_PREFIXES.get(level, ""), text)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
@@ -2343,9 +2333,7 @@ class _BatchingHandler(logging.Handler):
 
 
 def setup_logging(verbose: bool = False, json_lines: bool = False) -> None:
-    # The logging module's documented speed-ups: no caller lookup (a stack walk per record), no
-    # thread or process names; a log line is written for every request.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    # The logging module's documented switches: no thread or process names in records.
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
@@ -2358,15 +2346,83 @@ def setup_logging(verbose: bool = False, json_lines: bool = False) -> None:
     log.propagate = False
 
 
+# -- the command line ------------------------------------------------------------------------
+
+class Flag(NamedTuple):
+    """One command-line flag. Each is accepted as --name and as Go's -name, which scripts
+    written for go-omaha's serve-package use; `kind` says how --config gives it."""
+    name: str
+    kind: str  # "value", "list" (repeatable), "switch" (true/false)
+    help: str
+    metavar: Optional[str] = None
+    default: Any = None
+    convert: Callable[[str], Any] = str
+    choices: Optional[Tuple[str, ...]] = None
+
+
+_PAYLOAD_FLAGS = (
+    Flag("package-file", "value", "the update payload, e.g. flatcar_production_update.gz "
+         "(required)", "FILE"),
+    Flag("package-version", "value", "the version inside the payload, e.g. 3815.2.5 "
+         "(required); machines running an older version are offered it", "VERSION"),
+    Flag("extension", "list", "an OEM or extension payload of the same version, served beside "
+         "the OS payload (oem-<ID>.gz, flatcar-<NAME>.gz); repeat for each", "FILE", []),
+    Flag("package-dir", "value", "serve the OS payload (flatcar_production_update.gz or "
+         "update.gz, unless --package-file names it) and every oem-*.gz and flatcar-*.gz "
+         "found in DIR", "DIR"),
+    Flag("sha256", "value", "the OS payload's expected SHA-256; by default it is read from "
+         "FILE.sha256 beside the payload when there is one", "HEX"),
+    Flag("listen-address", "value", "where to listen: :PORT (all interfaces), HOST:PORT or "
+         "[IPv6]:PORT; port 0 picks a free port (default :8000)", "ADDR", ":8000"),
+)
+_ROLLOUT_FLAGS = (
+    Flag("force", "switch", "offer the package to every update check whatever the machine "
+         "runs: a downgrade, or a reinstall of the same version", default=False),
+    Flag("group", "list", "offer only to machines in this group (update.conf GROUP=, e.g. "
+         "stable); repeatable", "NAME", []),
+    Flag("machine-id", "list", "offer only to this machine (/etc/machine-id): canaries; "
+         "repeatable", "ID", []),
+    Flag("machine-ids-file", "value", "like --machine-id, one id per line (# comments "
+         "allowed)", "FILE"),
+    Flag("min-version", "value", "machines older than this are not offered the update and a "
+         "warning says they need an intermediate version first", "VERSION"),
+    Flag("max-concurrent", "value", "at most N machines updating at once (from offered until "
+         "installed, failed, or --update-timeout); 0: no limit", "N", 0, int),
+    Flag("update-timeout", "value", "how long an offered machine may hold its --max-concurrent "
+         "slot (e.g. 90m, 2h, 3600; default %dh)" % (UPDATE_TIMEOUT // 3600), "DURATION"),
+    Flag("pause-file", "value", "while FILE exists, no new offers; machines mid-update "
+         "continue", "FILE"),
+)
+_ADDRESS_FLAGS = (
+    Flag("base-url", "value", "the codebase to advertise instead of http://<Host header>/"
+         "packages/ (a reverse proxy, NAT, another port)", "URL"),
+    Flag("mirror", "list", "another codebase serving the same files, listed after ours; "
+         "update_engine fails over to it; repeatable", "URL", []),
+    Flag("no-local-payload", "switch", "advertise only the mirrors and answer Omaha only: the "
+         "bytes come from an existing web server, CDN or object store", default=False),
+    Flag("tls-cert", "value", "serve HTTPS with this certificate (PEM; with --tls-key)", "FILE"),
+    Flag("tls-key", "value", "the certificate's key (PEM)", "FILE"),
+    Flag("basic-auth-file", "value", "user:password lines; payload downloads then need one of "
+         "them (update_engine sends DOWNLOAD_USER/DOWNLOAD_PASSWORD over HTTPS only, so this "
+         "needs --tls-cert)", "FILE"),
+)
+_PROGRAM_FLAGS = (
+    Flag("config", "value", "a JSON object with long flags as keys (\"package-file\": ...); "
+         "flags on the command line override it", "FILE"),
+    Flag("print-config", "switch", "print the effective settings as JSON and exit",
+         default=False),
+    Flag("log-format", "value", "text (default) or json: one JSON object per line, with the "
+         "same facts, for journald or ELK", default="text", choices=("text", "json")),
+)
+FLAG_GROUPS = ((None, _PAYLOAD_FLAGS), ("rollout policy", _ROLLOUT_FLAGS),
+               ("addresses, mirrors and TLS", _ADDRESS_FLAGS), (None, _PROGRAM_FLAGS))
+FLAGS = {flag.name: flag for _, flags in FLAG_GROUPS for flag in flags}
+NOT_IN_CONFIG = ("config", "print-config")
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(message[0].upper() + message[1:] + " (see --help)")
-
-
-def add_flag(group, name: str, **options) -> None:
-    """A flag in both spellings: --name, and Go's -name, which scripts written for go-omaha's
-    serve-package use."""
-    group.add_argument("--" + name, "-" + name, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2382,144 +2438,96 @@ def build_parser() -> argparse.ArgumentParser:
                "  SERVER=http://<this-host>:8000/v1/update\n"
                "and run: update_engine_client -check_for_update\n\n"
                "Go-style single-dash flags (-package-file ...) are accepted too.")
-    add_flag(parser, "package-file", metavar="FILE",
-             help="the update payload, e.g. flatcar_production_update.gz (required)")
-    add_flag(parser, "package-version", metavar="VERSION",
-             help="the version inside the payload, e.g. 3815.2.5 (required); machines "
-                  "running an older version are offered it")
-    add_flag(parser, "extension", metavar="FILE", action="append", default=[],
-             help="an OEM or extension payload of the same version, served beside the "
-                  "OS payload (oem-<ID>.gz, flatcar-<NAME>.gz); repeat for each")
-    add_flag(parser, "package-dir", metavar="DIR",
-             help="serve the OS payload (flatcar_production_update.gz or update.gz, "
-                  "unless --package-file names it) and every oem-*.gz and "
-                  "flatcar-*.gz found in DIR")
-    add_flag(parser, "sha256", metavar="HEX",
-             help="the OS payload's expected SHA-256; by default it is read from "
-                  "FILE.sha256 beside the payload when there is one")
-    add_flag(parser, "listen-address", metavar="ADDR", default=":8000",
-             help="where to listen: :PORT (all interfaces), HOST:PORT or [IPv6]:PORT; "
-                  "port 0 picks a free port (default :8000)")
-    rollout = parser.add_argument_group("rollout policy")
-    add_flag(rollout, "force", action="store_true", default=False,
-             help="offer the package to every update check whatever the machine "
-                  "runs: a downgrade, or a reinstall of the same version")
-    add_flag(rollout, "group", metavar="NAME", action="append", default=[],
-             help="offer only to machines in this group (update.conf GROUP=, "
-                  "e.g. stable); repeatable")
-    add_flag(rollout, "machine-id", metavar="ID", action="append", default=[],
-             help="offer only to this machine (/etc/machine-id): canaries; repeatable")
-    add_flag(rollout, "machine-ids-file", metavar="FILE",
-             help="like --machine-id, one id per line (# comments allowed)")
-    add_flag(rollout, "min-version", metavar="VERSION",
-             help="machines older than this are not offered the update and a "
-                  "warning says they need an intermediate version first")
-    add_flag(rollout, "max-concurrent", metavar="N", type=int, default=0,
-             help="at most N machines updating at once (from offered until "
-                  "installed, failed, or --update-timeout); 0: no limit")
-    add_flag(rollout, "update-timeout", metavar="DURATION", default="2h",
-             help="how long an offered machine may hold its --max-concurrent slot "
-                  "(e.g. 90m, 2h, 3600; default 2h)")
-    add_flag(rollout, "pause-file", metavar="FILE",
-             help="while FILE exists, no new offers; machines mid-update continue")
-    where = parser.add_argument_group("addresses, mirrors and TLS")
-    add_flag(where, "base-url", metavar="URL",
-             help="the codebase to advertise instead of http://<Host header>/packages/ "
-                  "(a reverse proxy, NAT, another port)")
-    add_flag(where, "mirror", metavar="URL", action="append", default=[],
-             help="another codebase serving the same files, listed after ours; "
-                  "update_engine fails over to it; repeatable")
-    add_flag(where, "no-local-payload", action="store_true",
-             default=False,
-             help="advertise only the mirrors and answer Omaha only: the bytes come "
-                  "from an existing web server, CDN or object store")
-    add_flag(where, "tls-cert", metavar="FILE", help="serve HTTPS with this "
-             "certificate (PEM; with --tls-key)")
-    add_flag(where, "tls-key", metavar="FILE", help="the certificate's key (PEM)")
-    add_flag(where, "basic-auth-file", metavar="FILE",
-             help="user:password lines; payload downloads then need one of them "
-                  "(update_engine sends DOWNLOAD_USER/DOWNLOAD_PASSWORD over HTTPS "
-                  "only, so this needs --tls-cert)")
-    add_flag(parser, "config", metavar="FILE",
-             help="a JSON object with long flags as keys (\"package-file\": ...); "
-                  "flags on the command line override it")
-    add_flag(parser, "print-config", action="store_true", default=False,
-             help="print the effective settings as JSON and exit")
-    parser.add_argument("--verbose", "-v", action="store_true",
-                        help="log every request, not only what changes in each machine's update")
-    add_flag(parser, "log-format", choices=("text", "json"), default="text",
-             help="text (default) or json: one JSON object per line, with the same "
-                  "facts, for journald or ELK")
-    add_flag(parser, "version", action="version",
-             version="%s %s" % (PROG, __version__))
+    actions = {"value": "store", "list": "append", "switch": "store_true"}
+    for title, flags in FLAG_GROUPS:
+        group = parser.add_argument_group(title) if title else parser
+        for flag in flags:
+            options = {"action": actions[flag.kind], "default": flag.default, "help": flag.help}
+            if flag.kind != "switch":
+                options.update(metavar=flag.metavar, type=flag.convert, choices=flag.choices)
+            group.add_argument("--" + flag.name, "-" + flag.name, **options)
+        if title is None and flags is _PROGRAM_FLAGS:
+            parser.add_argument("--verbose", "-v", action="store_true", help="log every "
+                                "request, not only what changes in each machine's update")
+            parser.add_argument("--version", "-version", action="version",
+                                version="%s %s" % (PROG, __version__))
     return parser
 
 
-def _progress_printer(label: str) -> Optional[Callable[[int, int], None]]:
-    """A progress line on a terminal, shown only once hashing has taken over a second."""
-    if not sys.stderr.isatty():
-        return None
-    began = time.monotonic()
-    shown = [0.0]
-
-    def show(done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - began < 1.0 or (now - shown[0] < 0.2 and done < total):
-            return
-        shown[0] = now
-        sys.stderr.write("\rhashing %s: %3d%% (%s of %s)%s" % (
-            label, done * 100 // total, format_size(done), format_size(total),
-            "\n" if done >= total else ""))
-        sys.stderr.flush()
-    return show
-
-
-def load_release(package_file: Optional[str], version: str, extensions: Sequence[str] = (),
-                 package_dir: Optional[str] = None, sha256: Optional[str] = None) -> Release:
-    """Everything the server will offer, checked, hashed and verified."""
-    key = parse_package_version(version)
-    specs = plan_payloads(package_file, package_dir, extensions, sha256)
-    label = os.path.basename(specs[0].path) if len(specs) == 1 else "%d files" % len(specs)
-    packages = load_packages(specs, _progress_printer(label))
-    return Release(version=version, key=key, packages=tuple(packages))
+def config_arguments(argv: Sequence[str]) -> List[str]:
+    """--config FILE as command-line arguments, without the flags the command line gives
+    itself (so those override the file's)."""
+    given, config = set(), None
+    for index, token in enumerate(argv):
+        name = token.lstrip("-").split("=", 1)[0]
+        if token.startswith("-") and name in FLAGS:
+            given.add(name)
+            if name == "config":
+                config = token.split("=", 1)[1] if "=" in token else (
+                    argv[index + 1] if index + 1 < len(argv) else None)
+    if config is None:
+        return []
+    arguments = []  # type: List[str]
+    for key, value in read_config(config).items():
+        name = str(key).replace("_", "-")
+        flag = FLAGS.get(name)
+        if flag is None or name in NOT_IN_CONFIG:
+            raise UsageError("--config %s has an unknown key %r; the keys are the long flags, "
+                             "like \"package-file\"" % (config, key))
+        if name not in given:
+            arguments += _config_flag(config, key, flag, value)
+    return arguments
 
 
-def serve(server: Server, grace: float = SHUTDOWN_GRACE) -> str:
-    """Serve until SIGINT or SIGTERM, then stop accepting and give the downloads in flight up to
-    `grace` seconds to finish (a second signal ends that at once); returns the signal's name."""
-    signals = queue.Queue()  # type: queue.Queue
+def read_config(path: str) -> Dict[str, Any]:
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except OSError as exc:
+        raise UsageError("--config %s cannot be read: %s" % (path, exc.strerror)) from None
+    except ValueError as exc:
+        raise UsageError("--config %s is not valid JSON: %s" % (path, exc)) from None
+    if not isinstance(settings, dict):
+        raise UsageError("--config %s must hold a JSON object of flags" % path)
+    return settings
 
-    def on_signal(signum, frame) -> None:
-        signals.put(signal.Signals(signum).name)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25},
-                              name="accept", daemon=True)
-    thread.start()
-    while True:
-        try:
-            name = signals.get(timeout=0.5)
-            break
-        except queue.Empty:
-            pass
-    server.shutdown()
-    server.server_close()
-    deadline = time.monotonic() + grace
-    if server.downloads:
-        log.info("received %s: no new connections; waiting up to %d s for %d download(s) to "
-                 "finish (send it again to stop now)", name, grace, server.downloads)
-    while server.downloads and time.monotonic() < deadline:
-        try:
-            again = signals.get(timeout=0.1)
-            log.info("received %s again: stopping now", again)
-            break
-        except queue.Empty:
-            pass
-    if server.downloads:
-        log.warning("%d download(s) cut short; the machines resume them from where they stopped",
-                    server.downloads)
-    return name
+def _config_flag(config: str, key: str, flag: Flag, value: Any) -> List[str]:
+    """One --config entry as command-line arguments."""
+    option = "--" + flag.name
+    if flag.kind == "switch":
+        if not isinstance(value, bool):
+            raise UsageError("--config %s: %r must be true or false" % (config, key))
+        return [option] if value else []
+    if flag.kind == "list":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UsageError("--config %s: %r must be a list of strings" % (config, key))
+        return [word for item in value for word in (option, item)]
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return [option, str(value)]
+    raise UsageError("--config %s: %r must be a string or a number" % (config, key))
+
+
+def parse_listen_address(text: str) -> Tuple[str, int]:
+    """':8000', 'HOST:8000', '[::1]:8000', or a bare '8000' -> (host, port); host '' = all."""
+    text = text.strip()
+    if text.isdigit():
+        host, port_text = "", text
+    elif text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise UsageError("--listen-address %r is not valid: write an IPv6 address as "
+                             "[ADDRESS]:PORT, e.g. [::1]:8000" % text)
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise UsageError("--listen-address %r is not valid: use HOST:PORT, :PORT or "
+                             "[IPv6]:PORT, e.g. :8000" % text)
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise UsageError("--listen-address %r is not valid: the port must be a number from 0 "
+                         "to 65535" % text)
+    return host, int(port_text)
 
 
 def parse_duration(flag: str, text: str) -> float:
@@ -2576,135 +2584,329 @@ def tls_context(cert: Optional[str], key: Optional[str]):
     return context
 
 
-def config_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> List[str]:
-    """--config FILE as command-line arguments, without the flags the command line gives
-    itself (so those override the file's)."""
-    actions = {}  # type: Dict[str, argparse.Action]
-    for action in parser._actions:  # the parser's own table of flags
-        for option in action.option_strings:
-            if option.startswith("--"):
-                actions[option[2:]] = action
-    given = set()
-    config = None
-    for index, token in enumerate(argv):
-        name = token.lstrip("-").split("=", 1)[0]
-        if token.startswith("-") and name in actions:
-            given.add(actions[name].dest)
-            if name == "config":
-                config = token.split("=", 1)[1] if "=" in token else (
-                    argv[index + 1] if index + 1 < len(argv) else None)
-    if config is None:
-        return []
-    import json
+def _checked_version(flag: str, text: str) -> str:
     try:
-        with open(config, encoding="utf-8") as f:
-            settings = json.load(f)
-    except OSError as exc:
-        raise UsageError("--config %s cannot be read: %s" % (config, exc.strerror)) from None
+        parse_release_version(text)
     except ValueError as exc:
-        raise UsageError("--config %s is not valid JSON: %s" % (config, exc)) from None
-    if not isinstance(settings, dict):
-        raise UsageError("--config %s must hold a JSON object of flags" % config)
-    arguments = []  # type: List[str]
-    for key, value in settings.items():
-        action = actions.get(str(key).replace("_", "-"))
-        if action is None or key in ("config", "print-config", "help", "version"):
-            raise UsageError("--config %s has an unknown key %r; the keys are the long flags, "
-                             "like \"package-file\"" % (config, key))
-        if action.dest in given:
-            continue
-        option = "--" + str(key).replace("_", "-")
-        if isinstance(action, argparse._StoreTrueAction):
-            if not isinstance(value, bool):
-                raise UsageError("--config %s: %r must be true or false" % (config, key))
-            arguments += [option] if value else []
-        elif isinstance(action, argparse._AppendAction):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise UsageError("--config %s: %r must be a list of strings" % (config, key))
-            for item in value:
-                arguments += [option, item]
-        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            arguments += [option, str(value)]
-        else:
-            raise UsageError("--config %s: %r must be a string or a number" % (config, key))
-    return arguments
+        raise UsageError("%s %s" % (flag, exc)) from None
+    return text
+
+
+def policy_from(args: argparse.Namespace) -> Policy:
+    """The rollout rules, every flag's value checked."""
+    if args.max_concurrent < 0:
+        raise UsageError("--max-concurrent must be 0 (no limit) or more")
+    machine_ids = list(args.machine_id)
+    if args.machine_ids_file:
+        machine_ids += read_list_file("--machine-ids-file", args.machine_ids_file)
+        if not machine_ids:
+            raise UsageError("--machine-ids-file %s names no machine" % args.machine_ids_file)
+    return Policy(
+        force=args.force, groups=frozenset(args.group), machine_ids=frozenset(machine_ids),
+        min_version=_checked_version("--min-version", args.min_version)
+        if args.min_version else "",
+        max_concurrent=args.max_concurrent,
+        update_timeout=parse_duration("--update-timeout", args.update_timeout)
+        if args.update_timeout else UPDATE_TIMEOUT,
+        pause_file=args.pause_file or "")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Every flag's value checked, as one Settings; each mistake is a UsageError sentence."""
+    missing = [flag for flag, value in (("--package-file", args.package_file or args.package_dir),
+                                        ("--package-version", args.package_version))
+               if not value]
+    if missing:
+        raise UsageError("%s %s required (see --help)" % (
+            " and ".join(missing), "is" if len(missing) == 1 else "are"))
+    host, port = parse_listen_address(args.listen_address)
+    version = _checked_version("--package-version", args.package_version)
+    policy = policy_from(args)
+    mirrors = tuple(normalise_url("--mirror", url) for url in args.mirror)
+    if args.no_local_payload and not mirrors:
+        raise UsageError("--no-local-payload needs at least one --mirror to send machines to")
+    tls = tls_context(args.tls_cert, args.tls_key)
+    credentials = read_credentials(args.basic_auth_file) if args.basic_auth_file else ()
+    if credentials and tls is None:
+        raise UsageError("--basic-auth-file needs --tls-cert and --tls-key: update_engine "
+                         "sends its download credentials over HTTPS only")
+    return Settings(
+        package_file=args.package_file, package_dir=args.package_dir,
+        extensions=tuple(args.extension), sha256=args.sha256, package_version=version,
+        host=host, port=port, policy=policy,
+        base_url=normalise_url("--base-url", args.base_url) if args.base_url else "",
+        mirrors=mirrors, local_payload=not args.no_local_payload, tls=tls,
+        credentials=credentials, verbose=args.verbose, log_format=args.log_format)
+
+
+# -- starting: payloads, the socket, the banner ------------------------------------------------
+
+def _progress_printer(label: str) -> Optional[Callable[[int, int], None]]:
+    """A progress line on a terminal, shown only once hashing has taken over a second."""
+    if not sys.stderr.isatty():
+        return None
+    began = time.monotonic()
+    shown = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - began < 1.0 or (now - shown[0] < 0.2 and done < total):
+            return
+        shown[0] = now
+        sys.stderr.write("\rhashing %s: %3d%% (%s of %s)%s" % (
+            label, done * 100 // total, format_size(done), format_size(total),
+            "\n" if done >= total else ""))
+        sys.stderr.flush()
+    return show
+
+
+def load_release(package_file: Optional[str], version: str, extensions: Sequence[str] = (),
+                 package_dir: Optional[str] = None, sha256: Optional[str] = None) -> Release:
+    """Everything the server will offer, checked, hashed and verified."""
+    try:
+        key = parse_release_version(version)
+    except ValueError as exc:
+        raise UsageError("--package-version %s" % exc) from None
+    specs = plan_payloads(package_file, package_dir, extensions, sha256)
+    label = os.path.basename(specs[0].path) if len(specs) == 1 else "%d files" % len(specs)
+    packages = load_packages(specs, _progress_printer(label))
+    return Release(version=version, key=key, packages=tuple(packages))
+
+
+def make_server(release: Release, settings: Settings = Settings(),
+                clock: Callable[[], float] = time.time) -> Server:
+    """Bind the listening socket; every bind failure is a UsageError sentence."""
+    host, port = settings.host, settings.port
+    shown = url_host(host, port)
+    if host == "" and socket.has_ipv6:
+        try:
+            return Server(("::", port), socket.AF_INET6, release, settings, clock)
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                raise UsageError(_bind_failure(shown, exc)) from None
+    if host == "":
+        candidates = [(socket.AF_INET, ("0.0.0.0", port))]
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        except (socket.gaierror, UnicodeError):
+            raise UsageError("--listen-address %s is not valid: %r is not an address or a known "
+                             "host name" % (shown, host)) from None
+        candidates = [(info[0], info[4]) for info in infos
+                      if info[0] in (socket.AF_INET, socket.AF_INET6)]
+    for family, address in candidates:
+        try:
+            return Server(address, family, release, settings, clock)
+        except OSError as exc:
+            failure = _bind_failure(shown, exc)
+    raise UsageError(failure)
+
+
+def _bind_failure(shown: str, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return ("cannot listen on %s: the address is already in use (another serve-package or "
+                "web server?); stop it or pick another port with --listen-address" % shown)
+    if exc.errno == errno.EACCES:
+        return ("cannot listen on %s: permission denied (ports below 1024 need root); "
+                "use a port such as 8000" % shown)
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "cannot listen on %s: that address does not belong to this machine" % shown
+    return "cannot listen on %s: %s" % (shown, exc.strerror or exc)
+
+
+def local_addresses() -> List[str]:
+    """This host's non-loopback addresses that a machine could use to reach it (Linux first:
+    interface addresses; elsewhere what the host name resolves to). No packet is sent."""
+    found = []  # type: List[str]
+    try:
+        import fcntl
+        import array
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            buf = array.array("B", bytes(4096))
+            request = struct.pack("iL", len(buf), buf.buffer_info()[0])
+            length = struct.unpack("iL", fcntl.ioctl(probe.fileno(), SIOCGIFCONF, request))[0]
+        finally:
+            probe.close()
+        raw = buf.tobytes()[:length]
+        for offset in range(0, len(raw), IFREQ_SIZE):
+            found.append(socket.inet_ntoa(raw[offset + 20:offset + 24]))
+    except (ImportError, OSError, struct.error, ValueError):
+        pass
+    try:
+        with open("/proc/net/if_inet6") as table:
+            for row in table:
+                fields = row.split()
+                if len(fields) >= 6 and fields[3] == "00":  # global scope only
+                    found.append(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[0])))
+    except (OSError, ValueError):
+        pass
+    if not found:
+        try:
+            found = socket.gethostbyname_ex(socket.gethostname())[2]
+        except OSError:
+            pass
+    unique = []  # type: List[str]
+    for address in found:
+        if address not in unique and not address.startswith("127.") and address != "::1":
+            unique.append(address)
+    return unique
+
+
+SIOCGIFCONF = 0x8912  # Linux: the list of interfaces with an IPv4 address
+IFREQ_SIZE = 40  # sizeof(struct ifreq) on 64-bit Linux; the address is at bytes 20-24
+
+
+def banner(release: Release, server: Server) -> str:
+    """What the operator reads at start: what is served, under which rules, and the line to put
+    on each machine."""
+    settings = server.settings
+    lines = ["%s %s: offering version %s" % (PROG, __version__, release.version)]
+    for package in release.packages:
+        lines += ["  %s" % package.path,
+                  "    served as %s%s, %s (%d bytes)" % (PACKAGES_PREFIX, package.name,
+                                                        format_size(package.size), package.size),
+                  "    sha256 %s, %s" % (package.sha256_hex, checksum_words(package))]
+    if len(release.packages) == 1 and release.key >= SYSEXT_OEM_SINCE:
+        lines.append("  no OEM or extension payloads: Flatcar >= 3760 machines with an OEM "
+                     "sysext or extensions need them (see --extension)")
+    if not settings.local_payload:
+        lines.append("payloads are not served here: machines download them from %s"
+                     % ", ".join(settings.mirrors))
+    elif settings.base_url or settings.mirrors:
+        lines.append("machines download from %s" % ", ".join(
+            ((settings.base_url,) if settings.base_url else ("this server",)) + settings.mirrors))
+    rules = rollout_rules(settings.policy)
+    if rules:
+        lines.append("rollout: " + "; ".join(rules))
+    return "\n".join(lines + _where_to_point(server))
+
+
+def rollout_rules(policy: Policy) -> List[str]:
+    rules = []
+    if policy.force:
+        rules.append("--force: offered whatever the machine runs")
+    if policy.groups:
+        rules.append("only groups " + ", ".join(sorted(policy.groups)))
+    if policy.machine_ids:
+        rules.append("only %d named machine(s)" % len(policy.machine_ids))
+    if policy.min_version:
+        rules.append("not to machines older than " + policy.min_version)
+    if policy.max_concurrent:
+        rules.append("at most %d updating at once" % policy.max_concurrent)
+    if policy.pause_file:
+        rules.append("paused while %s exists" % policy.pause_file)
+    return rules
+
+
+def _where_to_point(server: Server) -> List[str]:
+    """Where the server listens, and the update.conf line for each address of this host."""
+    settings, port = server.settings, server.server_port
+    scheme = settings.scheme
+    if settings.host == "":
+        lines = ["listening on %s://%s/ (all interfaces)" % (scheme, url_host(
+            "0.0.0.0" if server.address_family == socket.AF_INET else "::", port))]
+        addresses = local_addresses() or ["<this-host's-address>"]
+    else:
+        bound = server.server_address[0]
+        lines = ["listening on %s://%s/" % (scheme, url_host(bound, port))]
+        addresses = [bound]
+    lines += ["",
+              "On each machine, put this line in /etc/flatcar/update.conf "
+              "(CoreOS: /etc/coreos/update.conf),",
+              "using an address of this host that the machine can reach:"]
+    lines += ["    SERVER=%s://%s/v1/update" % (scheme, url_host(address, port))
+              for address in addresses]
+    if settings.credentials:
+        lines.append("and DOWNLOAD_USER=... and DOWNLOAD_PASSWORD=... from --basic-auth-file")
+    return lines + ["then run:",
+                    "    update_engine_client -check_for_update",
+                    "and watch it with:",
+                    "    journalctl -f -u update-engine",
+                    "Stop the server with Ctrl-C.", ""]
+
+
+# -- running -----------------------------------------------------------------------------------
+
+def serve(server: Server) -> str:
+    """Serve until SIGINT or SIGTERM, then stop accepting and give the downloads in flight up to
+    the grace period to finish (a second signal ends that at once); returns the signal's name."""
+    signals = queue.Queue()  # type: queue.Queue
+
+    def on_signal(signum, frame) -> None:
+        signals.put(signal.Signals(signum).name)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25},
+                              name="accept", daemon=True)
+    thread.start()
+    while True:
+        try:
+            name = signals.get(timeout=0.5)
+            break
+        except queue.Empty:
+            pass
+    server.shutdown()
+    server.server_close()
+    grace = server.settings.grace
+    deadline = time.monotonic() + grace
+    if server.downloads:
+        log_line(logging.INFO, "received %s: no new connections; waiting up to %d s for %d "
+                 "download(s) to finish (send it again to stop now)" % (
+                     name, grace, server.downloads))
+    while server.downloads and time.monotonic() < deadline:
+        try:
+            again = signals.get(timeout=0.1)
+            log_line(logging.INFO, "received %s again: stopping now" % again)
+            break
+        except queue.Empty:
+            pass
+    if server.downloads:
+        log_line(logging.WARNING, "%d download(s) cut short; the machines resume them from where "
+                 "they stopped" % server.downloads)
+    return name
+
+
+def print_config(args: argparse.Namespace) -> None:
+    import json
+    settings = {k.replace("_", "-"): v for k, v in sorted(vars(args).items())
+                if k.replace("_", "-") not in NOT_IN_CONFIG}
+    sys.stdout.write(json.dumps(settings, indent=1) + "\n")
+
+
+def say_summary(server: Server, json_lines: bool) -> None:
+    """At exit: every machine, where it started and where it is."""
+    if json_lines:
+        log_line(logging.INFO, "summary", {"event": "summary", "machines": server.fleet.snapshot()})
+    else:
+        for line in server.fleet.summary().splitlines():
+            log_line(logging.INFO, line)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser()
-        args = parser.parse_args(config_arguments(parser, argv) + argv)
+        args = build_parser().parse_args(config_arguments(argv) + argv)
         if args.print_config:
-            import json
-            settings = {k.replace("_", "-"): v for k, v in sorted(vars(args).items())
-                        if k not in ("config", "print_config")}
-            sys.stdout.write(json.dumps(settings, indent=1) + "\n")
+            print_config(args)
             return 0
-        setup_logging(args.verbose, args.log_format == "json")
-        missing = [flag for flag, value in (("--package-file", args.package_file or args.package_dir),
-                                            ("--package-version", args.package_version))
-                   if not value]
-        if missing:
-            raise UsageError("%s %s required (see --help)" % (
-                " and ".join(missing), "is" if len(missing) == 1 else "are"))
-        host, port = parse_listen_address(args.listen_address)
-        if args.min_version:
-            try:
-                parse_package_version(args.min_version)
-            except ValueError:
-                raise UsageError("--min-version %r is not a version like 3815.2.5"
-                                 % args.min_version) from None
-        if args.max_concurrent < 0:
-            raise UsageError("--max-concurrent must be 0 (no limit) or more")
-        machine_ids = list(args.machine_id)
-        if args.machine_ids_file:
-            machine_ids += read_list_file("--machine-ids-file", args.machine_ids_file)
-            if not machine_ids:
-                raise UsageError("--machine-ids-file %s names no machine" % args.machine_ids_file)
-        policy = Policy(force=args.force, groups=frozenset(args.group),
-                        machine_ids=frozenset(machine_ids), min_version=args.min_version or "",
-                        max_concurrent=args.max_concurrent,
-                        update_timeout=parse_duration("--update-timeout", args.update_timeout),
-                        pause_file=args.pause_file or "")
-        base_url = normalise_url("--base-url", args.base_url) if args.base_url else ""
-        mirrors = [normalise_url("--mirror", url) for url in args.mirror]
-        if args.no_local_payload and not mirrors:
-            raise UsageError("--no-local-payload needs at least one --mirror to send machines to")
-        context = tls_context(args.tls_cert, args.tls_key)
-        credentials = read_credentials(args.basic_auth_file) if args.basic_auth_file else ()
-        if credentials and context is None:
-            raise UsageError("--basic-auth-file needs --tls-cert and --tls-key: update_engine "
-                             "sends its download credentials over HTTPS only")
-        try:
-            release = load_release(args.package_file, args.package_version, args.extension,
-                                   args.package_dir, args.sha256)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        server = make_server(release, host, port)
-        server.configure(policy, base_url, mirrors, not args.no_local_payload)
-        server.credentials = credentials
-        if context is not None:
-            # The handshake happens in each connection's own thread (Handler.setup), so a slow
-            # client cannot hold up the accepting thread.
-            server.socket = context.wrap_socket(server.socket, server_side=True,
-                                                do_handshake_on_connect=False)
-            server.scheme = "https"
+        settings = settings_from(args)
+        setup_logging(settings.verbose, settings.log_format == "json")
+        release = load_release(settings.package_file, settings.package_version,
+                               settings.extensions, settings.package_dir, settings.sha256)
+        server = make_server(release, settings)
     except (UsageError, PayloadError) as exc:
         sys.stderr.write("%s: error: %s\n" % (PROG, str(exc).rstrip(".") + "."))
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("\n%s: interrupted\n" % PROG)
         return 130
-    sys.stdout.write(banner(release, server, host))
+    sys.stdout.write(banner(release, server))
     sys.stdout.flush()
     name = serve(server)
-    emit(logging.INFO, "received %s, stopped" % name)
-    if args.log_format == "json":
-        emit(logging.INFO, "summary", {"event": "summary", "machines": server.fleet.snapshot()})
-    else:
-        for line in server.fleet.summary().splitlines():
-            emit(logging.INFO, line)
+    log_line(logging.INFO, "received %s, stopped" % name)
+    say_summary(server, settings.log_format == "json")
     logging.shutdown()  # writes what is still batched
     return 0
 

@@ -4,6 +4,7 @@ import http.client
 import os
 import selectors
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ import serve_package as sp  # noqa: E402
 
 DEMO_PAYLOAD = os.path.join(FIXTURES, "demo_update.gz")
 DEMO_VERSION = "9999.9.9"
+DEMO_ARGS = ["--package-file", DEMO_PAYLOAD, "--package-version", DEMO_VERSION]
 
 
 def fixture_bytes(*parts: str) -> bytes:
@@ -26,11 +28,28 @@ def fixture_bytes(*parts: str) -> bytes:
         return f.read()
 
 
-class Running:
-    """A server running in a thread of the test process, on a real socket."""
+class Clock:
+    """A clock a test moves by hand: the server's fleet, rollout slots and once-a-second looks
+    read it, so no test sleeps for them."""
 
-    def __init__(self, release: "sp.Release") -> None:
-        self.server = sp.make_server(release, "127.0.0.1", 0)
+    def __init__(self, now: float = 1700000000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Running:
+    """A server running in a thread of the test process, on a real socket (127.0.0.1, port 0),
+    with the settings a test gives it, and its clock (time.time unless a test passes a Clock)."""
+
+    def __init__(self, release: "sp.Release", settings: "sp.Settings" = None,
+                 clock=time.time, **changes) -> None:
+        settings = (settings or sp.Settings())._replace(host="127.0.0.1", port=0, **changes)
+        self.server = sp.make_server(release, settings, clock)
         self.port = self.server.server_port
         self.release = release
         self.thread = threading.Thread(target=self.server.serve_forever,
@@ -145,6 +164,17 @@ class PyzProcess:
             self.proc.communicate()
 
 
+def one_sentence_error(result, *words):
+    """A user error: non-zero exit, one line on stderr, no traceback."""
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert err.startswith("serve-package: error: ") and err.endswith(".\n"), err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
 def run_pyz(pyz: str, *args, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, pyz] + list(args), stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
@@ -176,3 +206,81 @@ def big_payload(path, size: int) -> bytes:
     with open(str(path), "wb") as f:
         f.write(payload)
     return payload
+
+
+# --- request bodies: the exact update_engine bodies from fixtures/, as one machine or another ---
+
+CHECK = fixture_bytes("requests", "flatcar-update-check.xml")
+EVENT = fixture_bytes("requests", "flatcar-event-download-started.xml")
+PING = fixture_bytes("requests", "flatcar-ping-only.xml")
+NON_PRODUCTION = 1 << 28  # set in every error code a machine sends to a server like ours
+
+
+def as_machine(body: bytes, alias: str = "node-3", version: str = "3760.2.0") -> bytes:
+    return (body.replace(b'machinealias=""', b'machinealias="%s"' % alias.encode())
+            .replace(b'version="3815.2.5" track', b'version="%s" track' % version.encode()))
+
+
+def event(kind: int, result: int, code: int = None, alias="node-3", version="3760.2.0") -> bytes:
+    attrs = b'eventtype="%d" eventresult="%d"' % (kind, result)
+    if code is not None:
+        attrs += b' errorcode="%d"' % code
+    return as_machine(EVENT.replace(b'eventtype="13" eventresult="1"', attrs), alias, version)
+
+
+def check(alias="node-3", version="3760.2.0", previous=None) -> bytes:
+    body = as_machine(CHECK, alias, version)
+    if previous is not None:
+        body = body.replace(b'previousversion=""', b'previousversion="%s"' % previous.encode())
+    return body
+
+
+def machine(n: int, version="3760.2.0", group="stable") -> bytes:
+    """Machine n's update check: its own id and alias."""
+    mid = ("%032x" % (n + 1)).encode()
+    return (check(alias="node-%d" % n, version=version)
+            .replace(b"0123456789abcdef0123456789abcdef", mid)
+            .replace(b'track="stable"', b'track="%s"' % group.encode()))
+
+
+def machine_event(n: int, kind: int, result: int, code=None) -> bytes:
+    return event(kind, result, code, alias="node-%d" % n).replace(
+        b"0123456789abcdef0123456789abcdef", ("%032x" % (n + 1)).encode())
+
+
+# --- raw HTTP, for what http.client would not send or would hide ---------------------------------
+
+def post_raw(port: int, body: bytes, timeout: float = 10) -> bytes:
+    """One POST on its own connection, and every byte the server sent before closing."""
+    head = b"POST /v1/update HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head % len(body) + body)
+        return read_until_closed(sock)
+
+
+def read_until_closed(sock) -> bytes:
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def post(port, body, host="127.0.0.1"):
+    """(status, body) of an update check sent to a server on PORT."""
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("POST", "/v1/update", body, {"Content-Type": "text/xml"})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, data
+
+
+def get(port, path, headers=None, host="127.0.0.1"):
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("GET", path, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, data

@@ -1,6 +1,5 @@
 """Section 8: the built serve-package.pyz, run as a subprocess exactly as a user runs it."""
 
-import http.client
 import os
 import shutil
 import signal
@@ -13,21 +12,9 @@ import time
 import pytest
 
 from clients import update_engine_reads
-from conftest import (DEMO_PAYLOAD, DEMO_VERSION, ROOT, PyzProcess, fixture_bytes, run_pyz)
+from conftest import (DEMO_ARGS, DEMO_PAYLOAD, DEMO_VERSION, ROOT, PyzProcess, fixture_bytes,
+                      get, one_sentence_error, post, run_pyz)
 from make_fixtures import crau_payload
-
-DEMO_ARGS = ["--package-file", DEMO_PAYLOAD, "--package-version", DEMO_VERSION]
-
-
-def one_sentence_error(result, *words):
-    """A user error: non-zero exit, one line on stderr, no traceback."""
-    err = result.stderr.decode()
-    assert result.returncode == 2, err
-    assert err.startswith("serve-package: error: ") and err.endswith(".\n"), err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in err, err
-    return err
 
 
 def test_help_has_an_example(pyz):
@@ -120,24 +107,6 @@ def test_second_instance_on_the_same_port_fails_clearly(pyz):
         one_sentence_error(result, "already in use")
     finally:
         first.kill()
-
-
-def post(port, body, host="127.0.0.1"):
-    conn = http.client.HTTPConnection(host, port, timeout=10)
-    conn.request("POST", "/v1/update", body, {"Content-Type": "text/xml"})
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return response.status, data
-
-
-def get(port, path, headers=None, host="127.0.0.1"):
-    conn = http.client.HTTPConnection(host, port, timeout=10)
-    conn.request("GET", path, headers=headers or {})
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return response.status, data
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

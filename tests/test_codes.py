@@ -1,4 +1,4 @@
-"""Section 1 and 6: codes and events in words (omaha-spec section 6)."""
+"""Section 1: codes, events and machine states in words."""
 
 import pytest
 
@@ -46,26 +46,46 @@ def _event(kind, result, code=None, previous=""):
     return sp.Event(type=kind, result=result, errorcode=code, previousversion=previous)
 
 
-@pytest.mark.parametrize("event, updatecheck, words", [
-    (_event(3, 2, previous=""), True, "routine check"),
-    (_event(3, 2, previous="0.0.0.0"), True, "routine check"),
-    (_event(3, 2, previous="3760.2.0"), True, "update complete: rebooted from 3760.2.0 into 3815.2.5"),
-    (_event(3, 0, 44 | NON_PRODUCTION), True, "rolled back: still on 3815.2.5"),
-    (_event(13, 1), False, "download started"),
-    (_event(14, 1), False, "download finished, payload verified"),
-    (_event(3, 1), False, "installed, waiting for reboot"),
-    (_event(3, 9, 40 | NON_PRODUCTION), False,
+@pytest.mark.parametrize("event, updatecheck, state, words", [
+    (_event(3, 2, previous=""), True, None, "routine check"),
+    (_event(3, 2, previous="0.0.0.0"), True, None, "routine check"),
+    (_event(3, 2, previous=""), False, None, "update complete: rebooted from ? into 3815.2.5"),
+    (_event(3, 2, previous="3760.2.0"), True, sp.COMPLETE,
+     "update complete: rebooted from 3760.2.0 into 3815.2.5"),
+    (_event(3, 0, 44 | NON_PRODUCTION), True, sp.ROLLED_BACK, "rolled back: still on 3815.2.5"),
+    (_event(13, 1), False, sp.DOWNLOADING, "download started"),
+    (_event(14, 1), False, sp.DOWNLOADED, "download finished, payload verified"),
+    (_event(3, 1), False, sp.INSTALLED, "installed, waiting for reboot"),
+    (_event(3, 0), False, sp.FAILED, "update failed: no error code"),
+    (_event(3, 9, 40 | NON_PRODUCTION), False, sp.DEFERRED,
      "update deferred: update deferred for backoff (error 40; flags: non-production server)"),
-    (_event(2, 4), False, "event install complete (2), result unknown (4)"),
+    (_event(2, 4), False, None, "event install complete (2), result unknown (4)"),
+    (_event(13, 0, 9), False, None,
+     "event download started (13), result error (0), download transfer error (error 9)"),
 ])
-def test_describe_event(event, updatecheck, words):
-    assert sp.describe_event(event, _app(updatecheck=updatecheck)) == words
+def test_classify_event(event, updatecheck, state, words):
+    happening = sp.classify_event(event, _app(updatecheck=updatecheck))
+    assert (happening.state, happening.words) == (state, words)
+    assert happening.routine == (words == "routine check")
 
 
 def test_failure_event_names_the_error_and_hints_at_the_cause():
-    words = sp.describe_event(_event(3, 0, 10 | NON_PRODUCTION), _app())
-    assert words.startswith("update failed: payload hash mismatch (error 10; flags: non-production server) -- ")
-    assert "SHA-256" in words
+    happening = sp.classify_event(_event(3, 0, 10 | NON_PRODUCTION), _app())
+    assert happening.state == sp.FAILED
+    assert happening.words.startswith(
+        "update failed: payload hash mismatch (error 10; flags: non-production server) -- ")
+    assert "SHA-256" in happening.words
+
+
+@pytest.mark.parametrize("event, expected", [
+    (_event(3, 0, 5 | NON_PRODUCTION), True),
+    (_event(3, 0, 5), True),
+    (_event(3, 0, 10 | NON_PRODUCTION), False),
+    (_event(3, 9, 5), False),  # deferred, not failed
+    (_event(3, 0), False),
+])
+def test_postinstall_failure(event, expected):
+    assert sp.is_postinstall_failure(event, _app()) is expected
 
 
 def test_describe_machine_from_a_real_request():

@@ -134,7 +134,7 @@ def test_package_dir_picks_up_the_os_payload_and_every_extension(release_dir):
         ("oem-azure.gz", "oem-azure.gz")]
     assert all(s.expected and s.source == os.path.basename(s.path) + ".sha256" for s in specs)
     release = sp.load_release(None, "9999.9.9", package_dir=str(release_dir))
-    assert all(p.verified == "verified against %s.sha256" % os.path.basename(p.path)
+    assert all(sp.checksum_words(p) == "verified against %s.sha256" % os.path.basename(p.path)
                for p in release.packages)
 
 
@@ -184,12 +184,13 @@ def test_sha256_flag_for_the_os_payload(tmp_path):
     shutil.copy(DEMO_PAYLOAD, path)  # no sidecar here
     digest = hashlib.sha256(file_bytes(path)).hexdigest()
     release = sp.load_release(path, "9999.9.9", sha256=digest.upper())
-    assert release.packages[0].verified == "verified against --sha256"
+    assert sp.checksum_words(release.packages[0]) == "verified against --sha256"
     with pytest.raises(sp.PayloadError, match="does not match --sha256"):
         sp.load_release(path, "9999.9.9", sha256="0" * 64)
     with pytest.raises(sp.PayloadError, match="is not a SHA-256: it must be 64 hex digits"):
         sp.load_release(path, "9999.9.9", sha256="abc")
-    assert sp.load_release(path, "9999.9.9").packages[0].verified.startswith("no .sha256 found")
+    assert sp.checksum_words(sp.load_release(path, "9999.9.9").packages[0]).startswith(
+        "no .sha256 found")
 
 
 def test_a_bad_extension_is_reported_before_any_hashing(tmp_path):

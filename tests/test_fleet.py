@@ -9,31 +9,7 @@ import pytest
 
 import serve_package as sp
 
-from conftest import DEMO_PAYLOAD, Running, fixture_bytes
-
-CHECK = fixture_bytes("requests", "flatcar-update-check.xml")
-EVENT = fixture_bytes("requests", "flatcar-event-download-started.xml")
-PING = fixture_bytes("requests", "flatcar-ping-only.xml")
-NON_PRODUCTION = 1 << 28
-
-
-def as_machine(body: bytes, alias: str = "node-3", version: str = "3760.2.0") -> bytes:
-    return (body.replace(b'machinealias=""', b'machinealias="%s"' % alias.encode())
-            .replace(b'version="3815.2.5" track', b'version="%s" track' % version.encode()))
-
-
-def event(kind: int, result: int, code: int = None, alias="node-3", version="3760.2.0") -> bytes:
-    attrs = b'eventtype="%d" eventresult="%d"' % (kind, result)
-    if code is not None:
-        attrs += b' errorcode="%d"' % code
-    return as_machine(EVENT.replace(b'eventtype="13" eventresult="1"', attrs), alias, version)
-
-
-def check(alias="node-3", version="3760.2.0", previous=None) -> bytes:
-    body = as_machine(CHECK, alias, version)
-    if previous is not None:
-        body = body.replace(b'previousversion=""', b'previousversion="%s"' % previous.encode())
-    return body
+from conftest import DEMO_PAYLOAD, NON_PRODUCTION, PING, Running, as_machine, check, event
 
 
 class Walk:
@@ -209,10 +185,10 @@ def test_html_status_page(walk):
 
 
 def test_summary_table():
-    fleet = sp.Fleet(sp.load_release(DEMO_PAYLOAD, "3815.2.5"), lambda *a: None)
+    fleet = sp.Fleet(sp.load_release(DEMO_PAYLOAD, "3815.2.5"), sp.UPDATE_TIMEOUT)
     app = sp.parse_request(check()).apps[0]
-    fleet.request(app, "10.0.0.7", sp.Decision(True, "older"))
+    fleet.request(app, "10.0.0.7", sp.Decision(True, "older"), 1000.0)
     assert fleet.summary().splitlines() == [
         "1 machine(s):",
         "  node-3               10.0.0.7         3760.2.0 \u2192 3815.2.5          offered"]
-    assert sp.Fleet(fleet.release, lambda *a: None).summary() == "no machine checked in"
+    assert sp.Fleet(fleet.release, sp.UPDATE_TIMEOUT).summary() == "no machine checked in"

@@ -12,22 +12,10 @@ import pytest
 
 import serve_package as sp
 
-from conftest import Running, big_payload, fixture_bytes, wait_for_log
+from conftest import CHECK as FLATCAR
+from conftest import Running, big_payload, post_raw, wait_for_log
 
-FLATCAR = fixture_bytes("requests", "flatcar-update-check.xml")
 PATH = "/packages/update.gz"
-
-
-def post_raw(port: int, body: bytes, timeout: float = 10) -> bytes:
-    head = b"POST /v1/update HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(head % len(body) + body)
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
 
 
 def still_serving(running) -> None:
@@ -67,8 +55,7 @@ def test_hostile_bodies_get_400_quickly_and_the_server_keeps_serving(server, bod
 
 
 def test_content_length_longer_than_the_body(demo_release):
-    with Running(demo_release) as running:
-        running.server.idle_timeout = 1
+    with Running(demo_release, idle_timeout=1) as running:
         with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
             sock.sendall(b"POST /v1/update HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n"
                          + FLATCAR)  # shorter than promised, and then silence
@@ -132,8 +119,7 @@ def test_slow_clients_do_not_starve_an_update_check(server):
 
 
 def test_trickling_client_is_cut_at_the_request_deadline(demo_release, caplog):
-    with Running(demo_release) as running:
-        running.server.idle_timeout = 1
+    with Running(demo_release, idle_timeout=1) as running:
         with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
             began = time.monotonic()
             cut = False
@@ -157,8 +143,7 @@ def test_trickling_client_is_cut_at_the_request_deadline(demo_release, caplog):
 
 
 def test_connection_limit_answers_503_with_retry_after(demo_release, caplog):
-    with Running(demo_release) as running:
-        running.server.max_connections = 10
+    with Running(demo_release, max_connections=10) as running:
         held = [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(10)]
         try:
             deadline = time.monotonic() + 5

@@ -24,8 +24,7 @@ def large(tmp_path_factory):
 
 @pytest.fixture
 def slow_server(large):
-    running = Running(sp.load_release(large[0], "9999.9.9"))
-    running.server.idle_timeout = IDLE
+    running = Running(sp.load_release(large[0], "9999.9.9"), idle_timeout=IDLE)
     yield running
     running.stop()
 

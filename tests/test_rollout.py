@@ -20,24 +20,8 @@ import pytest
 import serve_package as sp
 
 from clients import update_engine_reads
-from conftest import DEMO_PAYLOAD, DEMO_VERSION, PyzProcess, Running, run_pyz
-from test_cli import one_sentence_error
-from test_fleet import check, event
-
-DEMO_ARGS = ["--package-file", DEMO_PAYLOAD, "--package-version", DEMO_VERSION]
-
-
-def machine(n: int, version="3760.2.0", group="stable") -> bytes:
-    """Machine n's update check: its own id and alias."""
-    mid = ("%032x" % (n + 1)).encode()
-    return (check(alias="node-%d" % n, version=version)
-            .replace(b"0123456789abcdef0123456789abcdef", mid)
-            .replace(b'track="stable"', b'track="%s"' % group.encode()))
-
-
-def machine_event(n: int, kind: int, result: int, code=None) -> bytes:
-    return event(kind, result, code, alias="node-%d" % n).replace(
-        b"0123456789abcdef0123456789abcdef", ("%032x" % (n + 1)).encode())
+from conftest import (DEMO_ARGS, DEMO_PAYLOAD, DEMO_VERSION, Clock, PyzProcess, Running, machine,
+                      machine_event, one_sentence_error, run_pyz)
 
 
 def offered(running, body) -> bool:
@@ -46,10 +30,8 @@ def offered(running, body) -> bool:
     return b'<updatecheck status="ok">' in answer
 
 
-def policy_server(demo_release, **policy):
-    running = Running(demo_release)
-    running.server.configure(sp.Policy(**policy))
-    return running
+def policy_server(demo_release, clock=time.time, **policy):
+    return Running(demo_release, clock=clock, policy=sp.Policy(**policy))
 
 
 def test_force_offers_reinstall_and_downgrade(demo_release, caplog):
@@ -98,7 +80,8 @@ def test_min_version_warns_once(demo_release, caplog):
 
 
 def test_max_concurrent_slots_freed_by_install_failure_and_timeout(demo_release):
-    with policy_server(demo_release, max_concurrent=2, update_timeout=1.5) as running:
+    clock = Clock()
+    with policy_server(demo_release, clock, max_concurrent=2, update_timeout=1.5) as running:
         assert offered(running, machine(1)) and offered(running, machine(2))
         assert not offered(running, machine(3))  # both slots taken
         assert offered(running, machine(1))  # a machine with a slot keeps its offer
@@ -108,7 +91,7 @@ def test_max_concurrent_slots_freed_by_install_failure_and_timeout(demo_release)
         running.post(machine_event(2, 3, 0, 9 | 1 << 28))  # failed: slot freed
         assert offered(running, machine(4))
         assert not offered(running, machine(5))
-        time.sleep(1.6)  # machines 3 and 4 never finish: --update-timeout frees their slots
+        clock.advance(1.6)  # machines 3 and 4 never finish: --update-timeout frees their slots
         assert offered(running, machine(5))
         status = json.loads(running.request("GET", "/status.json")[2])
         waiting = [m for m in status["machines"] if m["alias"] == "node-5"][0]
@@ -129,23 +112,25 @@ def test_max_concurrent_holds_under_a_burst(demo_release):
 
 def test_pause_file_mid_rollout(demo_release, tmp_path):
     pause = tmp_path / "pause"
-    with policy_server(demo_release, pause_file=str(pause)) as running:
+    clock = Clock()
+    with policy_server(demo_release, clock, pause_file=str(pause)) as running:
         assert offered(running, machine(1))
         pause.write_text("")
-        time.sleep(1.1)  # looked at once a second
-        assert not offered(running, machine(2))  # no new offers
+        assert offered(running, machine(2))  # looked at once a second: not yet seen
+        clock.advance(1)
+        assert not offered(running, machine(3))  # no new offers
         assert offered(running, machine(1))  # mid-update: continues
         pause.unlink()
-        time.sleep(1.1)
-        assert offered(running, machine(2))
+        assert not offered(running, machine(3))  # still the same second
+        clock.advance(1)
+        assert offered(running, machine(3))
 
 
 # --- addresses and mirrors --------------------------------------------------------------------
 
 def test_base_url_and_mirrors_in_order(demo_release):
-    with Running(demo_release) as running:
-        running.server.configure(sp.Policy(), "https://updates.example/flatcar/",
-                                 ["http://mirror-1.example/f/", "http://mirror-2.example/"])
+    with Running(demo_release, base_url="https://updates.example/flatcar/",
+                 mirrors=("http://mirror-1.example/f/", "http://mirror-2.example/")) as running:
         offer = update_engine_reads(running.post(machine(1))[2])
         assert offer.urls == ["https://updates.example/flatcar/update.gz",
                               "http://mirror-1.example/f/update.gz",

@@ -10,8 +10,8 @@ import pytest
 
 import serve_package as sp
 
-from conftest import DEMO_PAYLOAD, ROOT, Running
-from test_fleet import check, event
+from conftest import DEMO_PAYLOAD, ROOT, Running, check, event
+
 
 NON_PRODUCTION = 1 << 28
 ARTIFACTS = os.environ.get("SERVE_PACKAGE_ARTIFACTS", os.path.join(ROOT, ".ci", "artifacts"))

@@ -36,8 +36,8 @@ def test_numbers_compare_as_integers_and_build_is_ignored():
 @pytest.mark.parametrize("text", ["3815.2", "abc", "3815.2.5-rc1", "", "3815.2.5.1"])
 def test_package_version_must_be_major_minor_patch(text):
     with pytest.raises(ValueError, match="is not a version like 3815.2.5"):
-        sp.parse_package_version(text)
+        sp.parse_release_version(text)
 
 
 def test_package_version_accepts_build_metadata():
-    assert sp.parse_package_version("3340.0.0+nightly-20220823-2100") == (3340, 0, 0, 0)
+    assert sp.parse_release_version("3340.0.0+nightly-20220823-2100") == (3340, 0, 0, 0)

@@ -12,14 +12,17 @@ ue-rs extension downloader and the old grep-based post-install scripts); each pl
 needs something particular says which client and why. The file reads top to bottom in the
 order data flows through it:
 
-  1. Codes and names    event types, results and error codes as words
+  1. Codes and names    event types, results, error codes and machine states as words;
+                        classify_event(); clean() and the format_* words; PerSecond
   2. Versions           parse and compare 3815.2.5 (+build ignored)
-  3. Payloads           CrAU inspection, one-pass hashing, the Package record
+  3. Payloads           CrAU inspection, one-pass hashing, the Package and Release records
   4. Protocol           parse_request(bytes) and render_response(...), pure
-  5. Policy             decide() what each app is offered, under the rollout rules
-  6. Fleet              what each machine is doing, in words: log lines, status page, JSON
-  7. HTTP               the handler: Omaha endpoint, payload serving, status endpoints
-  8. Program            argparse, logging, signals, main()
+  5. Policy             decide() what each app is offered, under the rollout rules, pure
+  6. Fleet              what each machine is doing (Machine, Fleet: given the time, they return
+                        the lines to log), advice, the status document and page
+  7. HTTP               Settings; the Handler (HTTP framing: Omaha endpoint, payload serving,
+                        status endpoints); the Server, whose answer() is one request's flow
+  8. Program            logging, the flag table, settings_from(), the banner, signals, main()
 
 Standard library only; runs on Python 3.8 and newer.
 """
@@ -821,6 +824,7 @@ MAX_BODY = 1 << 20  # as go-omaha; update_engine's requests are under 2 KiB
 MAX_MARKUP = 256  # '<' characters: elements, comments and the like; update_engine sends ~10
 MAX_APPS = 16  # update_engine sends one
 MAX_ATTRIBUTE = 4096
+MAX_NUMBER_DIGITS = 12  # error codes are 32-bit: 10 digits and a sign are enough
 
 
 class RequestError(ValueError):
@@ -864,7 +868,7 @@ def _int_attr(attrs: Dict[str, str], name: str, required: bool) -> Optional[int]
             raise RequestError("<event> has no %s" % name)
         return None
     try:
-        if len(text) > 12:
+        if len(text) > MAX_NUMBER_DIGITS:
             raise ValueError
         return int(text)
     except ValueError:
@@ -1224,8 +1228,14 @@ class Machine:
         self.target, self.error, self.offered_at = version, None, now
         self.state, self.detail = OFFERED, "offered"
 
-    def change(self, state: str, detail: str) -> bool:
-        """Move to a state; False when it is where it was, in the same words."""
+    def seen_at(self, now: float) -> None:
+        self.last_seen = now
+
+    def change(self, state: str, detail: str, target: Optional[str] = None) -> bool:
+        """Move to a state (and target version, when given); False when it is where it was,
+        in the same words."""
+        if target is not None:
+            self.target = target
         if (self.state, self.detail) == (state, detail):
             return False
         self.state, self.detail = state, detail
@@ -1341,7 +1351,7 @@ class Fleet:
         machine = self.machines.get(key)
         if machine is None:
             machine = self.machines[key] = Machine(key, address, now)
-        machine.last_seen = now
+        machine.seen_at(now)
         self.by_address[address] = key
         return machine
 
@@ -1368,8 +1378,7 @@ class Fleet:
                 machine.offer(self.release.version, now)
                 return [machine.note(logging.INFO, "state")]
         elif machine.state in (NEW, IDLE, OFFERED):
-            machine.target = ""
-            if machine.change(IDLE, decision.reason):
+            if machine.change(IDLE, decision.reason, target=""):
                 return [machine.note(logging.INFO, "state")]
         return []
 
@@ -2039,8 +2048,8 @@ class Server(http.server.ThreadingHTTPServer):
         self.started = clock()
         # Looked at no more than once a second: each look is a syscall, checks come by the
         # thousand; downloads look at their payload between every chunk they send.
-        self.paused = PerSecond(self._look_paused, False)
-        self.payloads_intact = PerSecond(self._look_intact, True)
+        self._paused = PerSecond(self._look_paused, False)
+        self._intact = PerSecond(self._look_intact, True)
         self.lock = threading.Lock()
         self.warned = set()  # type: set
         self.connections = 0
@@ -2118,6 +2127,14 @@ class Server(http.server.ThreadingHTTPServer):
         return status_document(self.release, self.fleet.snapshot(), self.started)
 
     # -- payload files and the pause file, looked at once a second -------------------------
+
+    def paused(self, now: float) -> bool:
+        """Whether --pause-file exists (as of the last second)."""
+        return self._paused(now)
+
+    def payloads_intact(self, now: float) -> bool:
+        """Whether every payload is still the file hashed at startup (as of the last second)."""
+        return self._intact(now)
 
     def _look_paused(self, was_paused: bool, _second: int) -> bool:
         """Whether --pause-file exists; a change is logged."""

@@ -9,7 +9,8 @@ import pytest
 
 import serve_package as sp
 
-from conftest import DEMO_PAYLOAD, NON_PRODUCTION, PING, Running, as_machine, check, event
+from conftest import (DEMO_PAYLOAD, NON_PRODUCTION, PING, Running, as_machine, check, event,
+                      machine, machine_event)
 
 
 class Walk:
@@ -192,3 +193,74 @@ def test_summary_table():
         "1 machine(s):",
         "  node-3               10.0.0.7         3760.2.0 \u2192 3815.2.5          offered"]
     assert sp.Fleet(fleet.release, sp.UPDATE_TIMEOUT).summary() == "no machine checked in"
+
+
+# --- the fleet's state machine, pure: no server, no sleep, the time given by the test ---------
+
+@pytest.fixture
+def fleet():
+    return sp.Fleet(sp.load_release(DEMO_PAYLOAD, "3815.2.5"), 600.0)
+
+
+def offer_to(fleet, n, now, limit=0):
+    """Machine n's update check under --max-concurrent LIMIT, as Server.answer makes it."""
+    app = sp.parse_request(machine(n)).apps[0]
+    policy = sp.Policy(max_concurrent=limit)
+    decision, notes = fleet.admit(app, "10.0.0.%d" % n, now, True, limit > 0,
+                                  lambda slots: sp.decide(app, fleet.release, policy=policy,
+                                                          slots=slots))
+    notes += fleet.request(app, "10.0.0.%d" % n, decision, now)
+    return decision, notes
+
+
+def report(fleet, n, body, now):
+    return fleet.request(sp.parse_request(body).apps[0], "10.0.0.%d" % n, None, now)
+
+
+def test_fleet_walks_an_update_and_says_each_change_once(fleet):
+    decision, notes = offer_to(fleet, 1, 100.0)
+    assert decision.offer
+    assert [n.text for n in notes] == ["node-1 (10.0.0.1, azure) 3760.2.0 \u2192 3815.2.5: offered"]
+    assert offer_to(fleet, 1, 101.0)[1] == []  # the same offer again: nothing new to say
+    steps = [(machine_event(1, 13, 1), sp.DOWNLOADING), (machine_event(1, 14, 1), sp.DOWNLOADED),
+             (machine_event(1, 3, 1), sp.INSTALLED)]
+    for now, (body, state) in enumerate(steps, 102):
+        notes = report(fleet, 1, body, float(now))
+        assert len(notes) == 1 and notes[0].facts["machine"]["state"] == state
+    machine_id = "%032x" % 2
+    assert fleet.machines[machine_id].last_seen == 104.0
+    assert fleet.machines[machine_id].first_seen == 100.0
+    complete = sp.parse_request(machine(1, version="3815.2.5").replace(
+        b'previousversion=""', b'previousversion="3760.2.0"')).apps[0]
+    notes = fleet.request(complete, "10.0.0.1", sp.decide(complete, fleet.release), 105.0)
+    assert [n.text for n in notes] == [
+        "node-1 (10.0.0.1, azure) 3815.2.5: update complete: rebooted from 3760.2.0 into 3815.2.5"]
+    assert fleet.snapshot()[0]["from_version"] == "3760.2.0"
+
+
+def test_failure_is_a_warning_and_keeps_the_error(fleet):
+    offer_to(fleet, 1, 100.0)
+    notes = report(fleet, 1, machine_event(1, 3, 0, 10 | NON_PRODUCTION), 101.0)
+    assert [n.level for n in notes] == [logging.WARNING]
+    assert fleet.snapshot()[0]["error"]["base"] == 10
+
+
+def test_slots_are_held_until_the_update_timeout_of_the_given_clock(fleet):
+    assert offer_to(fleet, 1, 1000.0, limit=1)[0].offer
+    refused = offer_to(fleet, 2, 1599.0, limit=1)[0]
+    assert not refused.offer and refused.reason.startswith("waiting for a slot")
+    assert offer_to(fleet, 2, 1600.0, limit=1)[0].offer  # 600 s after machine 1's offer
+
+
+def test_download_progress_is_said_every_ten_percent(fleet):
+    offer_to(fleet, 1, 100.0)
+    report(fleet, 1, machine_event(1, 13, 1), 101.0)
+    package = fleet.release.packages[0]
+    step = package.size // 20
+    said = []
+    for i in range(1, 21):
+        end = package.size if i == 20 else i * step
+        said += fleet.download("10.0.0.1", package, end, end, 1.0, 102.0)
+    percents = [n.facts["machine"]["download"]["percent"] for n in said]
+    assert len(said) == 11 and percents[-1] == 100.0  # 5%, 15%, ... and the end
+    assert all(n.facts["event"] == "progress" for n in said)

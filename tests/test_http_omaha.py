@@ -36,8 +36,13 @@ def test_endpoint_paths(server, path):
 
 
 def test_absolute_form_request_target(server):
+    """RFC 9112 section 3.2.2: a server must accept the absolute form; it is the same endpoint
+    and the same answer (the codebase still comes from the Host header)."""
     status, _, body = server.post(FLATCAR, path="http://127.0.0.1:%d/v1/update" % server.port)
     assert status == 200
+    assert update_engine_reads(body).urls == [
+        "http://127.0.0.1:%d/packages/update.gz" % server.port]
+    assert body == server.post(FLATCAR)[2]
 
 
 def test_events_and_pings_get_complete_documents(server):

@@ -2,6 +2,7 @@
 
 import io
 import ipaddress
+import socket
 
 import pytest
 
@@ -48,9 +49,17 @@ def test_no_progress_when_not_a_terminal(monkeypatch):
 
 
 def test_local_addresses_are_real_and_not_loopback():
-    for address in sp.local_addresses():
+    """Every address the banner suggests belongs to an interface of this host: the kernel lets
+    us bind it. This machine has at least one such address (the container's own)."""
+    addresses = sp.local_addresses()
+    assert addresses, "no non-loopback address found on this host"
+    assert len(addresses) == len(set(addresses))
+    for address in addresses:
         ip = ipaddress.ip_address(address)
         assert not ip.is_loopback and not ip.is_unspecified
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))  # EADDRNOTAVAIL if it were not ours
 
 
 def test_url_host():

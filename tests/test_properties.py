@@ -23,11 +23,20 @@ def test_any_bytes_parse_or_are_refused(body):
 
 @given(st.integers(min_value=0, max_value=len(FLATCAR) - 1), st.binary(min_size=1, max_size=8))
 def test_damaged_real_requests_parse_or_are_refused(position, garbage):
+    """A damaged request either parses into the shape update_engine sends (one app, attributes
+    as strings, events with numbers) or is refused with a one-line reason."""
     body = FLATCAR[:position] + garbage + FLATCAR[position + len(garbage):]
     try:
-        sp.parse_request(body)
-    except sp.RequestError:
-        pass
+        request = sp.parse_request(body)
+    except sp.RequestError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    assert 1 <= len(request.apps) <= sp.MAX_APPS
+    for app in request.apps:
+        assert all(isinstance(value, str) for value in app[:7])
+        for event in app.events:
+            assert isinstance(event.type, int) and isinstance(event.result, int)
+            assert event.errorcode is None or isinstance(event.errorcode, int)
 
 
 @given(st.text(max_size=300))

@@ -10,6 +10,7 @@ import http.server
 import json
 import logging
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -21,7 +22,7 @@ import serve_package as sp
 
 from clients import update_engine_reads
 from conftest import (DEMO_ARGS, DEMO_PAYLOAD, DEMO_VERSION, Clock, PyzProcess, Running, machine,
-                      machine_event, one_sentence_error, run_pyz)
+                      machine_event, one_sentence_error, read_until_closed, run_pyz)
 
 
 def offered(running, body) -> bool:
@@ -210,7 +211,8 @@ def test_https_with_basic_auth(pyz, certificate, tmp_path, demo_bytes):
         conn.request("GET", "/packages/update.gz")
         response = conn.getresponse()
         assert response.status == 401 and response.getheader("WWW-Authenticate").startswith("Basic ")
-        response.read()
+        assert response.read() == b"credentials are required to download (DOWNLOAD_USER and " \
+            b"DOWNLOAD_PASSWORD in update.conf)\n"
         good = "Basic " + base64.b64encode(b"core:s3cret").decode()
         conn.request("GET", "/packages/update.gz", headers={"Authorization": good,
                                                             "Range": "bytes=100-"})
@@ -220,7 +222,7 @@ def test_https_with_basic_auth(pyz, certificate, tmp_path, demo_bytes):
             "Authorization": "Basic " + base64.b64encode(b"core:wrong").decode()})
         response = conn.getresponse()
         assert response.status == 401
-        response.read()
+        assert response.read().startswith(b"credentials are required")
         conn.close()
         url = offer.urls[0]
         curl = ["curl", "-s", "--cacert", cert, "-o", "/dev/null", "-w", "%{http_code}"]
@@ -230,10 +232,9 @@ def test_https_with_basic_auth(pyz, certificate, tmp_path, demo_bytes):
                              stdout=subprocess.PIPE, check=True).stdout
         assert got == demo_bytes
         # a client that does not speak TLS is turned away without harm
-        import socket
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as plain:
             plain.sendall(b"GET / HTTP/1.1\r\n\r\n")
-            plain.recv(100)
+            assert b"HTTP/1.1 200" not in read_until_closed(plain)  # no page in the clear
         conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=10)
         conn.request("GET", "/healthz")
         assert conn.getresponse().read() == b"ok\n"

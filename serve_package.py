@@ -29,6 +29,7 @@ Standard library only; runs on Python 3.8 and newer.
 
 import argparse
 import base64
+import binascii
 import contextlib
 import email.utils
 import errno
@@ -186,9 +187,11 @@ def error_hint(code: int) -> Optional[str]:
 NEW, IDLE, OFFERED = "new", "idle", "offered"
 DOWNLOADING, DOWNLOADED, INSTALLED, COMPLETE = "downloading", "downloaded", "installed", "complete"
 FAILED, ROLLED_BACK, DEFERRED = "failed", "rolled-back", "deferred"
+WRONG_BOARD, OTHER_VERSION = "wrong-board", "other-version"  # never offered, until a restart
 UNDER_WAY = (OFFERED, DOWNLOADING, DOWNLOADED, INSTALLED)
 HOLDS_SLOT = (OFFERED, DOWNLOADING, DOWNLOADED)  # a --max-concurrent slot; freed at installed
-UNHAPPY = (FAILED, ROLLED_BACK, DEFERRED)
+UNHAPPY = (FAILED, ROLLED_BACK, DEFERRED, OTHER_VERSION)
+REFUSED = (NEW, IDLE, OFFERED, WRONG_BOARD, OTHER_VERSION)  # what a "no" to a check may change
 
 # update_engine sends this previousversion on a routine check; a real version there means it
 # rebooted into an update (flatcar/update_engine: src/update_engine/omaha_request_action.cc,
@@ -354,10 +357,50 @@ class PayloadError(Exception):
     """A served file is unusable; the message is one sentence for the operator."""
 
 
-class PayloadHeader(NamedTuple):
+class Manifest(NamedTuple):
+    """What the payload's header and manifest say of the file (flatcar/update_engine:
+    src/update_engine/update_metadata.proto, DeltaArchiveManifest, Flatcar's fork)."""
     format_version: int
-    manifest_size: int
-    expected_size: Optional[int]  # from the manifest's signature extent, when present
+    size: int  # bytes of the manifest itself
+    signatures_offset: Optional[int]  # from the end of the manifest: the signature blob
+    signatures_size: Optional[int]
+    kernel: Optional["Operation"]  # the operation that writes the kernel's first block
+
+    @property
+    def data_start(self) -> int:
+        return CRAU_HEADER.size + self.size
+
+    @property
+    def signed_end(self) -> Optional[int]:
+        """The signed range is every byte before the signature blob."""
+        if self.signatures_offset is None:
+            return None
+        return self.data_start + self.signatures_offset
+
+    @property
+    def expected_size(self) -> Optional[int]:
+        if self.signed_end is None or self.signatures_size is None:
+            return None
+        return self.signed_end + self.signatures_size
+
+
+class Operation(NamedTuple):
+    type: int  # OP_REPLACE, OP_REPLACE_BZ, ...
+    data_offset: int  # from the end of the manifest
+    data_length: int
+    first_block: Optional[int]  # dst_extents[0].start_block
+
+
+# Field numbers (update_metadata.proto): the manifest's, an InstallOperation's, an Extent's, a
+# Procedure's (Flatcar's own field 10: the kernel and the PCR policy), and the signature blob's.
+M_SIGNATURES_OFFSET, M_SIGNATURES_SIZE, M_PROCEDURES = 4, 5, 10
+OP_TYPE, OP_DATA_OFFSET, OP_DATA_LENGTH, OP_DST_EXTENTS = 1, 2, 3, 6
+EXTENT_START_BLOCK = 1
+PROCEDURE_TYPE, PROCEDURE_OPERATIONS = 1, 2
+PROCEDURE_KERNEL = 0
+OP_REPLACE, OP_REPLACE_BZ = 0, 1
+SIGNATURES_ENTRY, SIGNATURE_VERSION, SIGNATURE_DATA = 1, 1, 2
+CHECKED_SIGNATURE_VERSION = 2  # update_engine checks only this entry (payload_verifier.cc)
 
 
 def _read_varint(buf: bytes, pos: int) -> Tuple[int, int]:
@@ -373,36 +416,66 @@ def _read_varint(buf: bytes, pos: int) -> Tuple[int, int]:
         shift += 7
 
 
-def manifest_signature_extent(manifest: bytes) -> Optional[Tuple[int, int]]:
-    """(signatures_offset, signatures_size) from a DeltaArchiveManifest (protobuf fields 4 and 5).
-
-    Walks only the top-level fields; None when either is absent or the manifest does not parse.
-    """
-    fields = {}
+def protobuf_fields(buf: bytes) -> List[Tuple[int, Any]]:
+    """A protobuf message's fields in order, as (number, int or bytes); fixed-width fields
+    are skipped. ValueError when it does not parse."""
+    fields = []  # type: List[Tuple[int, Any]]
     pos = 0
-    try:
-        while pos < len(manifest):
-            key, pos = _read_varint(manifest, pos)
-            number, wire = key >> 3, key & 7
-            if wire == 0:
-                value, pos = _read_varint(manifest, pos)
-                fields[number] = value
-            elif wire == 1:
-                pos += 8
-            elif wire == 2:
-                length, pos = _read_varint(manifest, pos)
-                pos += length
-            elif wire == 5:
-                pos += 4
-            else:
-                return None
-        if pos != len(manifest):
-            return None
-    except ValueError:
-        return None
-    if 4 in fields and 5 in fields:
-        return fields[4], fields[5]
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+            fields.append((number, value))
+        elif wire == 2:
+            length, pos = _read_varint(buf, pos)
+            if pos + length > len(buf):
+                raise ValueError("a field runs past the end")
+            fields.append((number, bytes(buf[pos:pos + length])))
+            pos += length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError("wire type %d" % wire)
+    if pos != len(buf):
+        raise ValueError("the last field runs past the end")
+    return fields
+
+
+def _first(fields: List[Tuple[int, Any]], number: int, kind: type) -> Any:
+    for field, value in fields:
+        if field == number and isinstance(value, kind):
+            return value
     return None
+
+
+def _operation(message: bytes) -> Operation:
+    fields = protobuf_fields(message)
+    extent = _first(fields, OP_DST_EXTENTS, bytes)
+    return Operation(_first(fields, OP_TYPE, int) or 0, _first(fields, OP_DATA_OFFSET, int) or 0,
+                     _first(fields, OP_DATA_LENGTH, int) or 0,
+                     None if extent is None else _first(protobuf_fields(extent),
+                                                        EXTENT_START_BLOCK, int) or 0)
+
+
+def parse_manifest(format_version: int, manifest: bytes) -> Manifest:
+    """The manifest's signature extent and kernel operation; a manifest that does not parse
+    says neither (the caller then finds no signature)."""
+    try:
+        fields = protobuf_fields(manifest)
+        kernel = None
+        for number, value in fields:
+            if number != M_PROCEDURES or not isinstance(value, bytes):
+                continue
+            procedure = protobuf_fields(value)
+            if _first(procedure, PROCEDURE_TYPE, int) in (None, PROCEDURE_KERNEL):
+                operations = [_operation(op) for field, op in procedure
+                              if field == PROCEDURE_OPERATIONS and isinstance(op, bytes)]
+                kernel = next((op for op in operations if op.first_block == 0), kernel)
+    except ValueError:
+        return Manifest(format_version, len(manifest), None, None, None)
+    return Manifest(format_version, len(manifest), _first(fields, M_SIGNATURES_OFFSET, int),
+                    _first(fields, M_SIGNATURES_SIZE, int), kernel)
 
 
 def describe_foreign_file(head: bytes) -> str:
@@ -426,7 +499,7 @@ def describe_foreign_file(head: bytes) -> str:
     return "it starts with %s instead" % (head[:4].hex() or "nothing")
 
 
-def inspect_payload(fd: int, size: int, label: str) -> PayloadHeader:
+def inspect_payload(fd: int, size: int, label: str) -> Manifest:
     """Check the CrAU header and, when the manifest says, that the file is complete."""
     head = os.pread(fd, 64, 0)
     if not head.startswith(CRAU_MAGIC):
@@ -434,27 +507,194 @@ def inspect_payload(fd: int, size: int, label: str) -> PayloadHeader:
     if len(head) < CRAU_HEADER.size:
         raise PayloadError("%s is truncated: it ends inside the payload header." % label)
     _, format_version, manifest_size = CRAU_HEADER.unpack_from(head)
-    expected = None
-    if format_version == 1 and manifest_size <= MAX_MANIFEST:
-        if CRAU_HEADER.size + manifest_size > size:
-            raise PayloadError(
-                "%s is truncated: it ends inside the payload manifest (%d bytes); "
-                "copy it again." % (label, size))
-        manifest = os.pread(fd, manifest_size, CRAU_HEADER.size)
-        extent = manifest_signature_extent(manifest)
-        if extent is not None:
-            expected = CRAU_HEADER.size + manifest_size + extent[0] + extent[1]
-            if expected != size:
-                raise PayloadError(
-                    "%s is %s: its header says %d bytes but the file has %d; copy it again."
-                    % (label, "truncated" if size < expected else "longer than its header says",
-                       expected, size))
-    return PayloadHeader(format_version, manifest_size, expected)
+    if format_version != 1 or manifest_size > MAX_MANIFEST:
+        return Manifest(format_version, manifest_size, None, None, None)
+    if CRAU_HEADER.size + manifest_size > size:
+        raise PayloadError("%s is truncated: it ends inside the payload manifest (%d bytes); "
+                           "copy it again." % (label, size))
+    manifest = parse_manifest(format_version, os.pread(fd, manifest_size, CRAU_HEADER.size))
+    expected = manifest.expected_size
+    if expected is not None and expected != size:
+        raise PayloadError(
+            "%s is %s: its header says %d bytes but the file has %d; copy it again."
+            % (label, "truncated" if size < expected else "longer than its header says",
+               expected, size))
+    return manifest
 
 
-def hash_file(fd: int, progress: Optional[Callable[[int], None]] = None
-              ) -> Tuple[bytes, bytes, int]:
-    """SHA-1 and SHA-256 of a file and its length, in one read, the digests computed in parallel.
+# -- signatures: RSASSA-PKCS1-v1_5 with SHA-256, as update_engine checks them -----------------
+# (flatcar/update_engine: src/update_engine/payload_verifier.cc; the keys from flatcar/scripts
+# sdk_container/src/third_party/coreos-overlay/coreos-base/coreos-au-key/files/ and, for
+# CoreOS, coreos/coreos-overlay coreos-base/coreos-au-key/files/)
+
+class PayloadKey(NamedTuple):
+    """A public key machines may hold, and what a payload it signs means for them."""
+    name: str
+    meaning: str
+    modulus: int
+    exponent: int
+
+
+# The DER of SHA-256's DigestInfo, which PKCS #1 v1.5 puts before the digest (RFC 8017 9.2).
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+RSA_ENCRYPTION_OID = bytes.fromhex("2a864886f70d010101")
+
+FLATCAR_RELEASE_KEY = """
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAw/NZ5Tvc93KynOLPDOxa
+hyAGRKB2NvgF9l2A61SsFw5CuZc/k02u1/BvFehK4XL/eOo90Dt8A2l28D/YKs7g
+2IPUSAnA9hc5OKBbpHsDzisxlAh7kg4FpeeJJWJMzO8NDCG5NZVqXEpGjCmX0qSh
+5MLiTDr9dU2YhLo93/92dKnTvsLjUVv5wnuF55Lt2wJv4CbxVn4hHwotGfSomTBO
++7o6hE3VIIo1C6lkP+FAqMyWKA9s6U0x4tGxCXszW3hPWOANLIT4m0e55ayxiy5A
+ESEVW/xx6Rul75u925m21AqA6wwaEB6ZPKTnUiWoNKNv1xi8LPIz12+0nuE6iT1K
+jQIDAQAB"""  # official-v2.pub.pem, in use since 2019
+COREOS_RELEASE_KEY = """
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA7pO21yN+b6yx9P+wHzS2
+clxGs18eWxfoleETLbFVmcXu783rgBP0bFjYfqrNZNaI1Ip6bxEYkPacg0xFg7ri
+lNdO/cxJV5Ltj40wFlpmzJOAH8hx5SF8KWg2NV1I6TS8pp+CQqcvvOKu6AIcWfeY
+11V7eJ8rWcDsnqpTg8T1VRxytsg2UjTMfQwzcGLTb8cQ8AV39ED5WC5NdS9Bld4h
+XqS9Dx6Pe3JOQLZze6XIIwWuB2jxGpM1GWfRNm5nxvne3l7ggC970482a7STGK10
+fD8//k8myVxleMAeQoMRXoRq9p3C84H4Bw8v2dX13kFFCgfEQj6SOZ5huXZKLPpB
+LwIDAQAB"""  # official-v2.pub.pem of CoreOS Container Linux
+FLATCAR_DEVELOPER_KEY = """
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAzFS5uVJ+pgibcFLD3kbY
+k02Edj0HXq31ZT/Bva1sLp3Ysv+QTv/ezjf0gGFfASdgpz6G+zTipS9AIrQr0yFR
++tdp1ZsHLGxVwvUoXFftdapqlyj8uQcWjjbN7qJsZu0Ett/qo93hQ5nHW7Sv5dRm
+/ZsDFqk2Uvyaoef4bF9r03wYpZq7K3oALZ2smETv+A5600mj1Xg5M52QFU67UHls
+EFkZphrGjiqiCdp9AAbAvE7a5rFcJf86YR73QX08K8BX7OMzkn3DsqdnWvLB3l3W
+6kvIuP+75SrMNeYAcU8PI1+bzLcAG3VN3jA78zeKALgynUNH50mxuiiU3DO4DZ+p
+5QIDAQAB"""  # developer-v1.pub.pem: developer images; both halves are published
+
+BUILT_IN_KEYS = (
+    ("Flatcar's release key", "production Flatcar machines accept it", FLATCAR_RELEASE_KEY),
+    ("CoreOS's release key", "CoreOS Container Linux machines accept it; Flatcar machines "
+     "reject it after the download (error 18)", COREOS_RELEASE_KEY),
+    ("the Flatcar developer key", "only machines that trust that key (developer images, "
+     "flatcar-update -D) accept it; production machines reject it after the download "
+     "(error 18)", FLATCAR_DEVELOPER_KEY),
+)
+
+
+def _der(buf: bytes, pos: int, tag: int) -> Tuple[bytes, int]:
+    """The contents of the DER element of this tag at pos, and the position after it."""
+    if pos + 2 > len(buf) or buf[pos] != tag:
+        raise ValueError("expected DER tag 0x%02x" % tag)
+    length, pos = buf[pos + 1], pos + 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 0 < count <= 4 or pos + count > len(buf):
+            raise ValueError("bad DER length")
+        length, pos = int.from_bytes(buf[pos:pos + count], "big"), pos + count
+    if pos + length > len(buf):
+        raise ValueError("DER element runs past the end")
+    return buf[pos:pos + length], pos + length
+
+
+def rsa_public_key(pem: str, name: str, meaning: str) -> PayloadKey:
+    """A key from PEM: SubjectPublicKeyInfo ('BEGIN PUBLIC KEY', as the .pub.pem files are), or
+    PKCS #1 ('BEGIN RSA PUBLIC KEY'), or the base64 of either alone. ValueError if not RSA."""
+    lines = [line.strip() for line in pem.strip().splitlines()]
+    pkcs1 = any("BEGIN RSA PUBLIC KEY" in line for line in lines)
+    if any(line.startswith("-----BEGIN") and "PUBLIC KEY" not in line for line in lines):
+        raise ValueError("it is not a public key (a private key or a certificate?)")
+    der = base64.b64decode("".join(line for line in lines if not line.startswith("-----")),
+                           validate=True)
+    if not pkcs1:
+        info, _ = _der(der, 0, 0x30)
+        algorithm, pos = _der(info, 0, 0x30)
+        oid, _ = _der(algorithm, 0, 0x06)
+        if oid != RSA_ENCRYPTION_OID:
+            raise ValueError("it is not an RSA key")
+        bits, _ = _der(info, pos, 0x03)
+        der = bits[1:]  # a BIT STRING starts with its count of unused bits, 0
+    numbers, _ = _der(der, 0, 0x30)
+    modulus, pos = _der(numbers, 0, 0x02)
+    exponent, _ = _der(numbers, pos, 0x02)
+    return PayloadKey(name, meaning, int.from_bytes(modulus, "big"),
+                      int.from_bytes(exponent, "big"))
+
+
+def built_in_keys() -> List[PayloadKey]:
+    return [rsa_public_key(pem, name, meaning) for name, meaning, pem in BUILT_IN_KEYS]
+
+
+def signature_matches(key: PayloadKey, signature: bytes, digest: bytes) -> bool:
+    """RSASSA-PKCS1-v1_5 verification (RFC 8017 8.2.2): the signature, raised to the key's
+    exponent, must be 00 01 FF..FF 00, SHA-256's DigestInfo, and the digest."""
+    length = (key.modulus.bit_length() + 7) // 8
+    if len(signature) != length:
+        return False
+    value = int.from_bytes(signature, "big")
+    if value >= key.modulus:
+        return False
+    padding = length - 3 - len(SHA256_DIGEST_INFO) - len(digest)
+    expected = b"\x00\x01" + b"\xff" * padding + b"\x00" + SHA256_DIGEST_INFO + digest
+    return hmac.compare_digest(pow(value, key.exponent, key.modulus).to_bytes(length, "big"),
+                               expected)
+
+
+def checked_signature(blob: bytes) -> bytes:
+    """The version-2 signature in a payload's signature blob (Signatures { repeated Signature
+    { version, data } }); ValueError says what is wrong with the blob."""
+    if not blob:
+        raise ValueError("it has no signature blob")
+    try:
+        entries = [protobuf_fields(entry) for number, entry in protobuf_fields(blob)
+                   if number == SIGNATURES_ENTRY and isinstance(entry, bytes)]
+    except ValueError:
+        raise ValueError("its signature blob is malformed") from None
+    if not entries:
+        raise ValueError("its signature blob holds no signature")
+    for entry in entries:
+        if _first(entry, SIGNATURE_VERSION, int) == CHECKED_SIGNATURE_VERSION:
+            data = _first(entry, SIGNATURE_DATA, bytes)
+            if data:
+                return data
+            raise ValueError("its version-2 signature is empty")
+    raise ValueError("its signature blob has no version-2 signature, the only one machines check")
+
+
+# -- boards: only the kernel says (flatcar/scripts: build_library/ and the kernel's own headers) --
+
+BOARDS = ("amd64-usr", "arm64-usr")
+ARCH_BOARDS = {"x86_64": "amd64-usr", "aarch64": "arm64-usr"}  # the suffix of <os sp="...">
+DEFAULT_BOARD = "amd64-usr"  # update_engine's own default when a machine says none
+# Where each kernel image format puts its magic: arm64's Image header, x86's bzImage setup header.
+KERNEL_MAGIC = ((0x38, b"ARM\x64", "arm64-usr"), (0x202, b"HdrS", "amd64-usr"))
+KERNEL_HEAD = 0x210  # enough of the kernel to see either magic
+KERNEL_READ = 2 << 20  # compressed: more than one bzip2 block (at most 900 kB of input each)
+
+
+def kernel_board(fd: int, manifest: Manifest) -> Optional[str]:
+    """The board the payload's kernel is built for; None without a kernel, or one of neither
+    kind. Reads only the first kernel operation's data, and decompresses only its start."""
+    kernel = manifest.kernel
+    if kernel is None or kernel.type not in (OP_REPLACE, OP_REPLACE_BZ):
+        return None
+    wanted = KERNEL_HEAD if kernel.type == OP_REPLACE else KERNEL_READ
+    data = os.pread(fd, min(kernel.data_length, wanted), manifest.data_start + kernel.data_offset)
+    if kernel.type == OP_REPLACE_BZ:
+        import bz2
+        try:
+            data = bz2.BZ2Decompressor().decompress(data, KERNEL_HEAD)
+        except (OSError, ValueError, EOFError):
+            return None
+    for offset, magic, board in KERNEL_MAGIC:
+        if data[offset:offset + len(magic)] == magic:
+            return board
+    return None
+
+
+class Digests(NamedTuple):
+    sha1: bytes
+    sha256: bytes
+    size: int
+    signed_sha256: Optional[bytes]  # of the bytes before `mark`, when the file reached it
+
+
+def hash_file(fd: int, progress: Optional[Callable[[int], None]] = None,
+              mark: Optional[int] = None) -> Digests:
+    """SHA-1 and SHA-256 of a file and its length, in one read, the digests computed in parallel;
+    and the SHA-256 of its first `mark` bytes (the signed range), taken as the read passes it.
 
     The reading thread feeds SHA-1 (the faster of the two) itself and hands each chunk to a
     second thread for SHA-256; hashlib releases the GIL on large buffers, so both run at once.
@@ -462,6 +702,7 @@ def hash_file(fd: int, progress: Optional[Callable[[int], None]] = None
     ones make the threads wait on each other (measured: 1.5 MiB of buffers hash 20% slower).
     """
     sha1, sha256 = hashlib.sha1(), hashlib.sha256()
+    signed = [None]  # type: List[Optional[bytes]]
     free = queue.Queue()  # type: queue.Queue
     work = queue.Queue()  # type: queue.Queue
     for _ in range(HASH_BUFFERS):
@@ -472,8 +713,13 @@ def hash_file(fd: int, progress: Optional[Callable[[int], None]] = None
             item = work.get()
             if item is None:
                 return
-            buf, view = item
-            sha256.update(view)
+            buf, view, offset = item
+            if mark is not None and offset <= mark <= offset + len(view):
+                sha256.update(view[:mark - offset])
+                signed[0] = sha256.copy().digest()
+                sha256.update(view[mark - offset:])
+            else:
+                sha256.update(view)
             view.release()
             free.put(buf)
 
@@ -489,7 +735,7 @@ def hash_file(fd: int, progress: Optional[Callable[[int], None]] = None
             if n == 0:
                 free.put(buf)
                 break
-            work.put((buf, memoryview(buf)[:n]))
+            work.put((buf, memoryview(buf)[:n], done))
             with memoryview(buf)[:n] as view:
                 sha1.update(view)
             done += n
@@ -498,7 +744,7 @@ def hash_file(fd: int, progress: Optional[Callable[[int], None]] = None
     finally:
         work.put(None)
         worker.join()
-    return sha1.digest(), sha256.digest(), done
+    return Digests(sha1.digest(), sha256.digest(), done, signed[0])
 
 
 def _pread_into(fd: int, buf: bytearray, offset: int) -> int:
@@ -537,8 +783,8 @@ class FileGuard:
                 return True
             if current == self.bad_identity:
                 return False
-            _, sha256, size = hash_file(self.fd)
-            if sha256 == self.sha256 and size == self.identity[2]:
+            digests = hash_file(self.fd)
+            if digests.sha256 == self.sha256 and digests.size == self.identity[2]:
                 self.identity = current
                 return True
             self.bad_identity = current
@@ -546,7 +792,7 @@ class FileGuard:
 
 
 class Package(NamedTuple):
-    """One served file: where it is, what it is called on the wire, and its digests."""
+    """One served file: where it is, what it is called on the wire, its digests and signer."""
     name: str
     path: str
     size: int
@@ -557,14 +803,24 @@ class Package(NamedTuple):
     fd: int  # held open for the server's lifetime
     guard: FileGuard
     checked_against: str  # where its expected SHA-256 came from ("" when from nowhere)
+    signer: Optional[PayloadKey] = None  # the key its signature verifies with; None: unchecked
 
     def changed_on_disk(self) -> bool:
         """True when the open file no longer holds the bytes that were hashed."""
         return not self.guard.intact()
 
 
-def open_payload(path: str) -> Tuple[int, os.stat_result]:
+class Opened(NamedTuple):
+    """A payload file opened and checked, before it is hashed."""
+    spec: "PayloadSpec"
+    fd: int
+    st: os.stat_result
+    manifest: Manifest
+
+
+def open_payload(spec: "PayloadSpec") -> Opened:
     """Open a payload and check it is a complete update payload; the caller closes the fd."""
+    path = spec.path
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
@@ -584,32 +840,60 @@ def open_payload(path: str) -> Tuple[int, os.stat_result]:
         if st.st_size == 0:
             raise PayloadError("%s is empty (0 bytes): the download or copy failed." % path)
         try:
-            inspect_payload(fd, st.st_size, path)
+            manifest = inspect_payload(fd, st.st_size, path)
         except OSError as exc:
             raise PayloadError("%s cannot be read: %s." % (path, exc.strerror)) from None
     except BaseException:
         os.close(fd)
         raise
-    return fd, st
+    return Opened(spec, fd, st, manifest)
 
 
-def hash_payload(path: str, name: str, fd: int, st: os.stat_result,
-                 progress: Optional[Callable[[int], None]] = None) -> Package:
-    """Hash an opened payload into its Package; it must not change while it is read."""
+def hash_payload(opened: Opened, progress: Optional[Callable[[int], None]] = None
+                 ) -> Tuple[Package, Optional[bytes]]:
+    """Hash an opened payload into its Package, with the SHA-256 of its signed range; it must
+    not change while it is read."""
+    path, fd, st = opened.spec.path, opened.fd, opened.st
     try:
-        sha1, sha256, hashed = hash_file(fd, progress)
+        digests = hash_file(fd, progress, opened.manifest.signed_end)
     except OSError as exc:
         raise PayloadError("%s cannot be read: %s." % (path, exc.strerror)) from None
-    if hashed != st.st_size or _file_identity(os.fstat(fd)) != _file_identity(st):
+    if digests.size != st.st_size or _file_identity(os.fstat(fd)) != _file_identity(st):
         raise PayloadError("%s changed while it was being hashed; start again once it is "
                            "fully copied." % path)
-    return Package(
-        name=name, path=path, size=st.st_size,
-        sha1_b64=base64.b64encode(sha1).decode("ascii"),
-        sha256_b64=base64.b64encode(sha256).decode("ascii"),
-        sha256_hex=sha256.hex(),
-        mtime=st.st_mtime, fd=fd, guard=FileGuard(fd, _file_identity(st), sha256),
+    package = Package(
+        name=opened.spec.name, path=path, size=st.st_size,
+        sha1_b64=base64.b64encode(digests.sha1).decode("ascii"),
+        sha256_b64=base64.b64encode(digests.sha256).decode("ascii"),
+        sha256_hex=digests.sha256.hex(),
+        mtime=st.st_mtime, fd=fd, guard=FileGuard(fd, _file_identity(st), digests.sha256),
         checked_against="")
+    return package, digests.signed_sha256
+
+
+def signed_by(opened: Opened, signed_sha256: Optional[bytes],
+              keys: Sequence[PayloadKey]) -> PayloadKey:
+    """The key whose signature the payload carries, checked as update_engine checks it; else a
+    PayloadError that says what was tried and the ways out."""
+    manifest, path = opened.manifest, opened.spec.path
+    problem = "no known key verifies its signature"
+    try:
+        if manifest.signed_end is None or signed_sha256 is None:
+            raise ValueError("its manifest names no signature blob")
+        signature = checked_signature(os.pread(opened.fd, manifest.signatures_size or 0,
+                                               manifest.signed_end))
+        for key in keys:
+            if signature_matches(key, signature, signed_sha256):
+                return key
+    except ValueError as exc:
+        problem = str(exc)
+    except OSError as exc:
+        raise PayloadError("%s cannot be read: %s." % (path, exc.strerror)) from None
+    raise PayloadError(
+        "%s would fail the machines' signature check after the download (error 18): %s (keys "
+        "tried: %s); if your own key signed it, add --payload-key FILE with its public half, or "
+        "serve it anyway with --skip-signature-check" % (
+            path, problem, ", ".join(key.name for key in keys)))
 
 
 def checksum_words(package: Package) -> str:
@@ -617,6 +901,14 @@ def checksum_words(package: Package) -> str:
     if not package.checked_against:
         return "no .sha256 found: compare the SHA-256 above with the release's"
     return "verified against " + package.checked_against
+
+
+def signature_words(package: Package) -> str:
+    """What the file's signature means for the machines, for the banner and the status page."""
+    if package.signer is None:
+        return ("signature not checked (--skip-signature-check): machines check it after the "
+                "download and fail with error 18 unless they hold its key")
+    return "signed by %s: %s" % (package.signer.name, package.signer.meaning)
 
 
 # Extension payloads: Flatcar's post-install finds them by name, with the globs *oem-<ID>.gz and
@@ -650,7 +942,7 @@ def extension_name(path: str) -> str:
     return name
 
 
-_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def read_checksum_file(path: str) -> Optional[str]:
@@ -665,7 +957,7 @@ def read_checksum_file(path: str) -> Optional[str]:
     except OSError as exc:
         raise PayloadError("%s cannot be read: %s." % (sidecar, exc.strerror)) from None
     words = text.split()
-    if not words or not _SHA256_HEX.fullmatch(words[0]):
+    if not words or not SHA256_HEX.fullmatch(words[0]):
         raise PayloadError("%s does not start with a SHA-256 (64 hex digits)." % sidecar)
     return words[0].lower()
 
@@ -694,7 +986,7 @@ def plan_payloads(package_file: Optional[str], package_dir: Optional[str],
                  if EXTENSION_NAME.fullmatch(_served_name(entry))]
     if package_file is None:
         raise PayloadError("--package-file (or --package-dir) is required (see --help).")
-    if sha256 is not None and not _SHA256_HEX.fullmatch(sha256):
+    if sha256 is not None and not SHA256_HEX.fullmatch(sha256):
         raise PayloadError("--sha256 %r is not a SHA-256: it must be 64 hex digits." % sha256[:80])
     if sha256 is not None:
         specs = [PayloadSpec(package_file, OS_PAYLOAD_NAME, sha256.lower(), "--sha256")]
@@ -729,28 +1021,167 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def load_packages(specs: Sequence[PayloadSpec],
-                  progress: Optional[Callable[[int, int], None]] = None) -> List[Package]:
-    """Check every file first (so a bad one is reported before minutes of hashing), then hash
-    them, then verify each against its expected SHA-256."""
-    opened = []  # type: List[Tuple[int, os.stat_result]]
+class ReleasePlan(NamedTuple):
+    """One board's files, before any is read: the OS payload first, then the extensions."""
+    specs: Tuple[PayloadSpec, ...]
+    version: str = ""  # from the release layout's path; "" when --package-version gives it
+    board: str = ""  # from the release layout's path; "" when the kernel tells
+
+
+def plan_releases(package_files: Sequence[str], package_dir: Optional[str],
+                  extensions: Sequence[str], sha256: Optional[str]) -> List[ReleasePlan]:
+    """What to serve, one plan a board: several --package-file, the release server's layout
+    (DIR/<board>/ or DIR/<board>/<version>/), or else one release as plan_payloads() says."""
+    layout = _release_layout(package_dir) if package_dir else []
+    if layout:
+        if package_files or extensions or sha256:
+            raise PayloadError(
+                "%s has the release server's layout (%s/<board>/...): put every file in its "
+                "board's directory rather than naming it with --package-file, --extension or "
+                "--sha256." % (package_dir, package_dir.rstrip("/")))
+        return layout
+    if len(package_files) > 1:
+        if package_dir or extensions or sha256:
+            raise PayloadError(
+                "with several --package-file (one a board), give each board's extensions in "
+                "the release server's layout: --package-dir DIR holding DIR/<board>/.")
+        return [ReleasePlan((_checked_spec(path, OS_PAYLOAD_NAME),)) for path in package_files]
+    package_file = package_files[0] if package_files else None
+    return [ReleasePlan(tuple(plan_payloads(package_file, package_dir, extensions, sha256)))]
+
+
+def _release_layout(package_dir: str) -> List[ReleasePlan]:
+    """The plans of DIR/<board>/ and DIR/<board>/<version>/ directories; [] when DIR has none."""
+    plans = []
+    for board in BOARDS:
+        where = os.path.join(package_dir, board)
+        if not os.path.isdir(where):
+            continue
+        entries = sorted(os.listdir(where))
+        if any(name in entries for name in OS_PAYLOAD_FILES):
+            plans.append(ReleasePlan(tuple(plan_payloads(None, where, (), None)), "", board))
+            continue
+        versions = [name for name in entries if parse_version(name) is not None
+                    and os.path.isdir(os.path.join(where, name))]
+        if len(versions) != 1:
+            raise PayloadError(
+                "%s holds %s: it must hold flatcar_production_update.gz, or one version's "
+                "directory with it (%s/<version>/)." % (
+                    where, "versions %s; keep one" % ", ".join(versions) if versions
+                    else "no OS payload", where))
+        plans.append(ReleasePlan(tuple(plan_payloads(None, os.path.join(where, versions[0]),
+                                                     (), None)), versions[0], board))
+    return plans
+
+
+class Release(NamedTuple):
+    """One board's version on offer and its files; the OS payload is always first."""
+    version: str
+    key: Tuple[int, ...]
+    packages: Tuple[Package, ...]
+    board: str = DEFAULT_BOARD
+    board_source: str = "assumed"  # how the board is known, in words, for the banner
+    prefix: str = ""  # its files' place under /packages/: "" alone, "<board>/" beside others
+
+    def find(self, name: str) -> Optional[Package]:
+        for package in self.packages:
+            if package.name == name:
+                return package
+        return None
+
+
+class Catalog(NamedTuple):
+    """Every release served, one a board."""
+    releases: Tuple[Release, ...]
+
+    def for_board(self, board: str) -> Release:
+        """The release for a machine of this board, or the first one (which decide() then
+        refuses as the wrong board)."""
+        return next((r for r in self.releases if r.board == board), self.releases[0])
+
+    def find(self, path: str) -> Optional[Package]:
+        """The package at this path under /packages/."""
+        for release in self.releases:
+            if path.startswith(release.prefix):
+                package = release.find(path[len(release.prefix):])
+                if package is not None:
+                    return package
+        return None
+
+    def packages(self) -> List[Package]:
+        return [package for release in self.releases for package in release.packages]
+
+    def os_payloads(self) -> FrozenSet[str]:
+        return frozenset(release.packages[0].path for release in self.releases)
+
+
+def load_catalog(plans: Sequence[ReleasePlan], version: str = "", board: str = "",
+                 keys: Optional[Sequence[PayloadKey]] = None,
+                 progress: Optional[Callable[[int, int], None]] = None) -> Catalog:
+    """Check every file first (so a bad one is reported before minutes of hashing) and learn
+    each release's board; then hash every file in one read, and verify each against its
+    expected SHA-256 and, unless keys is None, its signature."""
+    opened = []  # type: List[Opened]
     try:
-        for spec in specs:
-            opened.append(open_payload(spec.path))
-        packages = _hash_all(specs, opened, progress)
-        return [_verified(spec, package) for spec, package in zip(specs, packages)]
+        for plan in plans:
+            opened += [open_payload(spec) for spec in plan.specs]
+        boards = _boards(plans, opened, board)
+        hashed = _hash_all(opened, progress)
+        packages = [_verified(item, package, signed, keys)
+                    for item, (package, signed) in zip(opened, hashed)]
     except BaseException:
-        for fd, _ in opened:
-            os.close(fd)
+        for item in opened:
+            os.close(item.fd)
         raise
+    releases, start = [], 0
+    for plan, (board_name, source) in zip(plans, boards):
+        text = version or plan.version
+        if not text:
+            raise PayloadError("--package-version is required: %s's path does not say its "
+                               "version." % plan.specs[0].path)
+        files = tuple(packages[start:start + len(plan.specs)])
+        start += len(plan.specs)
+        releases.append(Release(text, parse_release_version(text), files, board_name, source,
+                                board_name + "/" if len(plans) > 1 else ""))
+    return Catalog(tuple(releases))
 
 
-def _hash_all(specs: Sequence[PayloadSpec], opened: Sequence[Tuple[int, os.stat_result]],
-              progress: Optional[Callable[[int, int], None]]) -> List[Package]:
+def _boards(plans: Sequence[ReleasePlan], opened: Sequence[Opened],
+            given: str) -> List[Tuple[str, str]]:
+    """Each release's board and how it is known: its kernel, the layout's directory, --board,
+    or assumed (CoreOS-era payloads carry no kernel; Container Linux only shipped amd64)."""
+    if given and len(plans) > 1:
+        raise PayloadError("--board names the board of a single OS payload; with several, each "
+                           "payload's kernel (or its directory) says its board.")
+    found, start = [], 0  # type: List[Tuple[str, str]], int
+    for plan in plans:
+        os_payload = opened[start]
+        start += len(plan.specs)
+        kernel = kernel_board(os_payload.fd, os_payload.manifest)
+        if given:
+            found.append((given, "--board" + (", though its kernel is %s" % kernel
+                                              if kernel and kernel != given else "")))
+        elif plan.board and kernel and kernel != plan.board:
+            raise PayloadError("%s holds a %s kernel but is in the %s directory; move it." % (
+                os_payload.spec.path, kernel, plan.board))
+        elif plan.board or kernel:
+            found.append((plan.board or kernel or "", "from its kernel" if kernel
+                          else "from its directory"))
+        else:
+            found.append((DEFAULT_BOARD, "assumed: the payload carries no kernel to tell"))
+    names = [name for name, _ in found]
+    for name in set(names):
+        if names.count(name) > 1:
+            raise PayloadError("two OS payloads are for %s; serve one a board." % name)
+    return found
+
+
+def _hash_all(opened: Sequence[Opened], progress: Optional[Callable[[int, int], None]]
+              ) -> List[Tuple[Package, Optional[bytes]]]:
     """Hash the opened files, several at once when there are cores to spare (each hash already
     uses two); the first failure is raised in the calling thread."""
-    total = sum(st.st_size for _, st in opened)
-    done = [0] * len(specs)
+    total = sum(item.st.st_size for item in opened)
+    done = [0] * len(opened)
     lock = threading.Lock()
 
     def report(index: int, count: int) -> None:
@@ -759,10 +1190,10 @@ def _hash_all(specs: Sequence[PayloadSpec], opened: Sequence[Tuple[int, os.stat_
             done[index] = count
             progress(sum(done), total)
 
-    packages = [None] * len(specs)  # type: List[Optional[Package]]
+    results = [None] * len(opened)  # type: List[Optional[Tuple[Package, Optional[bytes]]]]
     failures = []  # type: List[BaseException]
     pending = queue.Queue()  # type: queue.Queue
-    for index in range(len(specs)):
+    for index in range(len(opened)):
         pending.put(index)
 
     def worker() -> None:
@@ -771,15 +1202,13 @@ def _hash_all(specs: Sequence[PayloadSpec], opened: Sequence[Tuple[int, os.stat_
                 index = pending.get_nowait()
             except queue.Empty:
                 return
-            spec, (fd, st) = specs[index], opened[index]
             try:
-                packages[index] = hash_payload(
-                    spec.path, spec.name, fd, st,
-                    None if progress is None else functools.partial(report, index))
+                results[index] = hash_payload(
+                    opened[index], None if progress is None else functools.partial(report, index))
             except BaseException as exc:  # re-raised below, in the calling thread
                 failures.append(exc)
 
-    workers = max(1, min(len(specs), (os.cpu_count() or 2) // 2))
+    workers = max(1, min(len(opened), (os.cpu_count() or 2) // 2))
     threads = [threading.Thread(target=worker, name="hash", daemon=True)
                for _ in range(workers - 1)]
     for thread in threads:
@@ -789,31 +1218,22 @@ def _hash_all(specs: Sequence[PayloadSpec], opened: Sequence[Tuple[int, os.stat_
         thread.join()
     if failures:
         raise failures[0]
-    return [package for package in packages if package is not None]
+    return [result for result in results if result is not None]
 
 
-def _verified(spec: PayloadSpec, package: Package) -> Package:
-    if spec.expected is None:
-        return package
-    if package.sha256_hex != spec.expected:
-        raise PayloadError(
-            "%s does not match %s: its SHA-256 is %s but %s says %s; the copy is damaged or "
-            "incomplete, copy it again." % (
-                spec.path, spec.source, package.sha256_hex, spec.source, spec.expected))
-    return package._replace(checked_against=spec.source)
-
-
-class Release(NamedTuple):
-    """The version on offer and its files; the OS payload is always first."""
-    version: str
-    key: Tuple[int, ...]
-    packages: Tuple[Package, ...]
-
-    def find(self, name: str) -> Optional[Package]:
-        for package in self.packages:
-            if package.name == name:
-                return package
-        return None
+def _verified(opened: Opened, package: Package, signed_sha256: Optional[bytes],
+              keys: Optional[Sequence[PayloadKey]]) -> Package:
+    spec = opened.spec
+    if spec.expected is not None:
+        if package.sha256_hex != spec.expected:
+            raise PayloadError(
+                "%s does not match %s: its SHA-256 is %s but %s says %s; the copy is damaged or "
+                "incomplete, copy it again." % (
+                    spec.path, spec.source, package.sha256_hex, spec.source, spec.expected))
+        package = package._replace(checked_against=spec.source)
+    if keys is not None:
+        package = package._replace(signer=signed_by(opened, signed_sha256, keys))
+    return package
 
 
 # ---------------------------------------------------------------------------------------------
@@ -849,6 +1269,16 @@ class AppRequest(NamedTuple):
     ping: bool
     updatecheck: bool
     events: Tuple[Event, ...]
+    platform: str = ""  # <os sp="3815.2.5_x86_64">: the version and the architecture
+
+    @property
+    def machine_board(self) -> str:
+        """The machine's board: <app board>, else the architecture at the end of <os sp>, else
+        amd64-usr, update_engine's own default (flatcar/update_engine:
+        src/update_engine/omaha_request_params.cc)."""
+        if self.board:
+            return self.board
+        return ARCH_BOARDS.get(self.platform.partition("_")[2], DEFAULT_BOARD)
 
 
 class Request(NamedTuple):
@@ -875,7 +1305,7 @@ def _int_attr(attrs: Dict[str, str], name: str, required: bool) -> Optional[int]
         raise RequestError("<event> %s=%r is not a number" % (name, text[:40])) from None
 
 
-def _app_request(element: ET.Element) -> AppRequest:
+def _app_request(element: ET.Element, platform: str) -> AppRequest:
     attrs = element.attrib
     if attrs and max(map(len, attrs.values())) > MAX_ATTRIBUTE:
         raise RequestError("<app> has an attribute longer than %d characters" % MAX_ATTRIBUTE)
@@ -894,7 +1324,7 @@ def _app_request(element: ET.Element) -> AppRequest:
     get = attrs.get
     return AppRequest(get("appid", ""), get("version", ""), get("track", ""),
                       get("machineid", ""), get("machinealias", ""), get("oem", ""),
-                      get("board", ""), ping, updatecheck, tuple(events))
+                      get("board", ""), ping, updatecheck, tuple(events), platform)
 
 
 def parse_request(body: bytes) -> Request:
@@ -931,8 +1361,9 @@ def parse_request(body: bytes) -> Request:
         raise RequestError("request has no <app>")
     if len(apps) > MAX_APPS:
         raise RequestError("request has more than %d <app> elements" % MAX_APPS)
+    platform = next((child.get("sp", "") for child in root if child.tag == "os"), "")
     return Request(root.get("version", ""), root.get("installsource", ""),
-                   tuple(_app_request(app) for app in apps))
+                   tuple(_app_request(app, platform) for app in apps))
 
 
 def content_type_problem(value: str) -> Optional[str]:
@@ -1039,6 +1470,8 @@ class Decision(NamedTuple):
     reason: str
     warning: bool = False
     forced: bool = False  # offered only because of --force: every one is logged
+    version: str = ""  # the version offered
+    state: str = IDLE  # where a "no" leaves the machine: idle, wrong-board, other-version
 
 
 class Policy(NamedTuple):
@@ -1053,25 +1486,49 @@ class Policy(NamedTuple):
     pause_file: str = ""
 
 
-class Slots(NamedTuple):
-    """For --max-concurrent: whether this machine holds a slot, and how many are held."""
-    held: bool
-    in_use: int
+class Standing(NamedTuple):
+    """What the fleet knows of a machine as it asks: whether it holds a --max-concurrent slot,
+    how many are held, and a version it installed when offered this release's."""
+    held: bool = False
+    in_use: int = 0
+    installed_instead: str = ""
 
 
 def decide(app: AppRequest, release: Release, intact: bool = True,
            policy: Policy = Policy(), paused: bool = False,
-           slots: Slots = Slots(False, 0)) -> Decision:
+           standing: Standing = Standing()) -> Decision:
     """Whether this app is offered the release. update_engine installs whatever it is offered,
-    older or equal included (it compares no versions: flatcar/update_engine:
-    src/update_engine/omaha_response_handler_action.cc), so this is the only version check.
+    older or equal included, and never compares boards (flatcar/update_engine:
+    src/update_engine/omaha_response_handler_action.cc): this is the only check there is.
     Nothing is offered while a payload file is not the one hashed at startup (intact False)."""
     if not intact:
         return Decision(False, "a payload file changed on disk; restart %s" % PROG, warning=True)
+    board = app.machine_board
+    if board != release.board:
+        return Decision(False, "wrong board: it is a %s machine and the payload is for %s; "
+                        "serve a %s payload too (the release layout in --package-dir, or "
+                        "another --package-file)" % (clean(board, 40), release.board,
+                                                     clean(board, 40)),
+                        warning=True, state=WRONG_BOARD)
+    if standing.installed_instead:
+        return Decision(False, installed_instead_words(release.version, standing.installed_instead),
+                        warning=True, state=OTHER_VERSION)
     client = parse_version(app.version)
     if client is None:
         return Decision(False, "its version %r is not a version, so it is not offered %s"
                         % (clean(app.version, 40), release.version), warning=True)
+    refusal = _rollout_refusal(app, client, release, policy, paused, standing)
+    if refusal is not None:
+        return refusal
+    if client >= release.key:
+        return Decision(True, "forced: it runs %s" % clean(app.version, 40), forced=True,
+                        version=release.version)
+    return Decision(True, "older than %s" % release.version, version=release.version)
+
+
+def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release, policy: Policy,
+                     paused: bool, standing: Standing) -> Optional[Decision]:
+    """The first rollout rule that keeps the release from this machine, if any."""
     if policy.groups and app.track not in policy.groups:
         return Decision(False, "its group %r is not one of --group %s" % (
             clean(app.track, 40), ", ".join(sorted(policy.groups))))
@@ -1086,15 +1543,21 @@ def decide(app: AppRequest, release: Release, intact: bool = True,
         return Decision(False, "it runs %s, older than --min-version %s: update it to an "
                         "intermediate version first" % (clean(app.version, 40),
                                                         policy.min_version), warning=True)
-    if not slots.held:
+    if not standing.held:
         if paused:
             return Decision(False, "rollout paused: %s exists" % policy.pause_file)
-        if policy.max_concurrent and slots.in_use >= policy.max_concurrent:
+        if policy.max_concurrent and standing.in_use >= policy.max_concurrent:
             return Decision(False, "waiting for a slot: %d machines are updating "
                             "(--max-concurrent)" % policy.max_concurrent)
-    if client >= release.key:
-        return Decision(True, "forced: it runs %s" % clean(app.version, 40), forced=True)
-    return Decision(True, "older than %s" % release.version)
+    return None
+
+
+def installed_instead_words(offered: str, running: str) -> str:
+    """A payload served under the wrong --package-version: machines install it and come back
+    on another version, then would be offered it again at every check, forever."""
+    running = clean(running, 40)
+    return ("installed the payload offered as %s and now runs %s: the payload is %s; restart "
+            "with --package-version %s" % (offered, running, running, running))
 
 
 def answer_app(app: AppRequest, decision: Decision, release: Release,
@@ -1108,19 +1571,6 @@ def answer_app(app: AppRequest, decision: Decision, release: Release,
         offer = Offer(version=release.version, codebases=codebases, packages=release.packages)
     return AppAnswer(appid=app.appid, ping=app.ping, events=len(app.events),
                      updatecheck=app.updatecheck, offer=offer)
-
-
-def respond(request: Request, release: Release, codebases: Tuple[str, ...],
-            decisions: Optional[Sequence[Decision]] = None
-            ) -> Tuple[bytes, List[Optional[Decision]]]:
-    """The response document for a request, and the decision taken for each app that asked
-    for an update check (None for the others). Decisions default to decide() without policy."""
-    if decisions is None:
-        decisions = [decide(app, release) for app in request.apps]
-    answers = [answer_app(app, decision, release, codebases)
-               for app, decision in zip(request.apps, decisions)]
-    return render_response(answers), [d if app.updatecheck else None
-                                      for app, d in zip(request.apps, decisions)]
 
 
 SYSEXT_OEM_SINCE = (3760, 0, 0, 0)  # Flatcar moved OEM software into system extensions
@@ -1157,14 +1607,14 @@ def describe_machine(app: AppRequest) -> str:
                                       ", ".join(details)), 160)
 
 
-def describe_request(app: AppRequest, decision: Optional[Decision], version: str) -> str:
+def describe_request(app: AppRequest, decision: Optional[Decision]) -> str:
     """What one app's request said and was answered, for the request's log line."""
     parts = [happening.words for happening in (classify_event(e, app) for e in app.events)
              if not happening.routine]
     if decision is not None:
         if decision.offer:
             parts.append("update check: offered %s%s" % (
-                version, " (%s)" % decision.reason if decision.forced else ""))
+                decision.version, " (%s)" % decision.reason if decision.forced else ""))
         else:
             parts.append("update check: no update (%s)" % decision.reason)
     elif app.ping and not app.events:
@@ -1178,7 +1628,7 @@ def oem_advice(who: str, app: AppRequest, release: Release, payload: str) -> str
             "extension download it after installing %s, and the update fails without it (error "
             "5). Download %s/%s/%s/%s and its .sha256, and add --extension %s" % (
                 who, clean(app.oem, 40), payload, release.version, RELEASE_SERVER,
-                clean(app.board, 40) or "amd64-usr", release.version, payload, payload))
+                clean(app.machine_board, 40), release.version, payload, payload))
 
 
 def postinstall_advice(who: str, release: Release) -> str:
@@ -1200,11 +1650,12 @@ class Machine:
 
     __slots__ = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
                  "first_seen", "last_seen", "state", "detail", "error", "from_version",
-                 "downloaded", "size", "rate", "logged_percent", "logged_at", "offered_at")
+                 "downloaded", "size", "rate", "logged_percent", "logged_at", "offered_at",
+                 "installed_instead", "board")
 
     def __init__(self, key: str, address: str, now: float) -> None:
         self.key, self.address = key, address
-        self.machineid = self.alias = self.oem = self.group = self.version = ""
+        self.machineid = self.alias = self.oem = self.group = self.version = self.board = ""
         self.target = ""  # the version it was offered, while an update is under way
         self.first_seen = self.last_seen = now
         self.state = NEW
@@ -1215,18 +1666,36 @@ class Machine:
         self.rate = 0.0
         self.logged_percent, self.logged_at = NO_PROGRESS_LOGGED, 0.0
         self.offered_at = 0.0  # when it took a --max-concurrent slot
+        self.installed_instead = ""  # the version it came back on instead of the one offered
 
     def introduce(self, app: AppRequest, address: str) -> None:
         """What a request says of the machine that sent it."""
         self.machineid, self.alias, self.address = app.machineid, app.machinealias, address
         self.oem, self.group, self.version = app.oem, app.track, app.version
+        self.board = app.machine_board
 
     def holds_slot(self, now: float, timeout: float) -> bool:
         return self.state in HOLDS_SLOT and now - self.offered_at < timeout
 
-    def offer(self, version: str, now: float) -> None:
+    def offer(self, version: str, now: float, words: str = "offered") -> None:
         self.target, self.error, self.offered_at = version, None, now
-        self.state, self.detail = OFFERED, "offered"
+        self.state, self.detail = OFFERED, words
+
+    def installed_instead_of_target(self, app: AppRequest) -> str:
+        """The version the machine runs after an update from the payload it was offered, when
+        that is not the version the payload was offered as (or was, earlier)."""
+        if self.installed_instead:
+            return self.installed_instead
+        completed = any(classify_event(event, app).state == COMPLETE for event in app.events)
+        if (completed and self.target and self.state in UNDER_WAY
+                and parse_version(app.version) != parse_version(self.target)):
+            return app.version
+        return ""
+
+    def installed_other(self, offered_as: str, version: str) -> None:
+        """It installed the payload offered as one version and came back on another."""
+        self.installed_instead = version
+        self.change(OTHER_VERSION, installed_instead_words(offered_as, version))
 
     def seen_at(self, now: float) -> None:
         self.last_seen = now
@@ -1302,7 +1771,8 @@ class Machine:
             error = {"code": self.error, "base": self.error & ERROR_BASE_MASK,
                      "words": describe_error(self.error), "hint": error_hint(self.error)}
         return {"id": self.machineid, "alias": self.alias, "address": self.address,
-                "oem": self.oem, "group": self.group, "version": self.version,
+                "oem": self.oem, "group": self.group, "board": self.board,
+                "version": self.version,
                 "target": self.target, "from_version": self.from_version,
                 "state": self.state, "state_words": self.detail,
                 "first_seen": iso_time(self.first_seen), "last_seen": iso_time(self.last_seen),
@@ -1314,15 +1784,17 @@ class Fleet:
     the state its requests and downloads put it in. Each method is given the time, and returns
     the lines that say what changed (one per change) for the caller to log."""
 
-    def __init__(self, release: Release, update_timeout: float) -> None:
-        self.release = release
+    def __init__(self, catalog: Catalog, update_timeout: float,
+                 offer_words: str = "offered") -> None:
+        self.os_payloads = catalog.os_payloads()
         self.update_timeout = update_timeout
+        self.offer_words = offer_words  # what each offer's line says
         self.lock = threading.Lock()
         self.machines = {}  # type: Dict[str, Machine]
         self.by_address = {}  # type: Dict[str, str]
 
     def admit(self, app: AppRequest, address: str, now: float, reserve: bool, counted: bool,
-              choose: Callable[[Slots], Decision]) -> Tuple[Decision, List[Note]]:
+              choose: Callable[[Standing], Decision]) -> Tuple[Decision, List[Note]]:
         """Decide under the fleet's lock, so that --max-concurrent holds however many machines
         check at once: an offer to a machine that held no slot takes one there and then (it
         is freed when the machine installs, fails, or after --update-timeout). The slots in
@@ -1333,10 +1805,11 @@ class Fleet:
             held = machine is not None and machine.holds_slot(now, self.update_timeout)
             in_use = (sum(1 for m in self.machines.values()
                           if m.holds_slot(now, self.update_timeout)) if counted else 0)
-            decision = choose(Slots(held, in_use))
+            instead = machine.installed_instead_of_target(app) if machine is not None else ""
+            decision = choose(Standing(held, in_use, instead))
             if decision.offer and reserve and not held:
                 machine = self._seen(app, address, now)
-                machine.offer(self.release.version, now)
+                machine.offer(decision.version, now, self.offer_words)
                 notes.append(machine.note(logging.INFO, "state"))
         return decision, notes
 
@@ -1362,9 +1835,12 @@ class Fleet:
         with self.lock:
             machine = self._seen(app, address, now)
             for event in app.events:
+                offered_as, instead = machine.target, machine.installed_instead_of_target(app)
                 if machine.happened(classify_event(event, app), event):
+                    if machine.state == COMPLETE and instead and offered_as:
+                        machine.installed_other(offered_as, instead)
                     notes.append(machine.note(logging.WARNING if machine.state in (
-                        FAILED, ROLLED_BACK) else logging.INFO, "state"))
+                        FAILED, ROLLED_BACK, OTHER_VERSION) else logging.INFO, "state"))
             # A failure reported with an update check (a rollback is) stays what this request
             # says; the offer that comes with it shows on the machine's next check.
             failed_now = bool(notes) and machine.state in UNHAPPY
@@ -1375,10 +1851,10 @@ class Fleet:
     def _checked(self, machine: Machine, decision: Decision, now: float) -> List[Note]:
         if decision.offer:
             if machine.state not in UNDER_WAY:
-                machine.offer(self.release.version, now)
+                machine.offer(decision.version, now, self.offer_words)
                 return [machine.note(logging.INFO, "state")]
-        elif machine.state in (NEW, IDLE, OFFERED):
-            if machine.change(IDLE, decision.reason, target=""):
+        elif machine.state in REFUSED:
+            if machine.change(decision.state, decision.reason, target=""):
                 return [machine.note(logging.INFO, "state")]
         return []
 
@@ -1386,7 +1862,7 @@ class Fleet:
                  now: float) -> List[Note]:
         """Progress of a download of the OS payload: `end` is the offset reached in the file,
         `sent` the bytes of this transfer so far, in `seconds`."""
-        if package is not self.release.packages[0]:
+        if package.path not in self.os_payloads:
             return []
         with self.lock:
             machine = self._machine(self.by_address.get(address, address), address, now)
@@ -1415,7 +1891,7 @@ class Fleet:
         return "\n".join(lines)
 
 
-def status_document(release: Release, machines: List[Dict[str, object]],
+def status_document(catalog: Catalog, machines: List[Dict[str, object]],
                     started: float) -> Dict[str, object]:
     """What /status.json says; its field names are stable (documented in the README)."""
     counts = {}  # type: Dict[str, int]
@@ -1423,21 +1899,32 @@ def status_document(release: Release, machines: List[Dict[str, object]],
         counts[str(machine["state"])] = counts.get(str(machine["state"]), 0) + 1
     return {
         "server": {"name": PROG, "version": __version__, "started": iso_time(started)},
-        "offering": release.version,
-        "payloads": [{"name": p.name, "path": p.path, "size": p.size, "sha256": p.sha256_hex,
-                      "verified": checksum_words(p), "url_path": PACKAGES_PREFIX + p.name,
-                      "required": index == 0}
+        "offering": ", ".join(sorted({r.version for r in catalog.releases})),
+        "releases": [{"board": r.board, "board_source": r.board_source, "version": r.version,
+                      "url_path": PACKAGES_PREFIX + r.prefix} for r in catalog.releases],
+        "payloads": [_payload_facts(release, index, p) for release in catalog.releases
                      for index, p in enumerate(release.packages)],
         "states": counts,
         "machines": machines,
     }
 
 
-SHORT_STATE_WORDS = {FAILED: "update failed", ROLLED_BACK: "rolled back",
-                     DEFERRED: "deferred"}  # the last-error column says the rest
+def _payload_facts(release: Release, index: int, package: Package) -> Dict[str, object]:
+    return {"name": package.name, "path": package.path, "size": package.size,
+            "sha256": package.sha256_hex, "verified": checksum_words(package),
+            "signature": {"key": package.signer.name if package.signer else None,
+                          "words": signature_words(package)},
+            "board": release.board, "version": release.version,
+            "url_path": PACKAGES_PREFIX + release.prefix + package.name, "required": index == 0}
+
+
+SHORT_STATE_WORDS = {FAILED: "update failed", ROLLED_BACK: "rolled back", DEFERRED: "deferred",
+                     WRONG_BOARD: "wrong board", OTHER_VERSION: "installed another version"}
+# the last-error column says the rest, and the state's own words are the cell's title
 STATE_COLOURS = {COMPLETE: "#1a7f37", IDLE: "#57606a", FAILED: "#cf222e",
                  ROLLED_BACK: "#cf222e", DEFERRED: "#9a6700", DOWNLOADING: "#0969da",
-                 OFFERED: "#0969da", DOWNLOADED: "#0969da", INSTALLED: "#8250df"}
+                 OFFERED: "#0969da", DOWNLOADED: "#0969da", INSTALLED: "#8250df",
+                 WRONG_BOARD: "#cf222e", OTHER_VERSION: "#cf222e"}
 
 
 def _status_row(m: Dict[str, Any]) -> str:
@@ -1450,20 +1937,22 @@ def _status_row(m: Dict[str, Any]) -> str:
         progress = ('<progress max="100" value="%.1f"></progress> %s' % (
             download["percent"], esc(str(m["state_words"]))))
     error = m["error"] or {}
+    problem = str(error.get("words", "")) + (" -- " + str(error["hint"]) if error.get("hint")
+                                             else "")
+    if m["state"] in (WRONG_BOARD, OTHER_VERSION):
+        problem = str(m["state_words"])  # no error code: the server's own finding
     return (
         '<tr class="machine" data-state="%s"><td class="name">%s</td><td>%s</td><td>%s</td>'
-        '<td>%s</td><td class="version">%s</td><td class="state" style="color:%s">%s</td>'
-        '<td class="progress">'
+        '<td class="board">%s</td><td>%s</td><td class="version">%s</td>'
+        '<td class="state" style="color:%s">%s</td><td class="progress">'
         '%s</td><td class="error">%s</td><td>%s</td></tr>' % (
             esc(str(m["state"])), esc(short_name(m["alias"], m["id"], m["address"])),
-            esc(str(m["address"])), esc(str(m["oem"])), esc(str(m["group"])),
+            esc(str(m["address"])), esc(str(m["oem"])), esc(str(m["board"])),
+            esc(str(m["group"])),
             esc(str(m["version"]) + (" \u2192 " + str(m["target"]) if m["target"] else "")),
             STATE_COLOURS.get(str(m["state"]), "#24292f"),
             esc(SHORT_STATE_WORDS.get(str(m["state"])) or str(m["state_words"] or m["state"])),
-            progress,
-            esc(str(error.get("words", "")) + (" -- " + str(error["hint"])
-                                                if error.get("hint") else "")),
-            esc(str(m["last_seen"]).replace("T", " ").rstrip("Z"))))
+            progress, esc(problem), esc(str(m["last_seen"]).replace("T", " ").rstrip("Z"))))
 
 
 def status_page(doc: Dict[str, Any]) -> str:
@@ -1473,8 +1962,10 @@ def status_page(doc: Dict[str, Any]) -> str:
     esc = html.escape
     rows = [_status_row(m) for m in doc["machines"]]
     payloads = "".join(
-        "<li><code>%s</code> %s, sha256 <code>%s</code>, %s</li>" % (
-            esc(p["url_path"]), esc(format_size(p["size"])), esc(p["sha256"]), esc(p["verified"]))
+        "<li><code>%s</code> %s %s, %s, sha256 <code>%s</code>, %s; "
+        '<span class="signature">%s</span></li>' % (
+            esc(p["url_path"]), esc(p["board"]), esc(p["version"]), esc(format_size(p["size"])),
+            esc(p["sha256"]), esc(p["verified"]), esc(p["signature"]["words"]))
         for p in doc["payloads"])  # type: ignore[union-attr]
     counts = ", ".join("%d %s" % (n, esc(state)) for state, n in sorted(doc["states"].items()))
     return """<!DOCTYPE html>
@@ -1491,7 +1982,7 @@ th{background:#f6f8fa} progress{width:8em} code{font-size:.85em} .version{white-
 <ul id="payloads">%(payloads)s</ul>
 <p id="summary">%(n)d machine(s)%(counts)s. This page refreshes every 5 seconds;
 the same facts as JSON: <a href="/status.json">/status.json</a>.</p>
-<table id="machines"><thead><tr><th>machine</th><th>address</th><th>OEM</th><th>group</th>
+<table id="machines"><thead><tr><th>machine</th><th>address</th><th>OEM</th><th>board</th><th>group</th>
 <th>version</th><th>state</th><th>download</th><th>last error</th><th>last seen (UTC)</th></tr>
 </thead><tbody>
 %(rows)s
@@ -1528,8 +2019,11 @@ CLIENT_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errn
 class Settings(NamedTuple):
     """How the server runs: every flag's value, checked (made by settings_from() in section 8,
     or directly by tests), read-only once the server has it."""
-    package_file: Optional[str] = None
+    package_files: Tuple[str, ...] = ()
     package_dir: Optional[str] = None
+    board: str = ""  # --board: the OS payload's board, whatever its kernel says
+    payload_keys: Tuple[PayloadKey, ...] = ()  # from --payload-key, beside the built-in keys
+    skip_signature_check: bool = False
     extensions: Tuple[str, ...] = ()
     sha256: Optional[str] = None
     package_version: str = ""
@@ -1792,7 +2286,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             else:
                 self.omaha()
         elif path.startswith(PACKAGES_PREFIX) and settings.local_payload:
-            package = self.server.release.find(path[len(PACKAGES_PREFIX):])
+            package = self.server.catalog.find(path[len(PACKAGES_PREFIX):])
             if package is None:
                 self.reject(404, "no such package", close=self._has_body())
             elif self.command not in ("GET", "HEAD"):
@@ -2024,8 +2518,9 @@ _REFUSAL = ("HTTP/1.1 503 Service Unavailable\r\nServer: %s\r\nRetry-After: %d\r
 
 
 class Server(http.server.ThreadingHTTPServer):
-    """A thread per connection, at most max_connections of them; the release being served, the
-    fleet it is served to, and the one place an Omaha request is answered (answer()).
+    """A thread per connection, at most max_connections of them; the releases being served (one
+    a board), the fleet they are served to, and the one place an Omaha request is answered
+    (answer()).
 
     A reaper thread enforces a deadline on every request: its head and body must arrive within
     idle_timeout of the moment the server starts waiting for it. Kernel receive timeouts alone
@@ -2037,14 +2532,16 @@ class Server(http.server.ThreadingHTTPServer):
     allow_reuse_address = True  # restart at once; Linux still refuses a second live listener
     request_queue_size = 1024  # the default backlog of 5 overflows under a burst of checks
 
-    def __init__(self, address: Tuple, family: int, release: Release, settings: Settings,
+    def __init__(self, address: Tuple, family: int, catalog: Catalog, settings: Settings,
                  clock: Callable[[], float] = time.time) -> None:
         self.address_family = family
-        self.release = release
+        self.catalog = catalog
         self.settings = settings
         self.policy = settings.policy
         self.clock = clock
-        self.fleet = Fleet(release, settings.policy.update_timeout)
+        self.fleet = Fleet(catalog, settings.policy.update_timeout,
+                           "offered (its signature was not checked: --skip-signature-check)"
+                           if settings.skip_signature_check else "offered")
         self.started = clock()
         # Looked at no more than once a second: each look is a syscall, checks come by the
         # thousand; downloads look at their payload between every chunk they send.
@@ -2069,30 +2566,33 @@ class Server(http.server.ThreadingHTTPServer):
 
     def answer(self, request: Request, client: str, codebases: Tuple[str, ...],
                now: float) -> bytes:
-        """An Omaha request's answer, top to bottom: decide what each app is offered (an offer
-        takes a --max-concurrent slot there and then), render the response, record what each
-        machine said in the fleet, and say it in the log."""
-        release, policy = self.release, self.policy
+        """An Omaha request's answer, top to bottom: decide what each app is offered from the
+        release for its board (an offer takes a --max-concurrent slot there and then), render
+        the response, record what each machine said in the fleet, and say it in the log."""
+        policy = self.policy
         intact, paused = self.payloads_intact(now), self.paused(now)
-        decisions = []
+        answers, decisions = [], []
         for app in request.apps:
+            release = self.catalog.for_board(app.machine_board)
             choose = functools.partial(decide, app, release, intact, policy, paused)
             decision, notes = self.fleet.admit(app, client, now, app.updatecheck,
                                                policy.max_concurrent > 0, choose)
             self.say(notes)
             decisions.append(decision)
-        body, checks = respond(request, release, codebases, decisions)
-        for app, decision in zip(request.apps, checks):
-            self.say_request(app, client, decision)
-            self.say(self.fleet.request(app, client, decision, now))
-            self.say(self.advice(app, client, decision))
+            answers.append(answer_app(app, decision, release,
+                                      tuple(codebase + release.prefix for codebase in codebases)))
+        body = render_response(answers)
+        for app, decision in zip(request.apps, decisions):
+            checked = decision if app.updatecheck else None
+            self.say_request(app, client, checked)
+            self.say(self.fleet.request(app, client, checked, now))
+            self.say(self.advice(app, client, checked))
         return body
 
     def say_request(self, app: AppRequest, client: str, decision: Optional[Decision]) -> None:
         """The request's own line: with -v always; a warning once per machine; every forced
         offer."""
-        line = "%s %s: %s" % (client, describe_machine(app),
-                              describe_request(app, decision, self.release.version))
+        line = "%s %s: %s" % (client, describe_machine(app), describe_request(app, decision))
         if decision is not None and decision.warning and self.once(("warn", app.machineid or client)):
             log_line(logging.WARNING, line)
         elif decision is not None and decision.forced:
@@ -2104,11 +2604,12 @@ class Server(http.server.ThreadingHTTPServer):
         """What the operator can do about what this request shows is coming or went wrong."""
         notes = []
         who = "%s %s" % (client, describe_machine(app))
-        oem_payload = missing_oem_payload(app, self.release) if decision and decision.offer else None
+        release = self.catalog.for_board(app.machine_board)
+        oem_payload = missing_oem_payload(app, release) if decision and decision.offer else None
         if oem_payload and self.once(("oem", app.machineid or client)):
-            notes.append(Note(logging.WARNING, oem_advice(who, app, self.release, oem_payload)))
+            notes.append(Note(logging.WARNING, oem_advice(who, app, release, oem_payload)))
         if any(is_postinstall_failure(event, app) for event in app.events):
-            notes.append(Note(logging.WARNING, postinstall_advice(who, self.release)))
+            notes.append(Note(logging.WARNING, postinstall_advice(who, release)))
         return notes
 
     def say(self, notes: Sequence[Note]) -> None:
@@ -2124,7 +2625,7 @@ class Server(http.server.ThreadingHTTPServer):
             return True
 
     def status_document(self) -> Dict[str, object]:
-        return status_document(self.release, self.fleet.snapshot(), self.started)
+        return status_document(self.catalog, self.fleet.snapshot(), self.started)
 
     # -- payload files and the pause file, looked at once a second -------------------------
 
@@ -2149,7 +2650,7 @@ class Server(http.server.ThreadingHTTPServer):
 
     def _look_intact(self, _previous: bool, _second: int) -> bool:
         """Whether every payload is still the file hashed at startup."""
-        for package in self.release.packages:
+        for package in self.catalog.packages():
             if package.changed_on_disk():
                 self.report_changed(package)
                 return False
@@ -2369,7 +2870,7 @@ class Flag(NamedTuple):
     """One command-line flag. Each is accepted as --name and as Go's -name, which scripts
     written for go-omaha's serve-package use; `kind` says how --config gives it."""
     name: str
-    kind: str  # "value", "list" (repeatable), "switch" (true/false)
+    kind: str  # "value", "list" (repeatable; "files": a list, or one string), "switch"
     help: str
     metavar: Optional[str] = None
     default: Any = None
@@ -2378,19 +2879,28 @@ class Flag(NamedTuple):
 
 
 _PAYLOAD_FLAGS = (
-    Flag("package-file", "value", "the update payload, e.g. flatcar_production_update.gz "
-         "(required)", "FILE"),
+    Flag("package-file", "files", "the update payload, e.g. flatcar_production_update.gz "
+         "(required, or --package-dir); repeat it for each board of a mixed fleet", "FILE", []),
     Flag("package-version", "value", "the version inside the payload, e.g. 3815.2.5 "
          "(required); machines running an older version are offered it", "VERSION"),
     Flag("extension", "list", "an OEM or extension payload of the same version, served beside "
          "the OS payload (oem-<ID>.gz, flatcar-<NAME>.gz); repeat for each", "FILE", []),
     Flag("package-dir", "value", "serve the OS payload (flatcar_production_update.gz or "
          "update.gz, unless --package-file names it) and every oem-*.gz and flatcar-*.gz "
-         "found in DIR", "DIR"),
+         "found in DIR; or the release server's layout, DIR/<board>/ or "
+         "DIR/<board>/<version>/, for each board", "DIR"),
     Flag("sha256", "value", "the OS payload's expected SHA-256; by default it is read from "
          "FILE.sha256 beside the payload when there is one", "HEX"),
     Flag("listen-address", "value", "where to listen: :PORT (all interfaces), HOST:PORT or "
          "[IPv6]:PORT; port 0 picks a free port (default :8000)", "ADDR", ":8000"),
+)
+_SIGNATURE_FLAGS = (
+    Flag("payload-key", "list", "a public key (PEM) that may have signed the payloads, beside "
+         "Flatcar's release and developer keys and CoreOS's; repeatable", "FILE", []),
+    Flag("skip-signature-check", "switch", "serve payloads that no known key verifies (the "
+         "machines still check them, after the download)", default=False),
+    Flag("board", "value", "the OS payload's board, whatever its kernel says (a payload "
+         "without a kernel counts as amd64-usr)", default="", choices=BOARDS),
 )
 _ROLLOUT_FLAGS = (
     Flag("force", "switch", "offer the package to every update check whatever the machine "
@@ -2431,7 +2941,8 @@ _PROGRAM_FLAGS = (
     Flag("log-format", "value", "text (default) or json: one JSON object per line, with the "
          "same facts, for journald or ELK", default="text", choices=("text", "json")),
 )
-FLAG_GROUPS = ((None, _PAYLOAD_FLAGS), ("rollout policy", _ROLLOUT_FLAGS),
+FLAG_GROUPS = ((None, _PAYLOAD_FLAGS), ("signatures and boards", _SIGNATURE_FLAGS),
+               ("rollout policy", _ROLLOUT_FLAGS),
                ("addresses, mirrors and TLS", _ADDRESS_FLAGS), (None, _PROGRAM_FLAGS))
 FLAGS = {flag.name: flag for _, flags in FLAG_GROUPS for flag in flags}
 NOT_IN_CONFIG = ("config", "print-config")
@@ -2455,7 +2966,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  SERVER=http://<this-host>:8000/v1/update\n"
                "and run: update_engine_client -check_for_update\n\n"
                "Go-style single-dash flags (-package-file ...) are accepted too.")
-    actions = {"value": "store", "list": "append", "switch": "store_true"}
+    actions = {"value": "store", "list": "append", "files": "append", "switch": "store_true"}
     for title, flags in FLAG_GROUPS:
         group = parser.add_argument_group(title) if title else parser
         for flag in flags:
@@ -2517,7 +3028,9 @@ def _config_flag(config: str, key: str, flag: Flag, value: Any) -> List[str]:
         if not isinstance(value, bool):
             raise UsageError("--config %s: %r must be true or false" % (config, key))
         return [option] if value else []
-    if flag.kind == "list":
+    if flag.kind == "files" and isinstance(value, str):
+        return [option, value]
+    if flag.kind in ("list", "files"):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise UsageError("--config %s: %r must be a list of strings" % (config, key))
         return [word for item in value for word in (option, item)]
@@ -2601,6 +3114,20 @@ def tls_context(cert: Optional[str], key: Optional[str]):
     return context
 
 
+def read_payload_key(path: str) -> PayloadKey:
+    """A --payload-key file: the public half of the key the user's payloads are signed with."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read(65536)
+    except OSError as exc:
+        raise UsageError("--payload-key %s cannot be read: %s" % (path, exc.strerror)) from None
+    try:
+        return rsa_public_key(text, "the key in %s" % path, "machines that hold that key accept it")
+    except (ValueError, binascii.Error) as exc:
+        raise UsageError("--payload-key %s is not an RSA public key in PEM (BEGIN PUBLIC KEY): "
+                         "%s" % (path, exc)) from None
+
+
 def _checked_version(flag: str, text: str) -> str:
     try:
         parse_release_version(text)
@@ -2631,13 +3158,15 @@ def policy_from(args: argparse.Namespace) -> Policy:
 def settings_from(args: argparse.Namespace) -> Settings:
     """Every flag's value checked, as one Settings; each mistake is a UsageError sentence."""
     missing = [flag for flag, value in (("--package-file", args.package_file or args.package_dir),
-                                        ("--package-version", args.package_version))
+                                        ("--package-version",
+                                         args.package_version or args.package_dir))
                if not value]
     if missing:
         raise UsageError("%s %s required (see --help)" % (
             " and ".join(missing), "is" if len(missing) == 1 else "are"))
     host, port = parse_listen_address(args.listen_address)
-    version = _checked_version("--package-version", args.package_version)
+    version = (_checked_version("--package-version", args.package_version)
+               if args.package_version else "")
     policy = policy_from(args)
     mirrors = tuple(normalise_url("--mirror", url) for url in args.mirror)
     if args.no_local_payload and not mirrors:
@@ -2648,7 +3177,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise UsageError("--basic-auth-file needs --tls-cert and --tls-key: update_engine "
                          "sends its download credentials over HTTPS only")
     return Settings(
-        package_file=args.package_file, package_dir=args.package_dir,
+        package_files=tuple(args.package_file), package_dir=args.package_dir,
+        board=args.board, payload_keys=tuple(read_payload_key(path) for path in args.payload_key),
+        skip_signature_check=args.skip_signature_check,
         extensions=tuple(args.extension), sha256=args.sha256, package_version=version,
         host=host, port=port, policy=policy,
         base_url=normalise_url("--base-url", args.base_url) if args.base_url else "",
@@ -2677,27 +3208,38 @@ def _progress_printer(label: str) -> Optional[Callable[[int, int], None]]:
     return show
 
 
+def load_catalog_for(settings: Settings) -> Catalog:
+    """Everything the server will offer, checked, hashed and verified, one release a board."""
+    plans = plan_releases(settings.package_files, settings.package_dir, settings.extensions,
+                          settings.sha256)
+    label = "%d files" % sum(len(plan.specs) for plan in plans)
+    if len(plans) == 1 and len(plans[0].specs) == 1:
+        label = os.path.basename(plans[0].specs[0].path)
+    keys = None if settings.skip_signature_check else built_in_keys() + list(settings.payload_keys)
+    return load_catalog(plans, settings.package_version, settings.board, keys,
+                        _progress_printer(label))
+
+
 def load_release(package_file: Optional[str], version: str, extensions: Sequence[str] = (),
                  package_dir: Optional[str] = None, sha256: Optional[str] = None) -> Release:
-    """Everything the server will offer, checked, hashed and verified."""
+    """One board's release, as the command line would load it (for tests and embedding)."""
     try:
-        key = parse_release_version(version)
+        parse_release_version(version)
     except ValueError as exc:
         raise UsageError("--package-version %s" % exc) from None
-    specs = plan_payloads(package_file, package_dir, extensions, sha256)
-    label = os.path.basename(specs[0].path) if len(specs) == 1 else "%d files" % len(specs)
-    packages = load_packages(specs, _progress_printer(label))
-    return Release(version=version, key=key, packages=tuple(packages))
+    return load_catalog_for(Settings(
+        package_files=(package_file,) if package_file else (), package_dir=package_dir,
+        extensions=tuple(extensions), sha256=sha256, package_version=version)).releases[0]
 
 
-def make_server(release: Release, settings: Settings = Settings(),
+def make_server(catalog: Catalog, settings: Settings = Settings(),
                 clock: Callable[[], float] = time.time) -> Server:
     """Bind the listening socket; every bind failure is a UsageError sentence."""
     host, port = settings.host, settings.port
     shown = url_host(host, port)
     if host == "" and socket.has_ipv6:
         try:
-            return Server(("::", port), socket.AF_INET6, release, settings, clock)
+            return Server(("::", port), socket.AF_INET6, catalog, settings, clock)
         except OSError as exc:
             if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
                 raise UsageError(_bind_failure(shown, exc)) from None
@@ -2713,7 +3255,7 @@ def make_server(release: Release, settings: Settings = Settings(),
                       if info[0] in (socket.AF_INET, socket.AF_INET6)]
     for family, address in candidates:
         try:
-            return Server(address, family, release, settings, clock)
+            return Server(address, family, catalog, settings, clock)
         except OSError as exc:
             failure = _bind_failure(shown, exc)
     raise UsageError(failure)
@@ -2774,19 +3316,15 @@ SIOCGIFCONF = 0x8912  # Linux: the list of interfaces with an IPv4 address
 IFREQ_SIZE = 40  # sizeof(struct ifreq) on 64-bit Linux; the address is at bytes 20-24
 
 
-def banner(release: Release, server: Server) -> str:
-    """What the operator reads at start: what is served, under which rules, and the line to put
-    on each machine."""
-    settings = server.settings
-    lines = ["%s %s: offering version %s" % (PROG, __version__, release.version)]
-    for package in release.packages:
-        lines += ["  %s" % package.path,
-                  "    served as %s%s, %s (%d bytes)" % (PACKAGES_PREFIX, package.name,
-                                                        format_size(package.size), package.size),
-                  "    sha256 %s, %s" % (package.sha256_hex, checksum_words(package))]
-    if len(release.packages) == 1 and release.key >= SYSEXT_OEM_SINCE:
-        lines.append("  no OEM or extension payloads: Flatcar >= 3760 machines with an OEM "
-                     "sysext or extensions need them (see --extension)")
+def banner(server: Server) -> str:
+    """What the operator reads at start: what is served for each board, under which rules, and
+    the line to put on each machine."""
+    settings, releases = server.settings, server.catalog.releases
+    lines = ["%s %s: offering version %s" % (
+        PROG, __version__, ", ".join("%s for %s" % (r.version, r.board) for r in releases)
+        if len(releases) > 1 else releases[0].version)]
+    for release in releases:
+        lines += _release_lines(release)
     if not settings.local_payload:
         lines.append("payloads are not served here: machines download them from %s"
                      % ", ".join(settings.mirrors))
@@ -2797,6 +3335,23 @@ def banner(release: Release, server: Server) -> str:
     if rules:
         lines.append("rollout: " + "; ".join(rules))
     return "\n".join(lines + _where_to_point(server))
+
+
+def _release_lines(release: Release) -> List[str]:
+    """One board's files: where each is, its URL, size, SHA-256 and signature."""
+    lines = ["%s (board %s), version %s:" % (release.board, release.board_source,
+                                              release.version)]
+    for package in release.packages:
+        lines += ["  %s" % package.path,
+                  "    served as %s%s%s, %s (%d bytes)" % (
+                      PACKAGES_PREFIX, release.prefix, package.name, format_size(package.size),
+                      package.size),
+                  "    sha256 %s, %s" % (package.sha256_hex, checksum_words(package)),
+                  "    %s" % signature_words(package)]
+    if len(release.packages) == 1 and release.key >= SYSEXT_OEM_SINCE:
+        lines.append("  no OEM or extension payloads: Flatcar >= 3760 machines with an OEM "
+                     "sysext or extensions need them (see --extension)")
+    return lines
 
 
 def rollout_rules(policy: Policy) -> List[str]:
@@ -2910,16 +3465,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         settings = settings_from(args)
         setup_logging(settings.verbose, settings.log_format == "json")
-        release = load_release(settings.package_file, settings.package_version,
-                               settings.extensions, settings.package_dir, settings.sha256)
-        server = make_server(release, settings)
+        catalog = load_catalog_for(settings)
+        server = make_server(catalog, settings)
     except (UsageError, PayloadError) as exc:
         sys.stderr.write("%s: error: %s\n" % (PROG, str(exc).rstrip(".") + "."))
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("\n%s: interrupted\n" % PROG)
         return 130
-    sys.stdout.write(banner(release, server))
+    sys.stdout.write(banner(server))
     sys.stdout.flush()
     name = serve(server)
     log_line(logging.INFO, "received %s, stopped" % name)

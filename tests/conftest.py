@@ -46,10 +46,12 @@ class Running:
     """A server running in a thread of the test process, on a real socket (127.0.0.1, port 0),
     with the settings a test gives it, and its clock (time.time unless a test passes a Clock)."""
 
-    def __init__(self, release: "sp.Release", settings: "sp.Settings" = None,
-                 clock=time.time, **changes) -> None:
+    def __init__(self, release, settings: "sp.Settings" = None, clock=time.time,
+                 **changes) -> None:
+        """`release`: a Release, or a Catalog of several."""
         settings = (settings or sp.Settings())._replace(host="127.0.0.1", port=0, **changes)
-        self.server = sp.make_server(release, settings, clock)
+        catalog = release if isinstance(release, sp.Catalog) else sp.Catalog((release,))
+        self.server = sp.make_server(catalog, settings, clock)
         self.port = self.server.server_port
         self.release = release
         self.thread = threading.Thread(target=self.server.serve_forever,
@@ -196,13 +198,9 @@ def wait_for_log(caplog, text: str, timeout: float = 5) -> None:
 
 
 def big_payload(path, size: int) -> bytes:
-    """A complete CrAU payload of about `size` bytes, random data; returns its bytes."""
-    from make_fixtures import _field
-    signature = b"s" * 64
-    data = os.urandom(size)
-    manifest = _field(3, 4096) + _field(4, len(data)) + _field(5, len(signature))
-    payload = b"CrAU" + (1).to_bytes(8, "big") + len(manifest).to_bytes(8, "big") + manifest \
-        + data + signature
+    """A complete, signed CrAU payload of about `size` bytes, random data; returns its bytes."""
+    from make_fixtures import crau_payload
+    payload = crau_payload(size, data=os.urandom(size))
     with open(str(path), "wb") as f:
         f.write(payload)
     return payload

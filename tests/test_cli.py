@@ -123,7 +123,7 @@ def test_serve_update_and_stop_on_signal(pyz, signum, demo_bytes):
         offer = update_engine_reads(body)
         assert status == 200 and offer.status == "ok"
         assert get(server.port, "/packages/update.gz") == (200, demo_bytes)
-        log = server.wait_for_log("downloading 100% (146/146 KiB")
+        log = server.wait_for_log("downloading 100% (151/151 KiB")
         assert "01234567 (127.0.0.1, azure) 3815.2.5 \u2192 9999.9.9: offered\n" in log
         began = time.monotonic()
         server.proc.send_signal(signum)

@@ -55,12 +55,12 @@ def test_old_postinst_scrapes_each_extension():
 
 @pytest.mark.parametrize("mangle, reason", [
     # go-omaha's shape: base64 in hash_sha256
-    (lambda b: b.replace(b'hash_sha256="bf7eaac7de1a566c4288cebf7a9321156a922ca500e685d55341654762b0c0ce"',
+    (lambda b: b.replace(b'hash_sha256="fe82d2e34c4c9fa459f9f37ae7e75363aa5d638afaaec3b04a3a4c4faa0125d8"',
                          b'hash_sha256="v36qx95qVmxCiM6/epMhFWqSLKUA5oXVU0FlR2KwwM4="'), "not 64 hex"),
     (lambda b: b.replace(b'<url codebase=', b'<url x="1" codebase='), None),
     (lambda b: b.replace(b' required="false"', b''), "without name, size and required"),
     (lambda b: b.replace(b'required="false"', b'required="no"'), "is not true or false"),
-    (lambda b: b.replace(b'size="20093"', b'size="-1"'), "not an unsigned integer"),
+    (lambda b: b.replace(b'size="20310"', b'size="-1"'), "not an unsigned integer"),
     (lambda b: b.replace(b'event="postinstall"', b'event="later"'), "action event"),
     (lambda b: b.replace(b'<manifest version="9999.9.9">', b'<manifest>'), "without version"),
 ])
@@ -78,8 +78,8 @@ def test_old_postinst_model_rejects_what_grep_cannot_read():
     split = OFFER.replace(b'<package name="oem-azure.gz" hash=', b'<package name="oem-azure.gz"\n hash=')
     with pytest.raises(Rejected, match="hash_sha256"):
         old_postinst_finds(split, "*oem-azure.gz")
-    name_later = OFFER.replace(b'<package name="oem-azure.gz" hash="UYoR5+mRuDr+ASYitn2ygJS53AU="',
-                               b'<package hash="UYoR5+mRuDr+ASYitn2ygJS53AU=" name="oem-azure.gz"')
+    name_later = OFFER.replace(b'<package name="oem-azure.gz" hash="aKMAPX10jBEE2iUzdZfwgWnFYB0="',
+                               b'<package hash="aKMAPX10jBEE2iUzdZfwgWnFYB0=" name="oem-azure.gz"')
     with pytest.raises(Rejected, match="no <package name"):
         old_postinst_finds(name_later, "*oem-azure.gz")
 

@@ -65,8 +65,8 @@ def test_success_with_a_resumed_download_and_a_reboot(walk, demo_bytes):
     m = walk.machine()
     assert m["download"]["bytes"] == len(demo_bytes) and m["download"]["percent"] == 100
     progress = [line for line in walk.said() if ": downloading " in line]
-    assert progress[0].startswith(label + ": downloading 49% (")
-    assert progress[-1].startswith(label + ": downloading 100% (146/146 KiB")
+    assert progress[0].startswith(label + ": downloading 50% (")
+    assert progress[-1].startswith(label + ": downloading 100% (151/151 KiB")
 
     walk.post(event(14, 1))
     assert walk.machine()["state"] == "downloaded"
@@ -159,14 +159,23 @@ def test_status_json_fields(walk, demo_bytes):
     walk.post(check())
     status, _, body = walk.running.request("GET", "/status.json")
     doc = json.loads(body)
-    assert set(doc) == {"server", "offering", "payloads", "states", "machines"}
+    assert set(doc) == {"server", "offering", "releases", "payloads", "states", "machines"}
+    assert doc["releases"] == [{"board": "amd64-usr", "board_source": "from its kernel",
+                                "version": "3815.2.5", "url_path": "/packages/"}]
     assert doc["offering"] == "3815.2.5" and doc["states"] == {"offered": 1}
     assert doc["server"]["name"] == "serve-package"
     (payload,) = doc["payloads"]
     assert payload["name"] == "update.gz" and payload["size"] == len(demo_bytes)
     assert payload["url_path"] == "/packages/update.gz" and payload["required"] is True
+    assert (payload["board"], payload["version"]) == ("amd64-usr", "3815.2.5")
+    assert payload["signature"] == {
+        "key": "the Flatcar developer key",
+        "words": "signed by the Flatcar developer key: only machines that trust that key "
+                 "(developer images, flatcar-update -D) accept it; production machines reject "
+                 "it after the download (error 18)"}
     assert set(doc["machines"][0]) == {
-        "id", "alias", "address", "oem", "group", "version", "target", "from_version", "state",
+        "id", "alias", "address", "oem", "group", "board", "version", "target", "from_version",
+        "state",
         "state_words", "first_seen", "last_seen", "download", "error"}
 
 
@@ -182,33 +191,38 @@ def test_html_status_page(walk):
     assert '<meta http-equiv="refresh" content="5">' in page and "<script" not in page
     assert "node&lt;script&gt;" in page
     assert '<tr class="machine" data-state="downloading"><td class="name">node-3</td>' in page
-    assert '<progress max="100" value="33.3"></progress> downloading 33%' in page
+    assert '<progress max="100" value="32.3"></progress> downloading 32%' in page
 
 
 def test_summary_table():
-    fleet = sp.Fleet(sp.load_release(DEMO_PAYLOAD, "3815.2.5"), sp.UPDATE_TIMEOUT)
+    fleet = sp.Fleet(sp.Catalog((sp.load_release(DEMO_PAYLOAD, "3815.2.5"),)), sp.UPDATE_TIMEOUT)
     app = sp.parse_request(check()).apps[0]
-    fleet.request(app, "10.0.0.7", sp.Decision(True, "older"), 1000.0)
+    fleet.request(app, "10.0.0.7", sp.Decision(True, "older", version="3815.2.5"), 1000.0)
     assert fleet.summary().splitlines() == [
         "1 machine(s):",
         "  node-3               10.0.0.7         3760.2.0 \u2192 3815.2.5          offered"]
-    assert sp.Fleet(fleet.release, sp.UPDATE_TIMEOUT).summary() == "no machine checked in"
+    assert sp.Fleet(sp.Catalog(()), sp.UPDATE_TIMEOUT).summary() == "no machine checked in"
 
 
 # --- the fleet's state machine, pure: no server, no sleep, the time given by the test ---------
 
+@pytest.fixture(scope="module")
+def release():
+    return sp.load_release(DEMO_PAYLOAD, "3815.2.5")
+
+
 @pytest.fixture
-def fleet():
-    return sp.Fleet(sp.load_release(DEMO_PAYLOAD, "3815.2.5"), 600.0)
+def fleet(release):
+    return sp.Fleet(sp.Catalog((release,)), 600.0)
 
 
-def offer_to(fleet, n, now, limit=0):
+def offer_to(fleet, release, n, now, limit=0, body=None):
     """Machine n's update check under --max-concurrent LIMIT, as Server.answer makes it."""
-    app = sp.parse_request(machine(n)).apps[0]
+    app = sp.parse_request(body or machine(n)).apps[0]
     policy = sp.Policy(max_concurrent=limit)
     decision, notes = fleet.admit(app, "10.0.0.%d" % n, now, True, limit > 0,
-                                  lambda slots: sp.decide(app, fleet.release, policy=policy,
-                                                          slots=slots))
+                                  lambda standing: sp.decide(app, release, policy=policy,
+                                                             standing=standing))
     notes += fleet.request(app, "10.0.0.%d" % n, decision, now)
     return decision, notes
 
@@ -217,11 +231,11 @@ def report(fleet, n, body, now):
     return fleet.request(sp.parse_request(body).apps[0], "10.0.0.%d" % n, None, now)
 
 
-def test_fleet_walks_an_update_and_says_each_change_once(fleet):
-    decision, notes = offer_to(fleet, 1, 100.0)
+def test_fleet_walks_an_update_and_says_each_change_once(fleet, release):
+    decision, notes = offer_to(fleet, release, 1, 100.0)
     assert decision.offer
     assert [n.text for n in notes] == ["node-1 (10.0.0.1, azure) 3760.2.0 \u2192 3815.2.5: offered"]
-    assert offer_to(fleet, 1, 101.0)[1] == []  # the same offer again: nothing new to say
+    assert offer_to(fleet, release, 1, 101.0)[1] == []  # the same offer again: nothing new to say
     steps = [(machine_event(1, 13, 1), sp.DOWNLOADING), (machine_event(1, 14, 1), sp.DOWNLOADED),
              (machine_event(1, 3, 1), sp.INSTALLED)]
     for now, (body, state) in enumerate(steps, 102):
@@ -232,30 +246,30 @@ def test_fleet_walks_an_update_and_says_each_change_once(fleet):
     assert fleet.machines[machine_id].first_seen == 100.0
     complete = sp.parse_request(machine(1, version="3815.2.5").replace(
         b'previousversion=""', b'previousversion="3760.2.0"')).apps[0]
-    notes = fleet.request(complete, "10.0.0.1", sp.decide(complete, fleet.release), 105.0)
+    notes = fleet.request(complete, "10.0.0.1", sp.decide(complete, release), 105.0)
     assert [n.text for n in notes] == [
         "node-1 (10.0.0.1, azure) 3815.2.5: update complete: rebooted from 3760.2.0 into 3815.2.5"]
     assert fleet.snapshot()[0]["from_version"] == "3760.2.0"
 
 
-def test_failure_is_a_warning_and_keeps_the_error(fleet):
-    offer_to(fleet, 1, 100.0)
+def test_failure_is_a_warning_and_keeps_the_error(fleet, release):
+    offer_to(fleet, release, 1, 100.0)
     notes = report(fleet, 1, machine_event(1, 3, 0, 10 | NON_PRODUCTION), 101.0)
     assert [n.level for n in notes] == [logging.WARNING]
     assert fleet.snapshot()[0]["error"]["base"] == 10
 
 
-def test_slots_are_held_until_the_update_timeout_of_the_given_clock(fleet):
-    assert offer_to(fleet, 1, 1000.0, limit=1)[0].offer
-    refused = offer_to(fleet, 2, 1599.0, limit=1)[0]
+def test_slots_are_held_until_the_update_timeout_of_the_given_clock(fleet, release):
+    assert offer_to(fleet, release, 1, 1000.0, limit=1)[0].offer
+    refused = offer_to(fleet, release, 2, 1599.0, limit=1)[0]
     assert not refused.offer and refused.reason.startswith("waiting for a slot")
-    assert offer_to(fleet, 2, 1600.0, limit=1)[0].offer  # 600 s after machine 1's offer
+    assert offer_to(fleet, release, 2, 1600.0, limit=1)[0].offer  # 600 s after machine 1's offer
 
 
-def test_download_progress_is_said_every_ten_percent(fleet):
-    offer_to(fleet, 1, 100.0)
+def test_download_progress_is_said_every_ten_percent(fleet, release):
+    offer_to(fleet, release, 1, 100.0)
     report(fleet, 1, machine_event(1, 13, 1), 101.0)
-    package = fleet.release.packages[0]
+    package = release.packages[0]
     step = package.size // 20
     said = []
     for i in range(1, 21):

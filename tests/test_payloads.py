@@ -14,8 +14,9 @@ from make_fixtures import crau_payload
 
 def load(path: str, name: str = "update.gz") -> sp.Package:
     """One file through the program's own loading path, with no expected hash."""
-    (package,) = sp.load_packages([sp.PayloadSpec(path, name, None, "")])
-    return package
+    (release,) = sp.load_catalog([sp.ReleasePlan((sp.PayloadSpec(path, name, None, ""),))],
+                                 "1.2.3", keys=sp.built_in_keys()).releases
+    return release.packages[0]
 
 
 def write(tmp_path, data: bytes, name="payload.gz") -> str:
@@ -41,13 +42,26 @@ def test_hash_file_matches_hashlib(tmp_path, size):
     path = write(tmp_path, data)
     fd = os.open(path, os.O_RDONLY)
     seen = []
+    mark = size // 3
     try:
-        sha1, sha256, length = sp.hash_file(fd, seen.append)
+        digests = sp.hash_file(fd, seen.append, mark)
     finally:
         os.close(fd)
-    assert (sha1, sha256, length) == (hashlib.sha1(data).digest(), hashlib.sha256(data).digest(),
-                                      size)
+    assert digests == (hashlib.sha1(data).digest(), hashlib.sha256(data).digest(), size,
+                       hashlib.sha256(data[:mark]).digest())
     assert seen[-1] == size and seen == sorted(seen)
+
+
+@pytest.mark.parametrize("mark", [0, sp.HASH_CHUNK, sp.HASH_CHUNK + 1, 2 * sp.HASH_CHUNK + 7])
+def test_signed_range_digest_at_every_kind_of_boundary(tmp_path, mark):
+    data = os.urandom(2 * sp.HASH_CHUNK + 7)
+    fd = os.open(write(tmp_path, data), os.O_RDONLY)
+    try:
+        digests = sp.hash_file(fd, None, mark)
+    finally:
+        os.close(fd)
+    assert digests.signed_sha256 == hashlib.sha256(data[:mark]).digest()
+    assert digests.sha256 == hashlib.sha256(data).digest()
 
 
 def test_header_gives_the_complete_size(tmp_path):
@@ -60,13 +74,19 @@ def test_header_gives_the_complete_size(tmp_path):
     assert header.format_version == 1 and header.expected_size == len(data)
 
 
-def test_manifest_signature_extent():
+def test_protobuf_fields_and_the_manifest():
     # field 3 = 4096 (varint), a length-delimited field 1, then fields 4 and 5
     manifest = bytes([0x18, 0x80, 0x20, 0x0A, 0x02, 0xAA, 0xBB, 0x20, 0x96, 0x01, 0x28, 0x40])
-    assert sp.manifest_signature_extent(manifest) == (150, 64)
-    assert sp.manifest_signature_extent(manifest[:7]) is None  # no fields 4 and 5
-    assert sp.manifest_signature_extent(b"\x0a\x05ab") is None  # runs past the end
-    assert sp.manifest_signature_extent(b"\x80") is None
+    assert sp.protobuf_fields(manifest) == [(3, 4096), (1, b"\xaa\xbb"), (4, 150), (5, 64)]
+    parsed = sp.parse_manifest(1, manifest)
+    assert (parsed.signatures_offset, parsed.signatures_size) == (150, 64)
+    assert parsed.signed_end == 20 + len(manifest) + 150
+    assert parsed.expected_size == parsed.signed_end + 64
+    assert sp.parse_manifest(1, manifest[:7]).signed_end is None  # no fields 4 and 5
+    for broken in (b"\x0a\x05ab", b"\x80"):  # runs past the end; a varint cut short
+        with pytest.raises(ValueError):
+            sp.protobuf_fields(broken)
+        assert sp.parse_manifest(1, broken).expected_size is None
 
 
 @pytest.mark.parametrize("data, words", [
@@ -95,9 +115,15 @@ def test_truncated_copy_is_refused(tmp_path):
         load(write(tmp_path, data + b"x"), "update.gz")
 
 
-def test_payload_without_signature_extent_is_accepted(tmp_path):
+def test_payload_without_signature_extent_is_refused_unless_told(tmp_path):
+    """A manifest that names no signature blob: machines would reject the file (error 18)."""
     data = b"CrAU" + (1).to_bytes(8, "big") + (0).to_bytes(8, "big") + b"body"
-    assert load(write(tmp_path, data), "update.gz").size == len(data)
+    path = write(tmp_path, data)
+    with pytest.raises(sp.PayloadError, match="its manifest names no signature blob"):
+        load(path, "update.gz")
+    (release,) = sp.load_catalog([sp.ReleasePlan((sp.PayloadSpec(path, "update.gz", None, ""),))],
+                                 "1.2.3", keys=None).releases
+    assert release.packages[0].size == len(data) and release.packages[0].signer is None
 
 
 @pytest.mark.parametrize("make, words", [

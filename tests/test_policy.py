@@ -17,7 +17,8 @@ def app(n=1, version="3760.2.0", group="stable"):
 
 
 def test_older_is_offered_equal_and_newer_are_not(release):
-    assert sp.decide(app(), release) == sp.Decision(True, "older than 3815.2.5")
+    assert sp.decide(app(), release) == sp.Decision(True, "older than 3815.2.5",
+                                                    version="3815.2.5")
     assert sp.decide(app(version="3815.2.5"), release) == sp.Decision(False, "up to date")
     assert sp.decide(app(version="3815.2.6"), release) == sp.Decision(False, "newer than 3815.2.5")
     assert sp.decide(app(version="3815.2.5+dev"), release).reason == "up to date"
@@ -38,8 +39,10 @@ def test_force_offers_equal_and_newer_and_says_so(release):
     force = sp.Policy(force=True)
     for version in ("3815.2.5", "9999.0.0"):
         decision = sp.decide(app(version=version), release, policy=force)
-        assert decision == sp.Decision(True, "forced: it runs %s" % version, forced=True)
-    assert sp.decide(app(), release, policy=force) == sp.Decision(True, "older than 3815.2.5")
+        assert decision == sp.Decision(True, "forced: it runs %s" % version, forced=True,
+                                       version="3815.2.5")
+    assert sp.decide(app(), release, policy=force) == sp.Decision(True, "older than 3815.2.5",
+                                                                  version="3815.2.5")
 
 
 def test_groups_and_machine_ids(release):
@@ -61,18 +64,18 @@ def test_min_version(release):
 
 def test_pause_and_slots_spare_a_machine_that_holds_one(release):
     policy = sp.Policy(max_concurrent=2, pause_file="/run/pause")
-    full = sp.Slots(held=False, in_use=2)
-    assert sp.decide(app(), release, policy=policy, slots=full).reason == \
+    full = sp.Standing(held=False, in_use=2)
+    assert sp.decide(app(), release, policy=policy, standing=full).reason == \
         "waiting for a slot: 2 machines are updating (--max-concurrent)"
-    assert sp.decide(app(), release, policy=policy, slots=sp.Slots(False, 1)).offer
+    assert sp.decide(app(), release, policy=policy, standing=sp.Standing(False, 1)).offer
     assert sp.decide(app(), release, policy=policy, paused=True).reason == \
         "rollout paused: /run/pause exists"
-    holder = sp.Slots(held=True, in_use=2)
-    assert sp.decide(app(), release, policy=policy, paused=True, slots=holder).offer
+    holder = sp.Standing(held=True, in_use=2)
+    assert sp.decide(app(), release, policy=policy, paused=True, standing=holder).offer
 
 
 def test_the_first_rule_that_refuses_gives_the_reason(release):
     policy = sp.Policy(groups=frozenset({"beta"}), min_version="3700.0.0", max_concurrent=1)
     decision = sp.decide(app(version="3600.0.0", group="stable"), release, policy=policy,
-                         paused=True, slots=sp.Slots(False, 5))
+                         paused=True, standing=sp.Standing(False, 5))
     assert decision.reason.startswith("its group 'stable'")

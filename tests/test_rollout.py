@@ -256,7 +256,7 @@ def test_config_file_and_print_config(pyz, tmp_path):
     assert settings["package-version"] == DEMO_VERSION  # the command line wins
     assert settings["group"] == ["beta"]  # lists too: replaced, not added to
     assert settings["max-concurrent"] == 4 and settings["force"] is True
-    assert settings["mirror"] == ["http://m.example/x"] and settings["package-file"] == DEMO_PAYLOAD
+    assert settings["mirror"] == ["http://m.example/x"] and settings["package-file"] == [DEMO_PAYLOAD]
     server = PyzProcess(pyz, ["--config", str(config), "--listen-address", "127.0.0.1:0"])
     try:
         banner = server.stdout.decode()

@@ -58,7 +58,7 @@ def test_status_page_in_a_browser(chromium):
         dom = browse(chromium, url, "--dump-dom")
         assert 'offering <span id="offering">3815.2.5</span>' in dom
         assert '<tr class="machine" data-state="downloading"><td class="name">node-7</td>' in dom
-        assert '<progress max="100" value="50.0"></progress> downloading 49% (73/146 KiB)' in dom
+        assert '<progress max="100" value="48.4"></progress> downloading 48% (73/151 KiB)' in dom
         assert "3760.2.0 \u2192 3815.2.5" in dom
 
         post(event(14, 1, alias="node-7"))

@@ -1505,7 +1505,7 @@ def decide(app: AppRequest, release: Release, intact: bool = True,
         return Decision(False, "a payload file changed on disk; restart %s" % PROG, warning=True)
     board = app.machine_board
     if board != release.board:
-        return Decision(False, "wrong board: it is a %s machine and the payload is for %s; "
+        return Decision(False, "wrong board: it is an %s machine and the payload is for %s; "
                         "serve a %s payload too (the release layout in --package-dir, or "
                         "another --package-file)" % (clean(board, 40), release.board,
                                                      clean(board, 40)),
@@ -1712,6 +1712,8 @@ class Machine:
 
     def happened(self, happening: Happening, event: Event) -> bool:
         """An event's consequence; False when it changes nothing."""
+        if happening.state == COMPLETE and self.installed_instead:
+            return False  # still on the version it came back on: that is what it is
         if happening.state == COMPLETE:
             self.from_version, self.target, self.error = event.previousversion, "", None
             self.size = 0
@@ -3216,8 +3218,14 @@ def load_catalog_for(settings: Settings) -> Catalog:
     if len(plans) == 1 and len(plans[0].specs) == 1:
         label = os.path.basename(plans[0].specs[0].path)
     keys = None if settings.skip_signature_check else built_in_keys() + list(settings.payload_keys)
-    return load_catalog(plans, settings.package_version, settings.board, keys,
-                        _progress_printer(label))
+    catalog = load_catalog(plans, settings.package_version, settings.board, keys,
+                           _progress_printer(label))
+    for release in catalog.releases:
+        kernel = release.board_source.partition("though its kernel is ")[2]
+        if kernel:
+            log_line(logging.WARNING, "--board %s overrides its kernel, which is %s: %s" % (
+                release.board, kernel, release.packages[0].path))
+    return catalog
 
 
 def load_release(package_file: Optional[str], version: str, extensions: Sequence[str] = (),

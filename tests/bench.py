@@ -30,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import make_fixtures  # noqa: E402
 from make_fixtures import _field  # noqa: E402
 
 CHECK = os.path.join(ROOT, "fixtures", "requests", "flatcar-update-check.xml")
@@ -37,20 +38,26 @@ MIB = 1 << 20
 
 
 def make_payload(path: str, size_mib: int) -> int:
-    """A CrAU file of about size_mib MiB whose header describes it completely."""
+    """A CrAU file of size_mib MiB, signed with the Flatcar developer key as the server needs."""
     block = os.urandom(MIB)
-    signature = b"s" * 256
-    data_size = size_mib * MIB - 256 - 20 - 16  # the manifest below is 16 bytes long
-    manifest = _field(3, 4096) + _field(4, data_size) + _field(5, len(signature))
-    manifest += b"\x0a" + bytes([16 - len(manifest) - 2]) + b"\0" * (16 - len(manifest) - 2)
+    private = make_fixtures.key(make_fixtures.DEVELOPER_KEY)
+    blob_size = len(make_fixtures.signature_blob([(2, bytes(private.size))]))
+    manifest = b""
+    for _ in range(2):  # the manifest's own length moves the data size: settle it
+        data_size = size_mib * MIB - blob_size - 20 - len(manifest)
+        manifest = (_field(3, 4096) + _field(4, data_size) + _field(5, blob_size))
+    signed = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(b"CrAU" + (1).to_bytes(8, "big") + len(manifest).to_bytes(8, "big") + manifest)
+        head = b"CrAU" + (1).to_bytes(8, "big") + len(manifest).to_bytes(8, "big") + manifest
+        f.write(head)
+        signed.update(head)
         left = data_size
         while left:
             n = min(left, MIB)
             f.write(block[:n])
+            signed.update(block[:n])
             left -= n
-        f.write(signature)
+        f.write(make_fixtures.signature_blob([(2, private.sign(signed.digest()))]))
     os.sync()  # no writeback of the new file during the timings
     size = os.path.getsize(path)
     assert size == size_mib * MIB, size
@@ -85,12 +92,12 @@ def hash_floor(path: str) -> float:
 class Server:
     python = sys.executable
 
-    def __init__(self, pyz: str, payload: str, log_path: str) -> None:
+    def __init__(self, pyz: str, payload: str, log_path: str, extra=()) -> None:
         self.began = time.perf_counter()
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             [self.python, pyz, "--package-file", payload, "--package-version", "9999.9.9",
-             "--listen-address", "127.0.0.1:0"],
+             "--listen-address", "127.0.0.1:0"] + list(extra),
             stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL)
         self.port = None
         deadline = time.monotonic() + 120
@@ -123,6 +130,14 @@ class Server:
                     return int(line.split()[1]) / 1024
         return float("nan")
 
+    def bytes_read(self) -> int:
+        """Bytes the process has read from files and sockets so far (rchar)."""
+        with open("/proc/%d/io" % self.proc.pid) as f:
+            for line in f:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+        return -1
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -133,11 +148,12 @@ class Server:
         self.log.close()
 
 
-def startup_time(pyz: str, payload: str, log_path: str) -> float:
-    server = Server(pyz, payload, log_path)
+def startup_time(pyz: str, payload: str, log_path: str, extra=()) -> "tuple":
+    """Seconds from start to the first answered update check, and the bytes read by then."""
+    server = Server(pyz, payload, log_path, extra)
     try:
         assert b'status="ok"' in server.check()
-        return time.perf_counter() - server.began
+        return time.perf_counter() - server.began, server.bytes_read()
     finally:
         server.stop()
 
@@ -231,9 +247,16 @@ def main() -> None:
             size // MIB, args.runs, args.python, version, os.cpu_count()))
 
         floor = statistics.median(hash_floor(payload) for _ in range(args.runs))
-        start = statistics.median(startup_time(pyz, payload, log_path) for _ in range(args.runs))
+        runs = [startup_time(pyz, payload, log_path) for _ in range(args.runs)]
+        unchecked = [startup_time(pyz, payload, log_path, ["--skip-signature-check"])
+                     for _ in range(args.runs)]
+        start = statistics.median(seconds for seconds, _ in runs)
         print("startup        %.2f s   floor (hashlib, 2 threads) %.2f s   ratio %.2fx"
               % (start, floor, start / floor))
+        print("  signatures   %.2f s with the check, %.2f s with --skip-signature-check; read "
+              "at start: %.3fx the payload (with), %.3fx (without)" % (
+                  start, statistics.median(seconds for seconds, _ in unchecked),
+                  max(read for _, read in runs) / size, max(read for _, read in unchecked) / size))
 
         server = Server(pyz, payload, log_path)
         nginx, nginx_url = start_nginx(workdir, payload_dir)

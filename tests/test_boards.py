@@ -15,8 +15,8 @@ import serve_package as sp
 
 import make_fixtures
 from clients import old_postinst_finds, ue_rs_finds, ue_rs_reads, update_engine_reads
-from conftest import (DEMO_PAYLOAD, FIXTURES, CHECK, PyzProcess, Running, check, event, get,
-                      one_sentence_error, post, run_pyz, wait_for_log)
+from conftest import (CHECK, DEMO_PAYLOAD, FIXTURES, PyzProcess, Running, check, event, get,
+                      one_sentence_error, post, run_pyz)
 
 PAYLOADS = os.path.join(FIXTURES, "payloads")
 KEYS = os.path.join(FIXTURES, "keys")

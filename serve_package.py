@@ -24,7 +24,7 @@ order data flows through it:
                         status endpoints); the Server, whose answer() is one request's flow
   8. Program            logging, the flag table, settings_from(), the banner, signals, main()
 
-Standard library only; runs on Python 3.8 and newer.
+Standard library only; runs on Python 3.6 and newer.
 """
 
 import argparse
@@ -247,8 +247,8 @@ def classify_event(event: "Event", app: "AppRequest") -> Happening:
 
 def is_postinstall_failure(event: "Event", app: "AppRequest") -> bool:
     """Error 5: on Flatcar >= 3760 the usual sign of a missing OEM or extension payload."""
-    return (classify_event(event, app).state == FAILED and event.errorcode is not None
-            and event.errorcode & ERROR_BASE_MASK == ERROR_POSTINSTALL)
+    return (event.errorcode is not None and event.errorcode & ERROR_BASE_MASK == ERROR_POSTINSTALL
+            and classify_event(event, app).state == FAILED)
 
 
 # Words for log lines and pages.
@@ -731,7 +731,8 @@ def hash_file(fd: int, progress: Optional[Callable[[int], None]] = None,
     try:
         while True:
             buf = free.get()
-            n = os.preadv(fd, [buf], done) if hasattr(os, "preadv") else _pread_into(fd, buf, done)
+            n = (os.preadv(fd, [buf], done)  # novermin: Python 3.7+, else _pread_into
+                 if hasattr(os, "preadv") else _pread_into(fd, buf, done))
             if n == 0:
                 free.put(buf)
                 break
@@ -1684,11 +1685,10 @@ class Machine:
     def installed_instead_of_target(self, app: AppRequest) -> str:
         """The version the machine runs after an update from the payload it was offered, when
         that is not the version the payload was offered as (or was, earlier)."""
-        if self.installed_instead:
+        if self.installed_instead or not self.target or self.state not in UNDER_WAY:
             return self.installed_instead
-        completed = any(classify_event(event, app).state == COMPLETE for event in app.events)
-        if (completed and self.target and self.state in UNDER_WAY
-                and parse_version(app.version) != parse_version(self.target)):
+        if (parse_version(app.version) != parse_version(self.target)
+                and any(classify_event(event, app).state == COMPLETE for event in app.events)):
             return app.version
         return ""
 
@@ -2519,7 +2519,7 @@ _REFUSAL = ("HTTP/1.1 503 Service Unavailable\r\nServer: %s\r\nRetry-After: %d\r
                                               _REFUSAL_TEXT)).encode("ascii")
 
 
-class Server(http.server.ThreadingHTTPServer):
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """A thread per connection, at most max_connections of them; the releases being served (one
     a board), the fleet they are served to, and the one place an Omaha request is answered
     (answer()).
@@ -2593,25 +2593,27 @@ class Server(http.server.ThreadingHTTPServer):
 
     def say_request(self, app: AppRequest, client: str, decision: Optional[Decision]) -> None:
         """The request's own line: with -v always; a warning once per machine; every forced
-        offer."""
-        line = "%s %s: %s" % (client, describe_machine(app), describe_request(app, decision))
+        offer. Its words are made only when the line is written."""
+        level = logging.DEBUG
         if decision is not None and decision.warning and self.once(("warn", app.machineid or client)):
-            log_line(logging.WARNING, line)
+            level = logging.WARNING
         elif decision is not None and decision.forced:
-            log_line(logging.INFO, line)
-        else:
-            log_line(logging.DEBUG, line)
+            level = logging.INFO
+        if log.isEnabledFor(level):
+            log_line(level, "%s %s: %s" % (client, describe_machine(app),
+                                           describe_request(app, decision)))
 
     def advice(self, app: AppRequest, client: str, decision: Optional[Decision]) -> List[Note]:
         """What the operator can do about what this request shows is coming or went wrong."""
         notes = []
-        who = "%s %s" % (client, describe_machine(app))
         release = self.catalog.for_board(app.machine_board)
         oem_payload = missing_oem_payload(app, release) if decision and decision.offer else None
         if oem_payload and self.once(("oem", app.machineid or client)):
-            notes.append(Note(logging.WARNING, oem_advice(who, app, release, oem_payload)))
+            notes.append(Note(logging.WARNING, oem_advice(
+                "%s %s" % (client, describe_machine(app)), app, release, oem_payload)))
         if any(is_postinstall_failure(event, app) for event in app.events):
-            notes.append(Note(logging.WARNING, postinstall_advice(who, release)))
+            notes.append(Note(logging.WARNING, postinstall_advice(
+                "%s %s" % (client, describe_machine(app)), release)))
         return notes
 
     def say(self, notes: Sequence[Note]) -> None:
@@ -3108,6 +3110,11 @@ def tls_context(cert: Optional[str], key: Optional[str]):
         raise UsageError("--tls-cert and --tls-key go together")
     import ssl
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # TLS 1.2 and newer on every Python and OpenSSL (older builds still allow 1.0 by default).
+    if hasattr(context, "minimum_version"):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # novermin: Python 3.7+, else below
+    else:
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:

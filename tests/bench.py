@@ -92,16 +92,24 @@ def hash_floor(path: str) -> float:
 class Server:
     python = sys.executable
 
-    def __init__(self, pyz: str, payload: str, log_path: str, extra=()) -> None:
+    def __init__(self, pyz: str, payload: str, log_path: str, extra=(), command=None) -> None:
+        """serve-package.pyz (or `command`, another server that prints no banner: then the
+        port is chosen here and the server is polled until it answers)."""
         self.began = time.perf_counter()
         self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            [self.python, pyz, "--package-file", payload, "--package-version", "9999.9.9",
-             "--listen-address", "127.0.0.1:0"] + list(extra),
-            stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL)
         self.port = None
+        if command is not None:
+            import socket
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+            command = command + ["--listen-address", "127.0.0.1:%d" % self.port]
+        self.proc = subprocess.Popen(
+            command or [self.python, pyz, "--package-file", payload, "--package-version",
+                        "9999.9.9", "--listen-address", "127.0.0.1:0"] + list(extra),
+            stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
-        while self.port is None and time.monotonic() < deadline:
+        while command is None and self.port is None and time.monotonic() < deadline:
             line = self.proc.stdout.readline().decode()
             if not line:
                 raise SystemExit("server exited before listening; see %s" % log_path)
@@ -109,6 +117,12 @@ class Server:
                 self.port = int(line.split("/")[2].rsplit(":", 1)[1])
         self.url = "http://127.0.0.1:%d" % self.port
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        while command is not None and time.monotonic() < deadline:
+            try:
+                self.check()
+                break
+            except OSError:
+                time.sleep(0.05)
 
     def check(self) -> bytes:
         with open(CHECK, "rb") as f:
@@ -156,6 +170,29 @@ def startup_time(pyz: str, payload: str, log_path: str, extra=()) -> "tuple":
         return time.perf_counter() - server.began, server.bytes_read()
     finally:
         server.stop()
+
+
+def rss_floor(python: str) -> float:
+    """Peak RSS of the interpreter with only the modules this design needs, in MiB."""
+    code = ("import argparse, base64, hashlib, hmac, http.server, logging, queue, socketserver, "
+            "threading, xml.etree.ElementTree\n"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+    return int(subprocess.run([python, "-c", code], stdout=subprocess.PIPE,
+                              check=True).stdout) / 1024
+
+
+def checks_per_second(server: "Server", seconds: int, runs: int, workdir: str) -> "tuple":
+    """Median update checks per second and server CPU microseconds per check."""
+    rates, cpus = [], []
+    for _ in range(runs):
+        cpu0 = server.cpu_seconds()
+        rate, requests, bad, out = wrk_checks(server.url, seconds, workdir)
+        cpus.append((server.cpu_seconds() - cpu0) / requests * 1e6)
+        rates.append(rate)
+        if bad:
+            print(out)
+            raise SystemExit("bench: some update checks failed")
+    return statistics.median(rates), statistics.median(cpus)
 
 
 def wrk_checks(url: str, seconds: int, workdir: str):
@@ -223,6 +260,9 @@ def main() -> None:
     parser.add_argument("--pyz", help="a built serve-package.pyz (default: build one)")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter that runs the server (default: this one)")
+    parser.add_argument("--reference", metavar="BIN",
+                        help="go-omaha's serve-package binary, measured in the same run "
+                             "(../shared/bench/serve-package-go); never a dependency")
     args = parser.parse_args()
     Server.python = args.python
     for tool in ("wrk", "nginx", "curl"):
@@ -258,21 +298,23 @@ def main() -> None:
                   start, statistics.median(seconds for seconds, _ in unchecked),
                   max(read for _, read in runs) / size, max(read for _, read in unchecked) / size))
 
+        if args.reference:
+            go = Server(None, payload, log_path, command=[
+                args.reference, "--package-file", payload, "--package-version", "9999.9.9"])
+            try:
+                go_rate, go_cpu = checks_per_second(go, args.seconds, args.runs, workdir)
+            finally:
+                go.stop()
         server = Server(pyz, payload, log_path)
         nginx, nginx_url = start_nginx(workdir, payload_dir)
         try:
             server.check()
-            rates, cpus = [], []
-            for _ in range(args.runs):
-                cpu0 = server.cpu_seconds()
-                rate, requests, bad, out = wrk_checks(server.url, args.seconds, workdir)
-                cpus.append((server.cpu_seconds() - cpu0) / requests * 1e6)
-                rates.append(rate)
-                if bad:
-                    print(out)
-                    raise SystemExit("bench: some update checks failed")
+            rate, cpu = checks_per_second(server, args.seconds, args.runs, workdir)
             print("checks         %.0f /s   server CPU %.0f us per check   (32 keep-alive "
-                  "clients, wrk -t1)" % (statistics.median(rates), statistics.median(cpus)))
+                  "clients, wrk -t1)" % (rate, cpu))
+            if args.reference:
+                print("  go-omaha     %.0f /s   server CPU %.0f us per check   CPU ratio %.2fx"
+                      % (go_rate, go_cpu, cpu / go_cpu))
             for clients in (1, 8):
                 ours = statistics.median(downloads(server.url + "/packages/update.gz", clients, size)
                                          for _ in range(args.runs))
@@ -280,7 +322,10 @@ def main() -> None:
                                            for _ in range(args.runs))
                 print("downloads x%d   %.0f MiB/s   nginx %.0f MiB/s   ratio %.2f"
                       % (clients, ours, theirs, ours / theirs))
-            print("peak RSS       %.1f MiB" % server.peak_rss_mib())
+            floor_rss = rss_floor(args.python)
+            print("peak RSS       %.1f MiB   floor (interpreter + the modules it needs) %.1f MiB"
+                  "   above it %.1f MiB" % (server.peak_rss_mib(), floor_rss,
+                                            server.peak_rss_mib() - floor_rss))
         finally:
             server.stop()
             nginx.terminate()

@@ -106,6 +106,18 @@ def server(demo_release):
 
 
 @pytest.fixture(scope="session")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, made here with the openssl command."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return cert, key
+
+
+@pytest.fixture(scope="session")
 def pyz(tmp_path_factory):
     """The .pyz built by build_pyz.sh, exactly as a user builds it."""
     out = str(tmp_path_factory.mktemp("pyz") / "serve-package.pyz")
@@ -117,9 +129,10 @@ def pyz(tmp_path_factory):
 class PyzProcess:
     """serve-package.pyz running as a subprocess; its stdout banner gives the port."""
 
-    def __init__(self, pyz: str, args, cwd: str = None, preexec_fn=None) -> None:
+    def __init__(self, pyz: str, args, cwd: str = None, preexec_fn=None,
+                 python: str = sys.executable) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, pyz] + list(args), cwd=cwd, stdin=subprocess.DEVNULL,
+            [python, pyz] + list(args), cwd=cwd, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec_fn)
         self.stdout = b""
         self.stderr = b""
@@ -177,8 +190,9 @@ def one_sentence_error(result, *words):
     return err
 
 
-def run_pyz(pyz: str, *args, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, pyz] + list(args), stdin=subprocess.DEVNULL,
+def run_pyz(pyz: str, *args, timeout: float = 60, python: str = sys.executable,
+            **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([python, pyz] + list(args), stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
                           **kwargs)
 

@@ -169,20 +169,6 @@ def test_ipv6_loopback_address(pyz):
         server.kill()
 
 
-def test_runs_on_the_oldest_supported_python(pyz):
-    """Python 3.8 is the floor; run the .pyz with it when this machine has one."""
-    candidates = [shutil.which("python3.8"),
-                  os.path.expanduser("~/.pyenv/versions/3.8.18/bin/python3")]
-    python38 = next((c for c in candidates if c and os.access(c, os.X_OK)
-                     and subprocess.run([c, "--version"], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT).returncode == 0), None)
-    if python38 is None:
-        pytest.skip("no Python 3.8 on this machine (vermin checks 3.8 compatibility in CI)")
-    result = subprocess.run([python38, pyz, "--package-file", DEMO_PAYLOAD, "--package-version",
-                             "bad"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
-    one_sentence_error(result, "'bad' is not a version")
-
-
 # --- OEM and extension payloads through the .pyz ---------------------------------------------
 
 EXT_DIR = os.path.join(ROOT, "fixtures", "extensions")

@@ -181,18 +181,6 @@ def test_omaha_only_mode_sends_machines_to_the_mirror(pyz, mirror, demo_bytes):
 
 # --- HTTPS with basic auth ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1, made here with the openssl command."""
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", key, "-out", cert], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    return cert, key
-
-
 def test_https_with_basic_auth(pyz, certificate, tmp_path, demo_bytes):
     cert, key = certificate
     users = tmp_path / "users"

@@ -348,7 +348,7 @@ CRAU_MAGIC = b"CrAU"
 # magic, format version, manifest size (flatcar/update_engine: src/update_engine/payload_processor.cc)
 CRAU_HEADER = struct.Struct(">4sQQ")
 MAX_MANIFEST = 64 << 20
-HASH_CHUNK = 2 << 20  # with HASH_BUFFERS: few handoffs between the two threads
+HASH_CHUNK = 1 << 20  # with HASH_BUFFERS: few handoffs between the two threads
 HASH_BUFFERS = 4
 OS_PAYLOAD_NAME = "update.gz"  # the name go-omaha serves the OS payload under
 
@@ -698,8 +698,8 @@ def hash_file(fd: int, progress: Optional[Callable[[int], None]] = None,
 
     The reading thread feeds SHA-1 (the faster of the two) itself and hands each chunk to a
     second thread for SHA-256; hashlib releases the GIL on large buffers, so both run at once.
-    A few reusable buffers (8 MiB) keep memory constant whatever the file size; fewer or smaller
-    ones make the threads wait on each other (measured: 1.5 MiB of buffers hash 20% slower).
+    A few reusable buffers (4 MiB) keep memory constant whatever the file size (measured on a
+    1 GiB file: 4 x 1 MiB hash as fast as 4 x 2 MiB or 6 x 512 KiB; 0.59 s, the two-thread floor).
     """
     sha1, sha256 = hashlib.sha1(), hashlib.sha256()
     signed = [None]  # type: List[Optional[bytes]]
@@ -1098,7 +1098,10 @@ class Catalog(NamedTuple):
     def for_board(self, board: str) -> Release:
         """The release for a machine of this board, or the first one (which decide() then
         refuses as the wrong board)."""
-        return next((r for r in self.releases if r.board == board), self.releases[0])
+        for release in self.releases:
+            if release.board == board:
+                return release
+        return self.releases[0]
 
     def find(self, path: str) -> Optional[Package]:
         """The package at this path under /packages/."""
@@ -2579,16 +2582,18 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             choose = functools.partial(decide, app, release, intact, policy, paused)
             decision, notes = self.fleet.admit(app, client, now, app.updatecheck,
                                                policy.max_concurrent > 0, choose)
-            self.say(notes)
+            if notes:
+                self.say(notes)
             decisions.append(decision)
-            answers.append(answer_app(app, decision, release,
-                                      tuple(codebase + release.prefix for codebase in codebases)))
+            answers.append(answer_app(app, decision, release, tuple(
+                codebase + release.prefix for codebase in codebases) if release.prefix
+                else codebases))
         body = render_response(answers)
         for app, decision in zip(request.apps, decisions):
             checked = decision if app.updatecheck else None
             self.say_request(app, client, checked)
-            self.say(self.fleet.request(app, client, checked, now))
-            self.say(self.advice(app, client, checked))
+            self.say(self.fleet.request(app, client, checked, now)
+                     + self.advice(app, client, checked))
         return body
 
     def say_request(self, app: AppRequest, client: str, decision: Optional[Decision]) -> None:
@@ -2605,7 +2610,9 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def advice(self, app: AppRequest, client: str, decision: Optional[Decision]) -> List[Note]:
         """What the operator can do about what this request shows is coming or went wrong."""
-        notes = []
+        notes = []  # type: List[Note]
+        if not app.events and not (decision and decision.offer):
+            return notes
         release = self.catalog.for_board(app.machine_board)
         oem_payload = missing_oem_payload(app, release) if decision and decision.offer else None
         if oem_payload and self.once(("oem", app.machineid or client)):

@@ -19,7 +19,8 @@ order data flows through it:
   4. Protocol           parse_request(bytes) and render_response(...), pure
   5. Policy             decide() what each app is offered, under the rollout rules, pure
   6. Fleet              what each machine is doing (Machine, Fleet: given the time, they return
-                        the lines to log), advice, the status document and page
+                        the lines to log), advice, the status document and page, the
+                        setup script for the machines and their reports
   7. HTTP               Settings; the Handler (HTTP framing: Omaha endpoint, payload serving,
                         status endpoints); the Server, whose answer() is one request's flow
   8. Program            logging, the flag table, settings_from(), the banner, signals, main()
@@ -1655,7 +1656,7 @@ class Machine:
     __slots__ = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
                  "first_seen", "last_seen", "state", "detail", "error", "from_version",
                  "downloaded", "size", "rate", "logged_percent", "logged_at", "offered_at",
-                 "installed_instead", "board")
+                 "installed_instead", "board", "setup")
 
     def __init__(self, key: str, address: str, now: float) -> None:
         self.key, self.address = key, address
@@ -1671,12 +1672,25 @@ class Machine:
         self.logged_percent, self.logged_at = NO_PROGRESS_LOGGED, 0.0
         self.offered_at = 0.0  # when it took a --max-concurrent slot
         self.installed_instead = ""  # the version it came back on instead of the one offered
+        self.setup = None  # type: Optional[Dict[str, object]]  # its last setup report
 
     def introduce(self, app: AppRequest, address: str) -> None:
         """What a request says of the machine that sent it."""
         self.machineid, self.alias, self.address = app.machineid, app.machinealias, address
         self.oem, self.group, self.version = app.oem, app.track, app.version
         self.board = app.machine_board
+
+    def set_up(self, report: "SetupReport", address: str, now: float) -> None:
+        """What the setup script found on it; the facts it reports stand until a request says
+        otherwise."""
+        self.address = address
+        self.machineid = self.machineid or report.machineid
+        self.version = self.version or report.version
+        self.board = self.board or report.board
+        self.oem = self.oem or report.oem
+        self.setup = {"reported": iso_time(now), "mode": report.mode,
+                      "extensions": list(report.extensions), "missing": list(report.missing),
+                      "problems": report.problems}
 
     def holds_slot(self, now: float, timeout: float) -> bool:
         return self.state in HOLDS_SLOT and now - self.offered_at < timeout
@@ -1781,7 +1795,7 @@ class Machine:
                 "target": self.target, "from_version": self.from_version,
                 "state": self.state, "state_words": self.detail,
                 "first_seen": iso_time(self.first_seen), "last_seen": iso_time(self.last_seen),
-                "download": download, "error": error}
+                "download": download, "error": error, "setup": self.setup}
 
 
 class Fleet:
@@ -1875,6 +1889,33 @@ class Fleet:
                 return [machine.note(logging.INFO, "progress")]
         return []
 
+    def set_up(self, report: "SetupReport", address: str, now: float) -> List[Note]:
+        """A setup script's report: the machine's needs, before it downloads a byte."""
+        with self.lock:
+            machine = self._machine(report.machineid or address, address, now)
+            machine.set_up(report, address, now)
+            found = "enabled extensions: %s" % (" ".join(report.extensions) or "none")
+            if report.missing:
+                return [Note(logging.WARNING, "%s: setup found what the update needs and this "
+                             "server does not serve: %s (%s)" % (
+                                 machine.label(), " ".join(report.missing), found))]
+            return [Note(logging.INFO, "%s: setup %s (%s; %d problem(s))" % (
+                machine.label(), "checked" if report.mode == "check" else "ran", found,
+                report.problems))]
+
+    def state_words(self, machineid: str) -> str:
+        """One line for the setup script: where this machine's update stands, and why."""
+        with self.lock:
+            machine = self.machines.get(machineid)
+            if machine is None:
+                return "it has not checked in yet"
+            words = "%s: %s" % (machine.state, machine.detail or machine.state)
+            if machine.error is not None and machine.state in (FAILED, ROLLED_BACK, DEFERRED):
+                hint = error_hint(machine.error)
+                words = "%s: %s%s" % (machine.state, describe_error(machine.error),
+                                      " -- " + hint if hint else "")
+            return clean(words, 400)
+
     def snapshot(self) -> List[Dict[str, object]]:
         with self.lock:
             machines = sorted(self.machines.values(), key=lambda m: (m.alias or m.key))
@@ -1946,6 +1987,8 @@ def _status_row(m: Dict[str, Any]) -> str:
                                              else "")
     if m["state"] in (WRONG_BOARD, OTHER_VERSION):
         problem = str(m["state_words"])  # no error code: the server's own finding
+    elif not problem and m["setup"] and m["setup"]["missing"]:
+        problem = "setup found these not served: " + " ".join(m["setup"]["missing"])
     return (
         '<tr class="machine" data-state="%s"><td class="name">%s</td><td>%s</td><td>%s</td>'
         '<td class="board">%s</td><td>%s</td><td class="version">%s</td>'
@@ -1996,6 +2039,341 @@ the same facts as JSON: <a href="/status.json">/status.json</a>.</p>
        "counts": ": " + counts if counts else "", "rows": "\n".join(rows)}
 
 
+# -- the setup script: one command on each machine -------------------------------------------
+
+# A POSIX sh script (dash, bash, busybox sh), made for this server by setup_script(): the
+# placeholders become this server's URL and, per board, the version and files it serves.
+SETUP_SCRIPT = r'''#!/bin/sh
+# Made by serve-package @TOOL@ for the update server at @SERVER@. It checks this machine first
+# (pre-flight), then points update_engine at that server, asks it for the update and follows it
+# until it settles. It never reboots.
+#
+#   curl -fsS @SERVER@/setup | sudo sh                   check, configure, update, follow
+#   curl -fsS @SERVER@/setup | sudo sh -s -- --check     check only: change nothing
+#   ... | sudo sh -s -- --no-wait                        configure and start, do not follow
+#   ... | sudo sh -s -- --restore                        put the old update.conf back
+#
+# The update_engine_client -status lines it reads (CURRENT_OP=UPDATE_STATUS_..., PROGRESS=0.42)
+# are those of flatcar/update_engine: src/update_engine/update_engine_client.cc and
+# update_attempter.cc. SETUP_ROOT (default /) says where the machine's files are: tests set it.
+set -u
+set -f  # no file name globbing: words from files and the server are only words
+
+SERVER=@SERVER_QUOTED@
+RELEASES=https://update.release.flatcar-linux.net
+ROOT=${SETUP_ROOT:-/}
+ROOT=${ROOT%/}
+LIMIT=${SETUP_TIME_LIMIT:-3600}
+POLL=${SETUP_POLL_SECONDS:-2}
+MODE=@MODE@
+WAIT=yes
+
+# What this server serves: for each board, the version and the OEM and extension payloads.
+served() {
+    case $1 in
+@SERVED@
+        *) return 1 ;;
+    esac
+}
+SERVED_BOARDS=@BOARDS@
+
+for arg in "$@"; do
+    case $arg in
+        --check) MODE=check ;;
+        --no-wait) WAIT=no ;;
+        --restore) MODE=restore ;;
+        -h|--help) sed -n '2,12p' "$0" 2>/dev/null || true; exit 0 ;;
+        *) echo "setup: unknown argument $arg: use --check, --no-wait or --restore" >&2; exit 2 ;;
+    esac
+done
+
+say() { printf '%s\n' "$*"; }
+PROBLEMS=0
+MISSING=""
+ok() { say "  ok       $*"; }
+note() { say "  note     $*"; }
+problem() { say "  PROBLEM  $*"; PROBLEMS=$((PROBLEMS + 1)); }
+
+# value FILE KEY: the value of KEY= in an os-release style FILE, quotes removed
+value() {
+    [ -r "$1" ] || return 0
+    sed -n "s/^$2=//p" "$1" | head -n 1 | tr -d "\"'"
+}
+
+post() {
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsS -m 10 -H 'Content-Type: text/plain' --data-binary @- "$1"
+    else
+        wget -q -T 10 -O - --header='Content-Type: text/plain' --post-file=/dev/stdin "$1"
+    fi
+}
+
+fetch() {
+    if command -v curl >/dev/null 2>&1; then curl -fsS -m 10 "$1"; else wget -q -T 10 -O - "$1"; fi
+}
+
+# Tell the server what this machine needs, for its status page (best effort).
+report() {
+    printf 'machine=%s\nboard=%s\nversion=%s\noem=%s\nextensions=%s\nmissing=%s\nproblems=%s\nmode=%s\n' \
+        "$MACHINE_ID" "$BOARD" "$VERSION" "$OEM" "$ENABLED" "$MISSING" "$PROBLEMS" "$MODE" \
+        | post "$SERVER/setup/report" >/dev/null 2>&1 || true
+}
+
+# need FILE WHY: the payload must be served for this machine's board
+need() {
+    case " $FILES " in
+        *" $1 "*) ok "$1 ($2) is served" ;;
+        *) problem "$1 ($2) is not served for $BOARD: the machine would install $TARGET and then fail in post-install (error 5); download $RELEASES/$BOARD/$TARGET/$1 and its .sha256 and serve it too (--extension $1, or in the --package-dir)"
+           MISSING="${MISSING:+$MISSING }$1" ;;
+    esac
+}
+
+say "serve-package setup: checking this machine against $SERVER"
+
+OS_ID=$(value "$ROOT/etc/os-release" ID)
+[ -n "$OS_ID" ] || OS_ID=$(value "$ROOT/usr/lib/os-release" ID)
+case $OS_ID in
+    flatcar) NAME="Flatcar Container Linux"; CONF_DIR=$ROOT/etc/flatcar ;;
+    coreos) NAME="CoreOS Container Linux"; CONF_DIR=$ROOT/etc/coreos ;;
+    *) say "  PROBLEM  this is not a Flatcar or CoreOS Container Linux machine (ID=${OS_ID:-unknown} in /etc/os-release): nothing was changed."
+       exit 1 ;;
+esac
+CONF=$CONF_DIR/update.conf
+VERSION=$(value "$ROOT/etc/os-release" VERSION)
+[ -n "$VERSION" ] || VERSION=$(value "$ROOT/usr/lib/os-release" VERSION)
+BOARD=$(cat "$ROOT/usr/share/flatcar/release" "$ROOT/usr/share/coreos/release" 2>/dev/null \
+        | sed -n 's/^[A-Z_]*BOARD=//p' | head -n 1)
+if [ -z "$BOARD" ]; then
+    case $(uname -m) in x86_64) BOARD=amd64-usr ;; aarch64) BOARD=arm64-usr ;; esac
+fi
+MACHINE_ID=$(cat "$ROOT/etc/machine-id" 2>/dev/null || true)
+OEM=$(value "$ROOT/usr/share/oem/oem-release" ID)
+[ -n "$OEM" ] || OEM=$(value "$ROOT/oem/oem-release" ID)
+ENABLED=""
+TARGET=""
+FILES=""
+
+if [ "$MODE" = restore ]; then
+    if [ ! -e "$CONF.bak" ]; then
+        say "Nothing to restore: there is no $CONF.bak (this script keeps the first update.conf it changes there)."
+        exit 0
+    fi
+    cp -p "$CONF.bak" "$CONF" && rm -f "$CONF.bak"
+    systemctl restart update-engine
+    say "Restored $CONF from $CONF.bak and restarted update-engine."
+    exit 0
+fi
+
+ok "$NAME $VERSION for ${BOARD:-an unknown board}"
+if [ "$(id -u)" = 0 ]; then
+    ok "running as root"
+elif [ "$MODE" = check ]; then
+    note "not root: checking only"
+else
+    problem "not running as root: run it as curl -fsS $SERVER/setup | sudo sh"
+fi
+
+STATUS=$(update_engine_client -status 2>/dev/null || true)
+case $STATUS in
+    *CURRENT_OP=UPDATE_STATUS_UPDATED_NEED_REBOOT*)
+        say "An update ($(printf '%s\n' "$STATUS" | sed -n 's/^NEW_VERSION=//p')) is already installed and waits for a reboot: reboot first (systemctl reboot, or let locksmithd or FLUO do it). Nothing was changed."
+        report
+        exit 0 ;;
+esac
+
+if OFFER=$(served "$BOARD"); then
+    TARGET=${OFFER%% *}
+    FILES=${OFFER#"$TARGET"}
+    ok "this server offers $TARGET for $BOARD"
+else
+    problem "this server has no payload for $BOARD (it serves $SERVED_BOARDS): download $RELEASES/$BOARD/<version>/flatcar_production_update.gz and serve it too"
+fi
+
+if [ -n "$TARGET" ] && [ "${VERSION%%+*}" = "${TARGET%%+*}" ]; then
+    say "This machine already runs $TARGET, the version this server offers: nothing to do."
+    report
+    exit 0
+fi
+
+if [ -n "$OEM" ]; then
+    if [ -e "$ROOT/usr/share/oem/sysext/active-oem-$OEM" ] || [ -e "$ROOT/oem/sysext/active-oem-$OEM" ]; then
+        [ -z "$TARGET" ] || need "oem-$OEM.gz" "the $OEM OEM's system extension"
+    else
+        ok "the $OEM OEM has no system extension here"
+    fi
+else
+    ok "no OEM"
+fi
+
+# Enabled extensions: the image's list, then /etc's; a line -NAME disables NAME.
+for name in $(cat "$ROOT/usr/share/flatcar/enabled-sysext.conf" "$ROOT/etc/flatcar/enabled-sysext.conf" 2>/dev/null \
+              | sed 's/#.*//' | tr -d ' \t'); do
+    kept=""
+    for each in $ENABLED; do
+        [ "$each" = "${name#-}" ] || kept="${kept:+$kept }$each"
+    done
+    case $name in -*) ENABLED=$kept ;; *) ENABLED="${kept:+$kept }$name" ;; esac
+done
+if [ -z "$ENABLED" ]; then
+    ok "no extensions enabled"
+elif [ -n "$TARGET" ]; then
+    for name in $ENABLED; do need "flatcar-$name.gz" "the $name extension"; done
+fi
+ok "the server answers (this script came from it)"
+
+if [ "$PROBLEMS" -gt 0 ]; then
+    report
+    say "Nothing was changed: fix the $PROBLEMS problem(s) above, then run this again."
+    exit 1
+fi
+if [ "$MODE" = check ]; then
+    report
+    say "Check only: nothing was changed. Run it without --check to point this machine at $SERVER and update it."
+    exit 0
+fi
+report
+
+LINE="SERVER=$SERVER/v1/update"
+RESTART=no
+mkdir -p "$CONF_DIR"
+if [ -f "$CONF" ] && grep -qx -- "$LINE" "$CONF"; then
+    ok "$CONF already has $LINE"
+else
+    if [ ! -e "$CONF.bak" ]; then
+        if [ -f "$CONF" ]; then cp -p "$CONF" "$CONF.bak"; else : > "$CONF.bak"; fi
+    fi
+    if [ -f "$CONF" ]; then
+        awk -v line="$LINE" '/^SERVER=/ { if (!done) print line; done = 1; next } { print } END { if (!done) print line }' \
+            "$CONF" > "$CONF.new"
+    else
+        printf '%s\n' "$LINE" > "$CONF.new"
+    fi
+    mv "$CONF.new" "$CONF"
+    ok "set $LINE in $CONF (the old file is $CONF.bak)"
+    RESTART=yes
+fi
+if [ "$(systemctl is-enabled update-engine 2>/dev/null)" = masked ]; then
+    systemctl unmask update-engine && ok "unmasked update-engine"
+    RESTART=yes
+fi
+if [ "$RESTART" = yes ] || ! systemctl is-active --quiet update-engine; then
+    systemctl restart update-engine && ok "restarted update-engine"
+fi
+
+update_engine_client -check_for_update >/dev/null 2>&1 || true
+say "Asked update_engine for the update."
+if [ "$WAIT" = no ]; then
+    say "Follow it with: update_engine_client -status, or on $SERVER/"
+    exit 0
+fi
+
+# Why the machine has no update, in the server's words.
+server_says() {
+    fetch "$SERVER/setup/state?id=$MACHINE_ID" 2>/dev/null || say "the server could not be asked; see journalctl -u update-engine"
+}
+
+LAST=""
+BUSY=no
+WAITED=0
+while :; do
+    STATUS=$(update_engine_client -status 2>/dev/null || true)
+    OP=$(printf '%s\n' "$STATUS" | sed -n 's/^CURRENT_OP=//p')
+    case $OP in
+        UPDATE_STATUS_IDLE)
+            WORDS="idle"
+            if [ "$BUSY" = yes ]; then
+                say "  no update was installed; the server says: $(server_says)"
+                exit 1
+            fi ;;
+        UPDATE_STATUS_CHECKING_FOR_UPDATE) WORDS="checking for an update"; BUSY=yes ;;
+        UPDATE_STATUS_UPDATE_AVAILABLE) WORDS="an update is available"; BUSY=yes ;;
+        UPDATE_STATUS_DOWNLOADING)
+            WORDS="downloading $(printf '%s\n' "$STATUS" | sed -n 's/^PROGRESS=//p' | awk '{ printf "%d%%", $1 * 100 }')"
+            BUSY=yes ;;
+        UPDATE_STATUS_VERIFYING) WORDS="verifying the download"; BUSY=yes ;;
+        UPDATE_STATUS_FINALIZING) WORDS="finalizing"; BUSY=yes ;;
+        UPDATE_STATUS_UPDATED_NEED_REBOOT)
+            say "  updated to $(printf '%s\n' "$STATUS" | sed -n 's/^NEW_VERSION=//p'): reboot to finish (systemctl reboot)."
+            if [ "$(systemctl is-enabled locksmithd 2>/dev/null)" = enabled ]; then
+                say "  locksmithd is enabled: it reboots this machine by its REBOOT_STRATEGY."
+            else
+                say "  This script does not reboot; a reboot manager (locksmithd, or FLUO on Kubernetes) would."
+            fi
+            exit 0 ;;
+        UPDATE_STATUS_REPORTING_ERROR_EVENT)
+            sleep "$POLL"
+            say "  the update failed; the server says: $(server_says)"
+            exit 1 ;;
+        *) WORDS="update_engine is ${OP:-not answering}" ;;
+    esac
+    if [ "$WORDS" != "$LAST" ]; then
+        say "  $WORDS"
+        LAST=$WORDS
+    fi
+    if [ "$WAITED" -ge "$LIMIT" ]; then
+        say "  still $WORDS after $LIMIT seconds; it goes on: follow it with update_engine_client -status"
+        exit 3
+    fi
+    sleep "$POLL"
+    WAITED=$((WAITED + POLL))
+done
+'''
+
+
+def setup_script(server: str, catalog: Catalog, check_only: bool) -> str:
+    """The setup script for machines that reach this server at `server` (scheme://host:port)."""
+    import shlex
+    served = "\n".join("        %s) echo %s ;;" % (
+        release.board, shlex.quote(" ".join([release.version] + [p.name for p in release.packages[1:]])))
+        for release in catalog.releases)
+    words = (("@TOOL@", __version__), ("@SERVER_QUOTED@", shlex.quote(server)), ("@SERVER@", server),
+             ("@MODE@", "check" if check_only else "apply"), ("@SERVED@", served),
+             ("@BOARDS@", shlex.quote(" ".join(r.board for r in catalog.releases))))
+    script = SETUP_SCRIPT
+    for placeholder, value in words:
+        script = script.replace(placeholder, value)
+    return script
+
+
+MAX_SETUP_REPORT = 16 << 10
+_SETUP_WORD = re.compile(r"[A-Za-z0-9._+-]{1,100}")
+
+
+class SetupReport(NamedTuple):
+    """What the setup script found on a machine (POST /setup/report, key=value lines)."""
+    machineid: str
+    board: str
+    version: str
+    oem: str
+    extensions: Tuple[str, ...]
+    missing: Tuple[str, ...]
+    problems: int
+    mode: str
+
+
+def parse_setup_report(body: bytes) -> SetupReport:
+    """A report's fields, each a word or a list of words; ValueError says what is wrong."""
+    if len(body) > MAX_SETUP_REPORT:
+        raise ValueError("a setup report is at most %d bytes" % MAX_SETUP_REPORT)
+    fields = {}  # type: Dict[str, str]
+    for line in body.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+    words = {key: tuple(fields.get(key, "").split()) for key in ("extensions", "missing")}
+    for key in ("board", "version", "oem", "mode", "machine"):
+        if fields.get(key) and not _SETUP_WORD.fullmatch(fields[key]):
+            raise ValueError("%s=%r is not a word" % (key, clean(fields[key], 40)))
+    for key, values in words.items():
+        if len(values) > 64 or not all(_SETUP_WORD.fullmatch(v) for v in values):
+            raise ValueError("%s is not a list of up to 64 names" % key)
+    problems = fields.get("problems", "0")
+    return SetupReport(fields.get("machine", ""), fields.get("board", ""),
+                       fields.get("version", ""), fields.get("oem", ""), words["extensions"],
+                       words["missing"], int(problems) if problems.isdigit() else 0,
+                       fields.get("mode", ""))
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. HTTP
 # ---------------------------------------------------------------------------------------------
@@ -2009,6 +2387,7 @@ TLS_CHUNK = 256 << 10  # bytes read and encrypted at a time when sendfile cannot
 OMAHA_PATHS = ("/v1/update", "/v1/update/")
 PACKAGES_PREFIX = "/packages/"
 STATUS_PATHS = ("/", "/status.json", "/healthz")
+SETUP_PATHS = ("/setup", "/setup/report", "/setup/state")
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")  # others: 501
 _HOST_HEADER = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
 _RANGE_SPEC = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")
@@ -2305,6 +2684,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.serve_package(package)
         elif path in STATUS_PATHS and self.command in ("GET", "HEAD"):
             self.status(path)
+        elif path in SETUP_PATHS:
+            self.setup_endpoint(path)
         else:
             self.reject(404, "not found", close=self._has_body())
 
@@ -2328,8 +2709,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send(200, [("Content-Type", "text/xml; charset=utf-8"),
                         ("Content-Length", str(len(answer)))], answer)
 
-    def read_body(self) -> Optional[bytes]:
-        """The request body, or None when it was refused (answered) or cut short."""
+    def read_body(self, content_types: bool = True) -> Optional[bytes]:
+        """The request body, or None when it was refused (answered) or cut short; its
+        Content-Type is checked as update_engine's unless content_types is False."""
         if "Transfer-Encoding" in self.headers:
             # update_engine always sends Content-Length; refusing chunked bodies keeps the cap
             # simple to enforce before anything is read.
@@ -2347,7 +2729,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if length > MAX_BODY:
             self.reject(413, "request body is over %d bytes" % MAX_BODY, close=True)
             return None
-        problem = content_type_problem(self.headers.get("Content-Type") or "")
+        problem = content_type_problem(self.headers.get("Content-Type") or "") if content_types else None
         if problem:
             self.reject(415, problem, close=True)
             return None
@@ -2363,6 +2745,53 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return None
         return body
 
+    # -- the setup script ------------------------------------------------------------------
+
+    def setup_endpoint(self, path: str) -> None:
+        """GET /setup: the script; POST /setup/report: what it found; GET /setup/state?id=:
+        where that machine's update stands, in one line."""
+        method = "POST" if path == "/setup/report" else "GET"
+        if self.command not in (method, "HEAD" if method == "GET" else method):
+            self.reject(405, "%s expects a %s" % (path, method), [("Allow", method)],
+                        close=self._has_body())
+            return
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query,
+                                      keep_blank_values=True)
+        if path == "/setup":
+            check_only = "check" in query
+            text = setup_script(self.server_url(), self.server.catalog, check_only)
+            log_line(logging.INFO, "%s fetched the setup script%s" % (
+                self.client(), " (check only)" if check_only else ""))
+            self.send_plain(text, "text/x-shellscript; charset=utf-8")
+        elif path == "/setup/state":
+            self.send_plain(self.server.fleet.state_words(query.get("id", [""])[0]) + "\n")
+        else:
+            self.setup_report()
+
+    def setup_report(self) -> None:
+        body = self.read_body(content_types=False)
+        if body is None:
+            return
+        try:
+            report = parse_setup_report(body)
+        except ValueError as exc:
+            self.reject(400, str(exc))
+            return
+        self.server.say(self.server.fleet.set_up(report, self.client(), self.server.clock()))
+        self.send_plain("thank you\n")
+
+    def send_plain(self, text: str, content_type: str = "text/plain; charset=utf-8") -> None:
+        body = text.encode("utf-8")
+        self.send(200, [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                        ("Cache-Control", "no-store")], body)
+
+    def server_url(self) -> str:
+        """This server as the machine reached it: <scheme>://<Host header>."""
+        host = (self.headers.get("Host") or "").strip()
+        if not _HOST_HEADER.fullmatch(host):
+            host = url_host(*self.connection.getsockname()[:2])
+        return "%s://%s" % (self.server.settings.scheme, host)
+
     def codebases(self) -> Tuple[str, ...]:
         """Where machines download from, in order: this server (its --base-url, or
         <scheme>://<Host header>/packages/), then each --mirror. Every codebase ends in '/':
@@ -2373,10 +2802,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return settings.mirrors
         if settings.base_url:
             return (settings.base_url,) + settings.mirrors
-        host = (self.headers.get("Host") or "").strip()
-        if not _HOST_HEADER.fullmatch(host):
-            host = url_host(*self.connection.getsockname()[:2])
-        return ("%s://%s%s" % (settings.scheme, host, PACKAGES_PREFIX),) + settings.mirrors
+        return (self.server_url() + PACKAGES_PREFIX,) + settings.mirrors
 
     # -- payloads --------------------------------------------------------------------------
 
@@ -3406,9 +3832,13 @@ def _where_to_point(server: Server) -> List[str]:
         lines = ["listening on %s://%s/" % (scheme, url_host(bound, port))]
         addresses = [bound]
     lines += ["",
-              "On each machine, put this line in /etc/flatcar/update.conf "
-              "(CoreOS: /etc/coreos/update.conf),",
+              "On each machine, run (it checks the machine first; add: sh -s -- --check to "
+              "check only),",
               "using an address of this host that the machine can reach:"]
+    lines += ["    curl -fsS %s://%s/setup | sudo sh" % (scheme, url_host(address, port))
+              for address in addresses]
+    lines += ["or by hand: put this line in /etc/flatcar/update.conf "
+              "(CoreOS: /etc/coreos/update.conf),"]
     lines += ["    SERVER=%s://%s/v1/update" % (scheme, url_host(address, port))
               for address in addresses]
     if settings.credentials:

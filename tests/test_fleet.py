@@ -176,7 +176,7 @@ def test_status_json_fields(walk, demo_bytes):
     assert set(doc["machines"][0]) == {
         "id", "alias", "address", "oem", "group", "board", "version", "target", "from_version",
         "state",
-        "state_words", "first_seen", "last_seen", "download", "error"}
+        "state_words", "first_seen", "last_seen", "download", "error", "setup"}
 
 
 def test_html_status_page(walk):

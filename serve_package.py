@@ -2697,17 +2697,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def omaha(self) -> None:
         """Read an Omaha request's body within bounds, and send the server's answer."""
-        body = self.read_body()
-        if body is None:
-            return
-        try:
-            request = parse_request(body)
-        except RequestError as exc:
-            self.reject(400, str(exc))
+        request = self.parsed_body(parse_request)
+        if request is None:
             return
         answer = self.server.answer(request, self.client(), self.codebases(), self.server.clock())
         self.send(200, [("Content-Type", "text/xml; charset=utf-8"),
                         ("Content-Length", str(len(answer)))], answer)
+
+    def parsed_body(self, parse: Callable[[bytes], Any], content_types: bool = True) -> Any:
+        """The request body as `parse` reads it; None when it was refused (a 400 with the
+        ValueError's words, e.g. a RequestError's) or cut short."""
+        body = self.read_body(content_types)
+        if body is None:
+            return None
+        try:
+            return parse(body)
+        except ValueError as exc:
+            self.reject(400, str(exc))
+            return None
 
     def read_body(self, content_types: bool = True) -> Optional[bytes]:
         """The request body, or None when it was refused (answered) or cut short; its
@@ -2769,13 +2776,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.setup_report()
 
     def setup_report(self) -> None:
-        body = self.read_body(content_types=False)
-        if body is None:
-            return
-        try:
-            report = parse_setup_report(body)
-        except ValueError as exc:
-            self.reject(400, str(exc))
+        report = self.parsed_body(parse_setup_report, content_types=False)
+        if report is None:
             return
         self.server.say(self.server.fleet.set_up(report, self.client(), self.server.clock()))
         self.send_plain("thank you\n")

@@ -31,6 +31,7 @@ Standard library only; runs on Python 3.6 and newer.
 import argparse
 import base64
 import binascii
+import collections
 import contextlib
 import email.utils
 import errno
@@ -1116,6 +1117,13 @@ class Catalog(NamedTuple):
     def packages(self) -> List[Package]:
         return [package for release in self.releases for package in release.packages]
 
+    def url_name(self, package: Package) -> str:
+        """The package's path under /packages/."""
+        for release in self.releases:
+            if package in release.packages:
+                return release.prefix + package.name
+        return package.name
+
     def os_payloads(self) -> FrozenSet[str]:
         return frozenset(release.packages[0].path for release in self.releases)
 
@@ -1646,6 +1654,8 @@ def postinstall_advice(who: str, release: Release) -> str:
 
 PROGRESS_EVERY_PERCENT = 10
 PROGRESS_EVERY_SECONDS = 10.0
+STALLED_AFTER = 600.0  # a download with no progress for this long is said to be stalled
+NOT_SEEN_AFTER = 9000.0  # about three of update_engine's 45-minute check intervals
 NO_PROGRESS_LOGGED = -PROGRESS_EVERY_PERCENT  # so that the first chunk, at 0%, is logged
 
 
@@ -1656,7 +1666,7 @@ class Machine:
     __slots__ = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
                  "first_seen", "last_seen", "state", "detail", "error", "from_version",
                  "downloaded", "size", "rate", "logged_percent", "logged_at", "offered_at",
-                 "installed_instead", "board", "setup")
+                 "installed_instead", "board", "setup", "progressed_at")
 
     def __init__(self, key: str, address: str, now: float) -> None:
         self.key, self.address = key, address
@@ -1673,6 +1683,7 @@ class Machine:
         self.offered_at = 0.0  # when it took a --max-concurrent slot
         self.installed_instead = ""  # the version it came back on instead of the one offered
         self.setup = None  # type: Optional[Dict[str, object]]  # its last setup report
+        self.progressed_at = now  # the last time its download moved
 
     def introduce(self, app: AppRequest, address: str) -> None:
         """What a request says of the machine that sent it."""
@@ -1727,7 +1738,29 @@ class Machine:
         self.state, self.detail = state, detail
         return True
 
-    def happened(self, happening: Happening, event: Event) -> bool:
+    def tally(self) -> Tuple[str, str, str, str, str, str]:
+        """What the fleet counts it under: state, version (-> target), board, group, OEM and,
+        when it failed, the cause."""
+        cause = ""
+        if self.state in (FAILED, ROLLED_BACK) and self.error is not None:
+            cause = str(self.error & ERROR_BASE_MASK)
+        elif self.state in (WRONG_BOARD, OTHER_VERSION):
+            cause = self.state
+        return (self.state, self.versions(), self.board, self.group, self.oem, cause)
+
+    def versions(self) -> str:
+        """'3760.2.0 -> 3815.2.5' while updating, else its version."""
+        if self.target and self.target != self.version:
+            return "%s \u2192 %s" % (self.version or "?", self.target)
+        return self.version
+
+    def stalled(self, now: float) -> bool:
+        return self.state == DOWNLOADING and now - self.progressed_at >= STALLED_AFTER
+
+    def lost(self, now: float) -> bool:
+        return now - self.last_seen >= NOT_SEEN_AFTER
+
+    def happened(self, happening: Happening, event: Event, now: float) -> bool:
         """An event's consequence; False when it changes nothing."""
         if happening.state == COMPLETE and self.installed_instead:
             return False  # still on the version it came back on: that is what it is
@@ -1738,6 +1771,7 @@ class Machine:
             self.error, self.target = event.errorcode, ""
         elif happening.state == DOWNLOADING:
             self.downloaded, self.size, self.logged_percent = 0, 0, NO_PROGRESS_LOGGED
+            self.progressed_at = now
         elif happening.state in (FAILED, DEFERRED):
             self.error = event.errorcode
         return self.change(happening.state, happening.words) if happening.state else False
@@ -1746,6 +1780,8 @@ class Machine:
         """A download's progress; True when it is time for a progress line (every 10% or
         10 seconds, and at the end)."""
         self.size = size
+        if end > self.downloaded or self.state != DOWNLOADING:
+            self.progressed_at = now
         self.downloaded = max(self.downloaded, end)
         if seconds > 0.5:
             self.rate = sent / seconds
@@ -1769,17 +1805,15 @@ class Machine:
     def label(self) -> str:
         """'node-3 (10.0.0.7, azure) 3760.2.0 -> 3815.2.5': who, where, from what to what."""
         where = ", ".join(x for x in (self.address, self.oem) if x)
-        versions = self.version or "?"
-        if self.target and self.target != self.version:
-            versions += " \u2192 " + self.target
-        return clean("%s (%s) %s" % (self.name(), where, versions), 200)
+        return clean("%s (%s) %s" % (self.name(), where, self.versions() or "?"), 200)
 
     def note(self, level: int, event: str) -> Note:
         return Note(level, "%s: %s" % (self.label(), self.detail),
                     {"event": event, "machine": self.facts()})
 
-    def facts(self) -> Dict[str, object]:
-        """The stable fields of /status.json and of JSON log lines."""
+    def facts(self, now: Optional[float] = None) -> Dict[str, object]:
+        """The stable fields of /status.json and of JSON log lines; with the time, also whether
+        its download stalled and whether it has not been seen for long."""
         download = None
         if self.size:
             download = {"bytes": self.downloaded, "size": self.size,
@@ -1795,7 +1829,76 @@ class Machine:
                 "target": self.target, "from_version": self.from_version,
                 "state": self.state, "state_words": self.detail,
                 "first_seen": iso_time(self.first_seen), "last_seen": iso_time(self.last_seen),
-                "download": download, "error": error, "setup": self.setup}
+                "download": download, "error": error, "setup": self.setup,
+                "stalled_since": iso_time(self.progressed_at)
+                if now is not None and self.stalled(now) else None,
+                "not_seen": now is not None and self.lost(now)}
+
+
+TALLIED = ("state", "version", "board", "group", "oem", "cause")
+CAUSE_EXAMPLES = 5
+
+
+class Tally:
+    """The fleet's counts (machines by state, version, board, group, OEM and failure cause),
+    the --max-concurrent slot holders, the downloads under way and the updates completed in the
+    last hour: kept up to date as each machine changes, so that no request walks the fleet."""
+
+    def __init__(self) -> None:
+        self.counts = {name: collections.Counter() for name in TALLIED}
+        self.examples = {}  # type: Dict[str, List[str]]  # cause -> the first few machines
+        self.holders = {}  # type: Dict[str, Machine]
+        self.downloading = {}  # type: Dict[str, Machine]
+        self.completions = collections.deque()  # type: collections.deque
+
+    def change(self, machine: Machine, before: Optional[Tuple[str, ...]], now: float) -> None:
+        after = machine.tally()
+        if after == before:
+            return
+        for name, old, new in zip(TALLIED, before or (None,) * len(TALLIED), after):
+            if old == new:
+                continue
+            counter = self.counts[name]
+            if old is not None and (old or name != "cause"):
+                counter[old] -= 1
+                if counter[old] <= 0:
+                    del counter[old]
+            if new or name != "cause":
+                counter[new] += 1
+        self._follow(machine, before[0] if before else None, after, now)
+
+    def _follow(self, machine: Machine, was: Optional[str], after: Tuple[str, ...],
+                now: float) -> None:
+        state, cause, key = after[0], after[-1], machine.key
+        if state not in HOLDS_SLOT:
+            self.holders.pop(key, None)
+        if state == DOWNLOADING:
+            self.downloading[key] = machine
+        else:
+            self.downloading.pop(key, None)
+        if state == COMPLETE and was != COMPLETE:
+            self.completions.append(now)
+        for listed, keys in list(self.examples.items()):
+            if listed != cause and key in keys:
+                keys.remove(key)
+                if not keys:
+                    del self.examples[listed]
+        if cause:
+            keys = self.examples.setdefault(cause, [])
+            if key not in keys and len(keys) < CAUSE_EXAMPLES:
+                keys.append(key)
+
+    def slots_in_use(self, now: float, timeout: float) -> int:
+        """Slots held now; a holder past --update-timeout lets its slot go."""
+        for key, machine in list(self.holders.items()):
+            if not machine.holds_slot(now, timeout):
+                del self.holders[key]
+        return len(self.holders)
+
+    def updates_last_hour(self, now: float) -> int:
+        while self.completions and now - self.completions[0] > 3600:
+            self.completions.popleft()
+        return len(self.completions)
 
 
 class Fleet:
@@ -1809,53 +1912,67 @@ class Fleet:
         self.update_timeout = update_timeout
         self.offer_words = offer_words  # what each offer's line says
         self.lock = threading.Lock()
-        self.machines = {}  # type: Dict[str, Machine]
+        # by machineid (or address), the one seen last at the end: "not seen since" is a walk
+        # from the front that stops at the first machine seen recently
+        self.machines = collections.OrderedDict()  # type: collections.OrderedDict
         self.by_address = {}  # type: Dict[str, str]
+        self.tally = Tally()
+        self.counters = collections.Counter()  # type: collections.Counter  # for /metrics
 
     def admit(self, app: AppRequest, address: str, now: float, reserve: bool, counted: bool,
               choose: Callable[[Standing], Decision]) -> Tuple[Decision, List[Note]]:
         """Decide under the fleet's lock, so that --max-concurrent holds however many machines
         check at once: an offer to a machine that held no slot takes one there and then (it
         is freed when the machine installs, fails, or after --update-timeout). The slots in
-        use are counted only when there is a limit (`counted`): it is a walk over the fleet."""
+        use are counted only when there is a limit (`counted`), from the holders alone."""
         notes = []  # type: List[Note]
         with self.lock:
             machine = self.machines.get(app.machineid or address)
             held = machine is not None and machine.holds_slot(now, self.update_timeout)
-            in_use = (sum(1 for m in self.machines.values()
-                          if m.holds_slot(now, self.update_timeout)) if counted else 0)
+            in_use = self.tally.slots_in_use(now, self.update_timeout) if counted else 0
             instead = machine.installed_instead_of_target(app) if machine is not None else ""
             decision = choose(Standing(held, in_use, instead))
             if decision.offer and reserve and not held:
-                machine = self._seen(app, address, now)
-                machine.offer(decision.version, now, self.offer_words)
+                machine, before = self._seen(app, address, now)
+                self._offer(machine, decision, now)
+                self.tally.change(machine, before, now)
                 notes.append(machine.note(logging.INFO, "state"))
         return decision, notes
 
-    def _seen(self, app: AppRequest, address: str, now: float) -> Machine:
-        """The machine a request comes from, created on first sight, with what it says of
-        itself brought up to date."""
-        machine = self._machine(app.machineid or address, address, now)
-        machine.introduce(app, address)
-        return machine
+    def _offer(self, machine: Machine, decision: Decision, now: float) -> None:
+        machine.offer(decision.version, now, self.offer_words)
+        self.tally.holders[machine.key] = machine
 
-    def _machine(self, key: str, address: str, now: float) -> Machine:
+    def _seen(self, app: AppRequest, address: str, now: float
+              ) -> Tuple[Machine, Optional[Tuple[str, ...]]]:
+        """The machine a request comes from, created on first sight, with what it says of
+        itself brought up to date; and what it was counted under before (None: new)."""
+        machine, before = self._machine(app.machineid or address, address, now)
+        machine.introduce(app, address)
+        return machine, before
+
+    def _machine(self, key: str, address: str, now: float
+                 ) -> Tuple[Machine, Optional[Tuple[str, ...]]]:
         machine = self.machines.get(key)
+        before = None if machine is None else machine.tally()
         if machine is None:
             machine = self.machines[key] = Machine(key, address, now)
+        else:
+            self.machines.move_to_end(key)
         machine.seen_at(now)
         self.by_address[address] = key
-        return machine
+        return machine, before
 
     def request(self, app: AppRequest, address: str, decision: Optional[Decision],
                 now: float) -> List[Note]:
         """An Omaha request from this machine: its events, then its update check."""
         notes = []  # type: List[Note]
         with self.lock:
-            machine = self._seen(app, address, now)
+            machine, before = self._seen(app, address, now)
+            self._count(app, decision)
             for event in app.events:
                 offered_as, instead = machine.target, machine.installed_instead_of_target(app)
-                if machine.happened(classify_event(event, app), event):
+                if machine.happened(classify_event(event, app), event, now):
                     if machine.state == COMPLETE and instead and offered_as:
                         machine.installed_other(offered_as, instead)
                     notes.append(machine.note(logging.WARNING if machine.state in (
@@ -1865,12 +1982,23 @@ class Fleet:
             failed_now = bool(notes) and machine.state in UNHAPPY
             if decision is not None and not failed_now:
                 notes += self._checked(machine, decision, now)
+            self.tally.change(machine, before, now)
         return notes
+
+    def _count(self, app: AppRequest, decision: Optional[Decision]) -> None:
+        counters = self.counters
+        if decision is not None:
+            counters["checks", ] += 1
+            counters["offers", ] += decision.offer
+        for event in app.events:
+            counters["events", event.type, event.result] += 1
+            if event.result == RESULT_ERROR and event.errorcode is not None:
+                counters["failures", event.errorcode & ERROR_BASE_MASK] += 1
 
     def _checked(self, machine: Machine, decision: Decision, now: float) -> List[Note]:
         if decision.offer:
             if machine.state not in UNDER_WAY:
-                machine.offer(decision.version, now, self.offer_words)
+                self._offer(machine, decision, now)
                 return [machine.note(logging.INFO, "state")]
         elif machine.state in REFUSED:
             if machine.change(decision.state, decision.reason, target=""):
@@ -1884,16 +2012,17 @@ class Fleet:
         if package.path not in self.os_payloads:
             return []
         with self.lock:
-            machine = self._machine(self.by_address.get(address, address), address, now)
-            if machine.progress(package.size, end, sent, seconds, now):
-                return [machine.note(logging.INFO, "progress")]
-        return []
+            machine, before = self._machine(self.by_address.get(address, address), address, now)
+            said = machine.progress(package.size, end, sent, seconds, now)
+            self.tally.change(machine, before, now)
+            return [machine.note(logging.INFO, "progress")] if said else []
 
     def set_up(self, report: "SetupReport", address: str, now: float) -> List[Note]:
         """A setup script's report: the machine's needs, before it downloads a byte."""
         with self.lock:
-            machine = self._machine(report.machineid or address, address, now)
+            machine, before = self._machine(report.machineid or address, address, now)
             machine.set_up(report, address, now)
+            self.tally.change(machine, before, now)
             found = "enabled extensions: %s" % (" ".join(report.extensions) or "none")
             if report.missing:
                 return [Note(logging.WARNING, "%s: setup found what the update needs and this "
@@ -1921,6 +2050,47 @@ class Fleet:
             machines = sorted(self.machines.values(), key=lambda m: (m.alias or m.key))
             return [m.facts() for m in machines]
 
+    def select(self, query: "Query", now: float) -> List[Machine]:
+        """The machines a query asks for, in its order. Only the copy of the list is taken under
+        the lock; the filtering reads the machines as they are."""
+        with self.lock:
+            machines = list(self.machines.values())
+        machines.reverse()  # the one seen last first
+        chosen = [m for m in machines if query.matches(m, now)] if query.filtered() else machines
+        if query.sort != "last_seen":
+            chosen.sort(key=SORT_KEYS[query.sort])
+        return chosen
+
+    def metric_counters(self) -> Dict[Tuple, int]:
+        with self.lock:
+            return dict(self.counters)
+
+    def summary_facts(self, now: float) -> Dict[str, Any]:
+        """The fleet at a glance, from the counts kept as machines change: no walk of the fleet
+        but for the downloads under way and the machines not seen for long."""
+        with self.lock:
+            tally = self.tally
+            counts = {name: dict(tally.counts[name]) for name in TALLIED}
+            stalled = sum(1 for m in tally.downloading.values() if m.stalled(now))
+            not_seen = 0
+            for machine in self.machines.values():
+                if not machine.lost(now):
+                    break
+                not_seen += 1
+            examples = {cause: [self.machines[key].name() for key in keys]
+                        for cause, keys in tally.examples.items()}
+            updated = tally.updates_last_hour(now)
+            total = len(self.machines)
+        states = counts["state"]
+        return {
+            "machines": total, "states": states, "versions": counts["version"],
+            "boards": counts["board"], "groups": counts["group"], "oems": counts["oem"],
+            "rollout": {name: sum(states.get(state, 0) for state in group)
+                        for name, group in ROLLOUT_GROUPS},
+            "updates_last_hour": updated, "stalled": stalled, "not_seen": not_seen,
+            "failures": [_cause_facts(cause, n, examples.get(cause, []))
+                         for cause, n in sorted(counts["cause"].items(), key=lambda c: -c[1])]}
+
     def summary(self) -> str:
         """One line per machine: where it started, where it is, in what state."""
         rows = self.snapshot()
@@ -1937,12 +2107,102 @@ class Fleet:
         return "\n".join(lines)
 
 
-def status_document(catalog: Catalog, machines: List[Dict[str, object]],
-                    started: float) -> Dict[str, object]:
+ROLLOUT_GROUPS = (("complete", (COMPLETE,)), ("in_progress", UNDER_WAY),
+                  ("failed", (FAILED, ROLLED_BACK, WRONG_BOARD, OTHER_VERSION)),
+                  ("waiting", (NEW, IDLE, DEFERRED)))
+PAGE_ROWS = 100
+JSON_LIMIT = 1000
+SORT_KEYS = {
+    "last_seen": lambda m: -m.last_seen, "first_seen": lambda m: m.first_seen,
+    "name": lambda m: m.name(), "state": lambda m: m.state,
+    "version": lambda m: parse_version(m.version) or (), "address": lambda m: m.address}
+PSEUDO_STATES = ("stalled", "not-seen")
+
+
+def _cause_facts(cause: str, machines: int, examples: List[str]) -> Dict[str, Any]:
+    if cause.isdigit():
+        words, hint = describe_error(int(cause)), error_hint(int(cause))
+    else:
+        words, hint = SHORT_STATE_WORDS.get(cause, cause), None
+    return {"cause": cause, "words": words, "hint": hint, "machines": machines,
+            "first": examples}
+
+
+class Query(NamedTuple):
+    """Which machines a page, /status.json or /machines.csv shows, from its query string:
+    ?state=failed&version=3760.2.0&board=arm64-usr&group=stable&oem=azure&cause=10
+    &q=<id, alias or address prefix>&sort=last_seen&page=N (or offset= and limit=)."""
+    state: str = ""
+    version: str = ""
+    board: str = ""
+    group: str = ""
+    oem: str = ""
+    cause: str = ""
+    q: str = ""
+    sort: str = "last_seen"
+    offset: int = 0
+    limit: int = PAGE_ROWS
+
+    def filtered(self) -> bool:
+        return any(self[:7])
+
+    def matches(self, m: Machine, now: float) -> bool:
+        if self.state and not (m.state == self.state or (self.state == "stalled" and m.stalled(now))
+                               or (self.state == "not-seen" and m.lost(now))):
+            return False
+        for value, have in ((self.version, m.version), (self.board, m.board),
+                            (self.group, m.group), (self.oem, m.oem)):
+            if value and value != have:
+                return False
+        if self.cause and self.cause != m.tally()[-1]:
+            return False
+        return not self.q or any(field.startswith(self.q)
+                                 for field in (m.machineid, m.alias, m.address))
+
+    def link(self, **changes: Any) -> str:
+        """The query string of this query with some fields changed (for links and paging)."""
+        fields = self._replace(**changes)._asdict()
+        return "?" + urllib.parse.urlencode(
+            [(k, v) for k, v in fields.items() if v and (k, v) not in (
+                ("sort", "last_seen"), ("limit", PAGE_ROWS))])
+
+
+CSV_COLUMNS = ("id", "alias", "address", "board", "oem", "group", "version", "target", "state",
+               "state_words", "error_code", "error_words", "download_percent", "stalled_since",
+               "not_seen", "setup_missing", "first_seen", "last_seen")
+
+
+def csv_row(m: Machine, now: float) -> Tuple[object, ...]:
+    """One machine as /machines.csv writes it, in the order of CSV_COLUMNS."""
+    base = m.error & ERROR_BASE_MASK if m.error is not None else ""
+    return (m.machineid, m.alias, m.address, m.board, m.oem, m.group, m.version, m.target,
+            m.state, m.detail, base, describe_error(m.error) if m.error is not None else "",
+            round(m.downloaded * 100.0 / m.size, 1) if m.size else "",
+            iso_time(m.progressed_at) if m.stalled(now) else "", "yes" if m.lost(now) else "",
+            " ".join(m.setup["missing"]) if m.setup else "", iso_time(m.first_seen),
+            iso_time(m.last_seen))
+
+
+def parse_query(text: str, limit: int = PAGE_ROWS) -> Query:
+    """A Query from a query string; ValueError says which field is wrong."""
+    fields = {k: v[-1] for k, v in urllib.parse.parse_qs(text, keep_blank_values=True).items()}
+    query = Query(**{k: fields.get(k, "")[:200] for k in Query._fields[:7]}, limit=limit)
+    sort = fields.get("sort") or "last_seen"
+    if sort not in SORT_KEYS:
+        raise ValueError("sort=%s is not one of %s" % (clean(sort, 20), ", ".join(SORT_KEYS)))
+    numbers = {}
+    for name, default in (("page", 1), ("offset", 0), ("limit", limit)):
+        text_value = fields.get(name) or str(default)
+        if not text_value.isdigit():
+            raise ValueError("%s=%s is not a number" % (name, clean(text_value, 20)))
+        numbers[name] = int(text_value)
+    offset = numbers["offset"] if "offset" in fields else (max(numbers["page"], 1) - 1) * limit
+    return query._replace(sort=sort, offset=offset, limit=max(1, min(numbers["limit"], limit)))
+
+
+def status_document(catalog: Catalog, summary: Dict[str, Any], machines: List[Dict[str, object]],
+                    total: int, query: Query, started: float) -> Dict[str, object]:
     """What /status.json says; its field names are stable (documented in the README)."""
-    counts = {}  # type: Dict[str, int]
-    for machine in machines:
-        counts[str(machine["state"])] = counts.get(str(machine["state"]), 0) + 1
     return {
         "server": {"name": PROG, "version": __version__, "started": iso_time(started)},
         "offering": ", ".join(sorted({r.version for r in catalog.releases})),
@@ -1950,7 +2210,9 @@ def status_document(catalog: Catalog, machines: List[Dict[str, object]],
                       "url_path": PACKAGES_PREFIX + r.prefix} for r in catalog.releases],
         "payloads": [_payload_facts(release, index, p) for release in catalog.releases
                      for index, p in enumerate(release.packages)],
-        "states": counts,
+        "summary": summary,
+        "states": summary["states"],
+        "total": total, "offset": query.offset, "limit": query.limit,
         "machines": machines,
     }
 
@@ -1989,6 +2251,12 @@ def _status_row(m: Dict[str, Any]) -> str:
         problem = str(m["state_words"])  # no error code: the server's own finding
     elif not problem and m["setup"] and m["setup"]["missing"]:
         problem = "setup found these not served: " + " ".join(m["setup"]["missing"])
+    words = SHORT_STATE_WORDS.get(str(m["state"])) or str(m["state_words"] or m["state"])
+    if m["stalled_since"]:
+        words = "download stalled at %d%% since %s" % (download.get("percent", 0),
+                                                      _clock(m["stalled_since"]))
+    if m["not_seen"]:
+        words += "; not seen since %s" % _clock(m["last_seen"])
     return (
         '<tr class="machine" data-state="%s"><td class="name">%s</td><td>%s</td><td>%s</td>'
         '<td class="board">%s</td><td>%s</td><td class="version">%s</td>'
@@ -1998,14 +2266,96 @@ def _status_row(m: Dict[str, Any]) -> str:
             esc(str(m["address"])), esc(str(m["oem"])), esc(str(m["board"])),
             esc(str(m["group"])),
             esc(str(m["version"]) + (" \u2192 " + str(m["target"]) if m["target"] else "")),
-            STATE_COLOURS.get(str(m["state"]), "#24292f"),
-            esc(SHORT_STATE_WORDS.get(str(m["state"])) or str(m["state_words"] or m["state"])),
-            progress, esc(problem), esc(str(m["last_seen"]).replace("T", " ").rstrip("Z"))))
+            STATE_COLOURS.get(str(m["state"]), "#24292f"), esc(words),
+            progress, esc(problem), esc(_clock(str(m["last_seen"])))))
 
 
-def status_page(doc: Dict[str, Any]) -> str:
-    """A small self-contained HTML page of a status_document(): no script, no external asset
-    (air-gapped browsers), refreshed by the browser every 5 seconds."""
+def _clock(iso: str) -> str:
+    """'2026-12-01 14:02:03' from '2026-12-01T14:02:03Z' (UTC)."""
+    return iso.replace("T", " ").rstrip("Z")
+
+
+def _summary_html(summary: Dict[str, Any], query: Query) -> str:
+    """The fleet at a glance: a bar of states, the rollout, versions, boards, groups and OEMs,
+    and the failures by cause, every number a link to the machines it counts."""
+    import html
+    esc = html.escape
+    total = summary["machines"] or 1
+    states = sorted(summary["states"].items(), key=lambda item: -item[1])
+    bar = "".join('<a href="%s" title="%d %s" style="width:%.2f%%;background:%s"></a>' % (
+        esc(Query(state=state).link()), n, esc(state), n * 100.0 / total,
+        STATE_COLOURS.get(state, "#8c959f")) for state, n in states)
+    legend = ", ".join('<a href="%s">%d %s</a>' % (esc(Query(state=state).link()), n, esc(state))
+                       for state, n in sorted(summary["states"].items()))
+    rollout = summary["rollout"]
+    parts = ['<div class="bar">%s</div>' % bar,
+             '<p id="summary">%d machine(s)%s.</p>' % (summary["machines"],
+                                                      ": " + legend if legend else ""),
+             '<p id="rollout">Rollout: %d complete, %d in progress, %d failed, %d waiting '
+             '(idle, new or deferred) of %d seen; %d updated in the last hour; '
+             '<a href="%s">%d download(s) stalled</a> (no progress for 10 minutes); '
+             '<a href="%s">%d not seen</a> for 2.5 hours.</p>' % (
+                 rollout["complete"], rollout["in_progress"], rollout["failed"],
+                 rollout["waiting"], summary["machines"], summary["updates_last_hour"],
+                 esc(Query(state="stalled").link()), summary["stalled"],
+                 esc(Query(state="not-seen").link()), summary["not_seen"])]
+    columns = []
+    for title, field, key in (("version", "version", "versions"), ("board", "board", "boards"),
+                              ("group", "group", "groups"), ("OEM", "oem", "oems")):
+        top = sorted(summary[key].items(), key=lambda item: -item[1])
+        rows = "".join('<tr><td><a href="%s">%s</a></td><td>%d</td></tr>' % (
+            esc(Query(**{field: value.split(" \u2192 ")[0]}).link()), esc(value or "none"), n)
+            for value, n in top[:8])
+        more = '<tr><td colspan="2">and %d more</td></tr>' % (len(top) - 8) if len(top) > 8 else ""
+        columns.append('<table class="counts"><tr><th>%s</th><th>machines</th></tr>%s%s</table>'
+                       % (title, rows, more))
+    parts.append('<div class="columns">%s</div>' % "".join(columns))
+    if summary["failures"]:
+        rows = "".join(
+            '<tr><td>%s</td><td>%s</td><td><a href="%s">%d</a></td><td>%s</td></tr>' % (
+                esc(f["words"]), esc(f["hint"] or ""), esc(Query(cause=f["cause"]).link()),
+                f["machines"], esc(", ".join(f["first"])))
+            for f in summary["failures"])
+        parts.append('<table id="failures"><tr><th>failed: cause</th><th>the usual reason</th>'
+                     '<th>machines</th><th>the first few</th></tr>%s</table>' % rows)
+    return "\n".join(parts)
+
+
+def _filter_form(query: Query) -> str:
+    """The filters as a GET form: it works without any script."""
+    import html
+    esc = html.escape
+    states = [NEW, IDLE, OFFERED, DOWNLOADING, DOWNLOADED, INSTALLED, COMPLETE, FAILED,
+              ROLLED_BACK, DEFERRED, WRONG_BOARD, OTHER_VERSION] + list(PSEUDO_STATES)
+    options = "".join('<option%s>%s</option>' % (" selected" if state == query.state else "",
+                                                 state) for state in [""] + states)
+    fields = "".join('<label>%s <input name="%s" value="%s" size="12"></label> ' % (
+        label, name, esc(getattr(query, name))) for label, name in (
+        ("version", "version"), ("board", "board"), ("group", "group"), ("OEM", "oem"),
+        ("id, alias or address starts with", "q")))
+    sorts = "".join('<option%s>%s</option>' % (" selected" if key == query.sort else "", key)
+                    for key in SORT_KEYS)
+    return ('<form method="get" action="/"><label>state <select name="state">%s</select></label> '
+            '%s<label>sort <select name="sort">%s</select></label> '
+            '<button>show</button> <a href="/">all</a></form>' % (options, fields, sorts))
+
+
+def _pages(query: Query, total: int) -> str:
+    import html
+    last = max(1, (total + query.limit - 1) // query.limit)
+    page = query.offset // query.limit + 1
+    links = ['<a href="%s">%s</a>' % (html.escape(query.link(offset=(n - 1) * query.limit)), label)
+             for n, label in ((1, "first"), (page - 1, "previous"), (page + 1, "next"),
+                              (last, "last")) if 1 <= n <= last and n != page]
+    shown = "machines %d-%d of %d" % (min(query.offset + 1, total),
+                                      min(query.offset + query.limit, total), total)
+    return '<p class="pages">%s (page %d of %d) %s</p>' % (shown, page, last, " ".join(links))
+
+
+def status_page(doc: Dict[str, Any], query: Query) -> str:
+    """A self-contained HTML page of a status_document(): the summary, then one page of the
+    machines the query asks for. No script, no external asset (air-gapped browsers); the browser
+    reloads the same URL, filter and page included, every 5 seconds."""
     import html
     esc = html.escape
     rows = [_status_row(m) for m in doc["machines"]]
@@ -2015,28 +2365,91 @@ def status_page(doc: Dict[str, Any]) -> str:
             esc(p["url_path"]), esc(p["board"]), esc(p["version"]), esc(format_size(p["size"])),
             esc(p["sha256"]), esc(p["verified"]), esc(p["signature"]["words"]))
         for p in doc["payloads"])  # type: ignore[union-attr]
-    counts = ", ".join("%d %s" % (n, esc(state)) for state, n in sorted(doc["states"].items()))
     return """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
 <title>serve-package: %(version)s</title>
 <style>
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#24292f}
-table{border-collapse:collapse;width:100%%}
+table{border-collapse:collapse} #machines{width:100%%}
 th,td{border-bottom:1px solid #d0d7de;padding:.35em .6em;text-align:left;font-size:.92em}
 th{background:#f6f8fa} progress{width:8em} code{font-size:.85em} .version{white-space:nowrap}
 .state{font-weight:600} .error{color:#cf222e}
+.bar{display:flex;height:1.2em;border-radius:3px;overflow:hidden;margin:.5em 0}
+.bar a{display:block;min-width:2px} .columns{display:flex;gap:1.5em;flex-wrap:wrap;margin:.5em 0}
+form{margin:1em 0} label{margin-right:.6em;font-size:.92em}
 </style></head><body>
 <h1>serve-package: offering <span id="offering">%(version)s</span></h1>
 <ul id="payloads">%(payloads)s</ul>
-<p id="summary">%(n)d machine(s)%(counts)s. This page refreshes every 5 seconds;
-the same facts as JSON: <a href="/status.json">/status.json</a>.</p>
-<table id="machines"><thead><tr><th>machine</th><th>address</th><th>OEM</th><th>board</th><th>group</th>
-<th>version</th><th>state</th><th>download</th><th>last error</th><th>last seen (UTC)</th></tr>
-</thead><tbody>
+%(summary)s
+<p>This page refreshes every 5 seconds; the same facts as JSON:
+<a href="/status.json%(link)s">/status.json</a>, as CSV: <a href="/machines.csv%(link)s">/machines.csv</a>;
+for Prometheus: <a href="/metrics">/metrics</a>.</p>
+%(form)s
+%(pages)s
+<table id="machines"><thead><tr><th>machine</th><th>address</th><th>OEM</th><th>board</th>
+<th>group</th><th>version</th><th>state</th><th>download</th><th>last error</th>
+<th>last seen (UTC)</th></tr></thead><tbody>
 %(rows)s
-</tbody></table></body></html>
-""" % {"version": esc(str(doc["offering"])), "payloads": payloads, "n": len(rows),
-       "counts": ": " + counts if counts else "", "rows": "\n".join(rows)}
+</tbody></table>
+%(pages)s
+</body></html>
+""" % {"version": esc(str(doc["offering"])), "payloads": payloads,
+       "summary": _summary_html(doc["summary"], query), "form": _filter_form(query),
+       "pages": _pages(query, doc["total"]), "rows": "\n".join(rows),
+       "link": esc(query._replace(offset=0, limit=PAGE_ROWS).link()) if query.filtered() else ""}
+
+
+# -- /metrics: the Prometheus text format, version 0.0.4 ----------------------------------------
+
+def _labels(**labels: Any) -> str:
+    """{name="value",...} with the format's escapes (backslash, double quote, newline)."""
+    if not labels:
+        return ""
+    return "{%s}" % ",".join('%s="%s"' % (name, str(value).replace("\\", "\\\\").replace(
+        '"', '\\"').replace("\n", "\\n")) for name, value in sorted(labels.items()))
+
+
+def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple, int],
+                 served: Dict[str, int], connections: int, refusals: int) -> str:
+    """Every metric, with its HELP and TYPE lines; names follow Prometheus' conventions."""
+    families = []  # type: List[Tuple[str, str, str, List[Tuple[Dict[str, Any], float]]]]
+
+    def family(name: str, kind: str, words: str, samples: List[Tuple[Dict[str, Any], float]]):
+        families.append((PROG.replace("-", "_") + "_" + name, kind, words, samples))
+
+    family("machines", "gauge", "Machines seen, by state.",
+           [({"state": k}, v) for k, v in sorted(summary["states"].items())])
+    for name, key, label in (("version", "versions", "version"), ("board", "boards", "board"),
+                             ("group", "groups", "group")):
+        family("machines_by_" + name, "gauge", "Machines seen, by %s." % label,
+               [({label: k}, v) for k, v in sorted(summary[key].items())])
+    family("machines_stalled", "gauge", "Downloads with no progress for 10 minutes.",
+           [({}, summary["stalled"])])
+    family("machines_not_seen", "gauge", "Machines not seen for 2.5 hours.",
+           [({}, summary["not_seen"])])
+    family("update_checks_total", "counter", "Update checks answered.",
+           [({}, counters.get(("checks",), 0))])
+    family("offers_total", "counter", "Update checks answered with an update.",
+           [({}, counters.get(("offers",), 0))])
+    family("events_total", "counter", "Events reported by machines, by type and result.",
+           [({"type": k[1], "result": k[2]}, v) for k, v in sorted(counters.items())
+            if k[0] == "events"])
+    family("failures_total", "counter", "Failed updates reported, by update_engine error code.",
+           [({"code": k[1], "error": ERROR_NAMES.get(k[1], "unknown error")}, v)
+            for k, v in sorted(counters.items()) if k[0] == "failures"])
+    family("payload_bytes_served_total", "counter", "Payload bytes sent, by file.",
+           [({"file": k}, v) for k, v in sorted(served.items())])
+    family("connections_open", "gauge", "Connections open now.", [({}, connections)])
+    family("connections_refused_total", "counter", "Connections refused at the limit.",
+           [({}, refusals)])
+    family("build_info", "gauge", "This server and what it serves, one series a board.",
+           [({"version": __version__, "served_version": r.version, "board": r.board,
+              "sha256": r.packages[0].sha256_hex}, 1) for r in catalog.releases])
+    lines = []
+    for name, kind, words, samples in families:
+        lines += ["# HELP %s %s" % (name, words), "# TYPE %s %s" % (name, kind)]
+        lines += ["%s%s %s" % (name, _labels(**labels), int(value)) for labels, value in samples]
+    return "\n".join(lines) + "\n"
 
 
 # -- the setup script: one command on each machine -------------------------------------------
@@ -2386,7 +2799,8 @@ SEND_CHUNK = 2 << 20  # the payload is checked for changes between chunks
 TLS_CHUNK = 256 << 10  # bytes read and encrypted at a time when sendfile cannot be used
 OMAHA_PATHS = ("/v1/update", "/v1/update/")
 PACKAGES_PREFIX = "/packages/"
-STATUS_PATHS = ("/", "/status.json", "/healthz")
+STATUS_PATHS = ("/", "/status.json", "/healthz", "/machines.csv", "/metrics")
+CSV_BATCH = 1000  # machines a write of /machines.csv
 SETUP_PATHS = ("/setup", "/setup/report", "/setup/state")
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")  # others: 501
 _HOST_HEADER = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
@@ -2896,6 +3310,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                              "connection" % package.path)
                     break
                 sent += n
+                server.count_served(package, n)
                 server.say(server.fleet.download(client, package, offset + sent, sent,
                                                  time.monotonic() - began, server.clock()))
         except OSError as exc:
@@ -2927,20 +3342,56 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.client(), self.command, package.name, status, what))
 
     def status(self, path: str) -> None:
-        """/healthz, /status.json and the HTML status page at /."""
+        """/healthz, /status.json, /machines.csv, /metrics and the HTML status page at /."""
         if path == "/healthz":
             body, ctype = b"ok\n", "text/plain; charset=utf-8"
+        elif path == "/metrics":
+            body = self.server.metrics().encode("utf-8")
+            ctype = "text/plain; version=0.0.4; charset=utf-8"
         else:
-            doc = self.server.status_document()
+            try:
+                query = parse_query(urllib.parse.urlsplit(self.path).query,
+                                    JSON_LIMIT if path == "/status.json" else PAGE_ROWS)
+            except ValueError as exc:
+                self.reject(400, str(exc))
+                return
+            if path == "/machines.csv":
+                self.send_csv(query)
+                return
+            doc = self.server.status_document(query)
             if path == "/status.json":
                 import json
                 body = (json.dumps(doc, indent=1) + "\n").encode("utf-8")
                 ctype = "application/json"
             else:
-                body, ctype = status_page(doc).encode("utf-8"), "text/html; charset=utf-8"
+                body = status_page(doc, query).encode("utf-8")
+                ctype = "text/html; charset=utf-8"
         log_line(logging.DEBUG, "%s %s %s -> 200" % (self.client(), self.command, path))
         self.send(200, [("Content-Type", ctype), ("Content-Length", str(len(body))),
                         ("Cache-Control", "no-store")], body)
+
+    def send_csv(self, query: "Query") -> None:
+        """Every machine the query matches, one row each, written as it is made: a spreadsheet
+        of 100,000 machines never sits in memory whole. The end of the body is the connection's."""
+        import csv
+        import io
+        now = self.server.clock()
+        machines = self.server.fleet.select(query, now)
+        self.close_connection = True
+        self.send(200, [("Content-Type", "text/csv; charset=utf-8"), ("Cache-Control", "no-store"),
+                        ("Content-Disposition", 'attachment; filename="machines.csv"')])
+        if self.command == "HEAD":
+            return
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for start in range(0, max(len(machines), 1), CSV_BATCH):
+            writer.writerows(csv_row(m, now) for m in machines[start:start + CSV_BATCH])
+            self.wfile.write(buffer.getvalue().encode("utf-8"))
+            buffer.seek(0)
+            buffer.truncate()
+        log_line(logging.DEBUG, "%s GET /machines.csv -> 200, %d machines" % (
+            self.client(), len(machines)))
 
 
 _REFUSAL_TEXT = "too many connections; retry later\n"
@@ -2986,6 +3437,7 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.downloads = 0
         self.handlers = set()  # type: set
         self.refusals = 0
+        self.served = collections.Counter()  # type: collections.Counter  # bytes, by file
         self.closing = threading.Event()
         super().__init__(address, Handler)
         if settings.tls is not None:
@@ -3063,8 +3515,23 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             self.warned.add(key)
             return True
 
-    def status_document(self) -> Dict[str, object]:
-        return status_document(self.catalog, self.fleet.snapshot(), self.started)
+    def status_document(self, query: Query) -> Dict[str, object]:
+        """The summary, and the page of machines the query asks for."""
+        now = self.clock()
+        summary = self.fleet.summary_facts(now)
+        chosen = self.fleet.select(query, now)
+        page = [m.facts(now) for m in chosen[query.offset:query.offset + query.limit]]
+        return status_document(self.catalog, summary, page, len(chosen), query, self.started)
+
+    def metrics(self) -> str:
+        with self.lock:
+            served, connections, refusals = dict(self.served), self.connections, self.refusals
+        return metrics_text(self.catalog, self.fleet.summary_facts(self.clock()),
+                            self.fleet.metric_counters(), served, connections, refusals)
+
+    def count_served(self, package: Package, count: int) -> None:
+        with self.lock:
+            self.served[self.catalog.url_name(package)] += count
 
     # -- payload files and the pause file, looked at once a second -------------------------
 

@@ -159,7 +159,9 @@ def test_status_json_fields(walk, demo_bytes):
     walk.post(check())
     status, _, body = walk.running.request("GET", "/status.json")
     doc = json.loads(body)
-    assert set(doc) == {"server", "offering", "releases", "payloads", "states", "machines"}
+    assert set(doc) == {"server", "offering", "releases", "payloads", "summary", "states",
+                        "total", "offset", "limit", "machines"}
+    assert (doc["total"], doc["offset"], doc["limit"]) == (1, 0, 1000)
     assert doc["releases"] == [{"board": "amd64-usr", "board_source": "from its kernel",
                                 "version": "3815.2.5", "url_path": "/packages/"}]
     assert doc["offering"] == "3815.2.5" and doc["states"] == {"offered": 1}
@@ -176,7 +178,8 @@ def test_status_json_fields(walk, demo_bytes):
     assert set(doc["machines"][0]) == {
         "id", "alias", "address", "oem", "group", "board", "version", "target", "from_version",
         "state",
-        "state_words", "first_seen", "last_seen", "download", "error", "setup"}
+        "state_words", "first_seen", "last_seen", "download", "error", "setup",
+        "stalled_since", "not_seen"}
 
 
 def test_html_status_page(walk):

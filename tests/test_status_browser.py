@@ -71,7 +71,8 @@ def test_status_page_in_a_browser(chromium):
         assert '<td class="name">node-7</td>' in dom and "installed, waiting for reboot" in dom
         assert 'data-state="failed"><td class="name">node-8</td>' in dom
         assert "payload hash mismatch (error 10; flags: non-production server)" in dom
-        assert "2 machine(s): 1 failed, 1 installed" in dom
+        assert ('<p id="summary">2 machine(s): <a href="?state=failed">1 failed</a>, '
+                '<a href="?state=installed">1 installed</a>.</p>') in dom
 
         os.makedirs(ARTIFACTS, exist_ok=True)
         shot = os.path.join(ARTIFACTS, "status-page.png")

@@ -1481,7 +1481,7 @@ UPDATE_TIMEOUT = 7200.0  # seconds an offered machine may hold a --max-concurren
 class Decision(NamedTuple):
     offer: bool
     reason: str
-    warning: bool = False
+    warning: str = ""  # the cause of a "no" the operator should hear of (see WARNING_CAUSES)
     forced: bool = False  # offered only because of --force: every one is logged
     version: str = ""  # the version offered
     state: str = IDLE  # where a "no" leaves the machine: idle, wrong-board, other-version
@@ -1515,21 +1515,22 @@ def decide(app: AppRequest, release: Release, intact: bool = True,
     src/update_engine/omaha_response_handler_action.cc): this is the only check there is.
     Nothing is offered while a payload file is not the one hashed at startup (intact False)."""
     if not intact:
-        return Decision(False, "a payload file changed on disk; restart %s" % PROG, warning=True)
+        return Decision(False, "a payload file changed on disk; restart %s" % PROG,
+                        warning="changed")
     board = app.machine_board
     if board != release.board:
         return Decision(False, "wrong board: it is an %s machine and the payload is for %s; "
                         "serve a %s payload too (the release layout in --package-dir, or "
                         "another --package-file)" % (clean(board, 40), release.board,
                                                      clean(board, 40)),
-                        warning=True, state=WRONG_BOARD)
+                        warning="wrong-board", state=WRONG_BOARD)
     if standing.installed_instead:
         return Decision(False, installed_instead_words(release.version, standing.installed_instead),
-                        warning=True, state=OTHER_VERSION)
+                        warning="other-version", state=OTHER_VERSION)
     client = parse_version(app.version)
     if client is None:
         return Decision(False, "its version %r is not a version, so it is not offered %s"
-                        % (clean(app.version, 40), release.version), warning=True)
+                        % (clean(app.version, 40), release.version), warning="bad-version")
     refusal = _rollout_refusal(app, client, release, policy, paused, standing)
     if refusal is not None:
         return refusal
@@ -1555,7 +1556,8 @@ def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release,
     if policy.min_version and client < parse_version(policy.min_version):
         return Decision(False, "it runs %s, older than --min-version %s: update it to an "
                         "intermediate version first" % (clean(app.version, 40),
-                                                        policy.min_version), warning=True)
+                                                        policy.min_version),
+                            warning="min-version")
     if not standing.held:
         if paused:
             return Decision(False, "rollout paused: %s exists" % policy.pause_file)
@@ -1833,6 +1835,52 @@ class Machine:
                 "stalled_since": iso_time(self.progressed_at)
                 if now is not None and self.stalled(now) else None,
                 "not_seen": now is not None and self.lost(now)}
+
+
+# What "N more machines ..." says of each cause of a warning that many machines can hit.
+WARNING_CAUSES = {
+    "changed": "asked while a payload file had changed on disk",
+    "wrong-board": "are of a board this server has no payload for (state=wrong-board)",
+    "other-version": "came back on another version than the payload was offered as "
+                     "(state=other-version)",
+    "bad-version": "sent a version that is not a version",
+    "min-version": "are older than --min-version",
+    "oem": "run an OEM whose payload is not served",
+}
+WARNING_EVERY = 600.0  # seconds between two "N more machines" lines of one cause
+
+
+class Warnings:
+    """A warning that many machines can hit for one cause: said in full for the first machine,
+    then at most once per cause every ten minutes as "N more machines ...", so that a fleet of
+    100,000 does not bury the log under one line a machine."""
+
+    def __init__(self) -> None:
+        self.heard = set()  # type: set  # (cause, machine)
+        self.causes = {}  # type: Dict[str, List[float]]  # cause -> [last said, how many since]
+
+    def note(self, cause: str, machine: str, line: str, now: float) -> List[Note]:
+        """The line, if it is the first of its cause; later machines are counted."""
+        if (cause, machine) in self.heard:
+            return []
+        self.heard.add((cause, machine))
+        entry = self.causes.get(cause)
+        if entry is None:
+            self.causes[cause] = [now, 0]
+            return [Note(logging.WARNING, line)]
+        entry[1] += 1
+        return self.due(now, cause)
+
+    def due(self, now: float, only: Optional[str] = None) -> List[Note]:
+        """The "N more machines" lines whose ten minutes have passed."""
+        notes = []
+        for cause, entry in self.causes.items():
+            if entry[1] and now - entry[0] >= WARNING_EVERY and only in (None, cause):
+                notes.append(Note(logging.WARNING, "%d more machine(s) %s since %s" % (
+                    entry[1], WARNING_CAUSES.get(cause.partition(":")[0], cause),
+                    iso_time(entry[0]).replace("T", " ").rstrip("Z"))))
+                entry[:] = [now, 0]
+        return notes
 
 
 TALLIED = ("state", "version", "board", "group", "oem", "cause")
@@ -3433,6 +3481,7 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self._intact = PerSecond(self._look_intact, True)
         self.lock = threading.Lock()
         self.warned = set()  # type: set
+        self.warnings = Warnings()
         self.connections = 0
         self.downloads = 0
         self.handlers = set()  # type: set
@@ -3477,13 +3526,17 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         return body
 
     def say_request(self, app: AppRequest, client: str, decision: Optional[Decision]) -> None:
-        """The request's own line: with -v always; a warning once per machine; every forced
-        offer. Its words are made only when the line is written."""
-        level = logging.DEBUG
-        if decision is not None and decision.warning and self.once(("warn", app.machineid or client)):
-            level = logging.WARNING
-        elif decision is not None and decision.forced:
-            level = logging.INFO
+        """The request's own line: with -v always; a warning once per machine (and then, for
+        many machines of one cause, a count every ten minutes); every forced offer. Its words
+        are made only when the line is written."""
+        if decision is not None and decision.warning:
+            line = "%s %s: %s" % (client, describe_machine(app), describe_request(app, decision))
+            with self.lock:
+                notes = self.warnings.note(decision.warning, app.machineid or client, line,
+                                           self.clock())
+            self.say(notes)
+            return
+        level = logging.INFO if decision is not None and decision.forced else logging.DEBUG
         if log.isEnabledFor(level):
             log_line(level, "%s %s: %s" % (client, describe_machine(app),
                                            describe_request(app, decision)))
@@ -3495,9 +3548,12 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             return notes
         release = self.catalog.for_board(app.machine_board)
         oem_payload = missing_oem_payload(app, release) if decision and decision.offer else None
-        if oem_payload and self.once(("oem", app.machineid or client)):
-            notes.append(Note(logging.WARNING, oem_advice(
-                "%s %s" % (client, describe_machine(app)), app, release, oem_payload)))
+        if oem_payload:
+            advice = oem_advice("%s %s" % (client, describe_machine(app)), app, release,
+                                oem_payload)
+            with self.lock:
+                notes += self.warnings.note("oem:" + oem_payload, app.machineid or client,
+                                            advice, self.clock())
         if any(is_postinstall_failure(event, app) for event in app.events):
             notes.append(Note(logging.WARNING, postinstall_advice(
                 "%s %s" % (client, describe_machine(app)), release)))
@@ -3629,6 +3685,9 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def _reap(self) -> None:
         while not self.closing.wait(min(1.0, self.settings.idle_timeout / 4)):
+            with self.lock:
+                due = self.warnings.due(self.clock())
+            self.say(due)
             now = time.monotonic()
             with self.lock:
                 handlers = list(self.handlers)

@@ -11,7 +11,7 @@ import serve_package as sp
 
 from clients import (Rejected, old_postinst_finds, ue_rs_finds, ue_rs_reads,
                      update_engine_reads)
-from conftest import DEMO_PAYLOAD, FIXTURES, Running, fixture_bytes
+from conftest import DEMO_PAYLOAD, FIXTURES, Clock, Running, fixture_bytes, wait_for_log
 from make_fixtures import crau_payload, write_with_checksum
 
 EXT_DIR = os.path.join(FIXTURES, "extensions")
@@ -268,21 +268,29 @@ def vmware(body: bytes) -> bytes:
     return body.replace(b'oem="azure"', b'oem="vmware"')
 
 
-def test_missing_oem_payload_is_warned_once_per_machine(ext_server, caplog):
+def test_missing_oem_payload_is_warned_once_then_counted(caplog):
+    """The first machine's warning in full; later machines of the same cause are counted and
+    said at most once every ten minutes (a fleet of 100,000 must not bury the log)."""
     check = fixture_bytes("requests", "flatcar-update-check.xml")
+    clock = Clock()
     with caplog.at_level(logging.INFO, logger="serve-package"):
-        ext_server.post(check)  # azure: oem-azure.gz is served, nothing to say
-        for _ in range(3):
-            ext_server.post(vmware(check))
-        other = vmware(check).replace(b"0123456789abcdef0123456789abcdef", b"f" * 32)
-        ext_server.post(other)
-    warnings = [r.getMessage() for r in caplog.records if "may need" in r.getMessage()]
-    assert len(warnings) == 2
-    assert "machine 01234567 (3815.2.5, stable, vmware) runs the 'vmware' OEM and may need " \
-           "oem-vmware.gz, which is not served" in warnings[0]
-    assert "https://update.release.flatcar-linux.net/amd64-usr/9999.9.9/oem-vmware.gz" in warnings[0]
-    assert "--extension oem-vmware.gz" in warnings[0]
-    assert "machine ffffffff" in warnings[1]
+        with Running(sp.load_release(DEMO_PAYLOAD, "9999.9.9", [OEM, PYTHON]),
+                     clock=clock) as server:
+            server.post(check)  # azure: oem-azure.gz is served, nothing to say
+            for _ in range(3):
+                server.post(vmware(check))
+            for n in range(2, 5):
+                server.post(vmware(check).replace(b"0123456789abcdef0123456789abcdef",
+                                                  b"%032x" % n))
+            warnings = [r.getMessage() for r in caplog.records if "may need" in r.getMessage()]
+            assert len(warnings) == 1
+            assert "machine 01234567 (3815.2.5, stable, vmware) runs the 'vmware' OEM and may " \
+                   "need oem-vmware.gz, which is not served" in warnings[0]
+            assert "https://update.release.flatcar-linux.net/amd64-usr/9999.9.9/oem-vmware.gz" \
+                in warnings[0]
+            assert "--extension oem-vmware.gz" in warnings[0]
+            clock.advance(sp.WARNING_EVERY)
+            wait_for_log(caplog, "3 more machine(s) run an OEM whose payload is not served since")
 
 
 def test_no_oem_warning_before_flatcar_3760(tmp_path, caplog):

@@ -27,7 +27,7 @@ def test_older_is_offered_equal_and_newer_are_not(release):
 def test_a_version_that_is_not_one_is_a_warning(release):
     decision = sp.decide(app(version="banana"), release)
     assert decision == sp.Decision(False, "its version 'banana' is not a version, so it is not "
-                                   "offered 3815.2.5", warning=True)
+                                   "offered 3815.2.5", warning="bad-version")
 
 
 def test_changed_payload_offers_nothing_whatever_the_policy(release):

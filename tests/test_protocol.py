@@ -130,7 +130,7 @@ def test_decide(client, package, offered, reason, demo_release):
     decision = sp.decide(app, release)
     assert decision.offer is offered
     assert decision.reason.startswith(reason)
-    assert decision.warning is (client == "ForcedUpdate")
+    assert bool(decision.warning) is (client == "ForcedUpdate")
 
 
 def test_any_appid_is_served_and_escaped(demo_release):

@@ -1656,6 +1656,7 @@ def postinstall_advice(who: str, release: Release) -> str:
 
 PROGRESS_EVERY_PERCENT = 10
 PROGRESS_EVERY_SECONDS = 10.0
+SUMMARY_FAILED = 50  # failed machines the shutdown summary names, one line each
 STALLED_AFTER = 600.0  # a download with no progress for this long is said to be stalled
 NOT_SEEN_AFTER = 9000.0  # about three of update_engine's 45-minute check intervals
 NO_PROGRESS_LOGGED = -PROGRESS_EVERY_PERCENT  # so that the first chunk, at 0%, is logged
@@ -2139,19 +2140,29 @@ class Fleet:
             "failures": [_cause_facts(cause, n, examples.get(cause, []))
                          for cause, n in sorted(counts["cause"].items(), key=lambda c: -c[1])]}
 
-    def summary(self) -> str:
-        """One line per machine: where it started, where it is, in what state."""
-        rows = self.snapshot()
-        if not rows:
+    def failed(self, now: float) -> List[Machine]:
+        """The machines whose update failed or rolled back, the one seen last first."""
+        return [m for state in (FAILED, ROLLED_BACK) for m in self.select(Query(state=state), now)]
+
+    def summary(self, now: float) -> str:
+        """The shutdown summary: the counts by state and by version, then the failed machines
+        (at most SUMMARY_FAILED of them, one line each: where it started, where it is, why)."""
+        facts = self.summary_facts(now)
+        if not facts["machines"]:
             return "no machine checked in"
-        lines = ["%d machine(s):" % len(rows)]
-        for row in rows:
-            name = short_name(str(row["alias"]), str(row["id"]), str(row["address"]))
-            start = row["from_version"] or row["version"] or "?"
-            end = row["target"] or row["version"] or "?"
+        lines = ["%d machine(s): %s" % (facts["machines"], ", ".join(
+            "%d %s" % (n, state) for state, n in sorted(facts["states"].items()))),
+                 "by version: " + ", ".join("%s: %d" % (version or "?", n) for version, n in
+                                            sorted(facts["versions"].items()))]
+        failed = self.failed(now)
+        for machine in failed[:SUMMARY_FAILED]:
             lines.append("  %-20s %-16s %-28s %s" % (
-                clean(name, 20), row["address"], "%s \u2192 %s" % (start, end),
-                row["state_words"] or row["state"]))
+                clean(machine.name(), 20), machine.address, "%s \u2192 %s" % (
+                    machine.from_version or machine.version or "?",
+                    machine.target or machine.version or "?"), machine.detail or machine.state))
+        if len(failed) > SUMMARY_FAILED:
+            lines.append("  and %d more: see /status.json?state=failed and ?state=rolled-back"
+                         % (len(failed) - SUMMARY_FAILED))
         return "\n".join(lines)
 
 
@@ -4428,11 +4439,16 @@ def print_config(args: argparse.Namespace) -> None:
 
 
 def say_summary(server: Server, json_lines: bool) -> None:
-    """At exit: every machine, where it started and where it is."""
+    """At exit: the fleet's counts, and the machines whose update failed."""
+    now, fleet = server.clock(), server.fleet
     if json_lines:
-        log_line(logging.INFO, "summary", {"event": "summary", "machines": server.fleet.snapshot()})
+        failed = fleet.failed(now)
+        log_line(logging.INFO, "summary", {
+            "event": "summary", "summary": fleet.summary_facts(now),
+            "failed": [m.facts(now) for m in failed[:SUMMARY_FAILED]],
+            "more_failed": max(0, len(failed) - SUMMARY_FAILED)})
     else:
-        for line in server.fleet.summary().splitlines():
+        for line in fleet.summary(now).splitlines():
             log_line(logging.INFO, line)
 
 

@@ -330,7 +330,9 @@ def test_json_log_lines_and_shutdown_summary(pyz):
         assert state["machine"]["state"] == "offered" and state["machine"]["oem"] == "azure"
         assert state["machine"]["target"] == "9999.9.9" and state["time"].endswith("Z")
         summary = [e for e in entries if e.get("event") == "summary"][0]
-        assert [m["state"] for m in summary["machines"]] == ["offered"]
+        assert summary["summary"]["states"] == {"offered": 1}
+        assert summary["summary"]["versions"] == {"3815.2.5 \u2192 9999.9.9": 1}
+        assert summary["failed"] == [] and summary["more_failed"] == 0
     finally:
         server.kill()
 
@@ -347,7 +349,7 @@ def test_verbose_logs_every_request_and_text_summary(pyz):
         assert err.count("127.0.0.1 machine 01234567 (3815.2.5, stable, azure): update check: "
                          "offered 9999.9.9") == 2
         assert err.count(": offered\n") == 1  # the state changed once
-        assert "1 machine(s):\n" in err
-        assert "  01234567             127.0.0.1        3815.2.5 \u2192 9999.9.9          offered" in err
+        assert "1 machine(s): 1 offered\n" in err
+        assert "by version: 3815.2.5 \u2192 9999.9.9: 1\n" in err
     finally:
         server.kill()

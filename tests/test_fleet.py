@@ -197,14 +197,23 @@ def test_html_status_page(walk):
     assert '<progress max="100" value="32.3"></progress> downloading 32%' in page
 
 
-def test_summary_table():
+def test_summary_counts_then_names_at_most_50_failed_machines():
     fleet = sp.Fleet(sp.Catalog((sp.load_release(DEMO_PAYLOAD, "3815.2.5"),)), sp.UPDATE_TIMEOUT)
-    app = sp.parse_request(check()).apps[0]
-    fleet.request(app, "10.0.0.7", sp.Decision(True, "older", version="3815.2.5"), 1000.0)
-    assert fleet.summary().splitlines() == [
-        "1 machine(s):",
-        "  node-3               10.0.0.7         3760.2.0 \u2192 3815.2.5          offered"]
-    assert sp.Fleet(sp.Catalog(()), sp.UPDATE_TIMEOUT).summary() == "no machine checked in"
+    assert fleet.summary(1000.0) == "no machine checked in"
+    for n in range(60):
+        app = sp.parse_request(machine(n)).apps[0]
+        fleet.request(app, "10.0.%d.%d" % (n // 200, n % 200 + 1),
+                      sp.Decision(True, "older", version="3815.2.5"), 1000.0 + n)
+        if n < 53:
+            fleet.request(sp.parse_request(machine_event(n, 3, 0, 10 | NON_PRODUCTION)).apps[0],
+                          "10.0.0.%d" % (n + 1), None, 1000.0 + n)
+    lines = fleet.summary(2000.0).splitlines()
+    assert lines[0] == "60 machine(s): 53 failed, 7 offered"
+    assert lines[1] == "by version: 3760.2.0 \u2192 3815.2.5: 60"
+    assert len(lines) == 2 + 50 + 1
+    assert lines[2].startswith("  node-52              10.0.0.53        3760.2.0 \u2192 3815.2.5 "
+                               "         update failed: payload hash mismatch")
+    assert lines[-1] == "  and 3 more: see /status.json?state=failed and ?state=rolled-back"
 
 
 # --- the fleet's state machine, pure: no server, no sleep, the time given by the test ---------

@@ -54,7 +54,7 @@ import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from typing import Any, Callable, Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
 
@@ -191,6 +191,8 @@ DOWNLOADING, DOWNLOADED, INSTALLED, COMPLETE = "downloading", "downloaded", "ins
 FAILED, ROLLED_BACK, DEFERRED = "failed", "rolled-back", "deferred"
 WRONG_BOARD, OTHER_VERSION = "wrong-board", "other-version"  # never offered, until a restart
 UNDER_WAY = (OFFERED, DOWNLOADING, DOWNLOADED, INSTALLED)
+STATES = (NEW, IDLE, OFFERED, DOWNLOADING, DOWNLOADED, INSTALLED, COMPLETE, FAILED, ROLLED_BACK,
+          DEFERRED, WRONG_BOARD, OTHER_VERSION)
 HOLDS_SLOT = (OFFERED, DOWNLOADING, DOWNLOADED)  # a --max-concurrent slot; freed at installed
 UNHAPPY = (FAILED, ROLLED_BACK, DEFERRED, OTHER_VERSION)
 REFUSED = (NEW, IDLE, OFFERED, WRONG_BOARD, OTHER_VERSION)  # what a "no" to a check may change
@@ -1688,6 +1690,35 @@ class Machine:
         self.setup = None  # type: Optional[Dict[str, object]]  # its last setup report
         self.progressed_at = now  # the last time its download moved
 
+    RECORDED = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
+                "first_seen", "last_seen", "state", "detail", "error", "from_version",
+                "downloaded", "size", "offered_at", "installed_instead", "board", "setup",
+                "progressed_at")
+
+    def record(self) -> Dict[str, object]:
+        """What --state-file keeps of it: every fact and its slot (offered_at)."""
+        return {name: getattr(self, name) for name in self.RECORDED}
+
+    @classmethod
+    def from_record(cls, record: Dict[str, Any]) -> "Machine":
+        """A machine as a state file kept it; ValueError when the record is not one."""
+        if not isinstance(record, dict) or set(record) != set(cls.RECORDED):
+            raise ValueError("not a machine's record")
+        machine = cls(str(record["key"]), str(record["address"]), float(record["first_seen"]))
+        for name in cls.RECORDED:
+            value = record[name]
+            kind = type(getattr(machine, name))
+            if name == "error":
+                value = None if value is None else int(value)
+            elif name == "setup":
+                value = value if isinstance(value, dict) else None
+            elif not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+                raise ValueError("%s is not a %s" % (name, kind.__name__))
+            setattr(machine, name, value)
+        if machine.state not in STATES:
+            raise ValueError("state %r is not one of this server's" % machine.state)
+        return machine
+
     def introduce(self, app: AppRequest, address: str) -> None:
         """What a request says of the machine that sent it."""
         self.machineid, self.alias, self.address = app.machineid, app.machinealias, address
@@ -1900,10 +1931,11 @@ class Tally:
         self.downloading = {}  # type: Dict[str, Machine]
         self.completions = collections.deque()  # type: collections.deque
 
-    def change(self, machine: Machine, before: Optional[Tuple[str, ...]], now: float) -> None:
+    def change(self, machine: Machine, before: Optional[Tuple[str, ...]], now: float) -> bool:
+        """Count the machine anew; False when what it is counted under did not change."""
         after = machine.tally()
         if after == before:
-            return
+            return False
         for name, old, new in zip(TALLIED, before or (None,) * len(TALLIED), after):
             if old == new:
                 continue
@@ -1915,6 +1947,7 @@ class Tally:
             if new or name != "cause":
                 counter[new] += 1
         self._follow(machine, before[0] if before else None, after, now)
+        return True
 
     def _follow(self, machine: Machine, was: Optional[str], after: Tuple[str, ...],
                 now: float) -> None:
@@ -1967,6 +2000,10 @@ class Fleet:
         self.by_address = {}  # type: Dict[str, str]
         self.tally = Tally()
         self.counters = collections.Counter()  # type: collections.Counter  # for /metrics
+        # for --state-file: the machines changed since the last save, and how many changes
+        # moved a count or a slot (saved within seconds) or only a last-seen time (a minute)
+        self.dirty = set()  # type: set
+        self.changes = self.touches = 0
 
     def admit(self, app: AppRequest, address: str, now: float, reserve: bool, counted: bool,
               choose: Callable[[Standing], Decision]) -> Tuple[Decision, List[Note]]:
@@ -1984,9 +2021,38 @@ class Fleet:
             if decision.offer and reserve and not held:
                 machine, before = self._seen(app, address, now)
                 self._offer(machine, decision, now)
-                self.tally.change(machine, before, now)
+                self._changed(machine, before, now)
                 notes.append(machine.note(logging.INFO, "state"))
         return decision, notes
+
+    def _changed(self, machine: Machine, before: Optional[Tuple[str, ...]], now: float) -> None:
+        self.dirty.add(machine.key)
+        self.touches += 1
+        if self.tally.change(machine, before, now) or machine.state == OFFERED:
+            self.changes += 1
+
+    def take_dirty(self) -> Tuple[Dict[str, Dict[str, object]], int, int]:
+        """The records of the machines changed since the last call, and the change counts."""
+        with self.lock:
+            records = {key: self.machines[key].record() for key in self.dirty}
+            self.dirty.clear()
+            return records, self.changes, self.touches
+
+    def unsaved(self, keys: Iterable[str]) -> None:
+        """A save failed: these machines are saved next time."""
+        with self.lock:
+            self.dirty.update(keys)
+
+    def restore(self, machines: Sequence[Machine], now: float) -> None:
+        """The machines a state file kept, counted and holding their slots as before."""
+        with self.lock:
+            for machine in sorted(machines, key=lambda m: m.last_seen):
+                self.machines[machine.key] = machine
+                self.by_address[machine.address] = machine.key
+                self.tally.change(machine, None, now)
+                if machine.state in HOLDS_SLOT:
+                    self.tally.holders[machine.key] = machine
+            self.dirty.update(machine.key for machine in machines)  # the first save writes all
 
     def _offer(self, machine: Machine, decision: Decision, now: float) -> None:
         machine.offer(decision.version, now, self.offer_words)
@@ -2031,7 +2097,7 @@ class Fleet:
             failed_now = bool(notes) and machine.state in UNHAPPY
             if decision is not None and not failed_now:
                 notes += self._checked(machine, decision, now)
-            self.tally.change(machine, before, now)
+            self._changed(machine, before, now)
         return notes
 
     def _count(self, app: AppRequest, decision: Optional[Decision]) -> None:
@@ -2063,7 +2129,7 @@ class Fleet:
         with self.lock:
             machine, before = self._machine(self.by_address.get(address, address), address, now)
             said = machine.progress(package.size, end, sent, seconds, now)
-            self.tally.change(machine, before, now)
+            self._changed(machine, before, now)
             return [machine.note(logging.INFO, "progress")] if said else []
 
     def set_up(self, report: "SetupReport", address: str, now: float) -> List[Note]:
@@ -2071,7 +2137,7 @@ class Fleet:
         with self.lock:
             machine, before = self._machine(report.machineid or address, address, now)
             machine.set_up(report, address, now)
-            self.tally.change(machine, before, now)
+            self._changed(machine, before, now)
             found = "enabled extensions: %s" % (" ".join(report.extensions) or "none")
             if report.missing:
                 return [Note(logging.WARNING, "%s: setup found what the update needs and this "
@@ -2897,6 +2963,8 @@ class Settings(NamedTuple):
     grace: float = SHUTDOWN_GRACE
     verbose: bool = False
     log_format: str = "text"
+    state_file: str = ""  # where the fleet is kept across restarts
+    reset_state: bool = False
 
     @property
     def scheme(self) -> str:
@@ -3895,6 +3963,10 @@ _ROLLOUT_FLAGS = (
          "slot (e.g. 90m, 2h, 3600; default %dh)" % (UPDATE_TIMEOUT // 3600), "DURATION"),
     Flag("pause-file", "value", "while FILE exists, no new offers; machines mid-update "
          "continue", "FILE"),
+    Flag("state-file", "value", "keep every machine's state, history and rollout slot in "
+         "FILE, so that a restart loses nothing", "FILE"),
+    Flag("reset-state", "switch", "start with an empty fleet, keeping the old --state-file as "
+         "FILE.old", default=False),
 )
 _ADDRESS_FLAGS = (
     Flag("base-url", "value", "the codebase to advertise instead of http://<Host header>/"
@@ -4165,7 +4237,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         host=host, port=port, policy=policy,
         base_url=normalise_url("--base-url", args.base_url) if args.base_url else "",
         mirrors=mirrors, local_payload=not args.no_local_payload, tls=tls,
-        credentials=credentials, verbose=args.verbose, log_format=args.log_format)
+        credentials=credentials, verbose=args.verbose, log_format=args.log_format,
+        state_file=args.state_file or "", reset_state=args.reset_state)
 
 
 # -- starting: payloads, the socket, the banner ------------------------------------------------
@@ -4321,6 +4394,12 @@ def banner(server: Server) -> str:
     rules = rollout_rules(settings.policy)
     if rules:
         lines.append("rollout: " + "; ".join(rules))
+    if settings.state_file:
+        lines.append("fleet state: kept in %s (%d machine(s) loaded)" % (
+            settings.state_file, len(server.fleet.machines)))
+    elif settings.policy.max_concurrent:
+        lines.append("fleet state: in memory only: a restart frees every --max-concurrent slot "
+                     "(--state-file FILE keeps them)")
     return "\n".join(lines + _where_to_point(server))
 
 
@@ -4387,6 +4466,126 @@ def _where_to_point(server: Server) -> List[str]:
                     "and watch it with:",
                     "    journalctl -f -u update-engine",
                     "Stop the server with Ctrl-C.", ""]
+
+
+# -- the fleet across restarts: --state-file -----------------------------------------------------
+# JSON Lines: a header line {"format": "serve-package fleet state", "version": 1, ...}, then one
+# JSON object a machine (Machine.RECORDED). Written whole to FILE.tmp, fsync'ed, renamed over
+# FILE: a kill at any moment leaves the last complete file. Only the changed machines are
+# encoded again at each save; the others' lines are kept from the last one.
+
+STATE_FORMAT = "serve-package fleet state"
+STATE_VERSION = 1
+SAVE_AFTER = 3.0  # seconds from a change of a count or a slot to the save
+SAVE_IDLE = 60.0  # seconds between saves when only last-seen times changed
+
+
+def read_state(path: str, reset: bool) -> List[Machine]:
+    """The machines FILE kept; none when it does not exist yet, or with --reset-state (the old
+    file is kept as FILE.old). Anything else is a UsageError: the file is never overwritten by
+    a fleet that forgot it."""
+    if not path:
+        return []
+    if reset:
+        if os.path.exists(path):
+            os.replace(path, path + ".old")
+        return []
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = json.loads(f.readline() or "null")
+            if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
+                raise ValueError("line 1 is not a serve-package state file's header")
+            if not isinstance(header.get("version"), int) or header["version"] > STATE_VERSION:
+                raise UsageError("--state-file %s was written by a newer serve-package (state "
+                                 "format %s; this one reads %d): start that one, or start with "
+                                 "--reset-state to keep the file as %s.old and start afresh"
+                                 % (path, header.get("version"), STATE_VERSION, path))
+            machines = [_machine_from_line(line, number) for number, line in enumerate(f, 2)]
+            if len(machines) != header.get("machines"):
+                raise ValueError("it holds %d machines, its header says %s" % (
+                    len(machines), header.get("machines")))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise UsageError("--state-file %s cannot be read: %s" % (path, exc.strerror)) from None
+    except (ValueError, UnicodeError) as exc:
+        raise UsageError("--state-file %s is damaged or not a state file (%s); it is left as it "
+                         "is: start with --reset-state to keep it as %s.old and start afresh"
+                         % (path, clean(str(exc), 120), path)) from None
+    return machines
+
+
+def _machine_from_line(line: str, number: int) -> Machine:
+    import json
+    try:
+        return Machine.from_record(json.loads(line))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError("line %d: %s" % (number, exc)) from None
+
+
+class StateKeeper:
+    """Saves the fleet to --state-file a few seconds after a change, in a thread of its own
+    (never on a request's path), and once more when the server stops."""
+
+    def __init__(self, path: str, fleet: Fleet) -> None:
+        self.path, self.fleet = path, fleet
+        self.lines = {}  # type: Dict[str, str]  # machine -> its JSON line, as last saved
+        self.saved = (-1, -1)  # the fleet's (changes, touches) at the last save
+        self.saved_at = 0.0
+        self.failed = ""
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="state", daemon=True)
+
+    def start(self) -> "StateKeeper":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop.wait(SAVE_AFTER):
+            changes, touches = self.fleet.changes, self.fleet.touches
+            if changes != self.saved[0] or (touches != self.saved[1]
+                                            and time.monotonic() - self.saved_at >= SAVE_IDLE):
+                self.save()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.save()
+
+    def save(self) -> None:
+        import json
+        records, changes, touches = self.fleet.take_dirty()
+        for key, record in records.items():
+            self.lines[key] = json.dumps(record, separators=(",", ":"))
+        header = json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION,
+                             "saved": iso_time(time.time()), "machines": len(self.lines)})
+        try:
+            write_atomically(self.path, [header] + list(self.lines.values()))
+        except OSError as exc:
+            if exc.strerror != self.failed:
+                log_line(logging.ERROR, "cannot save the fleet to %s: %s; trying again" % (
+                    self.path, exc.strerror or exc))
+            self.failed = exc.strerror or str(exc)
+            self.fleet.unsaved(records)
+            return
+        self.failed, self.saved, self.saved_at = "", (changes, touches), time.monotonic()
+
+
+def write_atomically(path: str, lines: Sequence[str]) -> None:
+    """FILE.tmp written and fsync'ed, renamed over FILE, and the directory fsync'ed."""
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        for start in range(0, len(lines), 4096):
+            f.write("\n".join(lines[start:start + 4096]) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -4462,7 +4661,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings = settings_from(args)
         setup_logging(settings.verbose, settings.log_format == "json")
         catalog = load_catalog_for(settings)
+        machines = read_state(settings.state_file, settings.reset_state)
         server = make_server(catalog, settings)
+        server.fleet.restore(machines, server.clock())
     except (UsageError, PayloadError) as exc:
         sys.stderr.write("%s: error: %s\n" % (PROG, str(exc).rstrip(".") + "."))
         return 2
@@ -4471,7 +4672,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     sys.stdout.write(banner(server))
     sys.stdout.flush()
+    keeper = StateKeeper(settings.state_file, server.fleet).start() if settings.state_file else None
     name = serve(server)
+    if keeper is not None:
+        keeper.close()
     log_line(logging.INFO, "received %s, stopped" % name)
     say_summary(server, settings.log_format == "json")
     logging.shutdown()  # writes what is still batched

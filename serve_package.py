@@ -4590,9 +4590,8 @@ def write_atomically(path: str, lines: Sequence[str]) -> None:
 
 # -- running -----------------------------------------------------------------------------------
 
-def serve(server: Server) -> str:
-    """Serve until SIGINT or SIGTERM, then stop accepting and give the downloads in flight up to
-    the grace period to finish (a second signal ends that at once); returns the signal's name."""
+def catch_signals() -> queue.Queue:
+    """SIGINT and SIGTERM, from now on, as names in a queue (serve() waits on it)."""
     signals = queue.Queue()  # type: queue.Queue
 
     def on_signal(signum, frame) -> None:
@@ -4600,6 +4599,12 @@ def serve(server: Server) -> str:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
+    return signals
+
+
+def serve(server: Server, signals: queue.Queue) -> str:
+    """Serve until SIGINT or SIGTERM, then stop accepting and give the downloads in flight up to
+    the grace period to finish (a second signal ends that at once); returns the signal's name."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25},
                               name="accept", daemon=True)
     thread.start()
@@ -4670,10 +4675,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\n%s: interrupted\n" % PROG)
         return 130
+    signals = catch_signals()  # before the banner: a stop right after it is a clean stop
     sys.stdout.write(banner(server))
     sys.stdout.flush()
     keeper = StateKeeper(settings.state_file, server.fleet).start() if settings.state_file else None
-    name = serve(server)
+    name = serve(server, signals)
     if keeper is not None:
         keeper.close()
     log_line(logging.INFO, "received %s, stopped" % name)

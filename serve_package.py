@@ -258,6 +258,7 @@ def is_postinstall_failure(event: "Event", app: "AppRequest") -> bool:
 # Words for log lines and pages.
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+intern = sys.intern  # words many machines share (versions, groups, reasons) kept once
 
 
 def clean(text: str, limit: int = 120) -> str:
@@ -1695,15 +1696,17 @@ class Machine:
                 "downloaded", "size", "offered_at", "installed_instead", "board", "setup",
                 "progressed_at")
 
-    def record(self) -> Dict[str, object]:
-        """What --state-file keeps of it: every fact and its slot (offered_at)."""
-        return {name: getattr(self, name) for name in self.RECORDED}
+    def record(self) -> List[object]:
+        """What --state-file keeps of it, in the order of RECORDED: every fact, and its slot
+        (offered_at)."""
+        return [getattr(self, name) for name in self.RECORDED]
 
     @classmethod
-    def from_record(cls, record: Dict[str, Any]) -> "Machine":
+    def from_record(cls, values: List[Any]) -> "Machine":
         """A machine as a state file kept it; ValueError when the record is not one."""
-        if not isinstance(record, dict) or set(record) != set(cls.RECORDED):
+        if not isinstance(values, list) or len(values) != len(cls.RECORDED):
             raise ValueError("not a machine's record")
+        record = dict(zip(cls.RECORDED, values))
         machine = cls(str(record["key"]), str(record["address"]), float(record["first_seen"]))
         for name in cls.RECORDED:
             value = record[name]
@@ -1714,16 +1717,17 @@ class Machine:
                 value = value if isinstance(value, dict) else None
             elif not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
                 raise ValueError("%s is not a %s" % (name, kind.__name__))
-            setattr(machine, name, value)
+            setattr(machine, name, intern(value) if isinstance(value, str) else value)
         if machine.state not in STATES:
             raise ValueError("state %r is not one of this server's" % machine.state)
         return machine
 
     def introduce(self, app: AppRequest, address: str) -> None:
-        """What a request says of the machine that sent it."""
-        self.machineid, self.alias, self.address = app.machineid, app.machinealias, address
-        self.oem, self.group, self.version = app.oem, app.track, app.version
-        self.board = app.machine_board
+        """What a request says of the machine that sent it. The words a fleet shares (an
+        address behind NAT, versions, groups, OEMs, boards) are kept once, not once a machine."""
+        self.machineid, self.alias, self.address = app.machineid, app.machinealias, intern(address)
+        self.oem, self.group, self.version = intern(app.oem), intern(app.track), intern(app.version)
+        self.board = intern(app.machine_board)
 
     def set_up(self, report: "SetupReport", address: str, now: float) -> None:
         """What the setup script found on it; the facts it reports stand until a request says
@@ -1769,7 +1773,7 @@ class Machine:
             self.target = target
         if (self.state, self.detail) == (state, detail):
             return False
-        self.state, self.detail = state, detail
+        self.state, self.detail = state, intern(detail)
         return True
 
     def tally(self) -> Tuple[str, str, str, str, str, str]:
@@ -1989,9 +1993,10 @@ class Fleet:
     the lines that say what changed (one per change) for the caller to log."""
 
     def __init__(self, catalog: Catalog, update_timeout: float,
-                 offer_words: str = "offered") -> None:
+                 offer_words: str = "offered", limited: bool = True) -> None:
         self.os_payloads = catalog.os_payloads()
         self.update_timeout = update_timeout
+        self.limited = limited  # --max-concurrent: slot holders are followed
         self.offer_words = offer_words  # what each offer's line says
         self.lock = threading.Lock()
         # by machineid (or address), the one seen last at the end: "not seen since" is a walk
@@ -2050,13 +2055,14 @@ class Fleet:
                 self.machines[machine.key] = machine
                 self.by_address[machine.address] = machine.key
                 self.tally.change(machine, None, now)
-                if machine.state in HOLDS_SLOT:
+                if machine.state in HOLDS_SLOT and self.limited:
                     self.tally.holders[machine.key] = machine
             self.dirty.update(machine.key for machine in machines)  # the first save writes all
 
     def _offer(self, machine: Machine, decision: Decision, now: float) -> None:
         machine.offer(decision.version, now, self.offer_words)
-        self.tally.holders[machine.key] = machine
+        if self.limited:
+            self.tally.holders[machine.key] = machine
 
     def _seen(self, app: AppRequest, address: str, now: float
               ) -> Tuple[Machine, Optional[Tuple[str, ...]]]:
@@ -3552,7 +3558,8 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.clock = clock
         self.fleet = Fleet(catalog, settings.policy.update_timeout,
                            "offered (its signature was not checked: --skip-signature-check)"
-                           if settings.skip_signature_check else "offered")
+                           if settings.skip_signature_check else "offered",
+                           limited=settings.policy.max_concurrent > 0)
         self.started = clock()
         # Looked at no more than once a second: each look is a syscall, checks come by the
         # thousand; downloads look at their payload between every chunk they send.
@@ -4469,8 +4476,8 @@ def _where_to_point(server: Server) -> List[str]:
 
 
 # -- the fleet across restarts: --state-file -----------------------------------------------------
-# JSON Lines: a header line {"format": "serve-package fleet state", "version": 1, ...}, then one
-# JSON object a machine (Machine.RECORDED). Written whole to FILE.tmp, fsync'ed, renamed over
+# JSON Lines: a header line {"format": "serve-package fleet state", "version": 1, "fields": [...],
+# ...}, then one JSON array a machine, its values in the order of the header's fields. Written whole to FILE.tmp, fsync'ed, renamed over
 # FILE: a kill at any moment leaves the last complete file. Only the changed machines are
 # encoded again at each save; the others' lines are kept from the last one.
 
@@ -4501,6 +4508,8 @@ def read_state(path: str, reset: bool) -> List[Machine]:
                                  "format %s; this one reads %d): start that one, or start with "
                                  "--reset-state to keep the file as %s.old and start afresh"
                                  % (path, header.get("version"), STATE_VERSION, path))
+            if header.get("fields", list(Machine.RECORDED)) != list(Machine.RECORDED):
+                raise ValueError("its fields are not this version's")
             machines = [_machine_from_line(line, number) for number, line in enumerate(f, 2)]
             if len(machines) != header.get("machines"):
                 raise ValueError("it holds %d machines, its header says %s" % (
@@ -4559,7 +4568,8 @@ class StateKeeper:
         for key, record in records.items():
             self.lines[key] = json.dumps(record, separators=(",", ":"))
         header = json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION,
-                             "saved": iso_time(time.time()), "machines": len(self.lines)})
+                             "saved": iso_time(time.time()), "machines": len(self.lines),
+                             "fields": Machine.RECORDED})
         try:
             write_atomically(self.path, [header] + list(self.lines.values()))
         except OSError as exc:

@@ -2248,13 +2248,19 @@ SORT_KEYS = {
     "name": lambda m: m.name(), "state": lambda m: m.state,
     "version": lambda m: parse_version(m.version) or (), "address": lambda m: m.address}
 PSEUDO_STATES = ("stalled", "not-seen")
+FINDING_HINTS = {  # the causes the server finds itself, with no error code
+    WRONG_BOARD: "no payload for these machines' board is served: serve one (the release "
+                 "layout in --package-dir, or another --package-file)",
+    OTHER_VERSION: "--package-version does not match the payload: the machines came back on "
+                   "the version it really is; restart with that one",
+}
 
 
 def _cause_facts(cause: str, machines: int, examples: List[str]) -> Dict[str, Any]:
     if cause.isdigit():
         words, hint = describe_error(int(cause)), error_hint(int(cause))
     else:
-        words, hint = SHORT_STATE_WORDS.get(cause, cause), None
+        words, hint = SHORT_STATE_WORDS.get(cause, cause), FINDING_HINTS.get(cause)
     return {"cause": cause, "words": words, "hint": hint, "machines": machines,
             "first": examples}
 
@@ -2498,7 +2504,7 @@ def status_page(doc: Dict[str, Any], query: Query) -> str:
         for p in doc["payloads"])  # type: ignore[union-attr]
     return """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
-<title>serve-package: %(version)s</title>
+<title>serve-package: %(version)s</title><link rel="icon" href="data:,">
 <style>
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#24292f}
 table{border-collapse:collapse} #machines{width:100%%}
@@ -2506,7 +2512,9 @@ th,td{border-bottom:1px solid #d0d7de;padding:.35em .6em;text-align:left;font-si
 th{background:#f6f8fa} progress{width:8em} code{font-size:.85em} .version{white-space:nowrap}
 .state{font-weight:600} .error{color:#cf222e}
 .bar{display:flex;height:1.2em;border-radius:3px;overflow:hidden;margin:.5em 0}
-.bar a{display:block;min-width:2px} .columns{display:flex;gap:1.5em;flex-wrap:wrap;margin:.5em 0}
+.bar a{display:block;min-width:2px}
+.columns{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start;margin:.5em 0}
+.name,.board,.version,#machines td:nth-child(2){white-space:nowrap}
 form{margin:1em 0} label{margin-right:.6em;font-size:.92em}
 </style></head><body>
 <h1>serve-package: offering <span id="offering">%(version)s</span></h1>

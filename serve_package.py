@@ -1882,6 +1882,8 @@ WARNING_CAUSES = {
     "bad-version": "sent a version that is not a version",
     "min-version": "are older than --min-version",
     "oem": "run an OEM whose payload is not served",
+    "postinstall": "failed in post-install (error 5), the typical sign of a missing OEM or "
+                   "extension payload",
 }
 WARNING_EVERY = 600.0  # seconds between two "N more machines" lines of one cause
 
@@ -3649,8 +3651,10 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 notes += self.warnings.note("oem:" + oem_payload, app.machineid or client,
                                             advice, self.clock())
         if any(is_postinstall_failure(event, app) for event in app.events):
-            notes.append(Note(logging.WARNING, postinstall_advice(
-                "%s %s" % (client, describe_machine(app)), release)))
+            advice = postinstall_advice("%s %s" % (client, describe_machine(app)), release)
+            with self.lock:
+                notes += self.warnings.note("postinstall", app.machineid or client, advice,
+                                            self.clock())
         return notes
 
     def say(self, notes: Sequence[Note]) -> None:

@@ -14,6 +14,7 @@ fail with an error, complete, or are of the wrong board), then measures:
               the /machines.csv of every machine, and a /metrics scrape
   state       the state file's size, the time to save it (the shutdown save) and to load it
               (a restart to its first answered check)
+  log         the lines the default log wrote while the fleet checked in, and the warnings
 
 Needs wrk (apt-get install wrk) for the check rate.
 """
@@ -147,6 +148,13 @@ def main() -> None:
             print("loading the fleet          %8.1f s (%.0f requests/s)" % (
                 seconds, args.machines * 1.3 / seconds))
             big_rss = rss_mib(server.proc.pid)
+            time.sleep(0.5)  # the log writes INFO lines in batches
+            with open(log, encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+            changes = sum(1 + len(events_for(n)) for n in range(args.machines))
+            print("log                        %8d lines for %d machines and %d state changes; "
+                  "%d warnings" % (len(lines), args.machines, changes,
+                                   sum(1 for line in lines if " warning: " in line)))
             rate, _, _, _ = wrk_checks(server.url, args.seconds, workdir)
             print("checks, %d machines   %8.0f /s" % (args.machines, rate))
             print("RSS                        %8.1f MiB with 10, %.1f MiB with %d: %.2f KiB a machine"

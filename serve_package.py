@@ -18,12 +18,15 @@ order data flows through it:
   3. Payloads           CrAU inspection, one-pass hashing, the Package and Release records
   4. Protocol           parse_request(bytes) and render_response(...), pure
   5. Policy             decide() what each app is offered, under the rollout rules, pure
-  6. Fleet              what each machine is doing (Machine, Fleet: given the time, they return
-                        the lines to log), advice, the status document and page, the
-                        setup script for the machines and their reports
+  6. Fleet              what each machine is doing (Machine; Fleet and its Tally of counts:
+                        given the time, they return the lines to log), warnings counted by
+                        cause, queries, the status document and page, /metrics, the setup
+                        script for the machines and their reports
   7. HTTP               Settings; the Handler (HTTP framing: Omaha endpoint, payload serving,
-                        status endpoints); the Server, whose answer() is one request's flow
-  8. Program            logging, the flag table, settings_from(), the banner, signals, main()
+                        status endpoints, setup); the Server, whose answer() is one request's
+                        flow
+  8. Program            logging, the flag table, settings_from(), loading, the banner, the
+                        state file (--state-file), signals, main()
 
 Standard library only; runs on Python 3.6 and newer.
 """

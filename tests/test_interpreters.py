@@ -35,6 +35,11 @@ def interpreter(version: str) -> str:
     return found[-1]
 
 
+def stops_cleanly(server, signum) -> None:
+    server.proc.send_signal(signum)
+    assert server.finish() == 0 and b"Traceback" not in server.stderr
+
+
 @pytest.mark.parametrize("version", SUPPORTED + ["debian"])
 def test_serves_an_update_check_on_every_python(pyz, version, demo_bytes):
     python = "/usr/bin/python3" if version == "debian" else interpreter(version)
@@ -48,8 +53,7 @@ def test_serves_an_update_check_on_every_python(pyz, version, demo_bytes):
         assert status == 200 and offer.status == "ok"
         assert get(server.port, "/packages/update.gz", {"Range": "bytes=100-"}) == \
             (206, demo_bytes[100:])
-        server.proc.send_signal(signal.SIGTERM)
-        assert server.finish() == 0 and b"Traceback" not in server.stderr
+        stops_cleanly(server, signal.SIGTERM)
     finally:
         server.kill()
 
@@ -81,8 +85,7 @@ def test_the_whole_path_on_the_oldest_and_newest(pyz, version, demo_bytes):
         doc = json.loads(get(port, "/status.json")[1])
         assert doc["machines"][0]["state"] == "downloading"
         assert get(port, "/healthz") == (200, b"ok\n")
-        server.proc.send_signal(signal.SIGINT)
-        assert server.finish() == 0 and b"Traceback" not in server.stderr
+        stops_cleanly(server, signal.SIGINT)
     finally:
         server.kill()
 

@@ -15,7 +15,8 @@ order data flows through it:
   1. Codes and names    event types, results, error codes and machine states as words;
                         classify_event(); clean() and the format_* words; PerSecond
   2. Versions           parse and compare 3815.2.5 (+build ignored)
-  3. Payloads           CrAU inspection, one-pass hashing, the Package and Release records
+  3. Payloads           CrAU and its manifest, one-pass hashing, signatures (RSA with pow)
+                        and boards (the kernel), the Package, Release and Catalog records
   4. Protocol           parse_request(bytes) and render_response(...), pure
   5. Policy             decide() what each app is offered, under the rollout rules, pure
   6. Fleet              what each machine is doing (Machine; Fleet and its Tally of counts:

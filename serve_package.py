@@ -2172,11 +2172,6 @@ class Fleet:
                                       " -- " + hint if hint else "")
             return clean(words, 400)
 
-    def snapshot(self) -> List[Dict[str, object]]:
-        with self.lock:
-            machines = sorted(self.machines.values(), key=lambda m: (m.alias or m.key))
-            return [m.facts() for m in machines]
-
     def select(self, query: "Query", now: float) -> List[Machine]:
         """The machines a query asks for, in its order. Only the copy of the list is taken under
         the lock; the filtering reads the machines as they are."""

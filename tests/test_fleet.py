@@ -261,14 +261,14 @@ def test_fleet_walks_an_update_and_says_each_change_once(fleet, release):
     notes = fleet.request(complete, "10.0.0.1", sp.decide(complete, release), 105.0)
     assert [n.text for n in notes] == [
         "node-1 (10.0.0.1, azure) 3815.2.5: update complete: rebooted from 3760.2.0 into 3815.2.5"]
-    assert fleet.snapshot()[0]["from_version"] == "3760.2.0"
+    assert fleet.machines[machine_id].facts()["from_version"] == "3760.2.0"
 
 
 def test_failure_is_a_warning_and_keeps_the_error(fleet, release):
     offer_to(fleet, release, 1, 100.0)
     notes = report(fleet, 1, machine_event(1, 3, 0, 10 | NON_PRODUCTION), 101.0)
     assert [n.level for n in notes] == [logging.WARNING]
-    assert fleet.snapshot()[0]["error"]["base"] == 10
+    assert fleet.machines["%032x" % 2].facts()["error"]["base"] == 10
 
 
 def test_slots_are_held_until_the_update_timeout_of_the_given_clock(fleet, release):

@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import logging
-import os
 import re
 import signal
 import time

@@ -226,21 +226,26 @@ _PLAIN_EVENTS = {
 def classify_event(event: "Event", app: "AppRequest") -> Happening:
     """One event in words, and the state it puts the machine in (the table of requests and
     meanings is update_engine's: omaha_request_action.cc and update_attempter.cc)."""
+    return _classify(event, app.updatecheck, app.version)
+
+
+@functools.lru_cache(maxsize=4096)  # a fleet sends a few kinds of event, and asks many times
+def _classify(event: "Event", updatecheck: bool, version: str) -> Happening:
     kind, result, code = event.type, event.result, event.errorcode
     plain = _PLAIN_EVENTS.get((kind, result))
     if plain is not None:
         return plain
     if kind == EVENT_UPDATE_COMPLETE and result == RESULT_SUCCESS_REBOOT:
         if event.previousversion in NO_PREVIOUS_VERSION:
-            if app.updatecheck:
+            if updatecheck:
                 return Happening(None, "routine check", routine=True)
             return Happening(None, "update complete: rebooted from ? into %s"
-                             % clean(app.version, 40))
+                             % clean(version, 40))
         return Happening(COMPLETE, "update complete: rebooted from %s into %s" % (
-            clean(event.previousversion, 40), clean(app.version, 40)))
+            clean(event.previousversion, 40), clean(version, 40)))
     if kind == EVENT_UPDATE_COMPLETE and result == RESULT_ERROR:
         if code is not None and code & ERROR_BASE_MASK == ERROR_ROLLBACK:
-            return Happening(ROLLED_BACK, "rolled back: still on %s" % clean(app.version, 40))
+            return Happening(ROLLED_BACK, "rolled back: still on %s" % clean(version, 40))
         hint = error_hint(code) if code is not None else None
         return Happening(FAILED, "update failed: %s%s" % (
             describe_error(code) if code is not None else "no error code",
@@ -1780,15 +1785,11 @@ class Machine:
         self.state, self.detail = state, intern(detail)
         return True
 
-    def tally(self) -> Tuple[str, str, str, str, str, str]:
-        """What the fleet counts it under: state, version (-> target), board, group, OEM and,
-        when it failed, the cause."""
-        cause = ""
-        if self.state in (FAILED, ROLLED_BACK) and self.error is not None:
-            cause = str(self.error & ERROR_BASE_MASK)
-        elif self.state in (WRONG_BOARD, OTHER_VERSION):
-            cause = self.state
-        return (self.state, self.versions(), self.board, self.group, self.oem, cause)
+    def tally(self) -> Tuple[Any, ...]:
+        """What the fleet counts it under (see Tally.labels): state, version and target,
+        board, group, OEM, and the error code and state from which its failure's cause comes."""
+        return (self.state, self.version, self.target, self.board, self.group, self.oem,
+                self.error)
 
     def versions(self) -> str:
         """'3760.2.0 -> 3815.2.5' while updating, else its version."""
@@ -1901,15 +1902,16 @@ class Warnings:
         self.heard = set()  # type: set  # (cause, machine)
         self.causes = {}  # type: Dict[str, List[float]]  # cause -> [last said, how many since]
 
-    def note(self, cause: str, machine: str, line: str, now: float) -> List[Note]:
-        """The line, if it is the first of its cause; later machines are counted."""
+    def note(self, cause: str, machine: str, line: Callable[[], str], now: float) -> List[Note]:
+        """The line (made only then), if it is the first of its cause; later machines are
+        counted."""
         if (cause, machine) in self.heard:
             return []
         self.heard.add((cause, machine))
         entry = self.causes.get(cause)
         if entry is None:
             self.causes[cause] = [now, 0]
-            return [Note(logging.WARNING, line)]
+            return [Note(logging.WARNING, line())]
         entry[1] += 1
         return self.due(now, cause)
 
@@ -1941,12 +1943,29 @@ class Tally:
         self.downloading = {}  # type: Dict[str, Machine]
         self.completions = collections.deque()  # type: collections.deque
 
-    def change(self, machine: Machine, before: Optional[Tuple[str, ...]], now: float) -> bool:
+    @staticmethod
+    def labels(key: Tuple[Any, ...]) -> Tuple[str, ...]:
+        """A Machine.tally() as the counts name it, in the order of TALLIED: the version reads
+        '3760.2.0 -> 3815.2.5' while updating; the cause is the error code of a failure, or
+        the state of a machine the server itself found it cannot update."""
+        state, version, target, board, group, oem, error = key
+        cause = ""
+        if state in (FAILED, ROLLED_BACK) and error is not None:
+            cause = str(error & ERROR_BASE_MASK)
+        elif state in (WRONG_BOARD, OTHER_VERSION):
+            cause = state
+        if target and target != version:
+            version = "%s \u2192 %s" % (version or "?", target)
+        return (state, version, board, group, oem, cause)
+
+    def change(self, machine: Machine, before: Optional[Tuple[Any, ...]], now: float) -> bool:
         """Count the machine anew; False when what it is counted under did not change."""
-        after = machine.tally()
-        if after == before:
+        key = machine.tally()
+        if key == before:
             return False
-        for name, old, new in zip(TALLIED, before or (None,) * len(TALLIED), after):
+        after = self.labels(key)
+        old_labels = self.labels(before) if before is not None else (None,) * len(TALLIED)
+        for name, old, new in zip(TALLIED, old_labels, after):
             if old == new:
                 continue
             counter = self.counts[name]
@@ -1957,7 +1976,7 @@ class Tally:
             if new or name != "cause":
                 counter[new] += 1
         self._follow(machine, before[0] if before else None, after, now)
-        return True
+        return after != old_labels
 
     def _follow(self, machine: Machine, was: Optional[str], after: Tuple[str, ...],
                 now: float) -> None:
@@ -2039,7 +2058,7 @@ class Fleet:
     def _changed(self, machine: Machine, before: Optional[Tuple[str, ...]], now: float) -> None:
         self.dirty.add(machine.key)
         self.touches += 1
-        if self.tally.change(machine, before, now) or machine.state == OFFERED:
+        if self.tally.change(machine, before, now):
             self.changes += 1
 
     def take_dirty(self) -> Tuple[Dict[str, Dict[str, object]], int, int]:
@@ -2064,6 +2083,7 @@ class Fleet:
                 if machine.state in HOLDS_SLOT and self.limited:
                     self.tally.holders[machine.key] = machine
             self.dirty.update(machine.key for machine in machines)  # the first save writes all
+            self.tally.completions.clear()  # they completed before: not "in the last hour"
 
     def _offer(self, machine: Machine, decision: Decision, now: float) -> None:
         machine.offer(decision.version, now, self.offer_words)
@@ -2292,7 +2312,7 @@ class Query(NamedTuple):
                             (self.group, m.group), (self.oem, m.oem)):
             if value and value != have:
                 return False
-        if self.cause and self.cause != m.tally()[-1]:
+        if self.cause and self.cause != Tally.labels(m.tally())[-1]:
             return False
         return not self.q or any(field.startswith(self.q)
                                  for field in (m.machineid, m.alias, m.address))
@@ -3625,7 +3645,8 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         many machines of one cause, a count every ten minutes); every forced offer. Its words
         are made only when the line is written."""
         if decision is not None and decision.warning:
-            line = "%s %s: %s" % (client, describe_machine(app), describe_request(app, decision))
+            def line() -> str:
+                return "%s %s: %s" % (client, describe_machine(app), describe_request(app, decision))
             with self.lock:
                 notes = self.warnings.note(decision.warning, app.machineid or client, line,
                                            self.clock())
@@ -3643,16 +3664,17 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             return notes
         release = self.catalog.for_board(app.machine_board)
         oem_payload = missing_oem_payload(app, release) if decision and decision.offer else None
+        def who() -> str:
+            return "%s %s" % (client, describe_machine(app))
         if oem_payload:
-            advice = oem_advice("%s %s" % (client, describe_machine(app)), app, release,
-                                oem_payload)
             with self.lock:
-                notes += self.warnings.note("oem:" + oem_payload, app.machineid or client,
-                                            advice, self.clock())
+                notes += self.warnings.note(
+                    "oem:" + oem_payload, app.machineid or client,
+                    lambda: oem_advice(who(), app, release, oem_payload), self.clock())
         if any(is_postinstall_failure(event, app) for event in app.events):
-            advice = postinstall_advice("%s %s" % (client, describe_machine(app)), release)
             with self.lock:
-                notes += self.warnings.note("postinstall", app.machineid or client, advice,
+                notes += self.warnings.note("postinstall", app.machineid or client,
+                                            lambda: postinstall_advice(who(), release),
                                             self.clock())
         return notes
 

@@ -290,3 +290,21 @@ def test_download_progress_is_said_every_ten_percent(fleet, release):
     percents = [n.facts["machine"]["download"]["percent"] for n in said]
     assert len(said) == 11 and percents[-1] == 100.0  # 5%, 15%, ... and the end
     assert all(n.facts["event"] == "progress" for n in said)
+
+
+def test_restored_machines_are_counted_but_not_as_updated_in_the_last_hour(fleet, release):
+    """A restart from --state-file: the counts and slots come back; the machines that had
+    completed did so before, not in the hour before the restart."""
+    offer_to(fleet, release, 1, 100.0)
+    complete = sp.parse_request(machine(1, version="3815.2.5").replace(
+        b'previousversion=""', b'previousversion="3760.2.0"')).apps[0]
+    fleet.request(complete, "10.0.0.1", sp.decide(complete, release), 200.0)
+    offer_to(fleet, release, 2, 300.0)
+    assert fleet.summary_facts(400.0)["updates_last_hour"] == 1
+    records = [sp.Machine.from_record(m.record()) for m in fleet.machines.values()]
+    again = sp.Fleet(sp.Catalog((release,)), 600.0)
+    again.restore(records, 500.0)
+    facts = again.summary_facts(500.0)
+    assert facts["states"] == {"complete": 1, "offered": 1} and facts["updates_last_hour"] == 0
+    assert list(again.machines) == list(fleet.machines)  # in the order they were seen
+    assert again.tally.holders.keys() == {"%032x" % 3}  # machine 2 still holds its slot

@@ -6,6 +6,7 @@ sentence. Outside CI a missing interpreter skips with a note; under CI=true it f
 
 import glob
 import hashlib
+import http.client
 import json
 import os
 import signal
@@ -85,6 +86,19 @@ def test_the_whole_path_on_the_oldest_and_newest(pyz, version, demo_bytes):
         doc = json.loads(get(port, "/status.json")[1])
         assert doc["machines"][0]["state"] == "downloading"
         assert get(port, "/healthz") == (200, b"ok\n")
+        status, metrics = get(port, "/metrics")
+        assert status == 200 and b"serve_package_update_checks_total 1\n" in metrics
+        status, table = get(port, "/machines.csv?state=downloading")
+        assert status == 200 and len(table.decode().splitlines()) == 2
+        status, script = get(port, "/setup")
+        assert status == 200 and script.startswith(b"#!/bin/sh\n")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/setup/report", b"machine=%s\nmode=check\nmissing=flatcar-zfs.gz\n"
+                     % (b"ab" * 16))
+        assert conn.getresponse().read() == b"thank you\n"
+        conn.close()
+        doc = json.loads(get(port, "/status.json?q=abab")[1])
+        assert doc["machines"][0]["setup"]["missing"] == ["flatcar-zfs.gz"]
         stops_cleanly(server, signal.SIGINT)
     finally:
         server.kill()

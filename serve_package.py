@@ -3620,7 +3620,7 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         the response, record what each machine said in the fleet, and say it in the log."""
         policy = self.policy
         intact, paused = self.payloads_intact(now), self.paused(now)
-        answers, decisions = [], []
+        answers, decided = [], []
         for app in request.apps:
             release = self.catalog.for_board(app.machine_board)
             choose = functools.partial(decide, app, release, intact, policy, paused)
@@ -3628,19 +3628,19 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
                                                policy.max_concurrent > 0, choose)
             if notes:
                 self.say(notes)
-            decisions.append(decision)
+            decided.append((app, release, decision if app.updatecheck else None))
             answers.append(answer_app(app, decision, release, tuple(
                 codebase + release.prefix for codebase in codebases) if release.prefix
                 else codebases))
         body = render_response(answers)
-        for app, decision in zip(request.apps, decisions):
-            checked = decision if app.updatecheck else None
-            self.say_request(app, client, checked)
+        for app, release, checked in decided:
+            self.say_request(app, client, checked, now)
             self.say(self.fleet.request(app, client, checked, now)
-                     + self.advice(app, client, checked))
+                     + self.advice(app, client, checked, release, now))
         return body
 
-    def say_request(self, app: AppRequest, client: str, decision: Optional[Decision]) -> None:
+    def say_request(self, app: AppRequest, client: str, decision: Optional[Decision],
+                    now: float) -> None:
         """The request's own line: with -v always; a warning once per machine (and then, for
         many machines of one cause, a count every ten minutes); every forced offer. Its words
         are made only when the line is written."""
@@ -3648,8 +3648,7 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             def line() -> str:
                 return "%s %s: %s" % (client, describe_machine(app), describe_request(app, decision))
             with self.lock:
-                notes = self.warnings.note(decision.warning, app.machineid or client, line,
-                                           self.clock())
+                notes = self.warnings.note(decision.warning, app.machineid or client, line, now)
             self.say(notes)
             return
         level = logging.INFO if decision is not None and decision.forced else logging.DEBUG
@@ -3657,25 +3656,26 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             log_line(level, "%s %s: %s" % (client, describe_machine(app),
                                            describe_request(app, decision)))
 
-    def advice(self, app: AppRequest, client: str, decision: Optional[Decision]) -> List[Note]:
+    def advice(self, app: AppRequest, client: str, decision: Optional[Decision],
+               release: Release, now: float) -> List[Note]:
         """What the operator can do about what this request shows is coming or went wrong."""
         notes = []  # type: List[Note]
         if not app.events and not (decision and decision.offer):
             return notes
-        release = self.catalog.for_board(app.machine_board)
-        oem_payload = missing_oem_payload(app, release) if decision and decision.offer else None
+
         def who() -> str:
             return "%s %s" % (client, describe_machine(app))
+
+        oem_payload = missing_oem_payload(app, release) if decision and decision.offer else None
         if oem_payload:
             with self.lock:
                 notes += self.warnings.note(
                     "oem:" + oem_payload, app.machineid or client,
-                    lambda: oem_advice(who(), app, release, oem_payload), self.clock())
+                    lambda: oem_advice(who(), app, release, oem_payload), now)
         if any(is_postinstall_failure(event, app) for event in app.events):
             with self.lock:
                 notes += self.warnings.note("postinstall", app.machineid or client,
-                                            lambda: postinstall_advice(who(), release),
-                                            self.clock())
+                                            lambda: postinstall_advice(who(), release), now)
         return notes
 
     def say(self, notes: Sequence[Note]) -> None:

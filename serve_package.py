@@ -1146,42 +1146,52 @@ def load_catalog(plans: Sequence[ReleasePlan], version: str = "", board: str = "
     """Check every file first (so a bad one is reported before minutes of hashing) and learn
     each release's board; then hash every file in one read, and verify each against its
     expected SHA-256 and, unless keys is None, its signature."""
+    versions = [_release_version(plan, version) for plan in plans]
     opened = []  # type: List[Opened]
     try:
         for plan in plans:
             opened += [open_payload(spec) for spec in plan.specs]
-        boards = _boards(plans, opened, board)
-        hashed = _hash_all(opened, progress)
-        packages = [_verified(item, package, signed, keys)
-                    for item, (package, signed) in zip(opened, hashed)]
+        groups, start = [], 0  # each plan's files, opened
+        for plan in plans:
+            groups.append(opened[start:start + len(plan.specs)])
+            start += len(plan.specs)
+        boards = _boards(plans, [group[0] for group in groups], board)
+        hashed = iter(_hash_all(opened, progress))
+        files = [tuple(_verified(item, *next(hashed), keys) for item in group)
+                 for group in groups]
     except BaseException:
         for item in opened:
             os.close(item.fd)
         raise
-    releases, start = [], 0
-    for plan, (board_name, source) in zip(plans, boards):
-        text = version or plan.version
-        if not text:
-            raise PayloadError("--package-version is required: %s's path does not say its "
-                               "version." % plan.specs[0].path)
-        files = tuple(packages[start:start + len(plan.specs)])
-        start += len(plan.specs)
-        releases.append(Release(text, parse_release_version(text), files, board_name, source,
-                                board_name + "/" if len(plans) > 1 else ""))
-    return Catalog(tuple(releases))
+    return Catalog(tuple(
+        Release(text, key, packages, board_name, source,
+                board_name + "/" if len(plans) > 1 else "")
+        for (text, key), packages, (board_name, source) in zip(versions, files, boards)))
 
 
-def _boards(plans: Sequence[ReleasePlan], opened: Sequence[Opened],
+def _release_version(plan: ReleasePlan, given: str) -> Tuple[str, Tuple[int, ...]]:
+    """A release's version, from --package-version or else its directory, checked before any
+    file is read."""
+    text = given or plan.version
+    if not text:
+        raise PayloadError("--package-version is required: %s's path does not say its "
+                           "version." % plan.specs[0].path)
+    try:
+        return text, parse_release_version(text)
+    except ValueError as exc:
+        raise PayloadError("the version of %s: %s; name the directory by the release, or give "
+                           "--package-version." % (plan.specs[0].path, exc)) from None
+
+
+def _boards(plans: Sequence[ReleasePlan], os_payloads: Sequence[Opened],
             given: str) -> List[Tuple[str, str]]:
     """Each release's board and how it is known: its kernel, the layout's directory, --board,
     or assumed (CoreOS-era payloads carry no kernel; Container Linux only shipped amd64)."""
     if given and len(plans) > 1:
         raise PayloadError("--board names the board of a single OS payload; with several, each "
                            "payload's kernel (or its directory) says its board.")
-    found, start = [], 0  # type: List[Tuple[str, str]], int
-    for plan in plans:
-        os_payload = opened[start]
-        start += len(plan.specs)
+    found = []  # type: List[Tuple[str, str]]
+    for plan, os_payload in zip(plans, os_payloads):
         kernel = kernel_board(os_payload.fd, os_payload.manifest)
         if given:
             found.append((given, "--board" + (", though its kernel is %s" % kernel

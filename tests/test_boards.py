@@ -150,6 +150,7 @@ def test_one_package_file_a_board(tmp_path):
      "holds versions 3760.2.0, 3815.2.5; keep one"),
     ({"arm64-usr/3815.2.5": "amd64-usr"}, "holds a amd64-usr kernel but is in the arm64-usr directory"),
     ({"amd64-usr/latest": "amd64-usr"}, "holds no OS payload"),
+    ({"amd64-usr/3815.2": "amd64-usr"}, "'3815.2' is not a version like 3815.2.5"),
 ])
 def test_release_layout_mistakes(tmp_path, layout, words):
     for where, board in layout.items():
@@ -158,6 +159,12 @@ def test_release_layout_mistakes(tmp_path, layout, words):
             make_fixtures.crau_payload(3000, where.encode(), board=board))
     with pytest.raises(sp.PayloadError, match=words):
         sp.load_catalog_for(sp.Settings(package_dir=str(tmp_path)))
+
+
+def test_a_version_is_needed_before_any_file_is_read(pyz, tmp_path):
+    (tmp_path / "flatcar_production_update.gz").write_bytes(make_fixtures.crau_payload(3000))
+    one_sentence_error(run_pyz(pyz, "--package-dir", str(tmp_path)),
+                       "--package-version is required", "path does not say its version")
 
 
 def test_release_layout_refuses_files_named_beside_it(pyz, tmp_path):

@@ -1179,6 +1179,8 @@ def _release_version(plan: ReleasePlan, given: str) -> Tuple[str, Tuple[int, ...
     try:
         return text, parse_release_version(text)
     except ValueError as exc:
+        if given:
+            raise PayloadError("--package-version %s." % exc) from None
         raise PayloadError("the version of %s: %s; name the directory by the release, or give "
                            "--package-version." % (plan.specs[0].path, exc)) from None
 
@@ -4333,10 +4335,6 @@ def load_catalog_for(settings: Settings) -> Catalog:
 def load_release(package_file: Optional[str], version: str, extensions: Sequence[str] = (),
                  package_dir: Optional[str] = None, sha256: Optional[str] = None) -> Release:
     """One board's release, as the command line would load it (for tests and embedding)."""
-    try:
-        parse_release_version(version)
-    except ValueError as exc:
-        raise UsageError("--package-version %s" % exc) from None
     return load_catalog_for(Settings(
         package_files=(package_file,) if package_file else (), package_dir=package_dir,
         extensions=tuple(extensions), sha256=sha256, package_version=version)).releases[0]

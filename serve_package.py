@@ -277,6 +277,13 @@ def clean(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def versions_words(version: str, target: str) -> str:
+    """'3760.2.0 -> 3815.2.5' while a machine updates, else its version."""
+    if target and target != version:
+        return "%s \u2192 %s" % (version or "?", target)
+    return version
+
+
 def short_name(alias: str, machineid: str, fallback: str) -> str:
     """How a machine is called in one word: its alias, the start of its id, or the fallback."""
     return alias or (machineid[:8] if machineid else fallback)
@@ -1804,10 +1811,7 @@ class Machine:
                 self.error)
 
     def versions(self) -> str:
-        """'3760.2.0 -> 3815.2.5' while updating, else its version."""
-        if self.target and self.target != self.version:
-            return "%s \u2192 %s" % (self.version or "?", self.target)
-        return self.version
+        return versions_words(self.version, self.target)
 
     def stalled(self, now: float) -> bool:
         return self.state == DOWNLOADING and now - self.progressed_at >= STALLED_AFTER
@@ -1966,9 +1970,7 @@ class Tally:
             cause = str(error & ERROR_BASE_MASK)
         elif state in (WRONG_BOARD, OTHER_VERSION):
             cause = state
-        if target and target != version:
-            version = "%s \u2192 %s" % (version or "?", target)
-        return (state, version, board, group, oem, cause)
+        return (state, versions_words(version, target), board, group, oem, cause)
 
     def change(self, machine: Machine, before: Optional[Tuple[Any, ...]], now: float) -> bool:
         """Count the machine anew; False when what it is counted under did not change."""

@@ -1103,6 +1103,7 @@ class Release(NamedTuple):
     packages: Tuple[Package, ...]
     board: str = DEFAULT_BOARD
     board_source: str = "assumed"  # how the board is known, in words, for the banner
+    kernel_board: str = ""  # the board its OS payload's kernel is for ("": no kernel to tell)
     prefix: str = ""  # its files' place under /packages/: "" alone, "<board>/" beside others
 
     def find(self, name: str) -> Optional[Package]:
@@ -1171,9 +1172,10 @@ def load_catalog(plans: Sequence[ReleasePlan], version: str = "", board: str = "
             os.close(item.fd)
         raise
     return Catalog(tuple(
-        Release(text, key, packages, board_name, source,
+        Release(text, key, packages, board_name, source, kernel,
                 board_name + "/" if len(plans) > 1 else "")
-        for (text, key), packages, (board_name, source) in zip(versions, files, boards)))
+        for (text, key), packages, (board_name, source, kernel)
+        in zip(versions, files, boards)))
 
 
 def _release_version(plan: ReleasePlan, given: str) -> Tuple[str, Tuple[int, ...]]:
@@ -1193,27 +1195,28 @@ def _release_version(plan: ReleasePlan, given: str) -> Tuple[str, Tuple[int, ...
 
 
 def _boards(plans: Sequence[ReleasePlan], os_payloads: Sequence[Opened],
-            given: str) -> List[Tuple[str, str]]:
-    """Each release's board and how it is known: its kernel, the layout's directory, --board,
-    or assumed (CoreOS-era payloads carry no kernel; Container Linux only shipped amd64)."""
+            given: str) -> List[Tuple[str, str, str]]:
+    """Each release's board, how it is known (its kernel, the layout's directory, --board, or
+    assumed: CoreOS-era payloads carry no kernel; Container Linux only shipped amd64), and the
+    kernel's own board ("" without one)."""
     if given and len(plans) > 1:
         raise PayloadError("--board names the board of a single OS payload; with several, each "
                            "payload's kernel (or its directory) says its board.")
-    found = []  # type: List[Tuple[str, str]]
+    found = []  # type: List[Tuple[str, str, str]]
     for plan, os_payload in zip(plans, os_payloads):
-        kernel = kernel_board(os_payload.fd, os_payload.manifest)
+        kernel = kernel_board(os_payload.fd, os_payload.manifest) or ""
         if given:
             found.append((given, "--board" + (", though its kernel is %s" % kernel
-                                              if kernel and kernel != given else "")))
+                                              if kernel and kernel != given else ""), kernel))
         elif plan.board and kernel and kernel != plan.board:
             raise PayloadError("%s holds a %s kernel but is in the %s directory; move it." % (
                 os_payload.spec.path, kernel, plan.board))
         elif plan.board or kernel:
-            found.append((plan.board or kernel or "", "from its kernel" if kernel
-                          else "from its directory"))
+            found.append((plan.board or kernel, "from its kernel" if kernel
+                          else "from its directory", kernel))
         else:
-            found.append((DEFAULT_BOARD, "assumed: the payload carries no kernel to tell"))
-    names = [name for name, _ in found]
+            found.append((DEFAULT_BOARD, "assumed: the payload carries no kernel to tell", ""))
+    names = [name for name, _, _ in found]
     for name in set(names):
         if names.count(name) > 1:
             raise PayloadError("two OS payloads are for %s; serve one a board." % name)
@@ -4327,10 +4330,9 @@ def load_catalog_for(settings: Settings) -> Catalog:
     catalog = load_catalog(plans, settings.package_version, settings.board, keys,
                            _progress_printer(label))
     for release in catalog.releases:
-        kernel = release.board_source.partition("though its kernel is ")[2]
-        if kernel:
+        if release.kernel_board and release.kernel_board != release.board:
             log_line(logging.WARNING, "--board %s overrides its kernel, which is %s: %s" % (
-                release.board, kernel, release.packages[0].path))
+                release.board, release.kernel_board, release.packages[0].path))
     return catalog
 
 

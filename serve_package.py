@@ -3376,6 +3376,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_plain("thank you\n")
 
     def send_plain(self, text: str, content_type: str = "text/plain; charset=utf-8") -> None:
+        """200 with a body that is made anew each time: never cached."""
         body = text.encode("utf-8")
         self.send(200, [("Content-Type", content_type), ("Content-Length", str(len(body))),
                         ("Cache-Control", "no-store")], body)
@@ -3523,10 +3524,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def status(self, path: str) -> None:
         """/healthz, /status.json, /machines.csv, /metrics and the HTML status page at /."""
         if path == "/healthz":
-            body, ctype = b"ok\n", "text/plain; charset=utf-8"
+            text, ctype = "ok\n", "text/plain; charset=utf-8"
         elif path == "/metrics":
-            body = self.server.metrics().encode("utf-8")
-            ctype = "text/plain; version=0.0.4; charset=utf-8"
+            text, ctype = self.server.metrics(), "text/plain; version=0.0.4; charset=utf-8"
         else:
             try:
                 query = parse_query(urllib.parse.urlsplit(self.path).query,
@@ -3540,14 +3540,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             doc = self.server.status_document(query)
             if path == "/status.json":
                 import json
-                body = (json.dumps(doc, indent=1) + "\n").encode("utf-8")
-                ctype = "application/json"
+                text, ctype = json.dumps(doc, indent=1) + "\n", "application/json"
             else:
-                body = status_page(doc, query).encode("utf-8")
-                ctype = "text/html; charset=utf-8"
+                text, ctype = status_page(doc, query), "text/html; charset=utf-8"
         log_line(logging.DEBUG, "%s %s %s -> 200" % (self.client(), self.command, path))
-        self.send(200, [("Content-Type", ctype), ("Content-Length", str(len(body))),
-                        ("Cache-Control", "no-store")], body)
+        self.send_plain(text, ctype)
 
     def send_csv(self, query: "Query") -> None:
         """Every machine the query matches, one row each, written as it is made: a spreadsheet

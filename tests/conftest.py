@@ -178,6 +178,12 @@ class PyzProcess:
             self.proc.kill()
             self.proc.communicate()
 
+    def __enter__(self) -> "PyzProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
 
 def one_sentence_error(result, *words):
     """A user error: non-zero exit, one line on stderr, no traceback."""

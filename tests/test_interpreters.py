@@ -46,27 +46,23 @@ def test_serves_an_update_check_on_every_python(pyz, version, demo_bytes):
     python = "/usr/bin/python3" if version == "debian" else interpreter(version)
     if version == "debian" and not os.path.exists(python):
         pytest.skip("no /usr/bin/python3")
-    server = PyzProcess(pyz, ["--package-file", DEMO_PAYLOAD, "--package-version", "9999.9.9",
-                              "--listen-address", "127.0.0.1:0"], python=python)
-    try:
+    with PyzProcess(pyz, ["--package-file", DEMO_PAYLOAD, "--package-version", "9999.9.9",
+                          "--listen-address", "127.0.0.1:0"], python=python) as server:
         status, body = post(server.port, check())
         offer = update_engine_reads(body)
         assert status == 200 and offer.status == "ok"
         assert get(server.port, "/packages/update.gz", {"Range": "bytes=100-"}) == \
             (206, demo_bytes[100:])
         stops_cleanly(server, signal.SIGTERM)
-    finally:
-        server.kill()
 
 
 @pytest.mark.parametrize("version", OLDEST_AND_NEWEST)
 def test_the_whole_path_on_the_oldest_and_newest(pyz, version, demo_bytes):
     python = interpreter(version)
-    server = PyzProcess(pyz, ["--package-file", DEMO_PAYLOAD, "--package-version", "9999.9.9",
-                              "--listen-address", "127.0.0.1:0"]
-                        + [arg for path in EXTENSIONS for arg in ("--extension", path)],
-                        python=python)
-    try:
+    with PyzProcess(pyz, ["--package-file", DEMO_PAYLOAD, "--package-version", "9999.9.9",
+                          "--listen-address", "127.0.0.1:0"]
+                    + [arg for path in EXTENSIONS for arg in ("--extension", path)],
+                    python=python) as server:
         port = server.port
         assert "signed by the Flatcar developer key" in server.stdout.decode()
         status, body = post(server.port, check())
@@ -100,8 +96,6 @@ def test_the_whole_path_on_the_oldest_and_newest(pyz, version, demo_bytes):
         doc = json.loads(get(port, "/status.json?q=abab")[1])
         assert doc["machines"][0]["setup"]["missing"] == ["flatcar-zfs.gz"]
         stops_cleanly(server, signal.SIGINT)
-    finally:
-        server.kill()
 
 
 @pytest.mark.parametrize("version", OLDEST_AND_NEWEST)
@@ -111,16 +105,13 @@ def test_a_mixed_fleet_on_the_oldest_and_newest(pyz, version, tmp_path):
         (tmp_path / board).mkdir()
         (tmp_path / board / "flatcar_production_update.gz").write_bytes(
             make_fixtures.crau_payload(4000, board.encode(), board=board))
-    server = PyzProcess(pyz, ["--package-dir", str(tmp_path), "--package-version", "3815.2.5",
-                              "--listen-address", "127.0.0.1:0"], python=python)
-    try:
+    with PyzProcess(pyz, ["--package-dir", str(tmp_path), "--package-version", "3815.2.5",
+                          "--listen-address", "127.0.0.1:0"], python=python) as server:
         arm64 = check().replace(b'board="amd64-usr"', b'board="arm64-usr"')
         offer = update_engine_reads(post(server.port, arm64)[1])
         assert offer.urls[0].endswith("/packages/arm64-usr/update.gz")
         data = get(server.port, "/packages/arm64-usr/update.gz")[1]
         assert data == (tmp_path / "arm64-usr" / "flatcar_production_update.gz").read_bytes()
-    finally:
-        server.kill()
 
 
 def tls_handshake(port: int, version_flag: str) -> bool:
@@ -136,10 +127,9 @@ def tls_handshake(port: int, version_flag: str) -> bool:
 def test_https_is_tls_1_2_and_newer_on_every_python(pyz, version, certificate):
     python = interpreter(version)
     cert, key = certificate
-    server = PyzProcess(pyz, ["--package-file", DEMO_PAYLOAD, "--package-version", "9999.9.9",
-                              "--listen-address", "127.0.0.1:0", "--tls-cert", cert,
-                              "--tls-key", key], python=python)
-    try:
+    with PyzProcess(pyz, ["--package-file", DEMO_PAYLOAD, "--package-version", "9999.9.9",
+                          "--listen-address", "127.0.0.1:0", "--tls-cert", cert,
+                          "--tls-key", key], python=python) as server:
         assert tls_handshake(server.port, "-tls1_2")
         assert not tls_handshake(server.port, "-tls1_1")
         assert not tls_handshake(server.port, "-tls1")
@@ -147,8 +137,6 @@ def test_https_is_tls_1_2_and_newer_on_every_python(pyz, version, certificate):
                                "--data-binary", "@-", "https://127.0.0.1:%d/v1/update" % server.port],
                               input=check(), stdout=subprocess.PIPE, timeout=20)
         assert update_engine_reads(curl.stdout).urls[0].startswith("https://127.0.0.1:")
-    finally:
-        server.kill()
 
 
 @pytest.mark.parametrize("version", SUPPORTED)

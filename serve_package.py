@@ -37,17 +37,22 @@ import base64
 import binascii
 import collections
 import contextlib
+import csv
 import email.utils
 import errno
 import functools
 import hmac
 import hashlib
+import html
 import http.server
 from http import HTTPStatus
+import io
+import json
 import logging
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import socketserver
@@ -258,10 +263,11 @@ def _classify(event: "Event", updatecheck: bool, version: str) -> Happening:
     return Happening(None, words + (", " + describe_error(code) if code is not None else ""))
 
 
-def is_postinstall_failure(event: "Event", app: "AppRequest") -> bool:
-    """Error 5: on Flatcar >= 3760 the usual sign of a missing OEM or extension payload."""
-    return (event.errorcode is not None and event.errorcode & ERROR_BASE_MASK == ERROR_POSTINSTALL
-            and classify_event(event, app).state == FAILED)
+def is_postinstall_failure(event: "Event", happening: Happening) -> bool:
+    """Error 5 (an event and what classify_event() made of it): on Flatcar >= 3760 the usual
+    sign of a missing OEM or extension payload."""
+    return (happening.state == FAILED and event.errorcode is not None
+            and event.errorcode & ERROR_BASE_MASK == ERROR_POSTINSTALL)
 
 
 # Words for log lines and pages.
@@ -331,6 +337,118 @@ class PerSecond:
         return self._value
 
 
+# -- logging -------------------------------------------------------------------------------
+
+log = logging.getLogger(PROG)
+_direct = None  # type: Optional[_BatchingHandler]
+
+
+class Note(NamedTuple):
+    """A line for the log: its level, its words, and the facts for --log-format json."""
+    level: int
+    text: str
+    facts: Optional[Dict[str, object]] = None
+
+
+def log_line(level: int, text: str, facts: Optional[Dict[str, object]] = None) -> None:
+    """A log line, with facts for --log-format json. Straight to the program's own handler when
+    main() installed it (the logging module's record machinery costs more than the rest of an
+    update check's logging), else through logging as usual (tests, embedding)."""
+    if not log.isEnabledFor(level):
+        return
+    if _direct is not None:
+        _direct.write_line(level, text, facts)
+    else:
+        log.log(level, "%s", text, extra={"facts": facts})
+
+
+def say(notes: Iterable[Note]) -> None:
+    """Write the lines a call returned for the log."""
+    for note in notes:
+        log_line(*note)
+
+
+_LEVEL_PREFIXES = {logging.WARNING: "warning: ", logging.ERROR: "error: ",
+                   logging.CRITICAL: "error: "}
+_local_stamp = PerSecond(lambda _previous, second: time.strftime(
+    "%Y-%m-%d %H:%M:%S", time.localtime(second)))
+
+
+class _BatchingHandler(logging.Handler):
+    """Writes log lines to a file descriptor in batches, in order.
+
+    With a line for every request, one write per line costs more than the rest of an update
+    check's logging; so INFO lines wait up to FLUSH_INTERVAL, while warnings and errors are
+    written at once (with everything before them), and everything is written at exit.
+    """
+
+    FLUSH_INTERVAL = 0.1
+
+    def __init__(self, fd: int, json_lines: bool = False) -> None:
+        super().__init__()
+        self.fd = fd
+        self.json_lines = json_lines
+        self.pending = []  # type: List[str]
+        flusher = threading.Thread(target=self._flush_periodically, name="log", daemon=True)
+        flusher.start()
+
+    def emit(self, record: logging.LogRecord) -> None:  # logging's name: called under self.lock
+        self.pending.append(self.render(
+            record.levelno, record.created, record.getMessage(), getattr(record, "facts", None)))
+        if record.levelno >= logging.WARNING:
+            self.flush()
+
+    def write_line(self, level: int, text: str, facts: Optional[Dict[str, object]]) -> None:
+        """A line without a LogRecord, in order with every other line."""
+        line = self.render(level, time.time(), text, facts)
+        with self.lock:  # type: ignore[union-attr]
+            self.pending.append(line)
+        if level >= logging.WARNING:
+            self.flush()
+
+    def render(self, level: int, created: float, text: str,
+               facts: Optional[Dict[str, object]]) -> str:
+        if self.json_lines:
+            import json
+            entry = {"time": iso_time(created), "level": logging.getLevelName(level).lower(),
+                     "message": text}  # type: Dict[str, object]
+            if facts:
+                entry.update(facts)
+            return json.dumps(entry) + "\n"
+        return "%s %s%s\n" % (_local_stamp(created), _LEVEL_PREFIXES.get(level, ""), text)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if not self.pending:
+                return
+            data = "".join(self.pending).encode("utf-8", "replace")
+            self.pending.clear()
+            try:
+                while data:
+                    data = data[os.write(self.fd, data):]
+            except OSError:
+                pass  # stderr is gone; the server keeps serving
+
+    def _flush_periodically(self) -> None:
+        while True:
+            time.sleep(self.FLUSH_INTERVAL)
+            self.flush()
+
+
+def setup_logging(verbose: bool = False, json_lines: bool = False) -> None:
+    # The logging module's documented switches: no thread or process names in records.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    global _direct
+    sys.stderr.flush()
+    handler = _BatchingHandler(sys.stderr.fileno(), json_lines)
+    log.handlers[:] = [handler]
+    _direct = handler
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Versions
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +490,7 @@ MAX_MANIFEST = 64 << 20
 HASH_CHUNK = 1 << 20  # with HASH_BUFFERS: few handoffs between the two threads
 HASH_BUFFERS = 4
 OS_PAYLOAD_NAME = "update.gz"  # the name go-omaha serves the OS payload under
+PACKAGES_PREFIX = "/packages/"  # where the files are served; a Catalog's paths are under it
 
 
 class PayloadError(Exception):
@@ -694,7 +813,7 @@ def kernel_board(fd: int, manifest: Manifest) -> Optional[str]:
     wanted = KERNEL_HEAD if kernel.type == OP_REPLACE else KERNEL_READ
     data = os.pread(fd, min(kernel.data_length, wanted), manifest.data_start + kernel.data_offset)
     if kernel.type == OP_REPLACE_BZ:
-        import bz2
+        import bz2  # here: only kernels written with REPLACE_BZ need it
         try:
             data = bz2.BZ2Decompressor().decompress(data, KERNEL_HEAD)
         except (OSError, ValueError, EOFError):
@@ -1637,55 +1756,8 @@ def missing_oem_payload(app: AppRequest, release: Release) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Fleet: what each machine is doing, in words
+# 6. Fleet: what each machine is doing, given the time
 # ---------------------------------------------------------------------------------------------
-
-
-class Note(NamedTuple):
-    """A line for the log: its level, its words, and the facts for --log-format json."""
-    level: int
-    text: str
-    facts: Optional[Dict[str, object]] = None
-
-
-def describe_machine(app: AppRequest) -> str:
-    """'machine 01234567 (3815.2.5, stable, azure)': who is asking, in a few words."""
-    details = [app.version or "no version"]
-    details += [x for x in (app.track, app.oem) if x]
-    return clean("machine %s (%s)" % (short_name(app.machinealias, app.machineid, "?"),
-                                      ", ".join(details)), 160)
-
-
-def describe_request(app: AppRequest, decision: Optional[Decision]) -> str:
-    """What one app's request said and was answered, for the request's log line."""
-    parts = [happening.words for happening in (classify_event(e, app) for e in app.events)
-             if not happening.routine]
-    if decision is not None:
-        if decision.offer:
-            parts.append("update check: offered %s%s" % (
-                decision.version, " (%s)" % decision.reason if decision.forced else ""))
-        else:
-            parts.append("update check: no update (%s)" % decision.reason)
-    elif app.ping and not app.events:
-        parts.append("ping (waiting for reboot, or idle)")
-    return "; ".join(parts) or "nothing"
-
-
-def oem_advice(who: str, app: AppRequest, release: Release, payload: str) -> str:
-    """Why a machine whose OEM payload is not served will fail, and the files that fix it."""
-    return ("%s runs the %r OEM and may need %s, which is not served: Flatcar OEMs with a system "
-            "extension download it after installing %s, and the update fails without it (error "
-            "5). Download %s/%s/%s/%s and its .sha256, and add --extension %s" % (
-                who, clean(app.oem, 40), payload, release.version, RELEASE_SERVER,
-                clean(app.machine_board, 40), release.version, payload, payload))
-
-
-def postinstall_advice(who: str, release: Release) -> str:
-    extras = [p.name for p in release.packages[1:]]
-    return ("%s: post-install failure is the typical sign of a missing OEM or extension payload "
-            "(oem-<ID>.gz, flatcar-<NAME>.gz of version %s); served here: %s. See the machine's "
-            "journal (journalctl -u update-engine) for the name it wanted" % (
-                who, release.version, ", ".join(extras) if extras else "none, only the OS payload"))
 
 
 PROGRESS_EVERY_PERCENT = 10
@@ -1779,13 +1851,13 @@ class Machine:
         self.target, self.error, self.offered_at = version, None, now
         self.state, self.detail = OFFERED, words
 
-    def installed_instead_of_target(self, app: AppRequest) -> str:
+    def installed_instead_of_target(self, app: AppRequest, completed: bool) -> str:
         """The version the machine runs after an update from the payload it was offered, when
-        that is not the version the payload was offered as (or was, earlier)."""
+        that is not the version the payload was offered as (or was, earlier); `completed`:
+        the request reports an update completed."""
         if self.installed_instead or not self.target or self.state not in UNDER_WAY:
             return self.installed_instead
-        if (parse_version(app.version) != parse_version(self.target)
-                and any(classify_event(event, app).state == COMPLETE for event in app.events)):
+        if completed and parse_version(app.version) != parse_version(self.target):
             return app.version
         return ""
 
@@ -1897,83 +1969,34 @@ class Machine:
                 "not_seen": now is not None and self.lost(now)}
 
 
-# What "N more machines ..." says of each cause of a warning that many machines can hit.
-WARNING_CAUSES = {
-    "changed": "asked while a payload file had changed on disk",
-    "wrong-board": "are of a board this server has no payload for (state=wrong-board)",
-    "other-version": "came back on another version than the payload was offered as "
-                     "(state=other-version)",
-    "bad-version": "sent a version that is not a version",
-    "min-version": "are older than --min-version",
-    "oem": "run an OEM whose payload is not served",
-    "postinstall": "failed in post-install (error 5), the typical sign of a missing OEM or "
-                   "extension payload",
-}
-WARNING_EVERY = 600.0  # seconds between two "N more machines" lines of one cause
-
-
-class Warnings:
-    """A warning that many machines can hit for one cause: said in full for the first machine,
-    then at most once per cause every ten minutes as "N more machines ...", so that a fleet of
-    100,000 does not bury the log under one line a machine."""
-
-    def __init__(self) -> None:
-        self.heard = set()  # type: set  # (cause, machine)
-        self.causes = {}  # type: Dict[str, List[float]]  # cause -> [last said, how many since]
-
-    def note(self, cause: str, machine: str, line: Callable[[], str], now: float) -> List[Note]:
-        """The line (made only then), if it is the first of its cause; later machines are
-        counted."""
-        if (cause, machine) in self.heard:
-            return []
-        self.heard.add((cause, machine))
-        entry = self.causes.get(cause)
-        if entry is None:
-            self.causes[cause] = [now, 0]
-            return [Note(logging.WARNING, line())]
-        entry[1] += 1
-        return self.due(now, cause)
-
-    def due(self, now: float, only: Optional[str] = None) -> List[Note]:
-        """The "N more machines" lines whose ten minutes have passed."""
-        notes = []
-        for cause, entry in self.causes.items():
-            if entry[1] and now - entry[0] >= WARNING_EVERY and only in (None, cause):
-                notes.append(Note(logging.WARNING, "%d more machine(s) %s since %s" % (
-                    entry[1], WARNING_CAUSES.get(cause.partition(":")[0], cause),
-                    iso_time(entry[0]).replace("T", " ").rstrip("Z"))))
-                entry[:] = [now, 0]
-        return notes
-
-
 TALLIED = ("state", "version", "board", "group", "oem", "cause")
 CAUSE_EXAMPLES = 5
 
 
 class Tally:
     """The fleet's counts (machines by state, version, board, group, OEM and failure cause),
-    the --max-concurrent slot holders, the downloads under way and the updates completed in the
-    last hour: kept up to date as each machine changes, so that no request walks the fleet."""
+    the downloads under way and the updates completed in the last hour: kept up to date as each
+    machine changes, so that no request walks the fleet."""
 
     def __init__(self) -> None:
         self.counts = {name: collections.Counter() for name in TALLIED}
         self.examples = {}  # type: Dict[str, List[str]]  # cause -> the first few machines
-        self.holders = {}  # type: Dict[str, Machine]
         self.downloading = {}  # type: Dict[str, Machine]
         self.completions = collections.deque()  # type: collections.deque
 
     @staticmethod
     def labels(key: Tuple[Any, ...]) -> Tuple[str, ...]:
-        """A Machine.tally() as the counts name it, in the order of TALLIED: the version reads
-        '3760.2.0 -> 3815.2.5' while updating; the cause is the error code of a failure, or
-        the state of a machine the server itself found it cannot update."""
+        """A Machine.tally() as the counts name it, in the order of TALLIED: the version is the
+        pair (version, target), target "" unless updating; the cause is the error code of a
+        failure, or the state of a machine the server itself found it cannot update."""
         state, version, target, board, group, oem, error = key
         cause = ""
         if state in (FAILED, ROLLED_BACK) and error is not None:
             cause = str(error & ERROR_BASE_MASK)
         elif state in (WRONG_BOARD, OTHER_VERSION):
             cause = state
-        return (state, versions_words(version, target), board, group, oem, cause)
+        return (state, (version, target if target != version else ""), board, group, oem,
+                cause)
 
     def change(self, machine: Machine, before: Optional[Tuple[Any, ...]], now: float) -> bool:
         """Count the machine anew; False when what it is counted under did not change."""
@@ -1998,8 +2021,6 @@ class Tally:
     def _follow(self, machine: Machine, was: Optional[str], after: Tuple[str, ...],
                 now: float) -> None:
         state, cause, key = after[0], after[-1], machine.key
-        if state not in HOLDS_SLOT:
-            self.holders.pop(key, None)
         if state == DOWNLOADING:
             self.downloading[key] = machine
         else:
@@ -2016,65 +2037,180 @@ class Tally:
             if key not in keys and len(keys) < CAUSE_EXAMPLES:
                 keys.append(key)
 
-    def slots_in_use(self, now: float, timeout: float) -> int:
-        """Slots held now; a holder past --update-timeout lets its slot go."""
-        for key, machine in list(self.holders.items()):
-            if not machine.holds_slot(now, timeout):
-                del self.holders[key]
-        return len(self.holders)
-
     def updates_last_hour(self, now: float) -> int:
         while self.completions and now - self.completions[0] > 3600:
             self.completions.popleft()
         return len(self.completions)
 
 
+ROLLOUT_GROUPS = (("complete", (COMPLETE,)), ("in_progress", UNDER_WAY),
+                  ("failed", (FAILED, ROLLED_BACK, WRONG_BOARD, OTHER_VERSION)),
+                  ("waiting", (NEW, IDLE, DEFERRED)))
+PAGE_ROWS = 100
+JSON_LIMIT = 1000
+SORT_KEYS = {
+    "last_seen": lambda m: -m.last_seen, "first_seen": lambda m: m.first_seen,
+    "name": lambda m: m.name(), "state": lambda m: m.state,
+    "version": lambda m: parse_version(m.version) or (), "address": lambda m: m.address}
+PSEUDO_STATES = ("stalled", "not-seen")
+class Query(NamedTuple):
+    """Which machines a page, /status.json or /machines.csv shows, from its query string:
+    ?state=failed&version=3760.2.0&board=arm64-usr&group=stable&oem=azure&cause=10
+    &q=<id, alias or address prefix>&sort=last_seen&page=N (or offset= and limit=)."""
+    state: str = ""
+    version: str = ""
+    board: str = ""
+    group: str = ""
+    oem: str = ""
+    cause: str = ""
+    q: str = ""
+    sort: str = "last_seen"
+    offset: int = 0
+    limit: int = PAGE_ROWS
+
+    def filtered(self) -> bool:
+        return any(self[:7])
+
+    def matches(self, m: Machine, now: float) -> bool:
+        if self.state and not (m.state == self.state or (self.state == "stalled" and m.stalled(now))
+                               or (self.state == "not-seen" and m.lost(now))):
+            return False
+        for value, have in ((self.version, m.version), (self.board, m.board),
+                            (self.group, m.group), (self.oem, m.oem)):
+            if value and value != have:
+                return False
+        if self.cause and self.cause != Tally.labels(m.tally())[-1]:
+            return False
+        return not self.q or any(field.startswith(self.q)
+                                 for field in (m.machineid, m.alias, m.address))
+
+    def link(self, **changes: Any) -> str:
+        """The query string of this query with some fields changed (for links and paging)."""
+        fields = self._replace(**changes)._asdict()
+        return "?" + urllib.parse.urlencode(
+            [(k, v) for k, v in fields.items() if v and (k, v) not in (
+                ("sort", "last_seen"), ("limit", PAGE_ROWS))])
+
+
+def parse_query(text: str, limit: int = PAGE_ROWS) -> Query:
+    """A Query from a query string; ValueError says which field is wrong."""
+    fields = {k: v[-1] for k, v in urllib.parse.parse_qs(text, keep_blank_values=True).items()}
+    query = Query(**{k: fields.get(k, "")[:200] for k in Query._fields[:7]}, limit=limit)
+    sort = fields.get("sort") or "last_seen"
+    if sort not in SORT_KEYS:
+        raise ValueError("sort=%s is not one of %s" % (clean(sort, 20), ", ".join(SORT_KEYS)))
+    numbers = {}
+    for name, default in (("page", 1), ("offset", 0), ("limit", limit)):
+        text_value = fields.get(name) or str(default)
+        if not text_value.isdigit():
+            raise ValueError("%s=%s is not a number" % (name, clean(text_value, 20)))
+        numbers[name] = int(text_value)
+    offset = numbers["offset"] if "offset" in fields else (max(numbers["page"], 1) - 1) * limit
+    return query._replace(sort=sort, offset=offset, limit=max(1, min(numbers["limit"], limit)))
+
+
+def machine_key(machineid: str, address: str) -> str:
+    """The one rule for telling machines apart: by /etc/machine-id, else (a request that sends
+    none) by the address it comes from."""
+    return machineid or address
+
+
+class Taken(NamedTuple):
+    """One app's request as the fleet took it: what it is offered (in the answer to its check,
+    and to its events and pings too), what its events said, which machine it is, and the lines
+    to log."""
+    decision: Decision
+    happenings: Tuple[Happening, ...]
+    key: str
+    notes: List[Note]
+
+
 class Fleet:
-    """Every machine seen, by machineid (or client address when a request carries none), and
-    the state its requests and downloads put it in. Each method is given the time, and returns
-    the lines that say what changed (one per change) for the caller to log."""
+    """Every machine seen (by machine_key), the state its requests and downloads put it in, and
+    the --max-concurrent slots. Each method takes the fleet's lock, is given the time, and
+    returns the lines that say what changed (one per change) for the caller to log."""
 
     def __init__(self, catalog: Catalog, update_timeout: float,
                  offer_words: str = "offered", limited: bool = True) -> None:
         self.os_payloads = catalog.os_payloads()
         self.update_timeout = update_timeout
-        self.limited = limited  # --max-concurrent: slot holders are followed
+        self.limited = limited  # --max-concurrent: slots are counted
         self.offer_words = offer_words  # what each offer's line says
         self.lock = threading.Lock()
-        # by machineid (or address), the one seen last at the end: "not seen since" is a walk
-        # from the front that stops at the first machine seen recently
+        # by machine_key, the one seen last at the end: "not seen since" is a walk from the
+        # front that stops at the first machine seen recently
         self.machines = collections.OrderedDict()  # type: collections.OrderedDict
         self.by_address = {}  # type: Dict[str, str]
         self.tally = Tally()
+        self.holders = {}  # type: Dict[str, Machine]  # of a --max-concurrent slot, if limited
         self.counters = collections.Counter()  # type: collections.Counter  # for /metrics
         # for --state-file: the machines changed since the last save, and how many changes
         # moved a count or a slot (saved within seconds) or only a last-seen time (a minute)
         self.dirty = set()  # type: set
         self.changes = self.touches = 0
 
-    def admit(self, app: AppRequest, address: str, now: float, reserve: bool, counted: bool,
-              choose: Callable[[Standing], Decision]) -> Tuple[Decision, List[Note]]:
-        """Decide under the fleet's lock, so that --max-concurrent holds however many machines
-        check at once: an offer to a machine that held no slot takes one there and then (it
-        is freed when the machine installs, fails, or after --update-timeout). The slots in
-        use are counted only when there is a limit (`counted`), from the holders alone."""
-        notes = []  # type: List[Note]
+    def request(self, app: AppRequest, address: str, now: float,
+                choose: Callable[[Standing], Decision]) -> Taken:
+        """One app's Omaha request, under one hold of the lock, so that --max-concurrent holds
+        however many machines ask at once. The decision comes first, on what the fleet knew
+        when the request came in: it is the answer to the check, while the events in the same
+        request report what the machine did before it (update_engine sends the result of its
+        last attempt with its next request); the one such event that changes what may be
+        offered, an update completed onto another version, is looked at by the Standing. An
+        offer to a machine that held no slot takes one there and then (freed when it installs,
+        fails, or after --update-timeout); then the events are recorded, then the check."""
+        key = machine_key(app.machineid, address)
+        happenings = tuple(classify_event(event, app) for event in app.events)
+        completed = any(happening.state == COMPLETE for happening in happenings)
         with self.lock:
-            machine = self.machines.get(app.machineid or address)
+            machine = self.machines.get(key)
             held = machine is not None and machine.holds_slot(now, self.update_timeout)
-            in_use = self.tally.slots_in_use(now, self.update_timeout) if counted else 0
-            instead = machine.installed_instead_of_target(app) if machine is not None else ""
-            decision = choose(Standing(held, in_use, instead))
-            if decision.offer and reserve and not held:
-                machine, before = self._seen(app, address, now)
+            standing = Standing(held, self._slots_in_use(now) if self.limited else 0,
+                                machine.installed_instead_of_target(app, completed)
+                                if machine is not None else "")
+            decision = choose(standing)
+            machine, before = self._machine(key, address, now)
+            machine.introduce(app, address)
+            notes = []  # type: List[Note]
+            if decision.offer and app.updatecheck and not held:
                 self._offer(machine, decision, now)
-                self._changed(machine, before, now)
                 notes.append(machine.note(logging.INFO, "state"))
-        return decision, notes
+            notes += self._events(machine, app, happenings, completed, now)
+            checked = decision if app.updatecheck else None
+            self._count(app, checked)
+            # A failure reported with an update check (a rollback is) stays what this request
+            # says; the offer that comes with it shows on the machine's next check.
+            failed_now = bool(notes) and machine.state in UNHAPPY
+            if checked is not None and not failed_now:
+                notes += self._checked(machine, checked, now)
+            self._changed(machine, before, now)
+        return Taken(decision, happenings, key, notes)
 
-    def _changed(self, machine: Machine, before: Optional[Tuple[str, ...]], now: float) -> None:
+    def _events(self, machine: "Machine", app: AppRequest, happenings: Sequence[Happening],
+                completed: bool, now: float) -> List[Note]:
+        notes = []  # type: List[Note]
+        for event, happening in zip(app.events, happenings):
+            offered_as = machine.target
+            instead = machine.installed_instead_of_target(app, completed)
+            if machine.happened(happening, event, now):
+                if machine.state == COMPLETE and instead and offered_as:
+                    machine.installed_other(offered_as, instead)
+                notes.append(machine.note(logging.WARNING if machine.state in (
+                    FAILED, ROLLED_BACK, OTHER_VERSION) else logging.INFO, "state"))
+        return notes
+
+    def _slots_in_use(self, now: float) -> int:
+        """Slots held now; a holder past --update-timeout lets its slot go."""
+        for key, machine in list(self.holders.items()):
+            if not machine.holds_slot(now, self.update_timeout):
+                del self.holders[key]
+        return len(self.holders)
+
+    def _changed(self, machine: "Machine", before: Optional[Tuple[str, ...]], now: float) -> None:
         self.dirty.add(machine.key)
         self.touches += 1
+        if machine.state not in HOLDS_SLOT:
+            self.holders.pop(machine.key, None)
         if self.tally.change(machine, before, now):
             self.changes += 1
 
@@ -2090,7 +2226,7 @@ class Fleet:
         with self.lock:
             self.dirty.update(keys)
 
-    def restore(self, machines: Sequence[Machine], now: float) -> None:
+    def restore(self, machines: Sequence["Machine"], now: float) -> None:
         """The machines a state file kept, counted and holding their slots as before."""
         with self.lock:
             for machine in sorted(machines, key=lambda m: m.last_seen):
@@ -2098,25 +2234,19 @@ class Fleet:
                 self.by_address[machine.address] = machine.key
                 self.tally.change(machine, None, now)
                 if machine.state in HOLDS_SLOT and self.limited:
-                    self.tally.holders[machine.key] = machine
+                    self.holders[machine.key] = machine
             self.dirty.update(machine.key for machine in machines)  # the first save writes all
             self.tally.completions.clear()  # they completed before: not "in the last hour"
 
-    def _offer(self, machine: Machine, decision: Decision, now: float) -> None:
+    def _offer(self, machine: "Machine", decision: Decision, now: float) -> None:
         machine.offer(decision.version, now, self.offer_words)
         if self.limited:
-            self.tally.holders[machine.key] = machine
-
-    def _seen(self, app: AppRequest, address: str, now: float
-              ) -> Tuple[Machine, Optional[Tuple[str, ...]]]:
-        """The machine a request comes from, created on first sight, with what it says of
-        itself brought up to date; and what it was counted under before (None: new)."""
-        machine, before = self._machine(app.machineid or address, address, now)
-        machine.introduce(app, address)
-        return machine, before
+            self.holders[machine.key] = machine
 
     def _machine(self, key: str, address: str, now: float
-                 ) -> Tuple[Machine, Optional[Tuple[str, ...]]]:
+                 ) -> Tuple["Machine", Optional[Tuple[str, ...]]]:
+        """The machine of this key, created on first sight, seen now; and what it was counted
+        under before (None: new)."""
         machine = self.machines.get(key)
         before = None if machine is None else machine.tally()
         if machine is None:
@@ -2126,28 +2256,6 @@ class Fleet:
         machine.seen_at(now)
         self.by_address[address] = key
         return machine, before
-
-    def request(self, app: AppRequest, address: str, decision: Optional[Decision],
-                now: float) -> List[Note]:
-        """An Omaha request from this machine: its events, then its update check."""
-        notes = []  # type: List[Note]
-        with self.lock:
-            machine, before = self._seen(app, address, now)
-            self._count(app, decision)
-            for event in app.events:
-                offered_as, instead = machine.target, machine.installed_instead_of_target(app)
-                if machine.happened(classify_event(event, app), event, now):
-                    if machine.state == COMPLETE and instead and offered_as:
-                        machine.installed_other(offered_as, instead)
-                    notes.append(machine.note(logging.WARNING if machine.state in (
-                        FAILED, ROLLED_BACK, OTHER_VERSION) else logging.INFO, "state"))
-            # A failure reported with an update check (a rollback is) stays what this request
-            # says; the offer that comes with it shows on the machine's next check.
-            failed_now = bool(notes) and machine.state in UNHAPPY
-            if decision is not None and not failed_now:
-                notes += self._checked(machine, decision, now)
-            self._changed(machine, before, now)
-        return notes
 
     def _count(self, app: AppRequest, decision: Optional[Decision]) -> None:
         counters = self.counters
@@ -2159,7 +2267,7 @@ class Fleet:
             if event.result == RESULT_ERROR and event.errorcode is not None:
                 counters["failures", event.errorcode & ERROR_BASE_MASK] += 1
 
-    def _checked(self, machine: Machine, decision: Decision, now: float) -> List[Note]:
+    def _checked(self, machine: "Machine", decision: Decision, now: float) -> List[Note]:
         if decision.offer:
             if machine.state not in UNDER_WAY:
                 self._offer(machine, decision, now)
@@ -2169,14 +2277,20 @@ class Fleet:
                 return [machine.note(logging.INFO, "state")]
         return []
 
-    def download(self, address: str, package: Package, end: int, sent: int, seconds: float,
-                 now: float) -> List[Note]:
-        """Progress of a download of the OS payload: `end` is the offset reached in the file,
-        `sent` the bytes of this transfer so far, in `seconds`."""
+    def downloader(self, address: str) -> str:
+        """The machine a download from this address is counted for: the one that asked last
+        from it, as the download starts (a machine behind the same NAT may ask meanwhile)."""
+        with self.lock:
+            return self.by_address.get(address, address)
+
+    def download(self, key: str, address: str, package: Package, end: int, sent: int,
+                 seconds: float, now: float) -> List[Note]:
+        """Progress of a download of the OS payload by machine `key`: `end` is the offset
+        reached in the file, `sent` the bytes of this transfer so far, in `seconds`."""
         if package.path not in self.os_payloads:
             return []
         with self.lock:
-            machine, before = self._machine(self.by_address.get(address, address), address, now)
+            machine, before = self._machine(key, address, now)
             said = machine.progress(package.size, end, sent, seconds, now)
             self._changed(machine, before, now)
             return [machine.note(logging.INFO, "progress")] if said else []
@@ -2184,7 +2298,7 @@ class Fleet:
     def set_up(self, report: "SetupReport", address: str, now: float) -> List[Note]:
         """A setup script's report: the machine's needs, before it downloads a byte."""
         with self.lock:
-            machine, before = self._machine(report.machineid or address, address, now)
+            machine, before = self._machine(machine_key(report.machineid, address), address, now)
             machine.set_up(report, address, now)
             self._changed(machine, before, now)
             found = "enabled extensions: %s" % (" ".join(report.extensions) or "none")
@@ -2247,45 +2361,18 @@ class Fleet:
             "rollout": {name: sum(states.get(state, 0) for state in group)
                         for name, group in ROLLOUT_GROUPS},
             "updates_last_hour": updated, "stalled": stalled, "not_seen": not_seen,
-            "failures": [_cause_facts(cause, n, examples.get(cause, []))
+            "failures": [(cause, n, examples.get(cause, []))
                          for cause, n in sorted(counts["cause"].items(), key=lambda c: -c[1])]}
 
     def failed(self, now: float) -> List[Machine]:
         """The machines whose update failed or rolled back, the one seen last first."""
         return [m for state in (FAILED, ROLLED_BACK) for m in self.select(Query(state=state), now)]
 
-    def summary(self, now: float) -> str:
-        """The shutdown summary: the counts by state and by version, then the failed machines
-        (at most SUMMARY_FAILED of them, one line each: where it started, where it is, why)."""
-        facts = self.summary_facts(now)
-        if not facts["machines"]:
-            return "no machine checked in"
-        lines = ["%d machine(s): %s" % (facts["machines"], ", ".join(
-            "%d %s" % (n, state) for state, n in sorted(facts["states"].items()))),
-                 "by version: " + ", ".join("%s: %d" % (version or "?", n) for version, n in
-                                            sorted(facts["versions"].items()))]
-        failed = self.failed(now)
-        for machine in failed[:SUMMARY_FAILED]:
-            lines.append("  %-20s %-16s %-28s %s" % (
-                clean(machine.name(), 20), machine.address, "%s \u2192 %s" % (
-                    machine.from_version or machine.version or "?",
-                    machine.target or machine.version or "?"), machine.detail or machine.state))
-        if len(failed) > SUMMARY_FAILED:
-            lines.append("  and %d more: see /status.json?state=failed and ?state=rolled-back"
-                         % (len(failed) - SUMMARY_FAILED))
-        return "\n".join(lines)
 
+# ---------------------------------------------------------------------------------------------
+# 7. Views: the page, /status.json, /machines.csv and /metrics, from the fleet's plain values
+# ---------------------------------------------------------------------------------------------
 
-ROLLOUT_GROUPS = (("complete", (COMPLETE,)), ("in_progress", UNDER_WAY),
-                  ("failed", (FAILED, ROLLED_BACK, WRONG_BOARD, OTHER_VERSION)),
-                  ("waiting", (NEW, IDLE, DEFERRED)))
-PAGE_ROWS = 100
-JSON_LIMIT = 1000
-SORT_KEYS = {
-    "last_seen": lambda m: -m.last_seen, "first_seen": lambda m: m.first_seen,
-    "name": lambda m: m.name(), "state": lambda m: m.state,
-    "version": lambda m: parse_version(m.version) or (), "address": lambda m: m.address}
-PSEUDO_STATES = ("stalled", "not-seen")
 FINDING_HINTS = {  # the causes the server finds itself, with no error code
     WRONG_BOARD: "no payload for these machines' board is served: serve one (the release "
                  "layout in --package-dir, or another --package-file)",
@@ -2303,43 +2390,36 @@ def _cause_facts(cause: str, machines: int, examples: List[str]) -> Dict[str, An
             "first": examples}
 
 
-class Query(NamedTuple):
-    """Which machines a page, /status.json or /machines.csv shows, from its query string:
-    ?state=failed&version=3760.2.0&board=arm64-usr&group=stable&oem=azure&cause=10
-    &q=<id, alias or address prefix>&sort=last_seen&page=N (or offset= and limit=)."""
-    state: str = ""
-    version: str = ""
-    board: str = ""
-    group: str = ""
-    oem: str = ""
-    cause: str = ""
-    q: str = ""
-    sort: str = "last_seen"
-    offset: int = 0
-    limit: int = PAGE_ROWS
+def summary_json(summary: Dict[str, Any]) -> Dict[str, Any]:
+    """A Fleet.summary_facts() in the words /status.json and the JSON log give it: each version
+    as '3760.2.0 -> 3815.2.5' while machines update to the target, each failure's cause with its
+    words, hint and first machines."""
+    versions = collections.Counter()  # type: collections.Counter
+    for (version, target), n in summary["versions"].items():
+        versions[versions_words(version, target)] += n
+    return dict(summary, versions=dict(versions), failures=[
+        _cause_facts(*failure) for failure in summary["failures"]])
 
-    def filtered(self) -> bool:
-        return any(self[:7])
 
-    def matches(self, m: Machine, now: float) -> bool:
-        if self.state and not (m.state == self.state or (self.state == "stalled" and m.stalled(now))
-                               or (self.state == "not-seen" and m.lost(now))):
-            return False
-        for value, have in ((self.version, m.version), (self.board, m.board),
-                            (self.group, m.group), (self.oem, m.oem)):
-            if value and value != have:
-                return False
-        if self.cause and self.cause != Tally.labels(m.tally())[-1]:
-            return False
-        return not self.q or any(field.startswith(self.q)
-                                 for field in (m.machineid, m.alias, m.address))
-
-    def link(self, **changes: Any) -> str:
-        """The query string of this query with some fields changed (for links and paging)."""
-        fields = self._replace(**changes)._asdict()
-        return "?" + urllib.parse.urlencode(
-            [(k, v) for k, v in fields.items() if v and (k, v) not in (
-                ("sort", "last_seen"), ("limit", PAGE_ROWS))])
+def summary_text(summary: Dict[str, Any], failed: Sequence[Machine]) -> str:
+    """The shutdown summary: the counts by state and by version, then the failed machines (at
+    most SUMMARY_FAILED of them, one line each: where it started, where it is, why)."""
+    if not summary["machines"]:
+        return "no machine checked in"
+    versions = summary_json(summary)["versions"]
+    lines = ["%d machine(s): %s" % (summary["machines"], ", ".join(
+        "%d %s" % (n, state) for state, n in sorted(summary["states"].items()))),
+             "by version: " + ", ".join("%s: %d" % (version or "?", n) for version, n in
+                                        sorted(versions.items()))]
+    for machine in failed[:SUMMARY_FAILED]:
+        lines.append("  %-20s %-16s %-28s %s" % (
+            clean(machine.name(), 20), machine.address, "%s \u2192 %s" % (
+                machine.from_version or machine.version or "?",
+                machine.target or machine.version or "?"), machine.detail or machine.state))
+    if len(failed) > SUMMARY_FAILED:
+        lines.append("  and %d more: see /status.json?state=failed and ?state=rolled-back"
+                     % (len(failed) - SUMMARY_FAILED))
+    return "\n".join(lines)
 
 
 CSV_COLUMNS = ("id", "alias", "address", "board", "oem", "group", "version", "target", "state",
@@ -2358,26 +2438,26 @@ def csv_row(m: Machine, now: float) -> Tuple[object, ...]:
             iso_time(m.last_seen))
 
 
-def parse_query(text: str, limit: int = PAGE_ROWS) -> Query:
-    """A Query from a query string; ValueError says which field is wrong."""
-    fields = {k: v[-1] for k, v in urllib.parse.parse_qs(text, keep_blank_values=True).items()}
-    query = Query(**{k: fields.get(k, "")[:200] for k in Query._fields[:7]}, limit=limit)
-    sort = fields.get("sort") or "last_seen"
-    if sort not in SORT_KEYS:
-        raise ValueError("sort=%s is not one of %s" % (clean(sort, 20), ", ".join(SORT_KEYS)))
-    numbers = {}
-    for name, default in (("page", 1), ("offset", 0), ("limit", limit)):
-        text_value = fields.get(name) or str(default)
-        if not text_value.isdigit():
-            raise ValueError("%s=%s is not a number" % (name, clean(text_value, 20)))
-        numbers[name] = int(text_value)
-    offset = numbers["offset"] if "offset" in fields else (max(numbers["page"], 1) - 1) * limit
-    return query._replace(sort=sort, offset=offset, limit=max(1, min(numbers["limit"], limit)))
+CSV_BATCH = 1000  # machines a write of /machines.csv
+
+
+def csv_chunks(machines: Sequence[Machine], now: float) -> Iterator[bytes]:
+    """/machines.csv in pieces of CSV_BATCH machines, each made as it is asked for: a
+    spreadsheet of 100,000 machines never sits in memory whole."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for start in range(0, max(len(machines), 1), CSV_BATCH):
+        writer.writerows(csv_row(m, now) for m in machines[start:start + CSV_BATCH])
+        yield buffer.getvalue().encode("utf-8")
+        buffer.seek(0)
+        buffer.truncate()
 
 
 def status_document(catalog: Catalog, summary: Dict[str, Any], machines: List[Dict[str, object]],
                     total: int, query: Query, started: float) -> Dict[str, object]:
-    """What /status.json says; its field names are stable (documented in the README)."""
+    """What /status.json and the page say, as values (status_json() renders the JSON, whose
+    field names are stable and documented in the README)."""
     return {
         "server": {"name": PROG, "version": __version__, "started": iso_time(started)},
         "offering": ", ".join(sorted({r.version for r in catalog.releases})),
@@ -2390,6 +2470,10 @@ def status_document(catalog: Catalog, summary: Dict[str, Any], machines: List[Di
         "total": total, "offset": query.offset, "limit": query.limit,
         "machines": machines,
     }
+
+
+def status_json(doc: Dict[str, Any]) -> str:
+    return json.dumps(dict(doc, summary=summary_json(doc["summary"])), indent=1) + "\n"
 
 
 def _payload_facts(release: Release, index: int, package: Package) -> Dict[str, object]:
@@ -2412,7 +2496,6 @@ STATE_COLOURS = {COMPLETE: "#1a7f37", IDLE: "#57606a", FAILED: "#cf222e",
 
 def _status_row(m: Dict[str, Any]) -> str:
     """One machine's row of the status page."""
-    import html
     esc = html.escape
     download = m["download"] or {}
     progress = ""
@@ -2453,7 +2536,6 @@ def _clock(iso: str) -> str:
 def _summary_html(summary: Dict[str, Any], query: Query) -> str:
     """The fleet at a glance: a bar of states, the rollout, versions, boards, groups and OEMs,
     and the failures by cause, every number a link to the machines it counts."""
-    import html
     esc = html.escape
     total = summary["machines"] or 1
     states = sorted(summary["states"].items(), key=lambda item: -item[1])
@@ -2475,12 +2557,16 @@ def _summary_html(summary: Dict[str, Any], query: Query) -> str:
                  esc(Query(state="stalled").link()), summary["stalled"],
                  esc(Query(state="not-seen").link()), summary["not_seen"])]
     columns = []
-    for title, field, key in (("version", "version", "versions"), ("board", "board", "boards"),
-                              ("group", "group", "groups"), ("OEM", "oem", "oems")):
-        top = sorted(summary[key].items(), key=lambda item: -item[1])
+    for title, field, counted in (
+            ("version", "version", [(version, versions_words(version, target), n) for
+                                    (version, target), n in summary["versions"].items()]),
+            ("board", "board", [(v, v, n) for v, n in summary["boards"].items()]),
+            ("group", "group", [(v, v, n) for v, n in summary["groups"].items()]),
+            ("OEM", "oem", [(v, v, n) for v, n in summary["oems"].items()])):
+        top = sorted(counted, key=lambda row: -row[2])
         rows = "".join('<tr><td><a href="%s">%s</a></td><td>%d</td></tr>' % (
-            esc(Query(**{field: value.split(" \u2192 ")[0]}).link()), esc(value or "none"), n)
-            for value, n in top[:8])
+            esc(Query(**{field: value}).link()), esc(words or "none"), n)
+            for value, words, n in top[:8])
         more = '<tr><td colspan="2">and %d more</td></tr>' % (len(top) - 8) if len(top) > 8 else ""
         columns.append('<table class="counts"><tr><th>%s</th><th>machines</th></tr>%s%s</table>'
                        % (title, rows, more))
@@ -2490,7 +2576,7 @@ def _summary_html(summary: Dict[str, Any], query: Query) -> str:
             '<tr><td>%s</td><td>%s</td><td><a href="%s">%d</a></td><td>%s</td></tr>' % (
                 esc(f["words"]), esc(f["hint"] or ""), esc(Query(cause=f["cause"]).link()),
                 f["machines"], esc(", ".join(f["first"])))
-            for f in summary["failures"])
+            for f in (_cause_facts(*failure) for failure in summary["failures"]))
         parts.append('<table id="failures"><tr><th>failed: cause</th><th>the usual reason</th>'
                      '<th>machines</th><th>the first few</th></tr>%s</table>' % rows)
     return "\n".join(parts)
@@ -2498,7 +2584,6 @@ def _summary_html(summary: Dict[str, Any], query: Query) -> str:
 
 def _filter_form(query: Query) -> str:
     """The filters as a GET form: it works without any script."""
-    import html
     esc = html.escape
     states = [NEW, IDLE, OFFERED, DOWNLOADING, DOWNLOADED, INSTALLED, COMPLETE, FAILED,
               ROLLED_BACK, DEFERRED, WRONG_BOARD, OTHER_VERSION] + list(PSEUDO_STATES)
@@ -2516,7 +2601,6 @@ def _filter_form(query: Query) -> str:
 
 
 def _pages(query: Query, total: int) -> str:
-    import html
     last = max(1, (total + query.limit - 1) // query.limit)
     page = query.offset // query.limit + 1
     links = ['<a href="%s">%s</a>' % (html.escape(query.link(offset=(n - 1) * query.limit)), label)
@@ -2531,7 +2615,6 @@ def status_page(doc: Dict[str, Any], query: Query) -> str:
     """A self-contained HTML page of a status_document(): the summary, then one page of the
     machines the query asks for. No script, no external asset (air-gapped browsers); the browser
     reloads the same URL, filter and page included, every 5 seconds."""
-    import html
     esc = html.escape
     rows = [_status_row(m) for m in doc["machines"]]
     payloads = "".join(
@@ -2596,10 +2679,11 @@ def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple
 
     family("machines", "gauge", "Machines seen, by state.",
            [({"state": k}, v) for k, v in sorted(summary["states"].items())])
+    worded = summary_json(summary)
     for name, key, label in (("version", "versions", "version"), ("board", "boards", "board"),
                              ("group", "groups", "group")):
         family("machines_by_" + name, "gauge", "Machines seen, by %s." % label,
-               [({label: k}, v) for k, v in sorted(summary[key].items())])
+               [({label: k}, v) for k, v in sorted(worded[key].items())])
     family("machines_stalled", "gauge", "Downloads with no progress for 10 minutes.",
            [({}, summary["stalled"])])
     family("machines_not_seen", "gauge", "Machines not seen for 2.5 hours.",
@@ -2629,7 +2713,10 @@ def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple
     return "\n".join(lines) + "\n"
 
 
-# -- the setup script: one command on each machine -------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# 8. The setup script: one command on each machine
+# ---------------------------------------------------------------------------------------------
+
 
 # A POSIX sh script (dash, bash, busybox sh), made for this server by setup_script(): the
 # placeholders become this server's URL and, per board, the version and files it serves.
@@ -2912,7 +2999,6 @@ done
 
 def setup_script(server: str, catalog: Catalog, check_only: bool) -> str:
     """The setup script for machines that reach this server at `server` (scheme://host:port)."""
-    import shlex
     served = "\n".join("        %s) echo %s ;;" % (
         release.board, shlex.quote(" ".join([release.version] + [p.name for p in release.packages[1:]])))
         for release in catalog.releases)
@@ -2965,7 +3051,324 @@ def parse_setup_report(body: bytes) -> SetupReport:
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. HTTP
+# 9. Application: what the endpoints need, as plain calls, with no socket in sight
+# ---------------------------------------------------------------------------------------------
+
+# What "N more machines ..." says of each kind of warning that many machines can hit.
+WARNING_CAUSES = {
+    "changed": "asked while a payload file had changed on disk",
+    "wrong-board": "are of a board this server has no payload for (state=wrong-board)",
+    "other-version": "came back on another version than the payload was offered as "
+                     "(state=other-version)",
+    "bad-version": "sent a version that is not a version",
+    "min-version": "are older than --min-version",
+    "oem": "run an OEM whose payload is not served",
+    "postinstall": "failed in post-install (error 5), the typical sign of a missing OEM or "
+                   "extension payload",
+}
+WARNING_EVERY = 600.0  # seconds between two "N more machines" lines of one cause
+
+
+class Warnings:
+    """A warning that many machines can hit for one cause: said in full for the first machine,
+    then at most once per cause every ten minutes as "N more machines ...", so that a fleet of
+    100,000 does not bury the log under one line a machine. A cause is a WARNING_CAUSES kind, or
+    (kind, what) for one cause of that kind, e.g. ("oem", "oem-vmware.gz")."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.heard = set()  # type: set  # (cause, machine), and once() keys
+        self.causes = {}  # type: Dict[Any, List[float]]  # cause -> [last said, how many since]
+
+    def once(self, key: Tuple) -> bool:
+        """True the first time a key is given: for what is worth one line, ever."""
+        with self.lock:
+            if key in self.heard:
+                return False
+            self.heard.add(key)
+            return True
+
+    def note(self, cause: Any, machine: str, line: Callable[[], str], now: float) -> List[Note]:
+        """The line (made only then), if it is the first of its cause; later machines are
+        counted."""
+        if not self.once((cause, machine)):
+            return []
+        with self.lock:
+            entry = self.causes.get(cause)
+            if entry is None:
+                self.causes[cause] = [now, 0]
+                return [Note(logging.WARNING, line())]
+            entry[1] += 1
+        return self.due(now, cause)
+
+    def due(self, now: float, only: Any = None) -> List[Note]:
+        """The "N more machines" lines whose ten minutes have passed."""
+        notes = []
+        with self.lock:
+            for cause, entry in self.causes.items():
+                if entry[1] and now - entry[0] >= WARNING_EVERY and only in (None, cause):
+                    kind = cause[0] if isinstance(cause, tuple) else cause
+                    notes.append(Note(logging.WARNING, "%d more machine(s) %s since %s" % (
+                        entry[1], WARNING_CAUSES[kind], _clock(iso_time(entry[0])))))
+                    entry[:] = [now, 0]
+        return notes
+
+
+def describe_machine(app: AppRequest) -> str:
+    """'machine 01234567 (3815.2.5, stable, azure)': who is asking, in a few words."""
+    details = [app.version or "no version"]
+    details += [x for x in (app.track, app.oem) if x]
+    return clean("machine %s (%s)" % (short_name(app.machinealias, app.machineid, "?"),
+                                      ", ".join(details)), 160)
+
+
+def describe_request(app: AppRequest, decision: Optional[Decision],
+                     happenings: Sequence[Happening]) -> str:
+    """What one app's request said (its events' happenings) and was answered (None: it asked
+    for no update check), for the request's log line."""
+    parts = [happening.words for happening in happenings if not happening.routine]
+    if decision is not None:
+        if decision.offer:
+            parts.append("update check: offered %s%s" % (
+                decision.version, " (%s)" % decision.reason if decision.forced else ""))
+        else:
+            parts.append("update check: no update (%s)" % decision.reason)
+    elif app.ping and not app.events:
+        parts.append("ping (waiting for reboot, or idle)")
+    return "; ".join(parts) or "nothing"
+
+
+def oem_advice(who: str, app: AppRequest, release: Release, payload: str) -> str:
+    """Why a machine whose OEM payload is not served will fail, and the files that fix it."""
+    return ("%s runs the %r OEM and may need %s, which is not served: Flatcar OEMs with a system "
+            "extension download it after installing %s, and the update fails without it (error "
+            "5). Download %s/%s/%s/%s and its .sha256, and add --extension %s" % (
+                who, clean(app.oem, 40), payload, release.version, RELEASE_SERVER,
+                clean(app.machine_board, 40), release.version, payload, payload))
+
+
+def postinstall_advice(who: str, release: Release) -> str:
+    extras = [p.name for p in release.packages[1:]]
+    return ("%s: post-install failure is the typical sign of a missing OEM or extension payload "
+            "(oem-<ID>.gz, flatcar-<NAME>.gz of version %s); served here: %s. See the machine's "
+            "journal (journalctl -u update-engine) for the name it wanted" % (
+                who, release.version, ", ".join(extras) if extras else "none, only the OS payload"))
+
+
+class Transfer(NamedTuple):
+    """A download under way: the machine it is counted for, and since when."""
+    machine: str
+    client: str
+    package: Package
+    began: float  # time.monotonic()
+
+
+class Answered(NamedTuple):
+    """An Omaha request's answer: the response document, and the lines to log."""
+    body: bytes
+    notes: List[Note]
+
+
+class Service:
+    """The application: the catalog on offer, the rollout policy, the fleet, the warnings and the
+    clock, and what every endpoint needs of them as plain calls that return what to send and the
+    lines to log. It knows no socket, header or status code: the HTTP section carries requests
+    to it (as bottle.py's application is apart from its server adapters), and tests call it
+    directly. Each piece of state keeps its own lock: the fleet's, the warnings', the bytes
+    served."""
+
+    def __init__(self, catalog: Catalog, settings: "Settings",
+                 clock: Callable[[], float] = time.time) -> None:
+        self.catalog, self.settings, self.clock = catalog, settings, clock
+        policy = settings.policy
+        self.fleet = Fleet(catalog, policy.update_timeout,
+                           "offered (its signature was not checked: --skip-signature-check)"
+                           if settings.skip_signature_check else "offered",
+                           limited=policy.max_concurrent > 0)
+        self.warnings = Warnings()
+        self.started = clock()
+        # Looked at no more than once a second: each look is a syscall, checks come by the
+        # thousand; downloads look at their payload between every chunk they send.
+        self._paused = PerSecond(self._look_paused, False)
+        self._said_paused = False
+        self._changed = PerSecond(self._look_changed, ())
+        self._served_lock = threading.Lock()
+        self._served = collections.Counter()  # type: collections.Counter  # bytes, by file
+
+    # -- the Omaha endpoint ----------------------------------------------------------------
+
+    def update_check(self, request: Request, client: str, server_url: str) -> Answered:
+        """An Omaha request's answer, top to bottom: for each app, the fleet decides what it is
+        offered from the release for its board and records what it said (one call), then the
+        response is rendered, and the lines to log are gathered: each app's request line, the
+        machines' changes, and advice on what went or will go wrong."""
+        now = self.clock()
+        changed, paused = self._changed(now), self._paused(now)
+        notes = self._pause_notes(paused)
+        if changed:
+            notes += [note for package in changed for note in self.package_changed(package)]
+        intact = not changed
+        policy = self.settings.policy
+        answers = []
+        for app in request.apps:
+            release = self.catalog.for_board(app.machine_board)
+            taken = self.fleet.request(app, client, now, functools.partial(
+                decide, app, release, intact, policy, paused))
+            answers.append(answer_app(app, taken.decision, release,
+                                      self.codebases(server_url, release)))
+            notes += self._request_notes(app, client, taken, now)
+            notes += taken.notes
+            notes += self._advice(app, client, taken, release, now)
+        return Answered(render_response(answers), notes)
+
+    def codebases(self, server_url: str, release: Release) -> Tuple[str, ...]:
+        """Where machines download a release from, in order: this server (its --base-url, or
+        <server_url>/packages/), then each --mirror; under each, the release's own place.
+        Every codebase ends in '/': CoreOS appends the package name with no slash of its own,
+        and ue-rs's URL join drops a last segment without one."""
+        settings = self.settings
+        if not settings.local_payload:
+            codebases = settings.mirrors
+        else:
+            codebases = (settings.base_url or server_url + PACKAGES_PREFIX,) + settings.mirrors
+        if release.prefix:
+            return tuple(codebase + release.prefix for codebase in codebases)
+        return codebases
+
+    def _request_notes(self, app: AppRequest, client: str, taken: Taken,
+                       now: float) -> List[Note]:
+        """The request's own line: with -v always; a warning once per machine (and then, for
+        many machines of one cause, a count every ten minutes); every forced offer. Its words
+        are made only when the line is written."""
+        decision = taken.decision if app.updatecheck else None
+
+        def line() -> str:
+            return "%s %s: %s" % (client, describe_machine(app), describe_request(app, decision,
+                                                                                taken.happenings))
+        if decision is not None and decision.warning:
+            return self.warnings.note(decision.warning, taken.key, line, now)
+        level = logging.INFO if decision is not None and decision.forced else logging.DEBUG
+        return [Note(level, line())] if log.isEnabledFor(level) else []
+
+    def _advice(self, app: AppRequest, client: str, taken: Taken, release: Release,
+                now: float) -> List[Note]:
+        """What the operator can do about what this request shows is coming or went wrong."""
+        notes = []  # type: List[Note]
+        offered = app.updatecheck and taken.decision.offer
+        if not app.events and not offered:
+            return notes
+
+        def who() -> str:
+            return "%s %s" % (client, describe_machine(app))
+
+        oem_payload = missing_oem_payload(app, release) if offered else None
+        if oem_payload:
+            notes += self.warnings.note(("oem", oem_payload), taken.key,
+                                        lambda: oem_advice(who(), app, release, oem_payload), now)
+        if any(map(is_postinstall_failure, app.events, taken.happenings)):
+            notes += self.warnings.note("postinstall", taken.key,
+                                        lambda: postinstall_advice(who(), release), now)
+        return notes
+
+    # -- payloads, the pause file, and the clock's jobs ------------------------------------
+
+    def find_package(self, path: str) -> Optional[Package]:
+        """The package at this path under /packages/, when this server serves the bytes."""
+        return self.catalog.find(path) if self.settings.local_payload else None
+
+    def download_started(self, client: str, package: Package) -> "Transfer":
+        """A download begins: counted for the machine that asked last from this client's
+        address, as of now (see Fleet.downloader)."""
+        return Transfer(self.fleet.downloader(client), client, package, time.monotonic())
+
+    def download_progress(self, transfer: "Transfer", chunk: int, end: int,
+                          sent: int) -> List[Note]:
+        """`chunk` more bytes sent, up to offset `end` of the file, `sent` in this transfer:
+        counted by file for /metrics; the OS payload's progress is its machine's."""
+        package = transfer.package
+        with self._served_lock:
+            self._served[self.catalog.url_name(package)] += chunk
+        return self.fleet.download(transfer.machine, transfer.client, package, end, sent,
+                                   time.monotonic() - transfer.began, self.clock())
+
+    def package_changed(self, package: Package) -> List[Note]:
+        """A payload file is no longer the one hashed at start: said once a file."""
+        if not self.warnings.once(("changed", package.path)):
+            return []
+        return [Note(logging.ERROR, "%s is no longer the file that was hashed at startup (it was "
+                     "written to): it is not offered and not served any more; restart %s to "
+                     "hash it again" % (package.path, PROG))]
+
+    def _look_changed(self, _previous: Tuple[Package, ...], _second: int
+                      ) -> Tuple[Package, ...]:
+        return tuple(p for p in self.catalog.packages() if p.changed_on_disk())
+
+    def _look_paused(self, _previous: bool, _second: int) -> bool:
+        pause_file = self.settings.policy.pause_file
+        return bool(pause_file) and os.path.exists(pause_file)
+
+    def _pause_notes(self, paused: bool) -> List[Note]:
+        """A line when --pause-file came or went since the last look."""
+        if paused == self._said_paused:
+            return []
+        self._said_paused = paused
+        return [Note(logging.WARNING if paused else logging.INFO, "rollout %s: %s %s" % (
+            "paused" if paused else "resumed", self.settings.policy.pause_file,
+            "exists" if paused else "is gone"))]
+
+    def tick(self) -> List[Note]:
+        """The clock's job, once a second: the "N more machines" warning lines now due."""
+        return self.warnings.due(self.clock())
+
+    # -- the setup script and its reports --------------------------------------------------
+
+    def setup_script(self, server_url: str, check_only: bool) -> str:
+        """The script for machines that reach this server at `server_url`."""
+        return setup_script(server_url, self.catalog, check_only)
+
+    def setup_report(self, report: "SetupReport", client: str) -> List[Note]:
+        return self.fleet.set_up(report, client, self.clock())
+
+    def setup_state(self, machineid: str) -> str:
+        """One line for the setup script: where this machine's update stands, and why."""
+        return self.fleet.state_words(machineid)
+
+    # -- the status views ------------------------------------------------------------------
+
+    def status_document(self, query: "Query") -> Dict[str, Any]:
+        """The summary, and the page of machines the query asks for, as plain values."""
+        now = self.clock()
+        summary = self.fleet.summary_facts(now)
+        chosen = self.fleet.select(query, now)
+        page = [m.facts(now) for m in chosen[query.offset:query.offset + query.limit]]
+        return status_document(self.catalog, summary, page, len(chosen), query, self.started)
+
+    def machines(self, query: "Query") -> Tuple[List["Machine"], float]:
+        """Every machine the query matches (for /machines.csv), and the time it was asked."""
+        now = self.clock()
+        return self.fleet.select(query, now), now
+
+    def metrics(self, connections: int, refusals: int) -> str:
+        """/metrics, with the server's connection counts given by the server."""
+        with self._served_lock:
+            served = dict(self._served)
+        return metrics_text(self.catalog, self.fleet.summary_facts(self.clock()),
+                            self.fleet.metric_counters(), served, connections, refusals)
+
+    def shutdown_summary(self) -> Tuple[str, Dict[str, Any]]:
+        """At exit: the fleet's counts and the machines whose update failed, in words and as
+        facts (for --log-format json)."""
+        now = self.clock()
+        facts = self.fleet.summary_facts(now)
+        failed = self.fleet.failed(now)
+        return summary_text(facts, failed), {
+            "event": "summary", "summary": summary_json(facts),
+            "failed": [m.facts(now) for m in failed[:SUMMARY_FAILED]],
+            "more_failed": max(0, len(failed) - SUMMARY_FAILED)}
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. HTTP: a framing handler, the endpoints on top through one route table, the server
 # ---------------------------------------------------------------------------------------------
 
 IDLE_TIMEOUT = 60  # seconds a connection may sit idle or stalled; any progress resets it
@@ -2974,11 +3377,6 @@ RETRY_AFTER = 60
 SHUTDOWN_GRACE = 10  # seconds downloads in flight may take to finish after SIGTERM
 SEND_CHUNK = 2 << 20  # the payload is checked for changes between chunks
 TLS_CHUNK = 256 << 10  # bytes read and encrypted at a time when sendfile cannot be used
-OMAHA_PATHS = ("/v1/update", "/v1/update/")
-PACKAGES_PREFIX = "/packages/"
-STATUS_PATHS = ("/", "/status.json", "/healthz", "/machines.csv", "/metrics")
-CSV_BATCH = 1000  # machines a write of /machines.csv
-SETUP_PATHS = ("/setup", "/setup/report", "/setup/state")
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")  # others: 501
 _HOST_HEADER = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
 _RANGE_SPEC = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")
@@ -2989,38 +3387,6 @@ MAX_HEADER_FIELDS = 64
 # send errors that mean the client went away or stalled, not that the payload could not be read
 CLIENT_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN,
                          errno.ETIMEDOUT, errno.EAGAIN, errno.EWOULDBLOCK, errno.ESHUTDOWN))
-
-
-class Settings(NamedTuple):
-    """How the server runs: every flag's value, checked (made by settings_from() in section 8,
-    or directly by tests), read-only once the server has it."""
-    package_files: Tuple[str, ...] = ()
-    package_dir: Optional[str] = None
-    board: str = ""  # --board: the OS payload's board, whatever its kernel says
-    payload_keys: Tuple[PayloadKey, ...] = ()  # from --payload-key, beside the built-in keys
-    skip_signature_check: bool = False
-    extensions: Tuple[str, ...] = ()
-    sha256: Optional[str] = None
-    package_version: str = ""
-    host: str = "127.0.0.1"
-    port: int = 0
-    policy: Policy = Policy()
-    base_url: str = ""  # with local_payload: advertised instead of <scheme>://<Host>/packages/
-    mirrors: Tuple[str, ...] = ()
-    local_payload: bool = True  # False: Omaha only, the bytes come from the mirrors
-    tls: Any = None  # an ssl.SSLContext: HTTPS
-    credentials: Tuple[str, ...] = ()  # Authorization header values allowed to download
-    idle_timeout: int = IDLE_TIMEOUT
-    max_connections: int = MAX_CONNECTIONS
-    grace: float = SHUTDOWN_GRACE
-    verbose: bool = False
-    log_format: str = "text"
-    state_file: str = ""  # where the fleet is kept across restarts
-    reset_state: bool = False
-
-    @property
-    def scheme(self) -> str:
-        return "https" if self.tls is not None else "http"
 
 
 def parse_range(header: Optional[str], size: int) -> Optional[List[Tuple[int, int]]]:
@@ -3115,17 +3481,16 @@ def url_host(address: str, port: int) -> str:
     return ("[%s]:%d" if ":" in address else "%s:%d") % (address, port)
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """One connection: the Omaha endpoint, the payload files, and the status endpoints. It keeps
-    to HTTP framing; what an Omaha request means is the server's (Server.answer)."""
+class FramingHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 framing for one connection, as BaseHTTPRequestHandler is in http.server: the
+    deadlines, the request head and body read within bounds, answers sent in one write, refusals,
+    and the access log. What a request means is the layers' above: route() is theirs."""
 
     protocol_version = "HTTP/1.1"  # keep-alive: update_engine reuses its connection
     disable_nagle_algorithm = True  # else keep-alive answers wait on delayed ACKs
     timeout = None  # see setup(): the kernel keeps the time, not Python
     server: "Server"
     deadline = None  # type: Optional[float]
-
-    # -- plumbing --------------------------------------------------------------------------
 
     def setup(self) -> None:
         """Idle and stall limits as kernel socket timeouts (SO_RCVTIMEO, SO_SNDTIMEO).
@@ -3181,6 +3546,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             self.deadline = None
 
+    def route(self) -> None:
+        raise NotImplementedError
+
     def read_head(self) -> bool:
         """The request line and header fields (RFC 9112 sections 3 and 5); False when the
         request was refused (already answered) or the client went away."""
@@ -3219,95 +3587,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = "close" in connection or self.request_version == "HTTP/1.0"
         return True
 
-    def send_error(self, code: int, message: Optional[str] = None,
-                   explain: Optional[str] = None) -> None:
-        """Errors found while reading the request line and headers."""
-        reason = message or HTTPStatus(code).phrase
-        log_line(logging.WARNING, "%s %s -> %d %s" % (
-            self.client(), clean(getattr(self, "requestline", "") or "-", 200), code, reason))
-        self.send_text(code, reason, close=True)
-
-    def send(self, status: int, headers: Sequence[Tuple[str, str]], body: bytes = b"") -> None:
-        """Status line, header fields and body in one write: a small answer is one packet."""
-        lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase), "Server: " + PROG,
-                 "Date: " + _date_header(time.time()), "X-Content-Type-Options: nosniff"]
-        lines += ["%s: %s" % field for field in headers]
-        if self.close_connection:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head if self.command == "HEAD" else head + body)
-
-    def send_text(self, code: int, text: str, headers: Sequence[Tuple[str, str]] = (),
-                  close: bool = False) -> None:
-        body = (text + "\n").encode("utf-8")
-        if close:
-            self.close_connection = True
-        self.send(code, [("Content-Type", "text/plain; charset=utf-8"),
-                         ("Content-Length", str(len(body)))] + list(headers), body)
-
-    def reject(self, code: int, reason: str, headers: Sequence[Tuple[str, str]] = (),
-               close: bool = False) -> None:
-        log_line(logging.WARNING, "%s %s %s -> %d %s" % (
-            self.client(), self.command, clean(self.path, 200), code, reason))
-        self.send_text(code, reason, headers, close)
-
-    # -- routing ---------------------------------------------------------------------------
-
-    def route(self) -> None:
-        path = self.path if self.path in OMAHA_PATHS else request_path(self.path)
-        settings = self.server.settings
-        if path in OMAHA_PATHS:
-            if self.command != "POST":
-                self.reject(405, "the Omaha endpoint expects a POST", [("Allow", "POST")],
-                            close=self._has_body())
-            else:
-                self.omaha()
-        elif path.startswith(PACKAGES_PREFIX) and settings.local_payload:
-            package = self.server.catalog.find(path[len(PACKAGES_PREFIX):])
-            if package is None:
-                self.reject(404, "no such package", close=self._has_body())
-            elif self.command not in ("GET", "HEAD"):
-                self.reject(405, "packages are downloaded with GET", [("Allow", "GET, HEAD")],
-                            close=self._has_body())
-            elif not self.authorised():
-                self.reject(401, "credentials are required to download (DOWNLOAD_USER and "
-                            "DOWNLOAD_PASSWORD in update.conf)",
-                            [("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % PROG)])
-            else:
-                self.serve_package(package)
-        elif path in STATUS_PATHS and self.command in ("GET", "HEAD"):
-            self.status(path)
-        elif path in SETUP_PATHS:
-            self.setup_endpoint(path)
-        else:
-            self.reject(404, "not found", close=self._has_body())
-
-    def _has_body(self) -> bool:
+    def has_body(self) -> bool:
         return bool((self.headers.get("Content-Length") or "0").strip() not in ("", "0")
                     or "Transfer-Encoding" in self.headers)
-
-    # -- Omaha -----------------------------------------------------------------------------
-
-    def omaha(self) -> None:
-        """Read an Omaha request's body within bounds, and send the server's answer."""
-        request = self.parsed_body(parse_request)
-        if request is None:
-            return
-        answer = self.server.answer(request, self.client(), self.codebases(), self.server.clock())
-        self.send(200, [("Content-Type", "text/xml; charset=utf-8"),
-                        ("Content-Length", str(len(answer)))], answer)
-
-    def parsed_body(self, parse: Callable[[bytes], Any], content_types: bool = True) -> Any:
-        """The request body as `parse` reads it; None when it was refused (a 400 with the
-        ValueError's words, e.g. a RequestError's) or cut short."""
-        body = self.read_body(content_types)
-        if body is None:
-            return None
-        try:
-            return parse(body)
-        except ValueError as exc:
-            self.reject(400, str(exc))
-            return None
 
     def read_body(self, content_types: bool = True) -> Optional[bytes]:
         """The request body, or None when it was refused (answered) or cut short; its
@@ -3345,35 +3627,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return None
         return body
 
-    # -- the setup script ------------------------------------------------------------------
+    def parsed_body(self, parse: Callable[[bytes], Any], content_types: bool = True) -> Any:
+        """The request body as `parse` reads it; None when it was refused (a 400 with the
+        ValueError's words, e.g. a RequestError's) or cut short."""
+        body = self.read_body(content_types)
+        if body is None:
+            return None
+        try:
+            return parse(body)
+        except ValueError as exc:
+            self.reject(400, str(exc))
+            return None
 
-    def setup_endpoint(self, path: str) -> None:
-        """GET /setup: the script; POST /setup/report: what it found; GET /setup/state?id=:
-        where that machine's update stands, in one line."""
-        method = "POST" if path == "/setup/report" else "GET"
-        if self.command not in (method, "HEAD" if method == "GET" else method):
-            self.reject(405, "%s expects a %s" % (path, method), [("Allow", method)],
-                        close=self._has_body())
-            return
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query,
-                                      keep_blank_values=True)
-        if path == "/setup":
-            check_only = "check" in query
-            text = setup_script(self.server_url(), self.server.catalog, check_only)
-            log_line(logging.INFO, "%s fetched the setup script%s" % (
-                self.client(), " (check only)" if check_only else ""))
-            self.send_plain(text, "text/x-shellscript; charset=utf-8")
-        elif path == "/setup/state":
-            self.send_plain(self.server.fleet.state_words(query.get("id", [""])[0]) + "\n")
-        else:
-            self.setup_report()
+    def send(self, status: int, headers: Sequence[Tuple[str, str]], body: bytes = b"") -> None:
+        """Status line, header fields and body in one write: a small answer is one packet.
+        HEAD gets the same header fields as GET, without the body."""
+        lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase), "Server: " + PROG,
+                 "Date: " + _date_header(time.time()), "X-Content-Type-Options: nosniff"]
+        lines += ["%s: %s" % field for field in headers]
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + body)
 
-    def setup_report(self) -> None:
-        report = self.parsed_body(parse_setup_report, content_types=False)
-        if report is None:
-            return
-        self.server.say(self.server.fleet.set_up(report, self.client(), self.server.clock()))
-        self.send_plain("thank you\n")
+    def send_text(self, code: int, text: str, headers: Sequence[Tuple[str, str]] = (),
+                  close: bool = False) -> None:
+        body = (text + "\n").encode("utf-8")
+        if close:
+            self.close_connection = True
+        self.send(code, [("Content-Type", "text/plain; charset=utf-8"),
+                         ("Content-Length", str(len(body)))] + list(headers), body)
 
     def send_plain(self, text: str, content_type: str = "text/plain; charset=utf-8") -> None:
         """200 with a body that is made anew each time: never cached."""
@@ -3381,36 +3664,57 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send(200, [("Content-Type", content_type), ("Content-Length", str(len(body))),
                         ("Cache-Control", "no-store")], body)
 
+    def send_error(self, code: int, message: Optional[str] = None,
+                   explain: Optional[str] = None) -> None:
+        """Errors found while reading the request line and headers."""
+        reason = message or HTTPStatus(code).phrase
+        log_line(logging.WARNING, "%s %s -> %d %s" % (
+            self.client(), clean(getattr(self, "requestline", "") or "-", 200), code, reason))
+        self.send_text(code, reason, close=True)
+
+    def reject(self, code: int, reason: str, headers: Sequence[Tuple[str, str]] = (),
+               close: bool = False) -> None:
+        """A request refused: the reason, in the log and to the client."""
+        self.log_request(code, reason, logging.WARNING)
+        self.send_text(code, reason, headers, close)
+
+    def log_request(self, code: Any = "-", words: Any = "", level: int = logging.DEBUG,
+                    target: Optional[str] = None) -> None:
+        """The access log: every answered request's line is written here (http.server's own
+        name), 'CLIENT METHOD TARGET -> CODE WORDS'; only refusals show without -v."""
+        if log.isEnabledFor(level):
+            log_line(level, "%s %s %s -> %s%s" % (
+                self.client(), self.command, clean(target or self.path, 200), code,
+                " " + str(words) if words else ""))
+
     def server_url(self) -> str:
-        """This server as the machine reached it: <scheme>://<Host header>."""
+        """This server as the client reached it: <scheme>://<Host header>."""
         host = (self.headers.get("Host") or "").strip()
         if not _HOST_HEADER.fullmatch(host):
             host = url_host(*self.connection.getsockname()[:2])
         return "%s://%s" % (self.server.settings.scheme, host)
 
-    def codebases(self) -> Tuple[str, ...]:
-        """Where machines download from, in order: this server (its --base-url, or
-        <scheme>://<Host header>/packages/), then each --mirror. Every codebase ends in '/':
-        CoreOS appends the package name with no slash of its own, and ue-rs's URL join drops
-        a last segment without one."""
-        settings = self.server.settings
-        if not settings.local_payload:
-            return settings.mirrors
-        if settings.base_url:
-            return (settings.base_url,) + settings.mirrors
-        return (self.server_url() + PACKAGES_PREFIX,) + settings.mirrors
 
-    # -- payloads --------------------------------------------------------------------------
+class FileHandler(FramingHandler):
+    """Payload files, as SimpleHTTPRequestHandler is http.server's file layer: GET and HEAD
+    with the same headers, Range and If-Range as RFC 9110 says, conditional GET, and the bytes
+    sent zero-copy. The layer above says when a file changed on disk and hears of each chunk
+    sent (file_changed, file_progress)."""
 
-    def serve_package(self, package: Package) -> None:
+    def file_changed(self, package: Package) -> bool:
+        return package.changed_on_disk()
+
+    def file_progress(self, chunk: int, end: int, sent: int) -> None:
+        """`chunk` bytes sent, up to offset `end` of the file, `sent` in this transfer."""
+
+    def send_payload(self, package: Package) -> None:
         """GET and HEAD of one payload: the same headers for both, Range as RFC 9110 says.
 
         update_engine resumes with Range and accepts any 2xx, so a satisfiable single range is
         always 206 (a 200 would be written at the wrong offset and corrupt the update).
         """
         self.deadline = None  # from here on, only a stall ends the transfer
-        if package.changed_on_disk():
-            self.server.report_changed(package)
+        if self.file_changed(package):
             self.reject(503, "the payload changed on disk; the server must be restarted",
                         [("Retry-After", "300")])
             return
@@ -3421,7 +3725,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             when = _parse_http_date(since)
             if when is not None and int(package.mtime) <= when:
                 self.send(304, validators)
-                self.log_download(package, 304, "not modified")
+                self.log_request(304, "not modified", target=package.name)
                 return
         part = self.requested_part(package, [value for _, value in validators])
         if part is None:
@@ -3432,7 +3736,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             ("Content-Type", "application/octet-stream"),  # never Content-Encoding: not gzip
             ("Content-Length", str(count)), ("Accept-Ranges", "bytes")] + validators)
         if self.command == "HEAD":
-            self.log_download(package, status, "headers only")
+            self.log_request(status, "headers only", target=package.name)
             return
         began = time.monotonic()
         with self.server.downloading():
@@ -3440,11 +3744,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         what = ("bytes %d-%d" % (start, end)) if status == 206 else "whole file"
         seconds = time.monotonic() - began
         if sent == count:
-            self.log_download(package, status, "%s in %.1f s (%s)" % (
-                what, seconds, format_rate(sent, seconds)))
+            self.log_request(status, "%s in %.1f s (%s)" % (what, seconds,
+                                                           format_rate(sent, seconds)),
+                             target=package.name)
         else:
-            log_line(logging.WARNING, "%s GET %s %d: %s: client went away after %s of %s" % (
-                self.client(), package.name, status, what, format_size(sent), format_size(count)))
+            self.log_request(status, "%s: client went away after %s of %s" % (
+                what, format_size(sent), format_size(count)), logging.WARNING, package.name)
 
     def requested_part(self, package: Package, validators: Sequence[str]
                        ) -> Optional[Tuple[int, int, int, List[Tuple[str, str]]]]:
@@ -3458,7 +3763,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ranges = parse_range(range_header, size)
         if ranges == []:
             self.send(416, [("Content-Range", "bytes */%d" % size), ("Content-Length", "0")])
-            self.log_download(package, 416, "unsatisfiable range %s" % clean(range_header or "", 60))
+            self.log_request(416, "unsatisfiable range %s" % clean(range_header or "", 60),
+                             target=package.name)
             return None
         if ranges is not None and len(ranges) == 1:
             start, end = ranges[0]
@@ -3477,22 +3783,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         send_chunk = os.sendfile
         if self.server.settings.tls is not None:
             send_chunk = self._send_encrypted  # sendfile would bypass TLS: read and write
-        server, client, began = self.server, self.client(), time.monotonic()
         try:
             while sent < count:
-                if package.changed_on_disk():
-                    # Cut rather than finish with other bytes than the advertised SHA-256's.
-                    server.report_changed(package)
-                    break
+                if self.file_changed(package):
+                    break  # cut rather than finish with other bytes than the advertised SHA-256's
                 n = send_chunk(out, package.fd, offset + sent, min(SEND_CHUNK, count - sent))
                 if n == 0:
                     log_line(logging.ERROR, "%s ended early while serving it; closing the "
                              "connection" % package.path)
                     break
                 sent += n
-                server.count_served(package, n)
-                server.say(server.fleet.download(client, package, offset + sent, sent,
-                                                 time.monotonic() - began, server.clock()))
+                self.file_progress(n, offset + sent, sent)
         except OSError as exc:
             if exc.errno not in CLIENT_GONE and type(exc).__module__ != "ssl":
                 log_line(logging.ERROR, "%s: reading %s failed (%s) after %s; closed the "
@@ -3508,6 +3809,88 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.connection.sendall(data)
         return len(data)
 
+
+class Route(NamedTuple):
+    """An endpoint: the methods it answers (HEAD wherever GET), the Handler method, and its
+    name in a 405's sentence."""
+    methods: Tuple[str, ...]
+    call: str
+    what: str = ""
+
+    def allowed(self) -> Tuple[str, ...]:
+        return self.methods + ("HEAD",) if "GET" in self.methods else self.methods
+
+
+ROUTES = {
+    "/v1/update": Route(("POST",), "omaha", "the Omaha endpoint"),
+    "/v1/update/": Route(("POST",), "omaha", "the Omaha endpoint"),
+    "/": Route(("GET",), "status_page"),
+    "/status.json": Route(("GET",), "status_json"),
+    "/machines.csv": Route(("GET",), "machines_csv"),
+    "/metrics": Route(("GET",), "metrics"),
+    "/healthz": Route(("GET",), "healthz"),
+    "/setup": Route(("GET",), "setup_script"),
+    "/setup/report": Route(("POST",), "setup_report"),
+    "/setup/state": Route(("GET",), "setup_state"),
+}
+PACKAGES_ROUTE = Route(("GET",), "package", "a package")  # every path under PACKAGES_PREFIX
+
+
+class Handler(FileHandler):
+    """The endpoints, each routed from ROUTES to one method here that carries the request to
+    the application (Server.app, a Service) and its answer back. A wrong method is answered the
+    same way everywhere: 405 with Allow."""
+
+    def route(self) -> None:
+        path = self.path if self.path in ROUTES else request_path(self.path)
+        route = ROUTES.get(path)
+        if route is None and path.startswith(PACKAGES_PREFIX):
+            route = PACKAGES_ROUTE
+        if route is None:
+            self.reject(404, "not found", close=self.has_body())
+        elif self.command not in route.allowed():
+            allowed = route.allowed()
+            self.reject(405, "%s expects a %s" % (route.what or path, " or ".join(allowed)),
+                        [("Allow", ", ".join(allowed))], close=self.has_body())
+        else:
+            getattr(self, route.call)(path)
+
+    def query(self) -> str:
+        return urllib.parse.urlsplit(self.path).query
+
+    # -- Omaha and the payloads ------------------------------------------------------------
+
+    def omaha(self, _path: str) -> None:
+        """An Omaha request's body, read within bounds, and the application's answer."""
+        request = self.parsed_body(parse_request)
+        if request is None:
+            return
+        answered = self.server.app.update_check(request, self.client(), self.server_url())
+        say(answered.notes)  # before the answer: once a machine has it, its lines are written
+        self.send(200, [("Content-Type", "text/xml; charset=utf-8"),
+                        ("Content-Length", str(len(answered.body)))], answered.body)
+
+    def package(self, path: str) -> None:
+        package = self.server.app.find_package(path[len(PACKAGES_PREFIX):])
+        if package is None:
+            self.reject(404, "no such package", close=self.has_body())
+        elif not self.authorised():
+            self.reject(401, "credentials are required to download (DOWNLOAD_USER and "
+                        "DOWNLOAD_PASSWORD in update.conf)",
+                        [("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % PROG)])
+        else:
+            self.transfer = self.server.app.download_started(self.client(), package)
+            self.send_payload(package)
+
+    def file_changed(self, package: Package) -> bool:
+        if not package.changed_on_disk():
+            return False
+        say(self.server.app.package_changed(package))
+        return True
+
+    def file_progress(self, chunk: int, end: int, sent: int) -> None:
+        say(self.server.app.download_progress(self.transfer, chunk, end, sent))
+
     def authorised(self) -> bool:
         """With --basic-auth-file, downloads need credentials (the Omaha endpoint does not:
         update_engine sends none there)."""
@@ -3517,57 +3900,77 @@ class Handler(http.server.BaseHTTPRequestHandler):
         given = (self.headers.get("Authorization") or "").strip()
         return any(hmac.compare_digest(given, allowed) for allowed in credentials)
 
-    def log_download(self, package: Package, status: int, what: str) -> None:
-        log_line(logging.DEBUG, "%s %s %s -> %d, %s" % (
-            self.client(), self.command, package.name, status, what))
+    # -- the status views ------------------------------------------------------------------
 
-    def status(self, path: str) -> None:
-        """/healthz, /status.json, /machines.csv, /metrics and the HTML status page at /."""
-        if path == "/healthz":
-            text, ctype = "ok\n", "text/plain; charset=utf-8"
-        elif path == "/metrics":
-            text, ctype = self.server.metrics(), "text/plain; version=0.0.4; charset=utf-8"
-        else:
-            try:
-                query = parse_query(urllib.parse.urlsplit(self.path).query,
-                                    JSON_LIMIT if path == "/status.json" else PAGE_ROWS)
-            except ValueError as exc:
-                self.reject(400, str(exc))
-                return
-            if path == "/machines.csv":
-                self.send_csv(query)
-                return
-            doc = self.server.status_document(query)
-            if path == "/status.json":
-                import json
-                text, ctype = json.dumps(doc, indent=1) + "\n", "application/json"
-            else:
-                text, ctype = status_page(doc, query), "text/html; charset=utf-8"
-        log_line(logging.DEBUG, "%s %s %s -> 200" % (self.client(), self.command, path))
-        self.send_plain(text, ctype)
+    def healthz(self, path: str) -> None:
+        self.send_plain("ok\n")
+        self.log_request(200)
 
-    def send_csv(self, query: "Query") -> None:
+    def metrics(self, path: str) -> None:
+        self.send_plain(self.server.app.metrics(*self.server.connection_counts()),
+                        "text/plain; version=0.0.4; charset=utf-8")
+        self.log_request(200)
+
+    def status_page(self, path: str) -> None:
+        """The HTML status page at /."""
+        query = self.parsed_query(PAGE_ROWS)
+        if query is not None:
+            self.send_plain(status_page(self.server.app.status_document(query), query),
+                            "text/html; charset=utf-8")
+            self.log_request(200)
+
+    def status_json(self, path: str) -> None:
+        query = self.parsed_query(JSON_LIMIT)
+        if query is not None:
+            self.send_plain(status_json(self.server.app.status_document(query)),
+                            "application/json")
+            self.log_request(200)
+
+    def parsed_query(self, limit: int) -> Optional["Query"]:
+        """The query string as a Query; None when it was refused (400)."""
+        try:
+            return parse_query(self.query(), limit)
+        except ValueError as exc:
+            self.reject(400, str(exc))
+            return None
+
+    def machines_csv(self, path: str) -> None:
         """Every machine the query matches, one row each, written as it is made: a spreadsheet
         of 100,000 machines never sits in memory whole. The end of the body is the connection's."""
-        import csv
-        import io
-        now = self.server.clock()
-        machines = self.server.fleet.select(query, now)
+        query = self.parsed_query(PAGE_ROWS)
+        if query is None:
+            return
+        machines, now = self.server.app.machines(query)
         self.close_connection = True
         self.send(200, [("Content-Type", "text/csv; charset=utf-8"), ("Cache-Control", "no-store"),
                         ("Content-Disposition", 'attachment; filename="machines.csv"')])
-        if self.command == "HEAD":
-            return
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        for start in range(0, max(len(machines), 1), CSV_BATCH):
-            writer.writerows(csv_row(m, now) for m in machines[start:start + CSV_BATCH])
-            self.wfile.write(buffer.getvalue().encode("utf-8"))
-            buffer.seek(0)
-            buffer.truncate()
-        log_line(logging.DEBUG, "%s GET /machines.csv -> 200, %d machines" % (
-            self.client(), len(machines)))
+        if self.command != "HEAD":
+            for chunk in csv_chunks(machines, now):
+                self.wfile.write(chunk)
+        self.log_request(200, "%d machines" % len(machines))
+
+    # -- the setup script and its reports -------------------------------------------------
+
+    def setup_script(self, path: str) -> None:
+        """GET /setup: the script; ?check: the script that only checks."""
+        check_only = "check" in urllib.parse.parse_qs(self.query(), keep_blank_values=True)
+        self.send_plain(self.server.app.setup_script(self.server_url(), check_only),
+                        "text/x-shellscript; charset=utf-8")
+        self.log_request(200, "the setup script%s" % (" (check only)" if check_only else ""),
+                         logging.INFO)
+
+    def setup_report(self, path: str) -> None:
+        """POST /setup/report: what the script found on the machine."""
+        report = self.parsed_body(parse_setup_report, content_types=False)
+        if report is not None:
+            say(self.server.app.setup_report(report, self.client()))
+            self.send_plain("thank you\n")
+
+    def setup_state(self, path: str) -> None:
+        """GET /setup/state?id=: where that machine's update stands, in one line."""
+        query = urllib.parse.parse_qs(self.query(), keep_blank_values=True)
+        self.send_plain(self.server.app.setup_state(query.get("id", [""])[0]) + "\n")
+        self.log_request(200)
 
 
 _REFUSAL_TEXT = "too many connections; retry later\n"
@@ -3578,11 +3981,12 @@ _REFUSAL = ("HTTP/1.1 503 Service Unavailable\r\nServer: %s\r\nRetry-After: %d\r
 
 
 class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """A thread per connection, at most max_connections of them; the releases being served (one
-    a board), the fleet they are served to, and the one place an Omaha request is answered
-    (answer()).
+    """The connections: a thread for each, at most max_connections of them (beyond it, 503 from
+    the accepting thread), TLS, and a reaper thread that once a second ends requests past their
+    deadline and runs the application's clock job (Service.tick). What requests mean is the
+    application's (`app`).
 
-    A reaper thread enforces a deadline on every request: its head and body must arrive within
+    The reaper enforces a deadline on every request: its head and body must arrive within
     idle_timeout of the moment the server starts waiting for it. Kernel receive timeouts alone
     cannot do that, since a client that trickles a byte a second never leaves recv() idle.
     """
@@ -3592,30 +3996,17 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True  # restart at once; Linux still refuses a second live listener
     request_queue_size = 1024  # the default backlog of 5 overflows under a burst of checks
 
-    def __init__(self, address: Tuple, family: int, catalog: Catalog, settings: Settings,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, address: Tuple, family: int, app: Service,
+                 settings: "Settings") -> None:
         self.address_family = family
-        self.catalog = catalog
+        self.app = app
         self.settings = settings
-        self.policy = settings.policy
-        self.clock = clock
-        self.fleet = Fleet(catalog, settings.policy.update_timeout,
-                           "offered (its signature was not checked: --skip-signature-check)"
-                           if settings.skip_signature_check else "offered",
-                           limited=settings.policy.max_concurrent > 0)
-        self.started = clock()
-        # Looked at no more than once a second: each look is a syscall, checks come by the
-        # thousand; downloads look at their payload between every chunk they send.
-        self._paused = PerSecond(self._look_paused, False)
-        self._intact = PerSecond(self._look_intact, True)
-        self.lock = threading.Lock()
-        self.warned = set()  # type: set
-        self.warnings = Warnings()
-        self.connections = 0
-        self.downloads = 0
-        self.handlers = set()  # type: set
-        self.refusals = 0
-        self.served = collections.Counter()  # type: collections.Counter  # bytes, by file
+        self._connections_lock = threading.Lock()  # connections and refusals
+        self.connections = self.refusals = 0
+        self._handlers_lock = threading.Lock()
+        self.handlers = set()  # type: set  # what the reaper watches
+        self._downloads_lock = threading.Lock()
+        self.downloads = 0  # what a graceful stop waits for
         self.closing = threading.Event()
         super().__init__(address, Handler)
         if settings.tls is not None:
@@ -3625,142 +4016,8 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
                                                    do_handshake_on_connect=False)
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
 
-    # -- one Omaha request -----------------------------------------------------------------
-
-    def answer(self, request: Request, client: str, codebases: Tuple[str, ...],
-               now: float) -> bytes:
-        """An Omaha request's answer, top to bottom: decide what each app is offered from the
-        release for its board (an offer takes a --max-concurrent slot there and then), render
-        the response, record what each machine said in the fleet, and say it in the log."""
-        policy = self.policy
-        intact, paused = self.payloads_intact(now), self.paused(now)
-        answers, decided = [], []
-        for app in request.apps:
-            release = self.catalog.for_board(app.machine_board)
-            choose = functools.partial(decide, app, release, intact, policy, paused)
-            decision, notes = self.fleet.admit(app, client, now, app.updatecheck,
-                                               policy.max_concurrent > 0, choose)
-            if notes:
-                self.say(notes)
-            decided.append((app, release, decision if app.updatecheck else None))
-            answers.append(answer_app(app, decision, release, tuple(
-                codebase + release.prefix for codebase in codebases) if release.prefix
-                else codebases))
-        body = render_response(answers)
-        for app, release, checked in decided:
-            self.say_request(app, client, checked, now)
-            self.say(self.fleet.request(app, client, checked, now)
-                     + self.advice(app, client, checked, release, now))
-        return body
-
-    def say_request(self, app: AppRequest, client: str, decision: Optional[Decision],
-                    now: float) -> None:
-        """The request's own line: with -v always; a warning once per machine (and then, for
-        many machines of one cause, a count every ten minutes); every forced offer. Its words
-        are made only when the line is written."""
-        if decision is not None and decision.warning:
-            def line() -> str:
-                return "%s %s: %s" % (client, describe_machine(app), describe_request(app, decision))
-            with self.lock:
-                notes = self.warnings.note(decision.warning, app.machineid or client, line, now)
-            self.say(notes)
-            return
-        level = logging.INFO if decision is not None and decision.forced else logging.DEBUG
-        if log.isEnabledFor(level):
-            log_line(level, "%s %s: %s" % (client, describe_machine(app),
-                                           describe_request(app, decision)))
-
-    def advice(self, app: AppRequest, client: str, decision: Optional[Decision],
-               release: Release, now: float) -> List[Note]:
-        """What the operator can do about what this request shows is coming or went wrong."""
-        notes = []  # type: List[Note]
-        if not app.events and not (decision and decision.offer):
-            return notes
-
-        def who() -> str:
-            return "%s %s" % (client, describe_machine(app))
-
-        oem_payload = missing_oem_payload(app, release) if decision and decision.offer else None
-        if oem_payload:
-            with self.lock:
-                notes += self.warnings.note(
-                    "oem:" + oem_payload, app.machineid or client,
-                    lambda: oem_advice(who(), app, release, oem_payload), now)
-        if any(is_postinstall_failure(event, app) for event in app.events):
-            with self.lock:
-                notes += self.warnings.note("postinstall", app.machineid or client,
-                                            lambda: postinstall_advice(who(), release), now)
-        return notes
-
-    def say(self, notes: Sequence[Note]) -> None:
-        for note in notes:
-            log_line(*note)
-
-    def once(self, key: Tuple) -> bool:
-        """True once per key: for advice that is worth one line per machine, not one a check."""
-        with self.lock:
-            if key in self.warned:
-                return False
-            self.warned.add(key)
-            return True
-
-    def status_document(self, query: Query) -> Dict[str, object]:
-        """The summary, and the page of machines the query asks for."""
-        now = self.clock()
-        summary = self.fleet.summary_facts(now)
-        chosen = self.fleet.select(query, now)
-        page = [m.facts(now) for m in chosen[query.offset:query.offset + query.limit]]
-        return status_document(self.catalog, summary, page, len(chosen), query, self.started)
-
-    def metrics(self) -> str:
-        with self.lock:
-            served, connections, refusals = dict(self.served), self.connections, self.refusals
-        return metrics_text(self.catalog, self.fleet.summary_facts(self.clock()),
-                            self.fleet.metric_counters(), served, connections, refusals)
-
-    def count_served(self, package: Package, count: int) -> None:
-        with self.lock:
-            self.served[self.catalog.url_name(package)] += count
-
-    # -- payload files and the pause file, looked at once a second -------------------------
-
-    def paused(self, now: float) -> bool:
-        """Whether --pause-file exists (as of the last second)."""
-        return self._paused(now)
-
-    def payloads_intact(self, now: float) -> bool:
-        """Whether every payload is still the file hashed at startup (as of the last second)."""
-        return self._intact(now)
-
-    def _look_paused(self, was_paused: bool, _second: int) -> bool:
-        """Whether --pause-file exists; a change is logged."""
-        if not self.policy.pause_file:
-            return False
-        paused = os.path.exists(self.policy.pause_file)
-        if paused != was_paused:
-            log_line(logging.WARNING if paused else logging.INFO, "rollout %s: %s %s" % (
-                "paused" if paused else "resumed", self.policy.pause_file,
-                "exists" if paused else "is gone"))
-        return paused
-
-    def _look_intact(self, _previous: bool, _second: int) -> bool:
-        """Whether every payload is still the file hashed at startup."""
-        for package in self.catalog.packages():
-            if package.changed_on_disk():
-                self.report_changed(package)
-                return False
-        return True
-
-    def report_changed(self, package: Package) -> None:
-        if self.once(("changed", package.path)):
-            log_line(logging.ERROR, "%s is no longer the file that was hashed at startup (it was "
-                     "written to): it is not offered and not served any more; restart %s to "
-                     "hash it again" % (package.path, PROG))
-
-    # -- connections -----------------------------------------------------------------------
-
     def process_request(self, request, client_address) -> None:
-        with self.lock:
+        with self._connections_lock:
             full = self.connections >= self.settings.max_connections
             if not full:
                 self.connections += 1
@@ -3793,36 +4050,39 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             self._finished()
 
     def _finished(self) -> None:
-        with self.lock:
+        with self._connections_lock:
             self.connections -= 1
 
-    def watch(self, handler: Handler) -> None:
+    def connection_counts(self) -> Tuple[int, int]:
+        """Connections open now, and refused so far (for /metrics)."""
+        with self._connections_lock:
+            return self.connections, self.refusals
+
+    def watch(self, handler: FramingHandler) -> None:
         """Register a connection's handler with the reaper (once per connection)."""
-        with self.lock:
+        with self._handlers_lock:
             self.handlers.add(handler)
 
-    def unwatch(self, handler: Handler) -> None:
-        with self.lock:
+    def unwatch(self, handler: FramingHandler) -> None:
+        with self._handlers_lock:
             self.handlers.discard(handler)
 
     @contextlib.contextmanager
     def downloading(self) -> Iterator[None]:
         """Counts the downloads in flight, which a graceful stop waits for."""
-        with self.lock:
+        with self._downloads_lock:
             self.downloads += 1
         try:
             yield
         finally:
-            with self.lock:
+            with self._downloads_lock:
                 self.downloads -= 1
 
     def _reap(self) -> None:
         while not self.closing.wait(min(1.0, self.settings.idle_timeout / 4)):
-            with self.lock:
-                due = self.warnings.due(self.clock())
-            self.say(due)
+            say(self.app.tick())
             now = time.monotonic()
-            with self.lock:
+            with self._handlers_lock:
                 handlers = list(self.handlers)
             for handler in handlers:
                 handler.cut_if_late(now)
@@ -3855,7 +4115,7 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Program
+# 11. Program: flags, settings, loading, the banner, the state file, signals, main()
 # ---------------------------------------------------------------------------------------------
 
 
@@ -3863,103 +4123,36 @@ class UsageError(Exception):
     """A mistake on the command line; the message is one sentence."""
 
 
-# -- logging -------------------------------------------------------------------------------
+class Settings(NamedTuple):
+    """How the server runs: every flag's value, checked (made by settings_from() in section 8,
+    or directly by tests), read-only once the server has it."""
+    package_files: Tuple[str, ...] = ()
+    package_dir: Optional[str] = None
+    board: str = ""  # --board: the OS payload's board, whatever its kernel says
+    payload_keys: Tuple[PayloadKey, ...] = ()  # from --payload-key, beside the built-in keys
+    skip_signature_check: bool = False
+    extensions: Tuple[str, ...] = ()
+    sha256: Optional[str] = None
+    package_version: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    policy: Policy = Policy()
+    base_url: str = ""  # with local_payload: advertised instead of <scheme>://<Host>/packages/
+    mirrors: Tuple[str, ...] = ()
+    local_payload: bool = True  # False: Omaha only, the bytes come from the mirrors
+    tls: Any = None  # an ssl.SSLContext: HTTPS
+    credentials: Tuple[str, ...] = ()  # Authorization header values allowed to download
+    idle_timeout: int = IDLE_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    grace: float = SHUTDOWN_GRACE
+    verbose: bool = False
+    log_format: str = "text"
+    state_file: str = ""  # where the fleet is kept across restarts
+    reset_state: bool = False
 
-log = logging.getLogger(PROG)
-_direct = None  # type: Optional[_BatchingHandler]
-
-
-def log_line(level: int, text: str, facts: Optional[Dict[str, object]] = None) -> None:
-    """A log line, with facts for --log-format json. Straight to the program's own handler when
-    main() installed it (the logging module's record machinery costs more than the rest of an
-    update check's logging), else through logging as usual (tests, embedding)."""
-    if not log.isEnabledFor(level):
-        return
-    if _direct is not None:
-        _direct.write_line(level, text, facts)
-    else:
-        log.log(level, "%s", text, extra={"facts": facts})
-
-
-_LEVEL_PREFIXES = {logging.WARNING: "warning: ", logging.ERROR: "error: ",
-                   logging.CRITICAL: "error: "}
-_local_stamp = PerSecond(lambda _previous, second: time.strftime(
-    "%Y-%m-%d %H:%M:%S", time.localtime(second)))
-
-
-class _BatchingHandler(logging.Handler):
-    """Writes log lines to a file descriptor in batches, in order.
-
-    With a line for every request, one write per line costs more than the rest of an update
-    check's logging; so INFO lines wait up to FLUSH_INTERVAL, while warnings and errors are
-    written at once (with everything before them), and everything is written at exit.
-    """
-
-    FLUSH_INTERVAL = 0.1
-
-    def __init__(self, fd: int, json_lines: bool = False) -> None:
-        super().__init__()
-        self.fd = fd
-        self.json_lines = json_lines
-        self.pending = []  # type: List[str]
-        flusher = threading.Thread(target=self._flush_periodically, name="log", daemon=True)
-        flusher.start()
-
-    def emit(self, record: logging.LogRecord) -> None:  # logging's name: called under self.lock
-        self.pending.append(self.render(
-            record.levelno, record.created, record.getMessage(), getattr(record, "facts", None)))
-        if record.levelno >= logging.WARNING:
-            self.flush()
-
-    def write_line(self, level: int, text: str, facts: Optional[Dict[str, object]]) -> None:
-        """A line without a LogRecord, in order with every other line."""
-        line = self.render(level, time.time(), text, facts)
-        with self.lock:  # type: ignore[union-attr]
-            self.pending.append(line)
-        if level >= logging.WARNING:
-            self.flush()
-
-    def render(self, level: int, created: float, text: str,
-               facts: Optional[Dict[str, object]]) -> str:
-        if self.json_lines:
-            import json
-            entry = {"time": iso_time(created), "level": logging.getLevelName(level).lower(),
-                     "message": text}  # type: Dict[str, object]
-            if facts:
-                entry.update(facts)
-            return json.dumps(entry) + "\n"
-        return "%s %s%s\n" % (_local_stamp(created), _LEVEL_PREFIXES.get(level, ""), text)
-
-    def flush(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            if not self.pending:
-                return
-            data = "".join(self.pending).encode("utf-8", "replace")
-            self.pending.clear()
-            try:
-                while data:
-                    data = data[os.write(self.fd, data):]
-            except OSError:
-                pass  # stderr is gone; the server keeps serving
-
-    def _flush_periodically(self) -> None:
-        while True:
-            time.sleep(self.FLUSH_INTERVAL)
-            self.flush()
-
-
-def setup_logging(verbose: bool = False, json_lines: bool = False) -> None:
-    # The logging module's documented switches: no thread or process names in records.
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    global _direct
-    sys.stderr.flush()
-    handler = _BatchingHandler(sys.stderr.fileno(), json_lines)
-    log.handlers[:] = [handler]
-    _direct = handler
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    log.propagate = False
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -4110,7 +4303,6 @@ def config_arguments(argv: Sequence[str]) -> List[str]:
 
 
 def read_config(path: str) -> Dict[str, Any]:
-    import json
     try:
         with open(path, encoding="utf-8") as f:
             settings = json.load(f)
@@ -4206,7 +4398,7 @@ def tls_context(cert: Optional[str], key: Optional[str]):
         return None
     if not (cert and key):
         raise UsageError("--tls-cert and --tls-key go together")
-    import ssl
+    import ssl  # here: only HTTPS needs it, and it costs start time
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     # TLS 1.2 and newer on every Python and OpenSSL (older builds still allow 1.0 by default).
     if hasattr(context, "minimum_version"):
@@ -4341,14 +4533,14 @@ def load_release(package_file: Optional[str], version: str, extensions: Sequence
         extensions=tuple(extensions), sha256=sha256, package_version=version)).releases[0]
 
 
-def make_server(catalog: Catalog, settings: Settings = Settings(),
-                clock: Callable[[], float] = time.time) -> Server:
-    """Bind the listening socket; every bind failure is a UsageError sentence."""
+def make_server(app: Service, settings: Settings) -> Server:
+    """Bind the listening socket for the application; every bind failure is a UsageError
+    sentence."""
     host, port = settings.host, settings.port
     shown = url_host(host, port)
     if host == "" and socket.has_ipv6:
         try:
-            return Server(("::", port), socket.AF_INET6, catalog, settings, clock)
+            return Server(("::", port), socket.AF_INET6, app, settings)
         except OSError as exc:
             if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
                 raise UsageError(_bind_failure(shown, exc)) from None
@@ -4364,7 +4556,7 @@ def make_server(catalog: Catalog, settings: Settings = Settings(),
                       if info[0] in (socket.AF_INET, socket.AF_INET6)]
     for family, address in candidates:
         try:
-            return Server(address, family, catalog, settings, clock)
+            return Server(address, family, app, settings)
         except OSError as exc:
             failure = _bind_failure(shown, exc)
     raise UsageError(failure)
@@ -4387,8 +4579,8 @@ def local_addresses() -> List[str]:
     interface addresses; elsewhere what the host name resolves to). No packet is sent."""
     found = []  # type: List[str]
     try:
-        import fcntl
         import array
+        import fcntl  # here: Unix only; the except below covers its absence
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             buf = array.array("B", bytes(4096))
@@ -4428,7 +4620,7 @@ IFREQ_SIZE = 40  # sizeof(struct ifreq) on 64-bit Linux; the address is at bytes
 def banner(server: Server) -> str:
     """What the operator reads at start: what is served for each board, under which rules, and
     the line to put on each machine."""
-    settings, releases = server.settings, server.catalog.releases
+    settings, releases = server.settings, server.app.catalog.releases
     lines = ["%s %s: offering version %s" % (
         PROG, __version__, ", ".join("%s for %s" % (r.version, r.board) for r in releases)
         if len(releases) > 1 else releases[0].version)]
@@ -4445,7 +4637,7 @@ def banner(server: Server) -> str:
         lines.append("rollout: " + "; ".join(rules))
     if settings.state_file:
         lines.append("fleet state: kept in %s (%d machine(s) loaded)" % (
-            settings.state_file, len(server.fleet.machines)))
+            settings.state_file, len(server.app.fleet.machines)))
     elif settings.policy.max_concurrent:
         lines.append("fleet state: in memory only: a restart frees every --max-concurrent slot "
                      "(--state-file FILE keeps them)")
@@ -4539,7 +4731,6 @@ def read_state(path: str, reset: bool) -> List[Machine]:
         if os.path.exists(path):
             os.replace(path, path + ".old")
         return []
-    import json
     try:
         with open(path, encoding="utf-8") as f:
             header = json.loads(f.readline() or "null")
@@ -4568,7 +4759,6 @@ def read_state(path: str, reset: bool) -> List[Machine]:
 
 
 def _machine_from_line(line: str, number: int) -> Machine:
-    import json
     try:
         return Machine.from_record(json.loads(line))
     except (ValueError, TypeError, KeyError) as exc:
@@ -4605,7 +4795,6 @@ class StateKeeper:
         self.save()
 
     def save(self) -> None:
-        import json
         records, changes, touches = self.fleet.take_dirty()
         for key, record in records.items():
             self.lines[key] = json.dumps(record, separators=(",", ":"))
@@ -4688,23 +4877,18 @@ def serve(server: Server, signals: queue.Queue) -> str:
 
 
 def print_config(args: argparse.Namespace) -> None:
-    import json
     settings = {k.replace("_", "-"): v for k, v in sorted(vars(args).items())
                 if k.replace("_", "-") not in NOT_IN_CONFIG}
     sys.stdout.write(json.dumps(settings, indent=1) + "\n")
 
 
-def say_summary(server: Server, json_lines: bool) -> None:
+def say_summary(app: Service, json_lines: bool) -> None:
     """At exit: the fleet's counts, and the machines whose update failed."""
-    now, fleet = server.clock(), server.fleet
+    text, facts = app.shutdown_summary()
     if json_lines:
-        failed = fleet.failed(now)
-        log_line(logging.INFO, "summary", {
-            "event": "summary", "summary": fleet.summary_facts(now),
-            "failed": [m.facts(now) for m in failed[:SUMMARY_FAILED]],
-            "more_failed": max(0, len(failed) - SUMMARY_FAILED)})
+        log_line(logging.INFO, "summary", facts)
     else:
-        for line in fleet.summary(now).splitlines():
+        for line in text.splitlines():
             log_line(logging.INFO, line)
 
 
@@ -4717,10 +4901,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         settings = settings_from(args)
         setup_logging(settings.verbose, settings.log_format == "json")
-        catalog = load_catalog_for(settings)
-        machines = read_state(settings.state_file, settings.reset_state)
-        server = make_server(catalog, settings)
-        server.fleet.restore(machines, server.clock())
+        app = Service(load_catalog_for(settings), settings)
+        app.fleet.restore(read_state(settings.state_file, settings.reset_state), app.clock())
+        server = make_server(app, settings)
     except (UsageError, PayloadError) as exc:
         sys.stderr.write("%s: error: %s\n" % (PROG, str(exc).rstrip(".") + "."))
         return 2
@@ -4730,12 +4913,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signals = catch_signals()  # before the banner: a stop right after it is a clean stop
     sys.stdout.write(banner(server))
     sys.stdout.flush()
-    keeper = StateKeeper(settings.state_file, server.fleet).start() if settings.state_file else None
+    keeper = StateKeeper(settings.state_file, app.fleet).start() if settings.state_file else None
     name = serve(server, signals)
     if keeper is not None:
         keeper.close()
     log_line(logging.INFO, "received %s, stopped" % name)
-    say_summary(server, settings.log_format == "json")
+    say_summary(app, settings.log_format == "json")
     logging.shutdown()  # writes what is still batched
     return 0
 

@@ -85,7 +85,7 @@ def test_failure_event_names_the_error_and_hints_at_the_cause():
     (_event(3, 0), False),
 ])
 def test_postinstall_failure(event, expected):
-    assert sp.is_postinstall_failure(event, _app()) is expected
+    assert sp.is_postinstall_failure(event, sp.classify_event(event, _app())) is expected
 
 
 def test_describe_machine_from_a_real_request():

@@ -199,15 +199,18 @@ def test_html_status_page(walk):
 
 def test_summary_counts_then_names_at_most_50_failed_machines():
     fleet = sp.Fleet(sp.Catalog((sp.load_release(DEMO_PAYLOAD, "3815.2.5"),)), sp.UPDATE_TIMEOUT)
-    assert fleet.summary(1000.0) == "no machine checked in"
+    def summary(now):
+        return sp.summary_text(fleet.summary_facts(now), fleet.failed(now))
+
+    assert summary(1000.0) == "no machine checked in"
     for n in range(60):
         app = sp.parse_request(machine(n)).apps[0]
-        fleet.request(app, "10.0.%d.%d" % (n // 200, n % 200 + 1),
-                      sp.Decision(True, "older", version="3815.2.5"), 1000.0 + n)
+        fleet.request(app, "10.0.%d.%d" % (n // 200, n % 200 + 1), 1000.0 + n,
+                      lambda standing: sp.Decision(True, "older", version="3815.2.5"))
         if n < 53:
             fleet.request(sp.parse_request(machine_event(n, 3, 0, 10 | NON_PRODUCTION)).apps[0],
-                          "10.0.0.%d" % (n + 1), None, 1000.0 + n)
-    lines = fleet.summary(2000.0).splitlines()
+                          "10.0.0.%d" % (n + 1), 1000.0 + n, NO_OFFER)
+    lines = summary(2000.0).splitlines()
     assert lines[0] == "60 machine(s): 53 failed, 7 offered"
     assert lines[1] == "by version: 3760.2.0 \u2192 3815.2.5: 60"
     assert len(lines) == 2 + 50 + 1
@@ -229,18 +232,21 @@ def fleet(release):
 
 
 def offer_to(fleet, release, n, now, limit=0, body=None):
-    """Machine n's update check under --max-concurrent LIMIT, as Server.answer makes it."""
+    """Machine n's update check under --max-concurrent LIMIT, as Service.update_check makes it."""
     app = sp.parse_request(body or machine(n)).apps[0]
     policy = sp.Policy(max_concurrent=limit)
-    decision, notes = fleet.admit(app, "10.0.0.%d" % n, now, True, limit > 0,
-                                  lambda standing: sp.decide(app, release, policy=policy,
-                                                             standing=standing))
-    notes += fleet.request(app, "10.0.0.%d" % n, decision, now)
-    return decision, notes
+    taken = fleet.request(app, "10.0.0.%d" % n, now,
+                          lambda standing: sp.decide(app, release, policy=policy,
+                                                     standing=standing))
+    return taken.decision, taken.notes
+
+
+def NO_OFFER(standing):
+    return sp.Decision(False, "no update")
 
 
 def report(fleet, n, body, now):
-    return fleet.request(sp.parse_request(body).apps[0], "10.0.0.%d" % n, None, now)
+    return fleet.request(sp.parse_request(body).apps[0], "10.0.0.%d" % n, now, NO_OFFER).notes
 
 
 def test_fleet_walks_an_update_and_says_each_change_once(fleet, release):
@@ -258,7 +264,8 @@ def test_fleet_walks_an_update_and_says_each_change_once(fleet, release):
     assert fleet.machines[machine_id].first_seen == 100.0
     complete = sp.parse_request(machine(1, version="3815.2.5").replace(
         b'previousversion=""', b'previousversion="3760.2.0"')).apps[0]
-    notes = fleet.request(complete, "10.0.0.1", sp.decide(complete, release), 105.0)
+    notes = fleet.request(complete, "10.0.0.1", 105.0,
+                          lambda standing: sp.decide(complete, release, standing=standing)).notes
     assert [n.text for n in notes] == [
         "node-1 (10.0.0.1, azure) 3815.2.5: update complete: rebooted from 3760.2.0 into 3815.2.5"]
     assert fleet.machines[machine_id].facts()["from_version"] == "3760.2.0"
@@ -286,7 +293,8 @@ def test_download_progress_is_said_every_ten_percent(fleet, release):
     said = []
     for i in range(1, 21):
         end = package.size if i == 20 else i * step
-        said += fleet.download("10.0.0.1", package, end, end, 1.0, 102.0)
+        said += fleet.download(fleet.downloader("10.0.0.1"), "10.0.0.1", package, end, end,
+                               1.0, 102.0)
     percents = [n.facts["machine"]["download"]["percent"] for n in said]
     assert len(said) == 11 and percents[-1] == 100.0  # 5%, 15%, ... and the end
     assert all(n.facts["event"] == "progress" for n in said)
@@ -298,7 +306,8 @@ def test_restored_machines_are_counted_but_not_as_updated_in_the_last_hour(fleet
     offer_to(fleet, release, 1, 100.0)
     complete = sp.parse_request(machine(1, version="3815.2.5").replace(
         b'previousversion=""', b'previousversion="3760.2.0"')).apps[0]
-    fleet.request(complete, "10.0.0.1", sp.decide(complete, release), 200.0)
+    fleet.request(complete, "10.0.0.1", 200.0,
+                  lambda standing: sp.decide(complete, release, standing=standing))
     offer_to(fleet, release, 2, 300.0)
     assert fleet.summary_facts(400.0)["updates_last_hour"] == 1
     records = [sp.Machine.from_record(m.record()) for m in fleet.machines.values()]
@@ -307,4 +316,4 @@ def test_restored_machines_are_counted_but_not_as_updated_in_the_last_hour(fleet
     facts = again.summary_facts(500.0)
     assert facts["states"] == {"complete": 1, "offered": 1} and facts["updates_last_hour"] == 0
     assert list(again.machines) == list(fleet.machines)  # in the order they were seen
-    assert again.tally.holders.keys() == {"%032x" % 3}  # machine 2 still holds its slot
+    assert again.holders.keys() == {"%032x" % 3}  # machine 2 still holds its slot

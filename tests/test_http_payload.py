@@ -211,5 +211,5 @@ def test_download_log_line(server, caplog, demo_bytes):
     with caplog.at_level(logging.DEBUG, logger="serve-package"):
         server.request("GET", PATH, headers={"Range": "bytes=100-"})
         server.request("GET", PATH)
-        wait_for_log(caplog, "127.0.0.1 GET update.gz -> 206, bytes 100-%d in " % (len(demo_bytes) - 1))
-        wait_for_log(caplog, "127.0.0.1 GET update.gz -> 200, whole file in ")
+        wait_for_log(caplog, "127.0.0.1 GET update.gz -> 206 bytes 100-%d in " % (len(demo_bytes) - 1))
+        wait_for_log(caplog, "127.0.0.1 GET update.gz -> 200 whole file in ")

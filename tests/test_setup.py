@@ -167,7 +167,7 @@ def test_clean_success(served, tmp_path, shell, caplog):
                                "systemctl is-enabled locksmithd"]
     setup = status_of(served)["setup"]
     assert (setup["extensions"], setup["missing"], setup["mode"]) == (["python"], [], "apply")
-    assert "127.0.0.1 fetched the setup script" in [
+    assert "127.0.0.1 GET /setup -> 200 the setup script" in [
         r.getMessage() for r in caplog.get_records("setup")]  # the fixture fetched it
 
 

@@ -231,26 +231,21 @@ _PLAIN_EVENTS = {
 def classify_event(event: "Event", app: "AppRequest") -> Happening:
     """One event in words, and the state it puts the machine in (the table of requests and
     meanings is update_engine's: omaha_request_action.cc and update_attempter.cc)."""
-    return _classify(event, app.updatecheck, app.version)
-
-
-@functools.lru_cache(maxsize=4096)  # a fleet sends a few kinds of event, and asks many times
-def _classify(event: "Event", updatecheck: bool, version: str) -> Happening:
     kind, result, code = event.type, event.result, event.errorcode
     plain = _PLAIN_EVENTS.get((kind, result))
     if plain is not None:
         return plain
     if kind == EVENT_UPDATE_COMPLETE and result == RESULT_SUCCESS_REBOOT:
         if event.previousversion in NO_PREVIOUS_VERSION:
-            if updatecheck:
+            if app.updatecheck:
                 return Happening(None, "routine check", routine=True)
             return Happening(None, "update complete: rebooted from ? into %s"
-                             % clean(version, 40))
+                             % clean(app.version, 40))
         return Happening(COMPLETE, "update complete: rebooted from %s into %s" % (
-            clean(event.previousversion, 40), clean(version, 40)))
+            clean(event.previousversion, 40), clean(app.version, 40)))
     if kind == EVENT_UPDATE_COMPLETE and result == RESULT_ERROR:
         if code is not None and code & ERROR_BASE_MASK == ERROR_ROLLBACK:
-            return Happening(ROLLED_BACK, "rolled back: still on %s" % clean(version, 40))
+            return Happening(ROLLED_BACK, "rolled back: still on %s" % clean(app.version, 40))
         hint = error_hint(code) if code is not None else None
         return Happening(FAILED, "update failed: %s%s" % (
             describe_error(code) if code is not None else "no error code",
@@ -2721,23 +2716,29 @@ def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple
 # A POSIX sh script (dash, bash, busybox sh), made for this server by setup_script(): the
 # placeholders become this server's URL and, per board, the version and files it serves.
 SETUP_SCRIPT = r'''#!/bin/sh
-# Made by serve-package @TOOL@ for the update server at @SERVER@. It checks this machine first
-# (pre-flight), then points update_engine at that server, asks it for the update and follows it
-# until it settles. It never reboots.
-#
-#   curl -fsS @SERVER@/setup | sudo sh                   check, configure, update, follow
-#   curl -fsS @SERVER@/setup | sudo sh -s -- --check     check only: change nothing
-#   ... | sudo sh -s -- --no-wait                        configure and start, do not follow
-#   ... | sudo sh -s -- --restore                        put the old update.conf back
-#
+# Made by serve-package @TOOL@ for the update server at @SERVER@: usage() says what it does.
 # The update_engine_client -status lines it reads (CURRENT_OP=UPDATE_STATUS_..., PROGRESS=0.42)
 # are those of flatcar/update_engine: src/update_engine/update_engine_client.cc and
 # update_attempter.cc. SETUP_ROOT (default /) says where the machine's files are: tests set it.
 set -u
 set -f  # no file name globbing: words from files and the server are only words
 
+# A function, not this file's own lines: piped into sh, the script has no file to read ($0 is sh).
+usage() {
+    cat <<'USAGE'
+serve-package setup for the update server at @SERVER@: it checks this machine first
+(pre-flight), then points update_engine at that server, asks it for the update and follows it
+until it settles. It never reboots.
+
+  curl -fsS @SERVER@/setup | sudo sh                   check, configure, update, follow
+  curl -fsS @SERVER@/setup | sudo sh -s -- --check     check only: change nothing
+  ... | sudo sh -s -- --no-wait                        configure and start, do not follow
+  ... | sudo sh -s -- --restore                        put the old update.conf back
+USAGE
+}
+
 SERVER=@SERVER_QUOTED@
-RELEASES=https://update.release.flatcar-linux.net
+RELEASES=@RELEASES@  # RELEASE_SERVER in serve_package.py
 ROOT=${SETUP_ROOT:-/}
 ROOT=${ROOT%/}
 LIMIT=${SETUP_TIME_LIMIT:-3600}
@@ -2759,7 +2760,7 @@ for arg in "$@"; do
         --check) MODE=check ;;
         --no-wait) WAIT=no ;;
         --restore) MODE=restore ;;
-        -h|--help) sed -n '2,12p' "$0" 2>/dev/null || true; exit 0 ;;
+        -h|--help) usage; exit 0 ;;
         *) echo "setup: unknown argument $arg: use --check, --no-wait or --restore" >&2; exit 2 ;;
     esac
 done
@@ -2789,14 +2790,16 @@ fetch() {
     if command -v curl >/dev/null 2>&1; then curl -fsS -m 10 "$1"; else wget -q -T 10 -O - "$1"; fi
 }
 
-# Tell the server what this machine needs, for its status page (best effort).
+# Tell the server what this machine needs, for its status page (best effort). The field names
+# are the ones parse_setup_report() in serve_package.py reads.
 report() {
     printf 'machine=%s\nboard=%s\nversion=%s\noem=%s\nextensions=%s\nmissing=%s\nproblems=%s\nmode=%s\n' \
         "$MACHINE_ID" "$BOARD" "$VERSION" "$OEM" "$ENABLED" "$MISSING" "$PROBLEMS" "$MODE" \
         | post "$SERVER/setup/report" >/dev/null 2>&1 || true
 }
 
-# need FILE WHY: the payload must be served for this machine's board
+# need FILE WHY: the payload must be served for this machine's board (the advice is the one
+# oem_advice() in serve_package.py gives in the server's log)
 need() {
     case " $FILES " in
         *" $1 "*) ok "$1 ($2) is served" ;;
@@ -2821,7 +2824,7 @@ VERSION=$(value "$ROOT/etc/os-release" VERSION)
 BOARD=$(cat "$ROOT/usr/share/flatcar/release" "$ROOT/usr/share/coreos/release" 2>/dev/null \
         | sed -n 's/^[A-Z_]*BOARD=//p' | head -n 1)
 if [ -z "$BOARD" ]; then
-    case $(uname -m) in x86_64) BOARD=amd64-usr ;; aarch64) BOARD=arm64-usr ;; esac
+    case $(uname -m) in @ARCH_BOARDS@ esac  # ARCH_BOARDS in serve_package.py
 fi
 MACHINE_ID=$(cat "$ROOT/etc/machine-id" 2>/dev/null || true)
 OEM=$(value "$ROOT/usr/share/oem/oem-release" ID)
@@ -3002,7 +3005,9 @@ def setup_script(server: str, catalog: Catalog, check_only: bool) -> str:
     served = "\n".join("        %s) echo %s ;;" % (
         release.board, shlex.quote(" ".join([release.version] + [p.name for p in release.packages[1:]])))
         for release in catalog.releases)
+    arch_boards = " ".join("%s) BOARD=%s ;;" % item for item in sorted(ARCH_BOARDS.items()))
     words = (("@TOOL@", __version__), ("@SERVER_QUOTED@", shlex.quote(server)), ("@SERVER@", server),
+             ("@RELEASES@", RELEASE_SERVER), ("@ARCH_BOARDS@", arch_boards),
              ("@MODE@", "check" if check_only else "apply"), ("@SERVED@", served),
              ("@BOARDS@", shlex.quote(" ".join(r.board for r in catalog.releases))))
     script = SETUP_SCRIPT
@@ -3028,7 +3033,8 @@ class SetupReport(NamedTuple):
 
 
 def parse_setup_report(body: bytes) -> SetupReport:
-    """A report's fields, each a word or a list of words; ValueError says what is wrong."""
+    """A report's fields (as the script's report() writes them), each a word or a list of
+    words; ValueError says what is wrong."""
     if len(body) > MAX_SETUP_REPORT:
         raise ValueError("a setup report is at most %d bytes" % MAX_SETUP_REPORT)
     fields = {}  # type: Dict[str, str]
@@ -4161,12 +4167,14 @@ class Flag(NamedTuple):
     """One command-line flag. Each is accepted as --name and as Go's -name, which scripts
     written for go-omaha's serve-package use; `kind` says how --config gives it."""
     name: str
-    kind: str  # "value", "list" (repeatable; "files": a list, or one string), "switch"
+    kind: str  # "value", "list" (repeatable; "files": a list, or one string), "switch",
+    #            "version" (prints it and exits; not in --config)
     help: str
     metavar: Optional[str] = None
     default: Any = None
     convert: Callable[[str], Any] = str
     choices: Optional[Tuple[str, ...]] = None
+    short: str = ""  # a one-letter alias, e.g. -v
 
 
 _PAYLOAD_FLAGS = (
@@ -4235,12 +4243,15 @@ _PROGRAM_FLAGS = (
          default=False),
     Flag("log-format", "value", "text (default) or json: one JSON object per line, with the "
          "same facts, for journald or ELK", default="text", choices=("text", "json")),
+    Flag("verbose", "switch", "log every request, not only what changes in each machine's "
+         "update", default=False, short="v"),
+    Flag("version", "version", "print the program's version and exit"),
 )
 FLAG_GROUPS = ((None, _PAYLOAD_FLAGS), ("signatures and boards", _SIGNATURE_FLAGS),
                ("rollout policy", _ROLLOUT_FLAGS),
                ("addresses, mirrors and TLS", _ADDRESS_FLAGS), (None, _PROGRAM_FLAGS))
 FLAGS = {flag.name: flag for _, flags in FLAG_GROUPS for flag in flags}
-NOT_IN_CONFIG = ("config", "print-config")
+NOT_IN_CONFIG = ("config", "print-config", "version")
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -4261,19 +4272,20 @@ def build_parser() -> argparse.ArgumentParser:
                "  SERVER=http://<this-host>:8000/v1/update\n"
                "and run: update_engine_client -check_for_update\n\n"
                "Go-style single-dash flags (-package-file ...) are accepted too.")
-    actions = {"value": "store", "list": "append", "files": "append", "switch": "store_true"}
+    actions = {"value": "store", "list": "append", "files": "append", "switch": "store_true",
+               "version": "version"}
     for title, flags in FLAG_GROUPS:
         group = parser.add_argument_group(title) if title else parser
         for flag in flags:
-            options = {"action": actions[flag.kind], "default": flag.default, "help": flag.help}
-            if flag.kind != "switch":
+            options = {"action": actions[flag.kind], "help": flag.help}
+            if flag.kind == "version":
+                options["version"] = "%s %s" % (PROG, __version__)
+            else:
+                options["default"] = flag.default
+            if flag.kind not in ("switch", "version"):
                 options.update(metavar=flag.metavar, type=flag.convert, choices=flag.choices)
-            group.add_argument("--" + flag.name, "-" + flag.name, **options)
-        if title is None and flags is _PROGRAM_FLAGS:
-            parser.add_argument("--verbose", "-v", action="store_true", help="log every "
-                                "request, not only what changes in each machine's update")
-            parser.add_argument("--version", "-version", action="version",
-                                version="%s %s" % (PROG, __version__))
+            names = ["--" + flag.name, "-" + flag.name] + (["-" + flag.short] if flag.short else [])
+            group.add_argument(*names, **options)
     return parser
 
 
@@ -4316,8 +4328,11 @@ def read_config(path: str) -> Dict[str, Any]:
 
 
 def _config_flag(config: str, key: str, flag: Flag, value: Any) -> List[str]:
-    """One --config entry as command-line arguments."""
+    """One --config entry as command-line arguments; null, or the flag's default, is a flag
+    not given (as --print-config writes one)."""
     option = "--" + flag.name
+    if value is None or (type(value) is type(flag.default) and value == flag.default):
+        return []
     if flag.kind == "switch":
         if not isinstance(value, bool):
             raise UsageError("--config %s: %r must be true or false" % (config, key))

@@ -67,6 +67,30 @@ def test_other_methods_get_405(server, method):
         assert body == b"the Omaha endpoint expects a POST\n"
 
 
+@pytest.mark.parametrize("method, path, allow", [
+    ("POST", "/status.json", "GET, HEAD"), ("POST", "/metrics", "GET, HEAD"),
+    ("DELETE", "/", "GET, HEAD"), ("PUT", "/healthz", "GET, HEAD"),
+    ("POST", "/machines.csv", "GET, HEAD"), ("POST", "/setup", "GET, HEAD"),
+    ("GET", "/setup/report", "POST"), ("POST", "/setup/state", "GET, HEAD"),
+    ("OPTIONS", "/packages/update.gz", "GET, HEAD"), ("DELETE", "/v1/update/", "POST"),
+])
+def test_every_endpoint_answers_a_wrong_method_with_405_and_allow(server, method, path, allow):
+    status, headers, body = server.request(method, path)
+    assert (status, headers["Allow"]) == (405, allow), body
+    assert body.decode().endswith(" expects a %s\n" % allow.replace(", ", " or "))
+
+
+@pytest.mark.parametrize("path", ["/", "/status.json", "/metrics", "/healthz", "/setup",
+                                  "/setup/state?id=x", "/machines.csv"])
+def test_head_wherever_get_with_the_same_headers(server, path):
+    get_status, get_headers, _ = server.request("GET", path)
+    head_status, head_headers, head_body = server.request("HEAD", path)
+    assert get_status == head_status == 200 and head_body == b""
+    for name in ("Content-Type", "Content-Length", "Cache-Control"):
+        if name != "Content-Length" or path not in ("/", "/status.json", "/metrics"):
+            assert get_headers.get(name) == head_headers.get(name), name
+
+
 @pytest.mark.parametrize("content_type, status", [
     (None, 200), ("", 200), ("text/xml", 200), ("application/xml", 200),
     ("text/xml; charset=utf-8", 200), ("TEXT/XML; charset=\"UTF-8\"", 200),

@@ -21,8 +21,9 @@ import pytest
 import serve_package as sp
 
 from clients import update_engine_reads
-from conftest import (DEMO_ARGS, DEMO_PAYLOAD, DEMO_VERSION, Clock, PyzProcess, Running, machine,
-                      machine_event, one_sentence_error, read_until_closed, run_pyz)
+from conftest import (CHECK, DEMO_ARGS, DEMO_PAYLOAD, DEMO_VERSION, Clock, PyzProcess, Running,
+                      machine, machine_event, one_sentence_error, post, read_until_closed,
+                      run_pyz)
 
 
 def offered(running, body) -> bool:
@@ -255,8 +256,31 @@ def test_config_file_and_print_config(pyz, tmp_path):
         server.kill()
 
 
+def test_print_config_loads_back_unchanged(pyz, tmp_path):
+    """What --print-config prints is a --config file: every key a flag (verbose too), nulls
+    and defaults for the flags not given."""
+    first = run_pyz(pyz, *DEMO_ARGS, "--verbose", "--group", "beta", "--print-config")
+    assert first.returncode == 0, first.stderr
+    printed = json.loads(first.stdout)
+    assert printed["verbose"] is True and printed["base-url"] is None and printed["board"] == ""
+    config = tmp_path / "printed.json"
+    config.write_bytes(first.stdout)
+    again = run_pyz(pyz, "--config", str(config), "--print-config")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout
+
+
+def test_verbose_in_a_config_file(pyz, tmp_path):
+    config = tmp_path / "serve.json"
+    config.write_text(json.dumps({"verbose": True, "listen-address": "127.0.0.1:0"}))
+    with PyzProcess(pyz, ["--config", str(config)] + DEMO_ARGS) as server:
+        assert post(server.port, CHECK)[0] == 200
+        server.wait_for_log("update check: offered")  # a request line: only with --verbose
+
+
 @pytest.mark.parametrize("content, words", [
     ({"package-file": "x", "colour": "blue"}, "has an unknown key 'colour'"),
+    ({"version": True}, "has an unknown key 'version'"),
     ({"group": "stable"}, "'group' must be a list of strings"),
     ({"force": "yes"}, "'force' must be true or false"),
     ([1, 2], "must hold a JSON object of flags"),

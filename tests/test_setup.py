@@ -130,6 +130,17 @@ def test_the_script_is_clean_for_shellcheck(served):
     assert result.returncode == 0, result.stdout.decode()
 
 
+@pytest.mark.parametrize("shell", shells())
+def test_help_works_when_piped(served, shell):
+    """curl .../setup | sh -s -- --help: the script has no file of its own to read ($0 is sh)."""
+    result = subprocess.run(shell + ["-s", "--", "--help"], input=served.script,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    out = result.stdout.decode()
+    assert result.returncode == 0 and result.stderr == b"", result.stderr
+    assert "sudo sh -s -- --check     check only: change nothing" in out
+    assert "http://127.0.0.1:%d/setup | sudo sh " % served.port in out
+
+
 def test_the_script_is_made_for_this_server(served):
     status, headers, body = served.request("GET", "/setup")
     text = body.decode()

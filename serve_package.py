@@ -206,6 +206,58 @@ HOLDS_SLOT = (OFFERED, DOWNLOADING, DOWNLOADED)  # a --max-concurrent slot; free
 UNHAPPY = (FAILED, ROLLED_BACK, DEFERRED, OTHER_VERSION)
 REFUSED = (NEW, IDLE, OFFERED, WRONG_BOARD, OTHER_VERSION)  # what a "no" to a check may change
 
+
+# Words for log lines and pages.
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+intern = sys.intern  # words many machines share (versions, groups, reasons) kept once
+
+
+def clean(text: str, limit: int = 120) -> str:
+    """Request data made safe for one log line: control characters escaped, length bounded."""
+    text = _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
+                        else "\\u%04x" % ord(m.group()), text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def versions_words(version: str, target: str) -> str:
+    """'3760.2.0 -> 3815.2.5' while a machine updates, else its version."""
+    if target and target != version:
+        return "%s \u2192 %s" % (version or "?", target)
+    return version
+
+
+def short_name(alias: str, machineid: str, fallback: str) -> str:
+    """How a machine is called in one word: its alias, the start of its id, or the fallback."""
+    return alias or (machineid[:8] if machineid else fallback)
+
+
+def format_size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return ("%d %s" if unit == "bytes" else "%.1f %s") % (n, unit)
+        n /= 1024
+    return ""
+
+
+def format_fraction(done: int, total: int) -> str:
+    """'214/512 MiB': both in the unit of the total."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if total >= scale:
+            if total >= 10 * scale:
+                return "%d/%d %s" % (done // scale, total // scale, unit)
+            return "%.1f/%.1f %s" % (done / scale, total / scale, unit)
+    return "%d/%d bytes" % (done, total)
+
+
+def format_rate(n: int, seconds: float) -> str:
+    return "%s/s" % format_size(n / seconds) if seconds > 0 else "instant"
+
+
+def iso_time(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
 # update_engine sends this previousversion on a routine check; a real version there means it
 # rebooted into an update (flatcar/update_engine: src/update_engine/omaha_request_action.cc,
 # which sends the version it updated from once, on its first check after the reboot).
@@ -263,57 +315,6 @@ def is_postinstall_failure(event: "Event", happening: Happening) -> bool:
     sign of a missing OEM or extension payload."""
     return (happening.state == FAILED and event.errorcode is not None
             and event.errorcode & ERROR_BASE_MASK == ERROR_POSTINSTALL)
-
-
-# Words for log lines and pages.
-
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-intern = sys.intern  # words many machines share (versions, groups, reasons) kept once
-
-
-def clean(text: str, limit: int = 120) -> str:
-    """Request data made safe for one log line: control characters escaped, length bounded."""
-    text = _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
-                        else "\\u%04x" % ord(m.group()), text)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def versions_words(version: str, target: str) -> str:
-    """'3760.2.0 -> 3815.2.5' while a machine updates, else its version."""
-    if target and target != version:
-        return "%s \u2192 %s" % (version or "?", target)
-    return version
-
-
-def short_name(alias: str, machineid: str, fallback: str) -> str:
-    """How a machine is called in one word: its alias, the start of its id, or the fallback."""
-    return alias or (machineid[:8] if machineid else fallback)
-
-
-def format_size(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return ("%d %s" if unit == "bytes" else "%.1f %s") % (n, unit)
-        n /= 1024
-    return ""
-
-
-def format_fraction(done: int, total: int) -> str:
-    """'214/512 MiB': both in the unit of the total."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if total >= scale:
-            if total >= 10 * scale:
-                return "%d/%d %s" % (done // scale, total // scale, unit)
-            return "%.1f/%.1f %s" % (done / scale, total / scale, unit)
-    return "%d/%d bytes" % (done, total)
-
-
-def format_rate(n: int, seconds: float) -> str:
-    return "%s/s" % format_size(n / seconds) if seconds > 0 else "instant"
-
-
-def iso_time(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
 class PerSecond:
@@ -826,6 +827,12 @@ class Digests(NamedTuple):
     signed_sha256: Optional[bytes]  # of the bytes before `mark`, when the file reached it
 
 
+def _pread_into(fd: int, buf: bytearray, offset: int) -> int:
+    data = os.pread(fd, len(buf), offset)
+    buf[:len(data)] = data
+    return len(data)
+
+
 def hash_file(fd: int, progress: Optional[Callable[[int], None]] = None,
               mark: Optional[int] = None) -> Digests:
     """SHA-1 and SHA-256 of a file and its length, in one read, the digests computed in parallel;
@@ -881,12 +888,6 @@ def hash_file(fd: int, progress: Optional[Callable[[int], None]] = None,
         work.put(None)
         worker.join()
     return Digests(sha1.digest(), sha256.digest(), done, signed[0])
-
-
-def _pread_into(fd: int, buf: bytearray, offset: int) -> int:
-    data = os.pread(fd, len(buf), offset)
-    buf[:len(data)] = data
-    return len(data)
 
 
 def _file_identity(st: os.stat_result) -> Tuple[int, ...]:
@@ -1098,6 +1099,20 @@ def read_checksum_file(path: str) -> Optional[str]:
     return words[0].lower()
 
 
+def _checked_spec(path: str, name: str) -> PayloadSpec:
+    """A file to serve, expected to match the FILE.sha256 beside it when there is one."""
+    expected = read_checksum_file(path)
+    return PayloadSpec(path, name, expected,
+                       os.path.basename(path) + ".sha256" if expected else "")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def plan_payloads(package_file: Optional[str], package_dir: Optional[str],
                   extensions: Sequence[str], sha256: Optional[str]) -> List[PayloadSpec]:
     """Decide what to serve, from the command line, before reading any payload: the OS
@@ -1143,47 +1158,11 @@ def plan_payloads(package_file: Optional[str], package_dir: Optional[str],
     return [specs[0]] + sorted(specs[1:], key=lambda spec: spec.name)
 
 
-def _checked_spec(path: str, name: str) -> PayloadSpec:
-    """A file to serve, expected to match the FILE.sha256 beside it when there is one."""
-    expected = read_checksum_file(path)
-    return PayloadSpec(path, name, expected,
-                       os.path.basename(path) + ".sha256" if expected else "")
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 class ReleasePlan(NamedTuple):
     """One board's files, before any is read: the OS payload first, then the extensions."""
     specs: Tuple[PayloadSpec, ...]
     version: str = ""  # from the release layout's path; "" when --package-version gives it
     board: str = ""  # from the release layout's path; "" when the kernel tells
-
-
-def plan_releases(package_files: Sequence[str], package_dir: Optional[str],
-                  extensions: Sequence[str], sha256: Optional[str]) -> List[ReleasePlan]:
-    """What to serve, one plan a board: several --package-file, the release server's layout
-    (DIR/<board>/ or DIR/<board>/<version>/), or else one release as plan_payloads() says."""
-    layout = _release_layout(package_dir) if package_dir else []
-    if layout:
-        if package_files or extensions or sha256:
-            raise PayloadError(
-                "%s has the release server's layout (%s/<board>/...): put every file in its "
-                "board's directory rather than naming it with --package-file, --extension or "
-                "--sha256." % (package_dir, package_dir.rstrip("/")))
-        return layout
-    if len(package_files) > 1:
-        if package_dir or extensions or sha256:
-            raise PayloadError(
-                "with several --package-file (one a board), give each board's extensions in "
-                "the release server's layout: --package-dir DIR holding DIR/<board>/.")
-        return [ReleasePlan((_checked_spec(path, OS_PAYLOAD_NAME),)) for path in package_files]
-    package_file = package_files[0] if package_files else None
-    return [ReleasePlan(tuple(plan_payloads(package_file, package_dir, extensions, sha256)))]
 
 
 def _release_layout(package_dir: str) -> List[ReleasePlan]:
@@ -1208,6 +1187,28 @@ def _release_layout(package_dir: str) -> List[ReleasePlan]:
         plans.append(ReleasePlan(tuple(plan_payloads(None, os.path.join(where, versions[0]),
                                                      (), None)), versions[0], board))
     return plans
+
+
+def plan_releases(package_files: Sequence[str], package_dir: Optional[str],
+                  extensions: Sequence[str], sha256: Optional[str]) -> List[ReleasePlan]:
+    """What to serve, one plan a board: several --package-file, the release server's layout
+    (DIR/<board>/ or DIR/<board>/<version>/), or else one release as plan_payloads() says."""
+    layout = _release_layout(package_dir) if package_dir else []
+    if layout:
+        if package_files or extensions or sha256:
+            raise PayloadError(
+                "%s has the release server's layout (%s/<board>/...): put every file in its "
+                "board's directory rather than naming it with --package-file, --extension or "
+                "--sha256." % (package_dir, package_dir.rstrip("/")))
+        return layout
+    if len(package_files) > 1:
+        if package_dir or extensions or sha256:
+            raise PayloadError(
+                "with several --package-file (one a board), give each board's extensions in "
+                "the release server's layout: --package-dir DIR holding DIR/<board>/.")
+        return [ReleasePlan((_checked_spec(path, OS_PAYLOAD_NAME),)) for path in package_files]
+    package_file = package_files[0] if package_files else None
+    return [ReleasePlan(tuple(plan_payloads(package_file, package_dir, extensions, sha256)))]
 
 
 class Release(NamedTuple):
@@ -1260,36 +1261,6 @@ class Catalog(NamedTuple):
 
     def os_payloads(self) -> FrozenSet[str]:
         return frozenset(release.packages[0].path for release in self.releases)
-
-
-def load_catalog(plans: Sequence[ReleasePlan], version: str = "", board: str = "",
-                 keys: Optional[Sequence[PayloadKey]] = None,
-                 progress: Optional[Callable[[int, int], None]] = None) -> Catalog:
-    """Check every file first (so a bad one is reported before minutes of hashing) and learn
-    each release's board; then hash every file in one read, and verify each against its
-    expected SHA-256 and, unless keys is None, its signature."""
-    versions = [_release_version(plan, version) for plan in plans]
-    opened = []  # type: List[Opened]
-    try:
-        for plan in plans:
-            opened += [open_payload(spec) for spec in plan.specs]
-        groups, start = [], 0  # each plan's files, opened
-        for plan in plans:
-            groups.append(opened[start:start + len(plan.specs)])
-            start += len(plan.specs)
-        boards = _boards(plans, [group[0] for group in groups], board)
-        hashed = iter(_hash_all(opened, progress))
-        files = [tuple(_verified(item, *next(hashed), keys) for item in group)
-                 for group in groups]
-    except BaseException:
-        for item in opened:
-            os.close(item.fd)
-        raise
-    return Catalog(tuple(
-        Release(text, key, packages, board_name, source, kernel,
-                board_name + "/" if len(plans) > 1 else "")
-        for (text, key), packages, (board_name, source, kernel)
-        in zip(versions, files, boards)))
 
 
 def _release_version(plan: ReleasePlan, given: str) -> Tuple[str, Tuple[int, ...]]:
@@ -1395,6 +1366,36 @@ def _verified(opened: Opened, package: Package, signed_sha256: Optional[bytes],
     if keys is not None:
         package = package._replace(signer=signed_by(opened, signed_sha256, keys))
     return package
+
+
+def load_catalog(plans: Sequence[ReleasePlan], version: str = "", board: str = "",
+                 keys: Optional[Sequence[PayloadKey]] = None,
+                 progress: Optional[Callable[[int, int], None]] = None) -> Catalog:
+    """Check every file first (so a bad one is reported before minutes of hashing) and learn
+    each release's board; then hash every file in one read, and verify each against its
+    expected SHA-256 and, unless keys is None, its signature."""
+    versions = [_release_version(plan, version) for plan in plans]
+    opened = []  # type: List[Opened]
+    try:
+        for plan in plans:
+            opened += [open_payload(spec) for spec in plan.specs]
+        groups, start = [], 0  # each plan's files, opened
+        for plan in plans:
+            groups.append(opened[start:start + len(plan.specs)])
+            start += len(plan.specs)
+        boards = _boards(plans, [group[0] for group in groups], board)
+        hashed = iter(_hash_all(opened, progress))
+        files = [tuple(_verified(item, *next(hashed), keys) for item in group)
+                 for group in groups]
+    except BaseException:
+        for item in opened:
+            os.close(item.fd)
+        raise
+    return Catalog(tuple(
+        Release(text, key, packages, board_name, source, kernel,
+                board_name + "/" if len(plans) > 1 else "")
+        for (text, key), packages, (board_name, source, kernel)
+        in zip(versions, files, boards)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1542,6 +1543,46 @@ def content_type_problem(value: str) -> Optional[str]:
     return None
 
 
+MAX_SETUP_REPORT = 16 << 10
+_SETUP_WORD = re.compile(r"[A-Za-z0-9._+-]{1,100}")
+
+
+class SetupReport(NamedTuple):
+    """What the setup script found on a machine (POST /setup/report, key=value lines)."""
+    machineid: str
+    board: str
+    version: str
+    oem: str
+    extensions: Tuple[str, ...]
+    missing: Tuple[str, ...]
+    problems: int
+    mode: str
+
+
+def parse_setup_report(body: bytes) -> SetupReport:
+    """A report's fields (as the script's report() writes them), each a word or a list of
+    words; ValueError says what is wrong."""
+    if len(body) > MAX_SETUP_REPORT:
+        raise ValueError("a setup report is at most %d bytes" % MAX_SETUP_REPORT)
+    fields = {}  # type: Dict[str, str]
+    for line in body.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+    words = {key: tuple(fields.get(key, "").split()) for key in ("extensions", "missing")}
+    for key in ("board", "version", "oem", "mode", "machine"):
+        if fields.get(key) and not _SETUP_WORD.fullmatch(fields[key]):
+            raise ValueError("%s=%r is not a word" % (key, clean(fields[key], 40)))
+    for key, values in words.items():
+        if len(values) > 64 or not all(_SETUP_WORD.fullmatch(v) for v in values):
+            raise ValueError("%s is not a list of up to 64 names" % key)
+    problems = fields.get("problems", "0")
+    return SetupReport(fields.get("machine", ""), fields.get("board", ""),
+                       fields.get("version", ""), fields.get("oem", ""), words["extensions"],
+                       words["missing"], int(problems) if problems.isdigit() else 0,
+                       fields.get("mode", ""))
+
+
 class Offer(NamedTuple):
     """What an update check is offered: where to download (mirrors in order) and what."""
     version: str
@@ -1655,39 +1696,6 @@ class Standing(NamedTuple):
     installed_instead: str = ""
 
 
-def decide(app: AppRequest, release: Release, intact: bool = True,
-           policy: Policy = Policy(), paused: bool = False,
-           standing: Standing = Standing()) -> Decision:
-    """Whether this app is offered the release. update_engine installs whatever it is offered,
-    older or equal included, and never compares boards (flatcar/update_engine:
-    src/update_engine/omaha_response_handler_action.cc): this is the only check there is.
-    Nothing is offered while a payload file is not the one hashed at startup (intact False)."""
-    if not intact:
-        return Decision(False, "a payload file changed on disk; restart %s" % PROG,
-                        warning="changed")
-    board = app.machine_board
-    if board != release.board:
-        return Decision(False, "wrong board: it is an %s machine and the payload is for %s; "
-                        "serve a %s payload too (the release layout in --package-dir, or "
-                        "another --package-file)" % (clean(board, 40), release.board,
-                                                     clean(board, 40)),
-                        warning="wrong-board", state=WRONG_BOARD)
-    if standing.installed_instead:
-        return Decision(False, installed_instead_words(release.version, standing.installed_instead),
-                        warning="other-version", state=OTHER_VERSION)
-    client = parse_version(app.version)
-    if client is None:
-        return Decision(False, "its version %r is not a version, so it is not offered %s"
-                        % (clean(app.version, 40), release.version), warning="bad-version")
-    refusal = _rollout_refusal(app, client, release, policy, paused, standing)
-    if refusal is not None:
-        return refusal
-    if client >= release.key:
-        return Decision(True, "forced: it runs %s" % clean(app.version, 40), forced=True,
-                        version=release.version)
-    return Decision(True, "older than %s" % release.version, version=release.version)
-
-
 def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release, policy: Policy,
                      paused: bool, standing: Standing) -> Optional[Decision]:
     """The first rollout rule that keeps the release from this machine, if any."""
@@ -1721,6 +1729,39 @@ def installed_instead_words(offered: str, running: str) -> str:
     running = clean(running, 40)
     return ("installed the payload offered as %s and now runs %s: the payload is %s; restart "
             "with --package-version %s" % (offered, running, running, running))
+
+
+def decide(app: AppRequest, release: Release, intact: bool = True,
+           policy: Policy = Policy(), paused: bool = False,
+           standing: Standing = Standing()) -> Decision:
+    """Whether this app is offered the release. update_engine installs whatever it is offered,
+    older or equal included, and never compares boards (flatcar/update_engine:
+    src/update_engine/omaha_response_handler_action.cc): this is the only check there is.
+    Nothing is offered while a payload file is not the one hashed at startup (intact False)."""
+    if not intact:
+        return Decision(False, "a payload file changed on disk; restart %s" % PROG,
+                        warning="changed")
+    board = app.machine_board
+    if board != release.board:
+        return Decision(False, "wrong board: it is an %s machine and the payload is for %s; "
+                        "serve a %s payload too (the release layout in --package-dir, or "
+                        "another --package-file)" % (clean(board, 40), release.board,
+                                                     clean(board, 40)),
+                        warning="wrong-board", state=WRONG_BOARD)
+    if standing.installed_instead:
+        return Decision(False, installed_instead_words(release.version, standing.installed_instead),
+                        warning="other-version", state=OTHER_VERSION)
+    client = parse_version(app.version)
+    if client is None:
+        return Decision(False, "its version %r is not a version, so it is not offered %s"
+                        % (clean(app.version, 40), release.version), warning="bad-version")
+    refusal = _rollout_refusal(app, client, release, policy, paused, standing)
+    if refusal is not None:
+        return refusal
+    if client >= release.key:
+        return Decision(True, "forced: it runs %s" % clean(app.version, 40), forced=True,
+                        version=release.version)
+    return Decision(True, "older than %s" % release.version, version=release.version)
 
 
 def answer_app(app: AppRequest, decision: Decision, release: Release,
@@ -2048,6 +2089,8 @@ SORT_KEYS = {
     "name": lambda m: m.name(), "state": lambda m: m.state,
     "version": lambda m: parse_version(m.version) or (), "address": lambda m: m.address}
 PSEUDO_STATES = ("stalled", "not-seen")
+
+
 class Query(NamedTuple):
     """Which machines a page, /status.json or /machines.csv shows, from its query string:
     ?state=failed&version=3760.2.0&board=arm64-usr&group=stable&oem=azure&cause=10
@@ -2376,6 +2419,10 @@ FINDING_HINTS = {  # the causes the server finds itself, with no error code
 }
 
 
+SHORT_STATE_WORDS = {FAILED: "update failed", ROLLED_BACK: "rolled back", DEFERRED: "deferred",
+                     WRONG_BOARD: "wrong board", OTHER_VERSION: "installed another version"}
+
+
 def _cause_facts(cause: str, machines: int, examples: List[str]) -> Dict[str, Any]:
     if cause.isdigit():
         words, hint = describe_error(int(cause)), error_hint(int(cause))
@@ -2449,6 +2496,15 @@ def csv_chunks(machines: Sequence[Machine], now: float) -> Iterator[bytes]:
         buffer.truncate()
 
 
+def _payload_facts(release: Release, index: int, package: Package) -> Dict[str, object]:
+    return {"name": package.name, "path": package.path, "size": package.size,
+            "sha256": package.sha256_hex, "verified": checksum_words(package),
+            "signature": {"key": package.signer.name if package.signer else None,
+                          "words": signature_words(package)},
+            "board": release.board, "version": release.version,
+            "url_path": PACKAGES_PREFIX + release.prefix + package.name, "required": index == 0}
+
+
 def status_document(catalog: Catalog, summary: Dict[str, Any], machines: List[Dict[str, object]],
                     total: int, query: Query, started: float) -> Dict[str, object]:
     """What /status.json and the page say, as values (status_json() renders the JSON, whose
@@ -2471,22 +2527,16 @@ def status_json(doc: Dict[str, Any]) -> str:
     return json.dumps(dict(doc, summary=summary_json(doc["summary"])), indent=1) + "\n"
 
 
-def _payload_facts(release: Release, index: int, package: Package) -> Dict[str, object]:
-    return {"name": package.name, "path": package.path, "size": package.size,
-            "sha256": package.sha256_hex, "verified": checksum_words(package),
-            "signature": {"key": package.signer.name if package.signer else None,
-                          "words": signature_words(package)},
-            "board": release.board, "version": release.version,
-            "url_path": PACKAGES_PREFIX + release.prefix + package.name, "required": index == 0}
-
-
-SHORT_STATE_WORDS = {FAILED: "update failed", ROLLED_BACK: "rolled back", DEFERRED: "deferred",
-                     WRONG_BOARD: "wrong board", OTHER_VERSION: "installed another version"}
 # the last-error column says the rest, and the state's own words are the cell's title
 STATE_COLOURS = {COMPLETE: "#1a7f37", IDLE: "#57606a", FAILED: "#cf222e",
                  ROLLED_BACK: "#cf222e", DEFERRED: "#9a6700", DOWNLOADING: "#0969da",
                  OFFERED: "#0969da", DOWNLOADED: "#0969da", INSTALLED: "#8250df",
                  WRONG_BOARD: "#cf222e", OTHER_VERSION: "#cf222e"}
+
+
+def _clock(iso: str) -> str:
+    """'2026-12-01 14:02:03' from '2026-12-01T14:02:03Z' (UTC)."""
+    return iso.replace("T", " ").rstrip("Z")
 
 
 def _status_row(m: Dict[str, Any]) -> str:
@@ -2521,11 +2571,6 @@ def _status_row(m: Dict[str, Any]) -> str:
             esc(str(m["version"]) + (" \u2192 " + str(m["target"]) if m["target"] else "")),
             STATE_COLOURS.get(str(m["state"]), "#24292f"), esc(words),
             progress, esc(problem), esc(_clock(str(m["last_seen"])))))
-
-
-def _clock(iso: str) -> str:
-    """'2026-12-01 14:02:03' from '2026-12-01T14:02:03Z' (UTC)."""
-    return iso.replace("T", " ").rstrip("Z")
 
 
 def _summary_html(summary: Dict[str, Any], query: Query) -> str:
@@ -3014,46 +3059,6 @@ def setup_script(server: str, catalog: Catalog, check_only: bool) -> str:
     for placeholder, value in words:
         script = script.replace(placeholder, value)
     return script
-
-
-MAX_SETUP_REPORT = 16 << 10
-_SETUP_WORD = re.compile(r"[A-Za-z0-9._+-]{1,100}")
-
-
-class SetupReport(NamedTuple):
-    """What the setup script found on a machine (POST /setup/report, key=value lines)."""
-    machineid: str
-    board: str
-    version: str
-    oem: str
-    extensions: Tuple[str, ...]
-    missing: Tuple[str, ...]
-    problems: int
-    mode: str
-
-
-def parse_setup_report(body: bytes) -> SetupReport:
-    """A report's fields (as the script's report() writes them), each a word or a list of
-    words; ValueError says what is wrong."""
-    if len(body) > MAX_SETUP_REPORT:
-        raise ValueError("a setup report is at most %d bytes" % MAX_SETUP_REPORT)
-    fields = {}  # type: Dict[str, str]
-    for line in body.decode("utf-8", "replace").splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            fields[key.strip()] = value.strip()
-    words = {key: tuple(fields.get(key, "").split()) for key in ("extensions", "missing")}
-    for key in ("board", "version", "oem", "mode", "machine"):
-        if fields.get(key) and not _SETUP_WORD.fullmatch(fields[key]):
-            raise ValueError("%s=%r is not a word" % (key, clean(fields[key], 40)))
-    for key, values in words.items():
-        if len(values) > 64 or not all(_SETUP_WORD.fullmatch(v) for v in values):
-            raise ValueError("%s is not a list of up to 64 names" % key)
-    problems = fields.get("problems", "0")
-    return SetupReport(fields.get("machine", ""), fields.get("board", ""),
-                       fields.get("version", ""), fields.get("oem", ""), words["extensions"],
-                       words["missing"], int(problems) if problems.isdigit() else 0,
-                       fields.get("mode", ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4289,31 +4294,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_arguments(argv: Sequence[str]) -> List[str]:
-    """--config FILE as command-line arguments, without the flags the command line gives
-    itself (so those override the file's)."""
-    given, config = set(), None
-    for index, token in enumerate(argv):
-        name = token.lstrip("-").split("=", 1)[0]
-        if token.startswith("-") and name in FLAGS:
-            given.add(name)
-            if name == "config":
-                config = token.split("=", 1)[1] if "=" in token else (
-                    argv[index + 1] if index + 1 < len(argv) else None)
-    if config is None:
-        return []
-    arguments = []  # type: List[str]
-    for key, value in read_config(config).items():
-        name = str(key).replace("_", "-")
-        flag = FLAGS.get(name)
-        if flag is None or name in NOT_IN_CONFIG:
-            raise UsageError("--config %s has an unknown key %r; the keys are the long flags, "
-                             "like \"package-file\"" % (config, key))
-        if name not in given:
-            arguments += _config_flag(config, key, flag, value)
-    return arguments
-
-
 def read_config(path: str) -> Dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -4346,6 +4326,31 @@ def _config_flag(config: str, key: str, flag: Flag, value: Any) -> List[str]:
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return [option, str(value)]
     raise UsageError("--config %s: %r must be a string or a number" % (config, key))
+
+
+def config_arguments(argv: Sequence[str]) -> List[str]:
+    """--config FILE as command-line arguments, without the flags the command line gives
+    itself (so those override the file's)."""
+    given, config = set(), None
+    for index, token in enumerate(argv):
+        name = token.lstrip("-").split("=", 1)[0]
+        if token.startswith("-") and name in FLAGS:
+            given.add(name)
+            if name == "config":
+                config = token.split("=", 1)[1] if "=" in token else (
+                    argv[index + 1] if index + 1 < len(argv) else None)
+    if config is None:
+        return []
+    arguments = []  # type: List[str]
+    for key, value in read_config(config).items():
+        name = str(key).replace("_", "-")
+        flag = FLAGS.get(name)
+        if flag is None or name in NOT_IN_CONFIG:
+            raise UsageError("--config %s has an unknown key %r; the keys are the long flags, "
+                             "like \"package-file\"" % (config, key))
+        if name not in given:
+            arguments += _config_flag(config, key, flag, value)
+    return arguments
 
 
 def parse_listen_address(text: str) -> Tuple[str, int]:
@@ -4548,6 +4553,18 @@ def load_release(package_file: Optional[str], version: str, extensions: Sequence
         extensions=tuple(extensions), sha256=sha256, package_version=version)).releases[0]
 
 
+def _bind_failure(shown: str, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return ("cannot listen on %s: the address is already in use (another serve-package or "
+                "web server?); stop it or pick another port with --listen-address" % shown)
+    if exc.errno == errno.EACCES:
+        return ("cannot listen on %s: permission denied (ports below 1024 need root); "
+                "use a port such as 8000" % shown)
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "cannot listen on %s: that address does not belong to this machine" % shown
+    return "cannot listen on %s: %s" % (shown, exc.strerror or exc)
+
+
 def make_server(app: Service, settings: Settings) -> Server:
     """Bind the listening socket for the application; every bind failure is a UsageError
     sentence."""
@@ -4577,16 +4594,8 @@ def make_server(app: Service, settings: Settings) -> Server:
     raise UsageError(failure)
 
 
-def _bind_failure(shown: str, exc: OSError) -> str:
-    if exc.errno == errno.EADDRINUSE:
-        return ("cannot listen on %s: the address is already in use (another serve-package or "
-                "web server?); stop it or pick another port with --listen-address" % shown)
-    if exc.errno == errno.EACCES:
-        return ("cannot listen on %s: permission denied (ports below 1024 need root); "
-                "use a port such as 8000" % shown)
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return "cannot listen on %s: that address does not belong to this machine" % shown
-    return "cannot listen on %s: %s" % (shown, exc.strerror or exc)
+SIOCGIFCONF = 0x8912  # Linux: the list of interfaces with an IPv4 address
+IFREQ_SIZE = 40  # sizeof(struct ifreq) on 64-bit Linux; the address is at bytes 20-24
 
 
 def local_addresses() -> List[str]:
@@ -4628,35 +4637,21 @@ def local_addresses() -> List[str]:
     return unique
 
 
-SIOCGIFCONF = 0x8912  # Linux: the list of interfaces with an IPv4 address
-IFREQ_SIZE = 40  # sizeof(struct ifreq) on 64-bit Linux; the address is at bytes 20-24
-
-
-def banner(server: Server) -> str:
-    """What the operator reads at start: what is served for each board, under which rules, and
-    the line to put on each machine."""
-    settings, releases = server.settings, server.app.catalog.releases
-    lines = ["%s %s: offering version %s" % (
-        PROG, __version__, ", ".join("%s for %s" % (r.version, r.board) for r in releases)
-        if len(releases) > 1 else releases[0].version)]
-    for release in releases:
-        lines += _release_lines(release)
-    if not settings.local_payload:
-        lines.append("payloads are not served here: machines download them from %s"
-                     % ", ".join(settings.mirrors))
-    elif settings.base_url or settings.mirrors:
-        lines.append("machines download from %s" % ", ".join(
-            ((settings.base_url,) if settings.base_url else ("this server",)) + settings.mirrors))
-    rules = rollout_rules(settings.policy)
-    if rules:
-        lines.append("rollout: " + "; ".join(rules))
-    if settings.state_file:
-        lines.append("fleet state: kept in %s (%d machine(s) loaded)" % (
-            settings.state_file, len(server.app.fleet.machines)))
-    elif settings.policy.max_concurrent:
-        lines.append("fleet state: in memory only: a restart frees every --max-concurrent slot "
-                     "(--state-file FILE keeps them)")
-    return "\n".join(lines + _where_to_point(server))
+def rollout_rules(policy: Policy) -> List[str]:
+    rules = []
+    if policy.force:
+        rules.append("--force: offered whatever the machine runs")
+    if policy.groups:
+        rules.append("only groups " + ", ".join(sorted(policy.groups)))
+    if policy.machine_ids:
+        rules.append("only %d named machine(s)" % len(policy.machine_ids))
+    if policy.min_version:
+        rules.append("not to machines older than " + policy.min_version)
+    if policy.max_concurrent:
+        rules.append("at most %d updating at once" % policy.max_concurrent)
+    if policy.pause_file:
+        rules.append("paused while %s exists" % policy.pause_file)
+    return rules
 
 
 def _release_lines(release: Release) -> List[str]:
@@ -4674,23 +4669,6 @@ def _release_lines(release: Release) -> List[str]:
         lines.append("  no OEM or extension payloads: Flatcar >= 3760 machines with an OEM "
                      "sysext or extensions need them (see --extension)")
     return lines
-
-
-def rollout_rules(policy: Policy) -> List[str]:
-    rules = []
-    if policy.force:
-        rules.append("--force: offered whatever the machine runs")
-    if policy.groups:
-        rules.append("only groups " + ", ".join(sorted(policy.groups)))
-    if policy.machine_ids:
-        rules.append("only %d named machine(s)" % len(policy.machine_ids))
-    if policy.min_version:
-        rules.append("not to machines older than " + policy.min_version)
-    if policy.max_concurrent:
-        rules.append("at most %d updating at once" % policy.max_concurrent)
-    if policy.pause_file:
-        rules.append("paused while %s exists" % policy.pause_file)
-    return rules
 
 
 def _where_to_point(server: Server) -> List[str]:
@@ -4724,6 +4702,33 @@ def _where_to_point(server: Server) -> List[str]:
                     "Stop the server with Ctrl-C.", ""]
 
 
+def banner(server: Server) -> str:
+    """What the operator reads at start: what is served for each board, under which rules, and
+    the line to put on each machine."""
+    settings, releases = server.settings, server.app.catalog.releases
+    lines = ["%s %s: offering version %s" % (
+        PROG, __version__, ", ".join("%s for %s" % (r.version, r.board) for r in releases)
+        if len(releases) > 1 else releases[0].version)]
+    for release in releases:
+        lines += _release_lines(release)
+    if not settings.local_payload:
+        lines.append("payloads are not served here: machines download them from %s"
+                     % ", ".join(settings.mirrors))
+    elif settings.base_url or settings.mirrors:
+        lines.append("machines download from %s" % ", ".join(
+            ((settings.base_url,) if settings.base_url else ("this server",)) + settings.mirrors))
+    rules = rollout_rules(settings.policy)
+    if rules:
+        lines.append("rollout: " + "; ".join(rules))
+    if settings.state_file:
+        lines.append("fleet state: kept in %s (%d machine(s) loaded)" % (
+            settings.state_file, len(server.app.fleet.machines)))
+    elif settings.policy.max_concurrent:
+        lines.append("fleet state: in memory only: a restart frees every --max-concurrent slot "
+                     "(--state-file FILE keeps them)")
+    return "\n".join(lines + _where_to_point(server))
+
+
 # -- the fleet across restarts: --state-file -----------------------------------------------------
 # JSON Lines: a header line {"format": "serve-package fleet state", "version": 1, "fields": [...],
 # ...}, then one JSON array a machine, its values in the order of the header's fields. Written whole to FILE.tmp, fsync'ed, renamed over
@@ -4734,6 +4739,13 @@ STATE_FORMAT = "serve-package fleet state"
 STATE_VERSION = 1
 SAVE_AFTER = 3.0  # seconds from a change of a count or a slot to the save
 SAVE_IDLE = 60.0  # seconds between saves when only last-seen times changed
+
+
+def _machine_from_line(line: str, number: int) -> Machine:
+    try:
+        return Machine.from_record(json.loads(line))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError("line %d: %s" % (number, exc)) from None
 
 
 def read_state(path: str, reset: bool) -> List[Machine]:
@@ -4773,11 +4785,20 @@ def read_state(path: str, reset: bool) -> List[Machine]:
     return machines
 
 
-def _machine_from_line(line: str, number: int) -> Machine:
+def write_atomically(path: str, lines: Sequence[str]) -> None:
+    """FILE.tmp written and fsync'ed, renamed over FILE, and the directory fsync'ed."""
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        for start in range(0, len(lines), 4096):
+            f.write("\n".join(lines[start:start + 4096]) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
-        return Machine.from_record(json.loads(line))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ValueError("line %d: %s" % (number, exc)) from None
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 class StateKeeper:
@@ -4826,22 +4847,6 @@ class StateKeeper:
             self.fleet.unsaved(records)
             return
         self.failed, self.saved, self.saved_at = "", (changes, touches), time.monotonic()
-
-
-def write_atomically(path: str, lines: Sequence[str]) -> None:
-    """FILE.tmp written and fsync'ed, renamed over FILE, and the directory fsync'ed."""
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-        for start in range(0, len(lines), 4096):
-            f.write("\n".join(lines[start:start + 4096]) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 # -- running -----------------------------------------------------------------------------------

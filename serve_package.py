@@ -10,24 +10,34 @@ and point each machine's update.conf at it (SERVER=http://<host>:8000/v1/update)
 The rules this file follows are the ones the real clients impose (update_engine, Flatcar's
 ue-rs extension downloader and the old grep-based post-install scripts); each place a client
 needs something particular says which client and why. The file reads top to bottom in the
-order data flows through it:
+order data flows through it, every name defined before it is used:
 
   1. Codes and names    event types, results, error codes and machine states as words;
-                        classify_event(); clean() and the format_* words; PerSecond
+                        clean() and the format_* words; classify_event() -> Happening;
+                        PerSecond; the log: Note, log_line(), say(), _BatchingHandler
   2. Versions           parse and compare 3815.2.5 (+build ignored)
   3. Payloads           CrAU and its manifest, one-pass hashing, signatures (RSA with pow)
-                        and boards (the kernel), the Package, Release and Catalog records
-  4. Protocol           parse_request(bytes) and render_response(...), pure
-  5. Policy             decide() what each app is offered, under the rollout rules, pure
-  6. Fleet              what each machine is doing (Machine; Fleet and its Tally of counts:
-                        given the time, they return the lines to log), warnings counted by
-                        cause, queries, the status document and page, /metrics, the setup
-                        script for the machines and their reports
-  7. HTTP               Settings; the Handler (HTTP framing: Omaha endpoint, payload serving,
-                        status endpoints, setup); the Server, whose answer() is one request's
-                        flow
-  8. Program            logging, the flag table, settings_from(), loading, the banner, the
+                        and boards (the kernel); Package, Release and Catalog
+  4. Protocol           what machines send: parse_request(bytes) -> Request, and the setup
+                        script's report; what they are answered: render_response(), pure
+  5. Policy             decide() what each app is offered under the rollout rules -> Decision
+  6. Fleet              Machine (what one machine is doing), Tally (the counts), Query, and
+                        Fleet: every machine and the --max-concurrent slots, one call per app
+                        request (Fleet.request -> Taken), given the time
+  7. Views              the status page, /status.json, /machines.csv, /metrics and the
+                        shutdown summary, made from the fleet's plain values
+  8. Setup script       the sh script each machine runs (GET /setup), made for this server
+  9. Application        Service: what every endpoint needs, as plain calls that return what to
+                        send and the lines to log (no socket); Warnings counted by cause
+ 10. HTTP               FramingHandler (HTTP/1.1 framing) <- FileHandler (payload files, Range,
+                        zero-copy) <- Handler (the endpoints, from ROUTES); Server (connections,
+                        TLS, the limit, the reaper)
+ 11. Program            Settings, the flag table, settings_from(), loading, the banner, the
                         state file (--state-file), signals, main()
+
+One Omaha request: Handler.omaha() reads the body -> parse_request() -> Service.update_check()
+-> for each app Fleet.request() (decide() under the fleet's lock, events, the check) ->
+render_response() -> the lines to log -> the answer sent.
 
 Standard library only; runs on Python 3.6 and newer.
 """

@@ -54,6 +54,7 @@ import functools
 import hmac
 import hashlib
 import html
+import http.client
 import http.server
 from http import HTTPStatus
 import io
@@ -71,7 +72,9 @@ import struct
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import xml.etree.ElementTree as ET
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -843,61 +846,97 @@ def _pread_into(fd: int, buf: bytearray, offset: int) -> int:
     return len(data)
 
 
-def hash_file(fd: int, progress: Optional[Callable[[int], None]] = None,
-              mark: Optional[int] = None) -> Digests:
-    """SHA-1 and SHA-256 of a file and its length, in one read, the digests computed in parallel;
-    and the SHA-256 of its first `mark` bytes (the signed range), taken as the read passes it.
+class Hasher:
+    """SHA-1 and SHA-256 of a stream of bytes and its length, the two digests computed in
+    parallel; and the SHA-256 of its first `mark` bytes (a payload's signed range), taken as the
+    stream passes it. The mark may be set late, as long as the stream has not passed it (the
+    download learns it from the payload's manifest, which comes first).
 
-    The reading thread feeds SHA-1 (the faster of the two) itself and hands each chunk to a
+    The feeding thread computes SHA-1 (the faster of the two) itself and hands each chunk to a
     second thread for SHA-256; hashlib releases the GIL on large buffers, so both run at once.
-    A few reusable buffers (4 MiB) keep memory constant whatever the file size (measured on a
-    1 GiB file: 4 x 1 MiB hash as fast as 4 x 2 MiB or 6 x 512 KiB; 0.59 s, the two-thread floor).
+    A few reusable buffers (4 MiB) keep memory constant whatever the size (measured on a 1 GiB
+    file: 4 x 1 MiB hash as fast as 4 x 2 MiB or 6 x 512 KiB; 0.59 s, the two-thread floor).
+    Use: buf = hasher.buffer(); fill it; hasher.feed(buf, n); ...; hasher.digests().
     """
-    sha1, sha256 = hashlib.sha1(), hashlib.sha256()
-    signed = [None]  # type: List[Optional[bytes]]
-    free = queue.Queue()  # type: queue.Queue
-    work = queue.Queue()  # type: queue.Queue
-    for _ in range(HASH_BUFFERS):
-        free.put(bytearray(HASH_CHUNK))
 
-    def sha256_worker() -> None:
+    def __init__(self, mark: Optional[int] = None) -> None:
+        self.mark = mark
+        self.size = 0
+        self._sha1, self._sha256 = hashlib.sha1(), hashlib.sha256()
+        self._signed = None  # type: Optional[bytes]
+        self._free = queue.Queue()  # type: queue.Queue
+        self._work = queue.Queue()  # type: queue.Queue
+        for _ in range(HASH_BUFFERS):
+            self._free.put(bytearray(HASH_CHUNK))
+        self._worker = threading.Thread(target=self._sha256_worker, name="sha256", daemon=True)
+        self._worker.start()
+
+    def buffer(self) -> bytearray:
+        """A free buffer of HASH_CHUNK bytes to fill (waits while all are being hashed)."""
+        return self._free.get()
+
+    def feed(self, buf: bytearray, n: int) -> None:
+        """The first n bytes of a buffer from buffer(), next in the stream; n == 0 gives the
+        buffer back unused."""
+        if n == 0:
+            self._free.put(buf)
+            return
+        self._work.put((buf, memoryview(buf)[:n], self.size))
+        with memoryview(buf)[:n] as view:
+            self._sha1.update(view)
+        self.size += n
+
+    def digests(self) -> Digests:
+        """The digests of everything fed; the hasher is finished."""
+        self._work.put(None)
+        self._worker.join()
+        return Digests(self._sha1.digest(), self._sha256.digest(), self.size, self._signed)
+
+    def _sha256_worker(self) -> None:
+        sha256 = self._sha256
         while True:
-            item = work.get()
+            item = self._work.get()
             if item is None:
                 return
             buf, view, offset = item
+            mark = self.mark
             if mark is not None and offset <= mark <= offset + len(view):
                 sha256.update(view[:mark - offset])
-                signed[0] = sha256.copy().digest()
+                self._signed = sha256.copy().digest()
                 sha256.update(view[mark - offset:])
             else:
                 sha256.update(view)
             view.release()
-            free.put(buf)
+            self._free.put(buf)
 
-    worker = threading.Thread(target=sha256_worker, name="sha256", daemon=True)
-    worker.start()
+
+def feed_file(hasher: Hasher, fd: int, progress: Optional[Callable[[int], None]] = None) -> int:
+    """Feed a whole file to a hasher, read once from its start; the bytes read."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     done = 0
+    while True:
+        buf = hasher.buffer()
+        n = (os.preadv(fd, [buf], done)  # novermin: Python 3.7+, else _pread_into
+             if hasattr(os, "preadv") else _pread_into(fd, buf, done))
+        hasher.feed(buf, n)
+        if n == 0:
+            return done
+        done += n
+        if progress is not None:
+            progress(done)
+
+
+def hash_file(fd: int, progress: Optional[Callable[[int], None]] = None,
+              mark: Optional[int] = None) -> Digests:
+    """SHA-1 and SHA-256 of a file and its length, in one read (see Hasher), and the SHA-256 of
+    its first `mark` bytes."""
+    hasher = Hasher(mark)
     try:
-        while True:
-            buf = free.get()
-            n = (os.preadv(fd, [buf], done)  # novermin: Python 3.7+, else _pread_into
-                 if hasattr(os, "preadv") else _pread_into(fd, buf, done))
-            if n == 0:
-                free.put(buf)
-                break
-            work.put((buf, memoryview(buf)[:n], done))
-            with memoryview(buf)[:n] as view:
-                sha1.update(view)
-            done += n
-            if progress is not None:
-                progress(done)
+        feed_file(hasher, fd, progress)
     finally:
-        work.put(None)
-        worker.join()
-    return Digests(sha1.digest(), sha256.digest(), done, signed[0])
+        digests = hasher.digests()
+    return digests
 
 
 def _file_identity(st: os.stat_result) -> Tuple[int, ...]:
@@ -1499,30 +1538,36 @@ def _app_request(element: ET.Element, platform: str) -> AppRequest:
                       get("board", ""), ping, updatecheck, tuple(events), platform)
 
 
-def parse_request(body: bytes) -> Request:
-    """Parse an update_engine request body; RequestError says what is wrong with it."""
+def xml_document(body: bytes, noun: str, max_markup: int) -> ET.Element:
+    """The root of an Omaha document (a request, or an update service's answer) parsed within
+    bounds; RequestError says what is wrong with it, naming it by `noun`."""
     if not body.strip():
-        raise RequestError("request body is empty")
-    if body.count(b"<") > MAX_MARKUP:
+        raise RequestError("%s body is empty" % noun)
+    if body.count(b"<") > max_markup:
         # Bounds the element tree before it is built: hostile nesting or thousands of <app>
         # elements are refused in microseconds and never cost memory.
-        raise RequestError("request has more than %d elements" % MAX_MARKUP)
+        raise RequestError("%s has more than %d elements" % (noun, max_markup))
     if _FORBIDDEN_MARKUP.search(body):
         # No DTD, entity or other declaration: update_engine never sends one, and refusing them
         # before parsing means no entity can be expanded and no external file can be read.
         raise RequestError("DTD and entity declarations are not accepted")
     declared = _DECLARED_ENCODING.match(body)
     if declared and declared.group(1).lower() not in (b"utf-8", b"utf8", b"us-ascii"):
-        raise RequestError("request declares encoding %r; only UTF-8 is accepted"
-                           % declared.group(1).decode("ascii", "replace")[:20])
+        raise RequestError("%s declares encoding %r; only UTF-8 is accepted"
+                           % (noun, declared.group(1).decode("ascii", "replace")[:20]))
     try:
         body.decode("utf-8")
     except UnicodeDecodeError:
-        raise RequestError("request body is not valid UTF-8") from None
+        raise RequestError("%s body is not valid UTF-8" % noun) from None
     try:
-        root = ET.fromstring(body)
+        return ET.fromstring(body)
     except ET.ParseError as exc:
         raise RequestError("malformed XML: %s" % exc) from None
+
+
+def parse_request(body: bytes) -> Request:
+    """Parse an update_engine request body; RequestError says what is wrong with it."""
+    root = xml_document(body, "request", MAX_MARKUP)
     if root.tag != "request":
         raise RequestError("root element is <%s>, not <request>" % clean(root.tag, 40))
     protocol = root.get("protocol", "")
@@ -3072,7 +3117,676 @@ def setup_script(server: str, catalog: Catalog, check_only: bool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Application: what the endpoints need, as plain calls, with no socket in sight
+# 9. Download: the client that fetches releases from an update service into the release layout
+# ---------------------------------------------------------------------------------------------
+# On the connected side, `download DIR` asks an Omaha update service what a machine of each
+# board and channel would install, as Flatcar's own syncer does (flatcar/nebraska:
+# backend/pkg/syncer/syncer.go), with every floor on the way; fetches each file, resuming with
+# Range; verifies it with the payloads section's Hasher and signature check before it counts;
+# and writes DIR/<board>/<version>/ as the release server lays it out, which --package-dir reads.
+
+UPDATE_SERVICE = "https://public.update.flatcar-linux.net/v1/update/"
+FLATCAR_APP_ID = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}"
+BELOW_EVERY_RELEASE = "0.0.0"  # --since's default: the service then reports every floor
+MAX_FLOOR_STEPS = 30  # answers walked, one floor each, before the walk is given up
+MAX_ANSWER = 1 << 20  # bytes of an update service's answer
+MAX_ANSWER_MARKUP = 4096  # its elements: a few manifests of a few dozen packages each
+RELEASE_RECORD = "release.json"  # beside a downloaded release's files: what the service said
+RELEASE_RECORD_FORMAT = "serve-package release"
+OS_PAYLOAD_FILE = "flatcar_production_update.gz"  # the release server's name for it
+PARTIAL = ".partial"  # a file being downloaded: never a name the server serves
+BOARD_ARCHES = {board: arch for arch, board in ARCH_BOARDS.items()}  # the <os sp> suffix
+
+
+def write_atomically(path: str, lines: Sequence[str]) -> None:
+    """FILE.tmp written and fsync'ed, renamed over FILE, and the directory fsync'ed."""
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        for start in range(0, len(lines), 4096):
+            f.write("\n".join(lines[start:start + 4096]) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class RemoteFile(NamedTuple):
+    """A file of a release as the update service (or the release server) describes it."""
+    name: str  # the name in the release layout (the OS payload: OS_PAYLOAD_FILE)
+    url_name: str  # the name to fetch it by
+    size: Optional[int]  # None: not known before it comes (the release server's layout)
+    sha1_b64: str  # "" when not given
+    sha256_hex: str  # "" when not known yet (read from the release server's .sha256 then)
+
+
+class RemoteRelease(NamedTuple):
+    """One version for one board, as an update service answered it: its files (the OS payload
+    first), where they are, and whether it is a floor (with the service's reason) or the target."""
+    board: str
+    version: str
+    files: Tuple[RemoteFile, ...]
+    codebases: Tuple[str, ...]
+    floor: bool = False
+    floor_reason: str = ""
+    target: bool = False
+
+    def role(self) -> str:
+        """'floor', 'target' or 'floor and target', as the record and the plan say it."""
+        return " and ".join(word for word, flag in (("floor", self.floor),
+                                                     ("target", self.target)) if flag) or "release"
+
+
+class DownloadError(Exception):
+    """A download that cannot go on; the message is one sentence naming what and what to do."""
+
+
+def sync_request(channel: str, board: str, version: str, machineid: str) -> bytes:
+    """The update check a syncer sends (flatcar/nebraska: backend/pkg/syncer/syncer.go): a
+    machine of this board on this channel (`track`), running `version`, that understands floors
+    (multi_manifest_ok) and says it is a syncer (installsource="scheduler")."""
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<request protocol="3.0" version="%s-%s" installsource="scheduler" ismachine="1">\n'
+            '  <os platform="CoreOS" sp="%s_%s"></os>\n'
+            '  <app appid="%s" version="%s" track="%s" board="%s" machineid="%s" '
+            'multi_manifest_ok="true">\n'
+            '    <updatecheck></updatecheck>\n'
+            '  </app>\n'
+            '</request>\n' % (PROG, __version__, xml_attr(version),
+                              BOARD_ARCHES.get(board, "x86_64"), FLATCAR_APP_ID,
+                              xml_attr(version), xml_attr(channel), xml_attr(board),
+                              machineid)).encode("utf-8")
+
+
+def _sha256_hex(text: str) -> str:
+    """A SHA-256 as hex, from hex or from base64 (go-omaha writes hash_sha256 in base64)."""
+    text = text.strip()
+    if SHA256_HEX.fullmatch(text):
+        return text.lower()
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise RequestError("%r is not a SHA-256 in hex or base64" % clean(text, 80))
+    return raw.hex()
+
+
+def _remote_file(element: ET.Element, first: bool, action_sha256: str) -> RemoteFile:
+    name = element.get("name", "")
+    if not first and not EXTENSION_NAME.fullmatch(name):
+        raise RequestError("package %r is not an OEM or extension payload name" % clean(name, 80))
+    if first and (not name or "/" in name or name.startswith(".")):
+        raise RequestError("the OS payload's name %r is not a file name" % clean(name, 80))
+    size = element.get("size", "")
+    if not size.isdigit() or len(size) > 15:
+        raise RequestError("package %s has no size" % name)
+    sha256 = element.get("hash_sha256", "") or (action_sha256 if first else "")
+    if not sha256:
+        raise RequestError("package %s has no SHA-256 (hash_sha256, or the postinstall "
+                           "action's sha256)" % name)
+    return RemoteFile(OS_PAYLOAD_FILE if first else name, name, int(size),
+                      element.get("hash", ""), _sha256_hex(sha256))
+
+
+def parse_service_answer(body: bytes, board: str) -> List[RemoteRelease]:
+    """The releases an update service's answer offers, in its order ([] for noupdate);
+    RequestError says what is wrong with it. Each <manifest> is one version (go-omaha:
+    omaha/protocol.go, with the multi-step extensions is_floor, floor_reason, is_target); the
+    <urls> before them are shared."""
+    root = xml_document(body, "the answer", MAX_ANSWER_MARKUP)
+    if root.tag != "response":
+        raise RequestError("it is a <%s>, not an Omaha <response>" % clean(root.tag, 40))
+    check = root.find("app/updatecheck")
+    status = check.get("status", "") if check is not None else "no <updatecheck>"
+    if status == "noupdate":
+        return []
+    if status != "ok":
+        raise RequestError("its update check's status is %r" % clean(status, 40))
+    codebases = tuple(url.get("codebase", "") for url in check.findall("urls/url"))
+    manifests = check.findall("manifest")
+    releases = []
+    for manifest in manifests:
+        version = manifest.get("version", "")
+        try:
+            parse_release_version(version)
+        except ValueError as exc:
+            raise RequestError("a manifest's version %s" % exc) from None
+        action = next((a.get("sha256", "") for a in manifest.findall("actions/action")
+                       if a.get("event") == "postinstall"), "")
+        packages = manifest.findall("packages/package")
+        if not packages:
+            raise RequestError("version %s has no package" % version)
+        files = tuple(_remote_file(p, i == 0, action) for i, p in enumerate(packages))
+        # One <urls> serves every manifest: a codebase is this version's own when it is the only
+        # one answered, or names it (.../<board>/<version>/); else the release server's layout.
+        own = tuple(c for c in codebases if c.startswith(("http://", "https://")) and (
+            len(manifests) == 1 or "/%s/" % version in c))
+        releases.append(RemoteRelease(board, version, files, own,
+                                      manifest.get("is_floor") == "true",
+                                      clean(manifest.get("floor_reason", ""), 300),
+                                      manifest.get("is_target") == "true"))
+    if not releases:
+        raise RequestError("its update check has no <manifest>")
+    return releases
+
+
+def the_target(releases: Sequence[RemoteRelease]) -> Optional[RemoteRelease]:
+    """The release a channel points at: the one marked is_target, else the last that is no
+    floor (older services); None when every one is a floor (more lie beyond: ask again)."""
+    marked = [release for release in releases if release.target]
+    if marked:
+        return marked[0]
+    plain = [release for release in releases if not release.floor]
+    return plain[-1]._replace(target=True) if plain else None
+
+
+def walk_floors(ask: Callable[[str], List[RemoteRelease]], since: str, where: str
+                ) -> List[RemoteRelease]:
+    """Every floor above `since` and the target, ascending, from answers to `ask(version)`:
+    several manifests in one answer, or one floor an answer and ask again from it (bounded by
+    MAX_FLOOR_STEPS). [] when the service offers nothing newer than `since`."""
+    found = {}  # type: Dict[str, RemoteRelease]
+    version = since
+    for _ in range(MAX_FLOOR_STEPS):
+        releases = ask(version)
+        for release in releases:
+            known = found.get(release.version)
+            found[release.version] = release if known is None else known._replace(
+                floor=known.floor or release.floor, target=known.target or release.target,
+                floor_reason=known.floor_reason or release.floor_reason)
+        if not releases or the_target(releases) is not None:
+            break
+        highest = max((r.version for r in releases), key=parse_version)
+        if parse_version(highest) <= parse_version(version):
+            raise DownloadError("%s answered floor %s again when asked from %s: its floors do "
+                                "not lead anywhere; ask the service's operators" % (
+                                    where, highest, version))
+        version = highest
+    else:
+        raise DownloadError("%s still answered floors after %d answers (the last, %s): stopped "
+                            "there; run again with --since %s to go on" % (
+                                where, MAX_FLOOR_STEPS, version, version))
+    ordered = sorted(found.values(), key=lambda r: parse_version(r.version))
+    if ordered and not any(r.target for r in ordered):
+        ordered[-1] = ordered[-1]._replace(target=True)  # nothing lies beyond the last floor
+    return ordered
+
+
+def chosen_files(release: RemoteRelease, oems: Sequence[str], extensions: Sequence[str],
+                 all_extensions: bool) -> Tuple[RemoteFile, ...]:
+    """The OS payload and the OEM and extension payloads asked for; a name the release does not
+    offer is a DownloadError that lists what it does offer. A release that offers none at all
+    (before Flatcar 3760 moved OEMs into system extensions) needs none: only its OS payload."""
+    offered = {f.name: f for f in release.files[1:]}
+    wanted = ["oem-%s.gz" % oem for oem in oems] + ["flatcar-%s.gz" % e for e in extensions]
+    if all_extensions:
+        wanted += [name for name in offered if name.startswith("flatcar-")]
+    if not offered:
+        return release.files[:1]
+    missing = [name for name in wanted if name not in offered]
+    if missing:
+        raise DownloadError("%s for %s offers no %s; it offers %s" % (
+            release.version, release.board, ", ".join(missing), ", ".join(sorted(offered))))
+    return release.files[:1] + tuple(offered[name] for name in sorted(set(wanted)))
+
+
+def release_record(release: RemoteRelease, channel: str, source: str, now: float) -> str:
+    """What DIR/<board>/<version>/release.json keeps of what the service said."""
+    return json.dumps({
+        "format": RELEASE_RECORD_FORMAT, "version": release.version, "board": release.board,
+        "channel": channel, "role": release.role(), "floor": release.floor,
+        "floor_reason": release.floor_reason, "target": release.target, "source": source,
+        "fetched": iso_time(now),
+        "files": {f.name: f.sha256_hex for f in release.files}}, indent=1) + "\n"
+
+
+RETRY_STATUSES = (500, 502, 503, 504)
+RETRY_WAIT_MAX = 30.0  # seconds: the backoff doubles from 1 s up to this
+FETCH_TIMEOUT = 60  # seconds without a byte before a connection counts as cut
+
+
+def http_failure(url: str, code: int, reason: str) -> str:
+    advice = {404: "the file or version is not there: check --version, --board and the URL",
+              403: "the server refuses it: check the URL, or the proxy's rules",
+              407: "the proxy wants credentials: put them in https_proxy (user:password@host)"}
+    return "%s answered %d %s: %s" % (url, code, reason, advice.get(
+        code, "try again later" if code >= 500 else "check the URL"))
+
+
+def retried_failure(exc: BaseException) -> bool:
+    """A failure that may pass: a reset or cut connection, a timeout; not DNS, TLS or a
+    refused connection, which another try in a second does not mend."""
+    reason = getattr(exc, "reason", exc)
+    if type(reason).__module__ == "ssl" or isinstance(reason, (socket.gaierror,
+                                                               ConnectionRefusedError)):
+        return False
+    return isinstance(reason, (ConnectionError, socket.timeout, TimeoutError,
+                               http.client.HTTPException)) or isinstance(exc, (
+                                   ConnectionError, http.client.HTTPException))
+
+
+def network_failure(url: str, exc: BaseException) -> str:
+    """One sentence for a connection that failed: DNS, refused, TLS, timeout, reset."""
+    reason = getattr(exc, "reason", exc)
+    host = urllib.parse.urlsplit(url).hostname or url
+    if isinstance(reason, socket.gaierror):
+        return ("cannot reach %s: the name %s does not resolve (no DNS here? set https_proxy to "
+                "a proxy that can, or run this where the internet is)" % (url, host))
+    if isinstance(reason, ConnectionRefusedError):
+        return "cannot reach %s: %s refused the connection (is the URL right?)" % (url, host)
+    if type(reason).__module__ == "ssl":
+        return ("cannot reach %s: TLS with %s failed (%s); if a proxy or your own CA signs its "
+                "certificate, give that CA with --ca-file" % (
+                    url, host, getattr(reason, "reason", None) or reason))
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return "cannot reach %s: no answer in %d s; check the network or the proxy" % (
+            url, FETCH_TIMEOUT)
+    return "cannot reach %s: %s" % (url, getattr(reason, "strerror", None) or reason)
+
+
+class Fetcher:
+    """HTTP(S) for the download: the environment's proxies (https_proxy, http_proxy, no_proxy,
+    read by urllib), TLS checked against the system's CAs or --ca-file, and a failure said in
+    one sentence naming the URL and what to do. Resets and 5xx answers are tried again, with a
+    backoff, `retries` times."""
+
+    def __init__(self, tls: Any = None, retries: int = 5,
+                 wait: Callable[[float], None] = time.sleep) -> None:
+        """`tls`: an ssl.SSLContext that checks servers (None: the system's CAs)."""
+        handlers = [urllib.request.HTTPSHandler(context=tls)] if tls is not None else []
+        self.opener = urllib.request.build_opener(*handlers)
+        self.retries, self.wait = retries, wait
+
+    def open(self, url: str, body: Optional[bytes] = None,
+             headers: Optional[Dict[str, str]] = None) -> Any:
+        """The response to a GET (or a POST of `body`): a 2xx, after the retries allowed."""
+        request = urllib.request.Request(url, data=body, headers=dict(headers or {}, **{
+            "User-Agent": "%s/%s" % (PROG, __version__)}))
+        if body is not None:
+            request.add_header("Content-Type", "text/xml")
+        for attempt in range(self.retries + 1):
+            try:
+                return self.opener.open(request, timeout=FETCH_TIMEOUT)
+            except urllib.error.HTTPError as exc:
+                exc.close()
+                if exc.code not in RETRY_STATUSES or attempt == self.retries:
+                    raise DownloadError(http_failure(url, exc.code, exc.reason)) from None
+            except (urllib.error.URLError, OSError) as exc:
+                if not retried_failure(exc) or attempt == self.retries:
+                    raise DownloadError(network_failure(url, exc)) from None
+            self.wait(min(RETRY_WAIT_MAX, 2.0 ** attempt))
+        raise AssertionError("unreachable")
+
+    def read(self, url: str, limit: int, body: Optional[bytes] = None) -> bytes:
+        """A small answer, whole (an update check's, a .sha256 file)."""
+        with self.open(url, body) as response:
+            data = response.read(limit + 1)
+        if len(data) > limit:
+            raise DownloadError("%s answered more than %d bytes: it is not what was asked for "
+                                "(check the URL)" % (url, limit))
+        return data
+
+
+def payload_mark(fd: int, have: int) -> Optional[int]:
+    """Where a payload's signed range ends, once its header and manifest are on disk (the first
+    `have` bytes); None before, or for a file that is no payload (the check after says so)."""
+    if have < CRAU_HEADER.size:
+        return None
+    magic, format_version, manifest_size = CRAU_HEADER.unpack_from(os.pread(fd, CRAU_HEADER.size, 0))
+    if magic != CRAU_MAGIC or format_version != 1 or manifest_size > MAX_MANIFEST:
+        return -1  # not a payload: no mark, and no need to look again
+    if have < CRAU_HEADER.size + manifest_size:
+        return None
+    manifest = parse_manifest(format_version, os.pread(fd, manifest_size, CRAU_HEADER.size))
+    return -1 if manifest.signed_end is None else manifest.signed_end
+
+
+class Transferred(NamedTuple):
+    """A file downloaded into its partial file: the digests of every byte in it."""
+    partial: str
+    digests: Digests
+    fetched: int  # bytes that came over the network this time (the rest was on disk)
+
+
+def _receive(fetcher: Fetcher, url: str, fd: int, have: int, hasher: Hasher,
+             mark: Optional[int], expected: RemoteFile,
+             progress: Callable[[int, int], None]) -> int:
+    """One request for the rest of a file, written at `have` and fed to the hasher; the bytes
+    received. A server that ignores Range sends the whole file again: started afresh."""
+    headers = {"Range": "bytes=%d-" % have} if have else {}
+    if expected.size is not None and have == expected.size:
+        return 0
+    with fetcher.open(url, headers=headers) as response:
+        if have and response.status != 206:
+            raise ConnectionResetError("the server ignored Range")  # afresh, on the next try
+        total = int(response.headers.get("Content-Length") or -1)
+        size = expected.size if expected.size is not None else (
+            have + total if total >= 0 else -1)
+        os.lseek(fd, have, os.SEEK_SET)
+        done = have
+        while True:
+            buf = hasher.buffer()
+            n = response.readinto(buf)
+            if n:
+                os.write(fd, memoryview(buf)[:n]) if n == len(buf) else os.write(
+                    fd, bytes(memoryview(buf)[:n]))
+                if mark is None:  # the signed range's end, before the chunk passing it is fed
+                    mark = payload_mark(fd, done + n)
+                    hasher.mark = mark if mark is not None and mark >= 0 else None
+            hasher.feed(buf, n)
+            if not n:
+                break
+            done += n
+            progress(done, size)
+        if 0 <= size != done:
+            raise ConnectionResetError("%d of %d bytes came" % (done, size))
+        return done - have
+
+
+def fetch_file(fetcher: Fetcher, url: str, partial: str, expected: RemoteFile,
+               progress: Callable[[int, int], None]) -> Transferred:
+    """Download `url` into `partial`, resuming from what it holds (Range), hashing every byte
+    once as it is written (the bytes already there first). A reset or stall resumes where it
+    stopped, `fetcher.retries` times. OSError (a full disk) is the caller's."""
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        for attempt in range(fetcher.retries + 1):
+            have = os.fstat(fd).st_size
+            if expected.size is not None and have > expected.size:
+                os.ftruncate(fd, 0)
+                have = 0
+            hasher = Hasher()
+            mark = payload_mark(fd, have)
+            hasher.mark = mark if mark is not None and mark >= 0 else None
+            feed_file(hasher, fd)
+            try:
+                fetched = _receive(fetcher, url, fd, have, hasher, mark, expected, progress)
+                return Transferred(partial, hasher.digests(), fetched)
+            except (ConnectionError, socket.timeout, http.client.HTTPException) as exc:
+                hasher.digests()
+                if attempt == fetcher.retries:
+                    raise DownloadError("%s was cut off after %d tries (%s); run the same "
+                                        "command again: it resumes" % (url, attempt + 1, exc))
+                fetcher.wait(min(RETRY_WAIT_MAX, 2.0 ** attempt))
+        raise AssertionError("unreachable")
+    finally:
+        os.close(fd)
+
+
+class DownloadOptions(NamedTuple):
+    """What `download` is asked to do: every flag's value, checked (download_options_from)."""
+    directory: str
+    source: str = UPDATE_SERVICE
+    boards: Tuple[str, ...] = (DEFAULT_BOARD,)
+    channel: str = "stable"
+    since: str = BELOW_EVERY_RELEASE
+    oems: Tuple[str, ...] = ()
+    extensions: Tuple[str, ...] = ()
+    all_extensions: bool = False
+    version: str = ""  # that exact release, from the release server's layout
+    release_server: str = RELEASE_SERVER + "/"
+    keys: Optional[Tuple[PayloadKey, ...]] = None  # None: --skip-signature-check
+    dry_run: bool = False
+
+
+class Wanted(NamedTuple):
+    """One file to have in DIR: its release, what it must be, where to fetch it (in order)."""
+    release: RemoteRelease
+    file: RemoteFile
+    urls: Tuple[str, ...]
+
+    def path(self, directory: str) -> str:
+        return os.path.join(directory, self.release.board, self.release.version, self.file.name)
+
+
+def layout_url(release_server: str, board: str, version: str, name: str) -> str:
+    """A file's place on the release server (<board>/<version>/<name>)."""
+    return "%s%s/%s/%s" % (release_server, board, version, name)
+
+
+def wanted_files(releases: Sequence[RemoteRelease], options: DownloadOptions) -> List[Wanted]:
+    """Every file of every release asked for: from the release's own codebases, then from the
+    release server's layout."""
+    wanted = []
+    for release in releases:
+        for remote in chosen_files(release, options.oems, options.extensions,
+                                   options.all_extensions):
+            urls = [c.rstrip("/") + "/" + remote.url_name for c in release.codebases]
+            urls.append(layout_url(options.release_server, release.board, release.version,
+                                   remote.url_name))
+            wanted.append(Wanted(release, remote, tuple(dict.fromkeys(urls))))
+    return wanted
+
+
+def ask_service(fetcher: Fetcher, options: DownloadOptions, board: str) -> List[RemoteRelease]:
+    """Every floor and the target of one board on the channel, as the service answers."""
+    import uuid  # here: only a syncer needs a machine id
+    machineid = "{%s}" % uuid.uuid4()
+    where = "%s (%s, %s)" % (options.source, options.channel, board)
+
+    def ask(version: str) -> List[RemoteRelease]:
+        body = fetcher.read(options.source, MAX_ANSWER,
+                            sync_request(options.channel, board, version, machineid))
+        try:
+            return parse_service_answer(body, board)
+        except RequestError as exc:
+            raise DownloadError("%s did not answer as an Omaha update service does (%s): check "
+                                "--from" % (options.source, exc)) from None
+    return walk_floors(ask, options.since, where)
+
+
+def release_from_layout(fetcher: Fetcher, options: DownloadOptions, board: str
+                        ) -> RemoteRelease:
+    """--version V: the release server's files of that version, each with its .sha256."""
+    names = [OS_PAYLOAD_FILE] + ["oem-%s.gz" % o for o in options.oems] + [
+        "flatcar-%s.gz" % e for e in options.extensions]
+    files = []
+    for name in names:
+        url = layout_url(options.release_server, board, options.version, name)
+        text = fetcher.read(url + ".sha256", 4096).decode("ascii", "replace").split()
+        if not text or not SHA256_HEX.fullmatch(text[0]):
+            raise DownloadError("%s.sha256 does not start with a SHA-256 (64 hex digits): "
+                                "check --release-server" % url)
+        files.append(RemoteFile(name, name, None, "", text[0].lower()))
+    return RemoteRelease(board, options.version, tuple(files), (), target=True)
+
+
+def verify_download(transferred: Transferred, wanted: Wanted,
+                    keys: Optional[Sequence[PayloadKey]]) -> None:
+    """Size, SHA-1 and SHA-256 as the service said; for the OS payload, a complete payload
+    whose signature a known key verifies (the same check the server makes at start) and whose
+    kernel is for the board. A file that fails is deleted: DownloadError names it and why."""
+    digests, remote, partial = transferred.digests, wanted.file, transferred.partial
+    problems = []
+    if remote.size is not None and digests.size != remote.size:
+        problems.append("it has %d bytes, the service said %d" % (digests.size, remote.size))
+    if remote.sha1_b64 and base64.b64encode(digests.sha1).decode() != remote.sha1_b64:
+        problems.append("its SHA-1 is not the one the service gave")
+    if remote.sha256_hex and digests.sha256.hex() != remote.sha256_hex:
+        problems.append("its SHA-256 is %s, not %s" % (digests.sha256.hex(), remote.sha256_hex))
+    try:
+        if not problems and wanted.file.name == OS_PAYLOAD_FILE:
+            opened = open_payload(PayloadSpec(partial, remote.name, None, ""))
+            try:
+                if keys is not None:
+                    signed_by(opened, digests.signed_sha256, keys)
+                board = kernel_board(opened.fd, opened.manifest)
+                if board and board != wanted.release.board:
+                    problems.append("its kernel is for %s, not %s" % (board, wanted.release.board))
+            finally:
+                os.close(opened.fd)
+    except PayloadError as exc:
+        problems.append(str(exc).rstrip("."))
+    if problems:
+        os.unlink(partial)
+        raise DownloadError("%s (%s %s) failed its check and was deleted: %s; run again, and if "
+                            "it fails again the source is at fault" % (
+                                wanted.urls[0], wanted.release.board, wanted.release.version,
+                                "; ".join(problems)))
+
+
+def place(transferred: Transferred, path: str) -> None:
+    """The verified file into place: its .sha256 beside it first (as the release server has
+    it), then the file by rename, so nothing unverified is ever under a name the server reads."""
+    sha256 = transferred.digests.sha256.hex()
+    write_atomically(path + ".sha256", ["%s  %s" % (sha256, os.path.basename(path))])
+    os.replace(transferred.partial, path)
+
+
+def present(wanted: Wanted, path: str) -> bool:
+    """Whether the file is in place already, as the service describes it."""
+    try:
+        size = os.stat(path).st_size
+        recorded = read_checksum_file(path)
+    except (OSError, PayloadError):
+        return False
+    return ((wanted.file.size is None or size == wanted.file.size)
+            and recorded is not None and recorded == wanted.file.sha256_hex)
+
+
+class Progress:
+    """A download's progress: one updating line per file on a terminal, otherwise a line every
+    PROGRESS_EVERY_SECONDS."""
+
+    def __init__(self, out: Any, terminal: bool) -> None:
+        self.out, self.terminal = out, terminal
+        self.label, self.began, self.shown, self.start = "", 0.0, 0.0, 0
+
+    def begin(self, label: str, start: int) -> None:
+        self.label, self.start = label, start
+        self.began = self.shown = time.monotonic()
+
+    def __call__(self, done: int, size: int) -> None:
+        now = time.monotonic()
+        if now - self.shown < (0.2 if self.terminal else PROGRESS_EVERY_SECONDS):
+            return
+        self.shown = now
+        self._say(self._words(done, size, now), final=False)
+
+    def end(self, words: str) -> None:
+        self._say("%s: %s" % (self.label, words), final=True)
+
+    def _words(self, done: int, size: int, now: float) -> str:
+        rate = (done - self.start) / max(now - self.began, 1e-6)
+        words = "%s: %s, %s/s" % (self.label, format_fraction(done, size) if size > 0
+                                  else format_size(done), format_size(rate))
+        if size > 0 and rate > 0:
+            words += ", %d s left" % ((size - done) / rate)
+        return words
+
+    def _say(self, words: str, final: bool) -> None:
+        if self.terminal:
+            self.out.write("\r\x1b[K" + words + ("\n" if final else ""))
+        else:
+            self.out.write(words + "\n")
+        self.out.flush()
+
+
+def record_release(directory: str, release: RemoteRelease, channel: str, source: str) -> None:
+    """DIR/<board>/<version>/release.json, unless it already says the same of the release."""
+    path = os.path.join(directory, release.board, release.version, RELEASE_RECORD)
+    text = release_record(release, channel, source, time.time())
+    try:
+        with open(path, encoding="utf-8") as f:
+            kept = json.load(f)
+        if dict(kept, fetched="") == dict(json.loads(text), fetched=""):
+            return
+    except (OSError, ValueError):
+        pass
+    write_atomically(path, [text.rstrip("\n")])
+
+
+def plan_lines(releases: Sequence[RemoteRelease], wanted: Sequence[Wanted],
+               directory: str) -> Tuple[List[str], int, int]:
+    """The plan in words (each release, floor or target, with its files and sizes), the bytes
+    still to download, and the files already present."""
+    lines, to_fetch, have = [], 0, 0
+    for release in releases:
+        lines.append("%s %s (%s%s)" % (release.board, release.version, release.role(),
+                                       ": " + release.floor_reason if release.floor_reason
+                                       else ""))
+        for item in wanted:
+            if item.release is not release:
+                continue
+            there = present(item, item.path(directory))
+            have += there
+            to_fetch += 0 if there or item.file.size is None else item.file.size
+            lines.append("    %-34s %12s  %s" % (
+                item.file.name, format_size(item.file.size) if item.file.size is not None
+                else "size unknown", "present" if there else "to download"))
+    return lines, to_fetch, have
+
+
+def fetch_one(fetcher: Fetcher, item: Wanted, directory: str, keys: Optional[Sequence[PayloadKey]],
+              progress: Progress) -> int:
+    """One file into place, verified, from the first of its URLs that has it; the bytes that
+    came over the network."""
+    path = item.path(directory)
+    partial = path + PARTIAL
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        start = os.path.getsize(partial) if os.path.exists(partial) else 0
+    except OSError as exc:
+        raise DownloadError("cannot write in %s: %s" % (os.path.dirname(path), exc.strerror))
+    progress.begin("%s %s %s" % (item.release.board, item.release.version, item.file.name), start)
+    failure = None  # type: Optional[DownloadError]
+    for url in item.urls:
+        try:
+            transferred = fetch_file(fetcher, url, partial, item.file, progress)
+            break
+        except DownloadError as exc:
+            failure = failure or exc
+        except OSError as exc:
+            raise DownloadError("cannot write %s: %s; make room and run the same command again: "
+                                "it resumes" % (partial, exc.strerror or exc)) from None
+    else:
+        raise failure or DownloadError("%s has nowhere to come from" % item.file.name)
+    verify_download(transferred, item, keys)
+    place(transferred, path)
+    progress.end("%s, verified%s" % (format_size(transferred.digests.size), "" if keys is None
+                                     or item.file.name != OS_PAYLOAD_FILE else ", signed"))
+    return transferred.fetched
+
+
+def run_download(options: DownloadOptions, fetcher: Fetcher, out: Any) -> int:
+    """Ask, plan, fetch, verify, place, record; the exit code (0: everything present)."""
+    releases = []  # type: List[RemoteRelease]
+    for board in options.boards:
+        found = ([release_from_layout(fetcher, options, board)] if options.version
+                 else ask_service(fetcher, options, board))
+        if not found:
+            out.write("%s: %s offers nothing newer than %s on the %s channel\n" % (
+                board, options.source, options.since, options.channel))
+        releases += found
+    wanted = wanted_files(releases, options)
+    lines, to_fetch, have = plan_lines(releases, wanted, options.directory)
+    out.write("\n".join(lines + ["%d file(s), %d present, %s to download" % (
+        len(wanted), have, format_size(to_fetch))]) + "\n")
+    if options.dry_run or not wanted:
+        return 0
+    progress = Progress(out, out.isatty())
+    began, fetched = time.monotonic(), 0
+    for item in wanted:
+        if not present(item, item.path(options.directory)):
+            fetched += fetch_one(fetcher, item, options.directory, options.keys, progress)
+    source = options.release_server if options.version else options.source
+    for release in releases:
+        record_release(options.directory, release, options.channel, source)
+    seconds = time.monotonic() - began
+    out.write("%s: every file is present and verified%s.\nOn the air-gapped side, serve them "
+              "with:\n    python3 serve-package.pyz --package-dir %s\n" % (
+                  options.directory, "; %s downloaded in %.1f s (%s)" % (
+                      format_size(fetched), seconds, format_rate(fetched, seconds))
+                  if fetched else " (nothing downloaded)", shlex.quote(options.directory)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Application: what the endpoints need, as plain calls, with no socket in sight
 # ---------------------------------------------------------------------------------------------
 
 # What "N more machines ..." says of each kind of warning that many machines can hit.
@@ -3389,7 +4103,7 @@ class Service:
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. HTTP: a framing handler, the endpoints on top through one route table, the server
+# 11. HTTP: a framing handler, the endpoints on top through one route table, the server
 # ---------------------------------------------------------------------------------------------
 
 IDLE_TIMEOUT = 60  # seconds a connection may sit idle or stalled; any progress resets it
@@ -4136,7 +4850,7 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 # ---------------------------------------------------------------------------------------------
-# 11. Program: flags, settings, loading, the banner, the state file, signals, main()
+# 12. Program: flags, settings, loading, the banner, the state file, signals, main()
 # ---------------------------------------------------------------------------------------------
 
 
@@ -4183,7 +4897,7 @@ class Flag(NamedTuple):
     written for go-omaha's serve-package use; `kind` says how --config gives it."""
     name: str
     kind: str  # "value", "list" (repeatable; "files": a list, or one string), "switch",
-    #            "version" (prints it and exits; not in --config)
+    #            "version" (prints it and exits; not in --config), "positional" (download's DIR)
     help: str
     metavar: Optional[str] = None
     default: Any = None
@@ -4262,6 +4976,37 @@ _PROGRAM_FLAGS = (
          "update", default=False, short="v"),
     Flag("version", "version", "print the program's version and exit"),
 )
+DOWNLOAD_FLAGS = (
+    Flag("directory", "positional", "where the releases go, as the release server lays them out "
+         "(DIR/<board>/<version>/); --package-dir DIR serves them", "DIR"),
+    Flag("from", "value", "the Omaha update service to ask (default %s)" % UPDATE_SERVICE, "URL",
+         UPDATE_SERVICE),
+    Flag("board", "list", "amd64-usr or arm64-usr; repeat it for a mixed fleet (default "
+         "amd64-usr)", "BOARD", [], choices=BOARDS),
+    Flag("channel", "value", "stable, beta, alpha, lts, ... (default stable)", "NAME", "stable"),
+    Flag("since", "value", "the oldest version in the fleet: every floor above it is downloaded "
+         "too (default: every floor)", "VERSION"),
+    Flag("oem", "list", "an OEM the fleet runs whose payload it needs (oem-<ID>.gz), e.g. azure "
+         "or vmware; repeatable", "ID", []),
+    Flag("extension", "list", "an extension the fleet enables (flatcar-<NAME>.gz), e.g. python; "
+         "repeatable", "NAME", []),
+    Flag("all-extensions", "switch", "every flatcar-<NAME>.gz the service offers", default=False),
+    Flag("version", "value", "that exact release from the release server's layout, instead of "
+         "asking the service", "VERSION"),
+    Flag("release-server", "value", "where --version's files are, and where a floor's are when "
+         "the service names no place for them (default %s/)" % RELEASE_SERVER, "URL",
+         RELEASE_SERVER + "/"),
+    Flag("payload-key", "list", "a public key (PEM) that may have signed the OS payloads, beside "
+         "the built-in ones; repeatable", "FILE", []),
+    Flag("skip-signature-check", "switch", "keep OS payloads that no known key verifies",
+         default=False),
+    Flag("ca-file", "value", "the CA certificates (PEM) to check TLS with, instead of the "
+         "system's (a proxy that re-signs, your own mirror)", "FILE"),
+    Flag("retries", "value", "tries again after a cut connection or a 5xx answer, waiting 1, 2, "
+         "4 ... s between (default 5)", "N", 5, int),
+    Flag("dry-run", "switch", "print the plan (versions, floors and their reasons, files, sizes) "
+         "and download nothing", default=False),
+)
 FLAG_GROUPS = ((None, _PAYLOAD_FLAGS), ("signatures and boards", _SIGNATURE_FLAGS),
                ("rollout policy", _ROLLOUT_FLAGS),
                ("addresses, mirrors and TLS", _ADDRESS_FLAGS), (None, _PROGRAM_FLAGS))
@@ -4272,6 +5017,25 @@ NOT_IN_CONFIG = ("config", "print-config", "version")
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(message[0].upper() + message[1:] + " (see --help)")
+
+
+def add_flags(group: Any, flags: Sequence[Flag]) -> None:
+    """Each flag of a table as argparse takes it."""
+    actions = {"value": "store", "list": "append", "files": "append", "switch": "store_true",
+               "version": "version", "positional": "store"}
+    for flag in flags:
+        options = {"action": actions[flag.kind], "help": flag.help}
+        if flag.kind == "version":
+            options["version"] = "%s %s" % (PROG, __version__)
+        elif flag.kind != "positional":
+            options["default"] = flag.default
+        if flag.kind not in ("switch", "version"):
+            options.update(metavar=flag.metavar, type=flag.convert, choices=flag.choices)
+        if flag.kind == "positional":
+            group.add_argument(flag.name, **options)
+            continue
+        names = ["--" + flag.name, "-" + flag.name] + (["-" + flag.short] if flag.short else [])
+        group.add_argument(*names, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -4286,21 +5050,11 @@ def build_parser() -> argparse.ArgumentParser:
                "then on each machine, in /etc/flatcar/update.conf (CoreOS: /etc/coreos/update.conf):\n"
                "  SERVER=http://<this-host>:8000/v1/update\n"
                "and run: update_engine_client -check_for_update\n\n"
-               "Go-style single-dash flags (-package-file ...) are accepted too.")
-    actions = {"value": "store", "list": "append", "files": "append", "switch": "store_true",
-               "version": "version"}
+               "Go-style single-dash flags (-package-file ...) are accepted too.\n\n"
+               "On a machine that reaches the internet, fetch the releases first:\n"
+               "  python3 serve-package.pyz download --help")
     for title, flags in FLAG_GROUPS:
-        group = parser.add_argument_group(title) if title else parser
-        for flag in flags:
-            options = {"action": actions[flag.kind], "help": flag.help}
-            if flag.kind == "version":
-                options["version"] = "%s %s" % (PROG, __version__)
-            else:
-                options["default"] = flag.default
-            if flag.kind not in ("switch", "version"):
-                options.update(metavar=flag.metavar, type=flag.convert, choices=flag.choices)
-            names = ["--" + flag.name, "-" + flag.name] + (["-" + flag.short] if flag.short else [])
-            group.add_argument(*names, **options)
+        add_flags(parser.add_argument_group(title) if title else parser, flags)
     return parser
 
 
@@ -4795,22 +5549,6 @@ def read_state(path: str, reset: bool) -> List[Machine]:
     return machines
 
 
-def write_atomically(path: str, lines: Sequence[str]) -> None:
-    """FILE.tmp written and fsync'ed, renamed over FILE, and the directory fsync'ed."""
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-        for start in range(0, len(lines), 4096):
-            f.write("\n".join(lines[start:start + 4096]) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 class StateKeeper:
     """Saves the fleet to --state-file a few seconds after a change, in a thread of its own
     (never on a request's path), and once more when the server stops."""
@@ -4922,8 +5660,97 @@ def say_summary(app: Service, json_lines: bool) -> None:
             log_line(logging.INFO, line)
 
 
+# -- download: the connected side -------------------------------------------------------------
+
+_NAME_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+def build_download_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog=PROG + " download", allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="On a machine that reaches the internet: fetch the releases a fleet needs\n"
+                    "(every floor on the way and the channel's target, with the OEM and\n"
+                    "extension payloads named) into DIR, verified, for --package-dir DIR on\n"
+                    "the air-gapped side.",
+        epilog="example:\n"
+               "  python3 serve-package.pyz download releases --board amd64-usr --board "
+               "arm64-usr \\\n      --since 3510.2.2 --oem azure --extension python\n"
+               "then carry releases/ across and run:\n"
+               "  python3 serve-package.pyz --package-dir releases")
+    add_flags(parser, DOWNLOAD_FLAGS)
+    return parser
+
+
+def client_tls_context(ca_file: Optional[str]) -> Any:
+    """The TLS context the download checks servers with: the system's CAs, or --ca-file's."""
+    import ssl  # here: only HTTPS needs it, and it costs start time
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError("--ca-file %s cannot be used: %s" % (
+            ca_file, getattr(exc, "strerror", None) or exc)) from None
+
+
+def _payload_word(flag: str, text: str, prefix: str) -> str:
+    """An --oem or --extension name, given as 'azure' or as 'oem-azure.gz'."""
+    name = text[len(prefix):] if text.startswith(prefix) else text
+    name = name[:-3] if name.endswith(".gz") else name
+    if not _NAME_WORD.fullmatch(name):
+        raise UsageError("%s %r is not a name like azure or python" % (flag, text))
+    return name
+
+
+def download_options_from(args: argparse.Namespace) -> DownloadOptions:
+    """Every download flag's value checked, as one DownloadOptions."""
+    values = vars(args)
+    if os.path.exists(args.directory) and not os.path.isdir(args.directory):
+        raise UsageError("%s is not a directory" % args.directory)
+    if not _NAME_WORD.fullmatch(args.channel):
+        raise UsageError("--channel %r is not a channel name like stable" % args.channel)
+    if args.version and args.all_extensions:
+        raise UsageError("--all-extensions needs the update service's answer, which lists a "
+                         "release's extensions; with --version, name each with --extension")
+    if args.retries < 0:
+        raise UsageError("--retries must be 0 or more")
+    return DownloadOptions(
+        directory=args.directory, source=normalise_url("--from", values["from"]),
+        boards=tuple(dict.fromkeys(args.board)) or (DEFAULT_BOARD,), channel=args.channel,
+        since=_checked_version("--since", args.since) if args.since else BELOW_EVERY_RELEASE,
+        oems=tuple(_payload_word("--oem", o, "oem-") for o in args.oem),
+        extensions=tuple(_payload_word("--extension", e, "flatcar-") for e in args.extension),
+        all_extensions=args.all_extensions,
+        version=_checked_version("--version", args.version) if args.version else "",
+        release_server=normalise_url("--release-server", args.release_server),
+        keys=None if args.skip_signature_check else tuple(
+            built_in_keys() + [read_payload_key(path) for path in args.payload_key]),
+        dry_run=args.dry_run)
+
+
+def download_main(argv: Sequence[str]) -> int:
+    """`serve-package download DIR ...`: 0 when every file is present and verified."""
+    try:
+        args = build_download_parser().parse_args(argv)
+        options = download_options_from(args)
+        fetcher = Fetcher(client_tls_context(args.ca_file), args.retries)
+        return run_download(options, fetcher, sys.stdout)
+    except UsageError as exc:
+        sys.stderr.write("%s: error: %s\n" % (PROG, str(exc).rstrip(".") + "."))
+        return 2
+    except (DownloadError, PayloadError) as exc:
+        sys.stdout.flush()
+        sys.stderr.write("%s download: error: %s\n" % (PROG, str(exc).rstrip(".") + "."))
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("\n%s download: interrupted; run the same command again: it resumes\n"
+                         % PROG)
+        return 130
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["download"]:
+        return download_main(argv[1:])
     try:
         args = build_parser().parse_args(config_arguments(argv) + argv)
         if args.print_config:

@@ -1207,11 +1207,43 @@ def plan_payloads(package_file: Optional[str], package_dir: Optional[str],
     return [specs[0]] + sorted(specs[1:], key=lambda spec: spec.name)
 
 
+RELEASE_RECORD = "release.json"  # beside a downloaded release's files: what the service said
+RELEASE_RECORD_FORMAT = "serve-package release"
+
+
+class Step(NamedTuple):
+    """Where a release stands on its board's path (flatcar/nebraska: docs "multi-step updates"):
+    a floor every machine below it installs before going further (with the service's reason),
+    the target, or neither (an older release kept in the directory: served, never offered)."""
+    floor: bool = False
+    reason: str = ""
+    target: bool = False
+
+
 class ReleasePlan(NamedTuple):
-    """One board's files, before any is read: the OS payload first, then the extensions."""
+    """One release's files, before any is read: the OS payload first, then the extensions."""
     specs: Tuple[PayloadSpec, ...]
     version: str = ""  # from the release layout's path; "" when --package-version gives it
     board: str = ""  # from the release layout's path; "" when the kernel tells
+    step: Step = Step()  # floor or target, from release.json or --floor
+
+
+def read_step(directory: str) -> Optional[Step]:
+    """What the release.json that download wrote says of the release; None without one. A
+    record that cannot be read is a PayloadError: the operator should hear of it."""
+    path = os.path.join(directory, RELEASE_RECORD)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise PayloadError("%s cannot be read (%s); download the release again, or delete the "
+                           "file." % (path, getattr(exc, "strerror", None) or exc)) from None
+    if not isinstance(record, dict) or record.get("format") != RELEASE_RECORD_FORMAT:
+        raise PayloadError("%s is not a record written by serve-package download." % path)
+    return Step(record.get("floor") is True, clean(str(record.get("floor_reason") or ""), 300),
+                record.get("target") is True)
 
 
 def _release_layout(package_dir: str) -> List[ReleasePlan]:
@@ -1227,14 +1259,14 @@ def _release_layout(package_dir: str) -> List[ReleasePlan]:
             continue
         versions = [name for name in entries if parse_version(name) is not None
                     and os.path.isdir(os.path.join(where, name))]
-        if len(versions) != 1:
+        if not versions:
             raise PayloadError(
-                "%s holds %s: it must hold flatcar_production_update.gz, or one version's "
-                "directory with it (%s/<version>/)." % (
-                    where, "versions %s; keep one" % ", ".join(versions) if versions
-                    else "no OS payload", where))
-        plans.append(ReleasePlan(tuple(plan_payloads(None, os.path.join(where, versions[0]),
-                                                     (), None)), versions[0], board))
+                "%s holds no OS payload: it must hold flatcar_production_update.gz, or a "
+                "directory for each version with it (%s/<version>/)." % (where, where))
+        for version in sorted(versions, key=parse_version):
+            directory = os.path.join(where, version)
+            plans.append(ReleasePlan(tuple(plan_payloads(None, directory, (), None)), version,
+                                     board, read_step(directory) or Step()))
     return plans
 
 
@@ -1268,7 +1300,9 @@ class Release(NamedTuple):
     board: str = DEFAULT_BOARD
     board_source: str = "assumed"  # how the board is known, in words, for the banner
     kernel_board: str = ""  # the board its OS payload's kernel is for ("": no kernel to tell)
-    prefix: str = ""  # its files' place under /packages/: "" alone, "<board>/" beside others
+    prefix: str = ""  # its files' place under /packages/: "" alone, "<board>/" beside other
+    #                   boards, "<board>/<version>/" beside other versions of its board
+    step: Step = Step()
 
     def find(self, name: str) -> Optional[Package]:
         for package in self.packages:
@@ -1278,16 +1312,47 @@ class Release(NamedTuple):
 
 
 class Catalog(NamedTuple):
-    """Every release served, one a board."""
+    """Every release served, by board and version. On each board, the releases machines are
+    offered form a path: the floors below the target, in ascending order, then the target (the
+    release marked so, else the newest); any other is served but never offered."""
     releases: Tuple[Release, ...]
 
+    def path(self, board: str) -> List[Release]:
+        mine = [release for release in self.releases if release.board == board]
+        if len(mine) < 2:
+            return mine
+        target = next((r for r in mine if r.step.target), max(mine, key=lambda r: r.key))
+        return sorted((r for r in mine if r.step.floor and r.key < target.key),
+                      key=lambda r: r.key) + [target]
+
+    def for_machine(self, board: str, version: str) -> Release:
+        """The release a machine of this board running `version` is offered next: the lowest
+        floor above its version, else the target; a board not served gets the first release
+        (which decide() then refuses as the wrong board)."""
+        path = self.path(board)
+        if not path:
+            return self.releases[0]
+        key = parse_version(version)
+        if key is not None:
+            for release in path[:-1]:
+                if release.key > key:
+                    return release
+        return path[-1]
+
     def for_board(self, board: str) -> Release:
-        """The release for a machine of this board, or the first one (which decide() then
-        refuses as the wrong board)."""
-        for release in self.releases:
-            if release.board == board:
-                return release
-        return self.releases[0]
+        """The target of a board (or the first release, for a board not served)."""
+        path = self.path(board)
+        return path[-1] if path else self.releases[0]
+
+    def boards(self) -> List[str]:
+        return list(dict.fromkeys(release.board for release in self.releases))
+
+    def path_words(self, board: str) -> str:
+        """'3760.2.0 (floor: <reason>) -> 4230.2.0': what a board's machines are offered, in
+        order."""
+        return " \u2192 ".join(
+            "%s (floor: %s)" % (r.version, r.step.reason) if r is not path[-1] else r.version
+            for path in [self.path(board)] for r in path)
 
     def find(self, path: str) -> Optional[Package]:
         """The package at this path under /packages/."""
@@ -1350,10 +1415,12 @@ def _boards(plans: Sequence[ReleasePlan], os_payloads: Sequence[Opened],
                           else "from its directory", kernel))
         else:
             found.append((DEFAULT_BOARD, "assumed: the payload carries no kernel to tell", ""))
-    names = [name for name, _, _ in found]
-    for name in set(names):
-        if names.count(name) > 1:
-            raise PayloadError("two OS payloads are for %s; serve one a board." % name)
+    names = [(name, plan.version) for (name, _, _), plan in zip(found, plans)]
+    for name, version in set(names):
+        if names.count((name, version)) > 1:
+            raise PayloadError("two OS payloads are for %s%s; serve one a board (several "
+                               "versions of a board go in DIR/<board>/<version>/)." % (
+                                   name, " " + version if version else ""))
     return found
 
 
@@ -1417,13 +1484,27 @@ def _verified(opened: Opened, package: Package, signed_sha256: Optional[bytes],
     return package
 
 
+def _steps(plans: Sequence[ReleasePlan], versions: Sequence[str], floors: Sequence[str]
+           ) -> List[Step]:
+    """Each release's step: its release.json's, or a floor named by --floor."""
+    for floor in floors:
+        if floor not in versions:
+            raise PayloadError("--floor %s: no release of that version is served (it goes in "
+                               "DIR/<board>/%s/); the versions served are %s." % (
+                                   floor, floor, ", ".join(sorted(set(versions)))))
+    return [plan.step._replace(floor=True, reason=plan.step.reason or "--floor")
+            if version in floors else plan.step for plan, version in zip(plans, versions)]
+
+
 def load_catalog(plans: Sequence[ReleasePlan], version: str = "", board: str = "",
                  keys: Optional[Sequence[PayloadKey]] = None,
-                 progress: Optional[Callable[[int, int], None]] = None) -> Catalog:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 floors: Sequence[str] = ()) -> Catalog:
     """Check every file first (so a bad one is reported before minutes of hashing) and learn
     each release's board; then hash every file in one read, and verify each against its
     expected SHA-256 and, unless keys is None, its signature."""
     versions = [_release_version(plan, version) for plan in plans]
+    steps = _steps(plans, [text for text, _ in versions], floors)
     opened = []  # type: List[Opened]
     try:
         for plan in plans:
@@ -1440,11 +1521,13 @@ def load_catalog(plans: Sequence[ReleasePlan], version: str = "", board: str = "
         for item in opened:
             os.close(item.fd)
         raise
+    several = len({name for name, _, _ in boards}) < len(plans)  # versions beside each other
     return Catalog(tuple(
         Release(text, key, packages, board_name, source, kernel,
-                board_name + "/" if len(plans) > 1 else "")
-        for (text, key), packages, (board_name, source, kernel)
-        in zip(versions, files, boards)))
+                "%s/%s/" % (board_name, text) if several else
+                board_name + "/" if len(plans) > 1 else "", step)
+        for (text, key), packages, (board_name, source, kernel), step
+        in zip(versions, files, boards, steps)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1729,6 +1812,7 @@ class Decision(NamedTuple):
     forced: bool = False  # offered only because of --force: every one is logged
     version: str = ""  # the version offered
     state: str = IDLE  # where a "no" leaves the machine: idle, wrong-board, other-version
+    step: str = ""  # an offer of a floor, in words: "floor: <its reason>"
 
 
 class Policy(NamedTuple):
@@ -1816,6 +1900,10 @@ def decide(app: AppRequest, release: Release, intact: bool = True,
     if client >= release.key:
         return Decision(True, "forced: it runs %s" % clean(app.version, 40), forced=True,
                         version=release.version)
+    if release.step.floor and not release.step.target:
+        return Decision(True, "older than the floor %s (%s): it installs that first" % (
+            release.version, release.step.reason), version=release.version,
+            step="floor: %s" % release.step.reason)
     return Decision(True, "older than %s" % release.version, version=release.version)
 
 
@@ -2332,7 +2420,8 @@ class Fleet:
             self.tally.completions.clear()  # they completed before: not "in the last hour"
 
     def _offer(self, machine: "Machine", decision: Decision, now: float) -> None:
-        machine.offer(decision.version, now, self.offer_words)
+        machine.offer(decision.version, now, "%s (%s)" % (self.offer_words, decision.step)
+                      if decision.step else self.offer_words)
         if self.limited:
             self.holders[machine.key] = machine
 
@@ -2566,16 +2655,30 @@ def status_document(catalog: Catalog, summary: Dict[str, Any], machines: List[Di
     field names are stable and documented in the README)."""
     return {
         "server": {"name": PROG, "version": __version__, "started": iso_time(started)},
-        "offering": ", ".join(sorted({r.version for r in catalog.releases})),
+        "offering": ", ".join(sorted({r.version for board in catalog.boards()
+                                      for r in catalog.path(board)[-1:]})),
+        "paths": {board: catalog.path_words(board) for board in catalog.boards()},
         "releases": [{"board": r.board, "board_source": r.board_source, "version": r.version,
-                      "url_path": PACKAGES_PREFIX + r.prefix} for r in catalog.releases],
+                      "url_path": PACKAGES_PREFIX + r.prefix, "floor": r.step.floor,
+                      "floor_reason": r.step.reason or None,
+                      "target": r is catalog.for_board(r.board)} for r in catalog.releases],
         "payloads": [_payload_facts(release, index, p) for release in catalog.releases
                      for index, p in enumerate(release.packages)],
         "summary": summary,
         "states": summary["states"],
         "total": total, "offset": query.offset, "limit": query.limit,
-        "machines": machines,
+        "machines": [dict(m, ahead=_ahead(catalog, str(m["board"]), str(m["version"])))
+                     for m in machines],
     }
+
+
+def _ahead(catalog: Catalog, board: str, version: str) -> List[str]:
+    """Where a machine is on its board's path: the versions it will still be offered, in
+    order ([] on a path of one release)."""
+    path, key = catalog.path(board), parse_version(version)
+    if len(path) < 2 or key is None:
+        return []
+    return [release.version for release in path if release.key > key]
 
 
 def status_json(doc: Dict[str, Any]) -> str:
@@ -2623,7 +2726,8 @@ def _status_row(m: Dict[str, Any]) -> str:
             esc(str(m["state"])), esc(short_name(m["alias"], m["id"], m["address"])),
             esc(str(m["address"])), esc(str(m["oem"])), esc(str(m["board"])),
             esc(str(m["group"])),
-            esc(str(m["version"]) + (" \u2192 " + str(m["target"]) if m["target"] else "")),
+            esc(" \u2192 ".join([str(m["version"])] + (m["ahead"] if len(m["ahead"]) > 1 else
+                                                        [str(m["target"])] if m["target"] else []))),
             STATE_COLOURS.get(str(m["state"]), "#24292f"), esc(words),
             progress, esc(problem), esc(_clock(str(m["last_seen"])))))
 
@@ -2734,6 +2838,7 @@ th{background:#f6f8fa} progress{width:8em} code{font-size:.85em} .version{white-
 form{margin:1em 0} label{margin-right:.6em;font-size:.92em}
 </style></head><body>
 <h1>serve-package: offering <span id="offering">%(version)s</span></h1>
+%(paths)s
 <ul id="payloads">%(payloads)s</ul>
 %(summary)s
 <p>This page refreshes every 5 seconds; the same facts as JSON:
@@ -2749,6 +2854,8 @@ for Prometheus: <a href="/metrics">/metrics</a>.</p>
 %(pages)s
 </body></html>
 """ % {"version": esc(str(doc["offering"])), "payloads": payloads,
+       "paths": "".join('<p class="path">%s: %s</p>' % (esc(board), esc(words))
+                        for board, words in doc["paths"].items() if "\u2192" in words),
        "summary": _summary_html(doc["summary"], query), "form": _filter_form(query),
        "pages": _pages(query, doc["total"]), "rows": "\n".join(rows),
        "link": esc(query._replace(offset=0, limit=PAGE_ROWS).link()) if query.filtered() else ""}
@@ -3131,8 +3238,6 @@ BELOW_EVERY_RELEASE = "0.0.0"  # --since's default: the service then reports eve
 MAX_FLOOR_STEPS = 30  # answers walked, one floor each, before the walk is given up
 MAX_ANSWER = 1 << 20  # bytes of an update service's answer
 MAX_ANSWER_MARKUP = 4096  # its elements: a few manifests of a few dozen packages each
-RELEASE_RECORD = "release.json"  # beside a downloaded release's files: what the service said
-RELEASE_RECORD_FORMAT = "serve-package release"
 OS_PAYLOAD_FILE = "flatcar_production_update.gz"  # the release server's name for it
 PARTIAL = ".partial"  # a file being downloaded: never a name the server serves
 BOARD_ARCHES = {board: arch for arch, board in ARCH_BOARDS.items()}  # the <os sp> suffix
@@ -3946,7 +4051,7 @@ class Service:
         policy = self.settings.policy
         answers = []
         for app in request.apps:
-            release = self.catalog.for_board(app.machine_board)
+            release = self.catalog.for_machine(app.machine_board, app.version)
             taken = self.fleet.request(app, client, now, functools.partial(
                 decide, app, release, intact, policy, paused))
             answers.append(answer_app(app, taken.decision, release,
@@ -4869,6 +4974,7 @@ class Settings(NamedTuple):
     extensions: Tuple[str, ...] = ()
     sha256: Optional[str] = None
     package_version: str = ""
+    floors: Tuple[str, ...] = ()  # --floor: versions machines below them install first
     host: str = "127.0.0.1"
     port: int = 0
     policy: Policy = Policy()
@@ -4919,6 +5025,9 @@ _PAYLOAD_FLAGS = (
          "DIR/<board>/<version>/, for each board", "DIR"),
     Flag("sha256", "value", "the OS payload's expected SHA-256; by default it is read from "
          "FILE.sha256 beside the payload when there is one", "HEX"),
+    Flag("floor", "list", "a version in --package-dir every machine below it installs first "
+         "(a floor: a migration later releases rely on); download records the service's "
+         "floors itself; repeatable", "VERSION", []),
     Flag("listen-address", "value", "where to listen: :PORT (all interfaces), HOST:PORT or "
          "[IPv6]:PORT; port 0 picks a free port (default :8000)", "ADDR", ":8000"),
 )
@@ -5264,6 +5373,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         board=args.board, payload_keys=tuple(read_payload_key(path) for path in args.payload_key),
         skip_signature_check=args.skip_signature_check,
         extensions=tuple(args.extension), sha256=args.sha256, package_version=version,
+        floors=tuple(_checked_version("--floor", floor) for floor in args.floor),
         host=host, port=port, policy=policy,
         base_url=normalise_url("--base-url", args.base_url) if args.base_url else "",
         mirrors=mirrors, local_payload=not args.no_local_payload, tls=tls,
@@ -5301,7 +5411,7 @@ def load_catalog_for(settings: Settings) -> Catalog:
         label = os.path.basename(plans[0].specs[0].path)
     keys = None if settings.skip_signature_check else built_in_keys() + list(settings.payload_keys)
     catalog = load_catalog(plans, settings.package_version, settings.board, keys,
-                           _progress_printer(label))
+                           _progress_printer(label), settings.floors)
     for release in catalog.releases:
         if release.kernel_board and release.kernel_board != release.board:
             log_line(logging.WARNING, "--board %s overrides its kernel, which is %s: %s" % (
@@ -5418,10 +5528,14 @@ def rollout_rules(policy: Policy) -> List[str]:
     return rules
 
 
-def _release_lines(release: Release) -> List[str]:
-    """One board's files: where each is, its URL, size, SHA-256 and signature."""
-    lines = ["%s (board %s), version %s:" % (release.board, release.board_source,
-                                              release.version)]
+def _release_lines(release: Release, catalog: Catalog) -> List[str]:
+    """One release's files: where each is, its URL, size, SHA-256 and signature."""
+    path = catalog.path(release.board)
+    role = ("" if len(path) < 2 else ", the target" if release is path[-1] else
+            ", a floor: %s" % release.step.reason if release in path else
+            ", not offered (neither a floor nor the target)")
+    lines = ["%s (board %s), version %s%s:" % (release.board, release.board_source,
+                                                release.version, role)]
     for package in release.packages:
         lines += ["  %s" % package.path,
                   "    served as %s%s%s, %s (%d bytes)" % (
@@ -5469,12 +5583,14 @@ def _where_to_point(server: Server) -> List[str]:
 def banner(server: Server) -> str:
     """What the operator reads at start: what is served for each board, under which rules, and
     the line to put on each machine."""
-    settings, releases = server.settings, server.app.catalog.releases
+    settings, catalog = server.settings, server.app.catalog
+    boards = catalog.boards()
     lines = ["%s %s: offering version %s" % (
-        PROG, __version__, ", ".join("%s for %s" % (r.version, r.board) for r in releases)
-        if len(releases) > 1 else releases[0].version)]
-    for release in releases:
-        lines += _release_lines(release)
+        PROG, __version__, ", ".join("%s for %s" % (catalog.path_words(board), board)
+                                     for board in boards)
+        if len(catalog.releases) > 1 else catalog.releases[0].version)]
+    for release in catalog.releases:
+        lines += _release_lines(release, catalog)
     if not settings.local_payload:
         lines.append("payloads are not served here: machines download them from %s"
                      % ", ".join(settings.mirrors))

@@ -146,8 +146,6 @@ def test_one_package_file_a_board(tmp_path):
 
 
 @pytest.mark.parametrize("layout, words", [
-    ({"amd64-usr/3815.2.5": "amd64-usr", "amd64-usr/3760.2.0": "amd64-usr"},
-     "holds versions 3760.2.0, 3815.2.5; keep one"),
     ({"arm64-usr/3815.2.5": "amd64-usr"}, "holds a amd64-usr kernel but is in the arm64-usr directory"),
     ({"amd64-usr/latest": "amd64-usr"}, "holds no OS payload"),
     ({"amd64-usr/3815.2": "amd64-usr"}, "'3815.2' is not a version like 3815.2.5"),

@@ -159,11 +159,13 @@ def test_status_json_fields(walk, demo_bytes):
     walk.post(check())
     status, _, body = walk.running.request("GET", "/status.json")
     doc = json.loads(body)
-    assert set(doc) == {"server", "offering", "releases", "payloads", "summary", "states",
-                        "total", "offset", "limit", "machines"}
+    assert set(doc) == {"server", "offering", "paths", "releases", "payloads", "summary",
+                        "states", "total", "offset", "limit", "machines"}
     assert (doc["total"], doc["offset"], doc["limit"]) == (1, 0, 1000)
     assert doc["releases"] == [{"board": "amd64-usr", "board_source": "from its kernel",
-                                "version": "3815.2.5", "url_path": "/packages/"}]
+                                "version": "3815.2.5", "url_path": "/packages/",
+                                "floor": False, "floor_reason": None, "target": True}]
+    assert doc["paths"] == {"amd64-usr": "3815.2.5"} and doc["machines"][0]["ahead"] == []
     assert doc["offering"] == "3815.2.5" and doc["states"] == {"offered": 1}
     assert doc["server"]["name"] == "serve-package"
     (payload,) = doc["payloads"]

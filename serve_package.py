@@ -2953,7 +2953,9 @@ POLL=${SETUP_POLL_SECONDS:-2}
 MODE=@MODE@
 WAIT=yes
 
-# What this server serves: for each board, the version and the OEM and extension payloads.
+# served BOARD VERSION: the release this server offers such a machine next, and its OEM and
+# extension payloads. Each board's releases are its path (Catalog.path in serve_package.py):
+# the floors in ascending order, then the target.
 served() {
     case $1 in
 @SERVED@
@@ -2961,6 +2963,24 @@ served() {
     esac
 }
 SERVED_BOARDS=@BOARDS@
+
+# newer A B: whether version A is newer than version B, field by field (parse_version)
+newer() {
+    awk -v a="${1%%+*}" -v b="${2%%+*}" 'BEGIN { split(a, x, "."); split(b, y, ".")
+        for (i = 1; i <= 4; i++) if (x[i] + 0 != y[i] + 0) exit !(x[i] + 0 > y[i] + 0)
+        exit 1 }'
+}
+
+# next_step VERSION RELEASE...: the first release newer than VERSION, else the last (the
+# target), as Catalog.for_machine picks it
+next_step() {
+    mine=$1
+    shift
+    while [ "$#" -gt 1 ] && ! newer "${1%% *}" "$mine"; do
+        shift
+    done
+    printf '%s\n' "$1"
+}
 
 for arg in "$@"; do
     case $arg in
@@ -3068,7 +3088,7 @@ case $STATUS in
         exit 0 ;;
 esac
 
-if OFFER=$(served "$BOARD"); then
+if OFFER=$(served "$BOARD" "$VERSION"); then
     TARGET=${OFFER%% *}
     FILES=${OFFER#"$TARGET"}
     ok "this server offers $TARGET for $BOARD"
@@ -3082,11 +3102,15 @@ if [ -n "$TARGET" ] && [ "${VERSION%%+*}" = "${TARGET%%+*}" ]; then
     exit 0
 fi
 
+# flatcar-postinst (flatcar/update_engine) fetches oem-<ID>.gz when the new /usr has
+# share/flatcar/oems/<ID> or /oem/sysext/active-oem-<ID> exists; the running /usr stands in for
+# the new one (missing_oem_payload in serve_package.py warns of the same in the server's log).
 if [ -n "$OEM" ]; then
-    if [ -e "$ROOT/usr/share/oem/sysext/active-oem-$OEM" ] || [ -e "$ROOT/oem/sysext/active-oem-$OEM" ]; then
+    if [ -e "$ROOT/usr/share/flatcar/oems/$OEM" ] || [ -e "$ROOT/oem/sysext/active-oem-$OEM" ] \
+            || [ -e "$ROOT/usr/share/oem/sysext/active-oem-$OEM" ]; then
         [ -z "$TARGET" ] || need "oem-$OEM.gz" "the $OEM OEM's system extension"
-    else
-        ok "the $OEM OEM has no system extension here"
+    elif [ -n "$TARGET" ]; then
+        note "the $OEM OEM has no system extension here yet: if $TARGET ships it as one, this machine migrates to it and the update needs oem-$OEM.gz (serve it if $RELEASES/$BOARD/$TARGET/oem-$OEM.gz exists)"
     fi
 else
     ok "no OEM"
@@ -3209,14 +3233,14 @@ done
 
 def setup_script(server: str, catalog: Catalog, check_only: bool) -> str:
     """The setup script for machines that reach this server at `server` (scheme://host:port)."""
-    served = "\n".join("        %s) echo %s ;;" % (
-        release.board, shlex.quote(" ".join([release.version] + [p.name for p in release.packages[1:]])))
-        for release in catalog.releases)
+    served = "\n".join("        %s) next_step \"$2\" %s ;;" % (board, " ".join(
+        shlex.quote(" ".join([release.version] + [p.name for p in release.packages[1:]]))
+        for release in catalog.path(board))) for board in catalog.boards())
     arch_boards = " ".join("%s) BOARD=%s ;;" % item for item in sorted(ARCH_BOARDS.items()))
     words = (("@TOOL@", __version__), ("@SERVER_QUOTED@", shlex.quote(server)), ("@SERVER@", server),
              ("@RELEASES@", RELEASE_SERVER), ("@ARCH_BOARDS@", arch_boards),
              ("@MODE@", "check" if check_only else "apply"), ("@SERVED@", served),
-             ("@BOARDS@", shlex.quote(" ".join(r.board for r in catalog.releases))))
+             ("@BOARDS@", shlex.quote(" ".join(catalog.boards()))))
     script = SETUP_SCRIPT
     for placeholder, value in words:
         script = script.replace(placeholder, value)

@@ -67,7 +67,7 @@ class FakeMachine:
     """A machine's files under a temporary root, stubs on PATH, and the script run by a shell."""
 
     def __init__(self, root, version="3760.2.0", board="amd64-usr", oem="azure",
-                 extensions="python", statuses=SUCCESS):
+                 extensions="python", statuses=SUCCESS, oem_marker="active"):
         self.root, self.stubs = root / "root", root / "stubs"
         for path, text in {
             "etc/os-release": "ID=flatcar\nNAME=\"Flatcar Container Linux by Kinvolk\"\n"
@@ -84,7 +84,11 @@ class FakeMachine:
         if oem:
             (self.root / "usr/share/oem/sysext").mkdir(parents=True)
             (self.root / "usr/share/oem/oem-release").write_text("ID=%s\nVERSION_ID=1\n" % oem)
-            (self.root / "usr/share/oem/sysext" / ("active-oem-" + oem)).write_text("")
+            if oem_marker == "active":  # the OEM's sysext is active now
+                (self.root / "usr/share/oem/sysext" / ("active-oem-" + oem)).write_text("")
+            elif oem_marker == "oems":  # the image ships this OEM as a sysext (a migration)
+                (self.root / "usr/share/flatcar/oems").mkdir(parents=True)
+                (self.root / "usr/share/flatcar/oems" / oem).write_text("")
         self.stubs.mkdir()
         for name, text in (("update_engine_client", UPDATE_ENGINE_CLIENT),
                            ("systemctl", SYSTEMCTL), ("id", ID)):
@@ -147,7 +151,7 @@ def test_the_script_is_made_for_this_server(served):
     assert status == 200 and headers["Content-Type"] == "text/x-shellscript; charset=utf-8"
     assert text.startswith("#!/bin/sh\n")
     assert "SERVER=http://127.0.0.1:%d\n" % served.port in text
-    assert "amd64-usr) echo '9999.9.9 flatcar-python.gz oem-azure.gz' ;;" in text
+    assert "amd64-usr) next_step \"$2\" '9999.9.9 flatcar-python.gz oem-azure.gz' ;;" in text
     assert "MODE=apply\n" in text and "MODE=check\n" in served.request("GET", "/setup?check")[2].decode()
     import re
     assert re.findall(r"@[A-Z_]+@", text) == []  # every placeholder filled
@@ -319,3 +323,62 @@ def test_banner_leads_with_the_one_liner(pyz):
         assert banner.index(one_liner) < banner.index("SERVER=http://127.0.0.1")
     finally:
         server.kill()
+
+
+# --- the OEM rule of flatcar-postinst, and the step a machine is offered ------------------------
+
+@pytest.fixture
+def bare(caplog):
+    """A server with the OS payload only: no OEM or extension payload."""
+    with Running(sp.load_release(DEMO_PAYLOAD, "9999.9.9")) as running:
+        running.script = running.request("GET", "/setup")[2]
+        yield running
+
+
+@pytest.mark.parametrize("shell", shells()[:1])
+def test_an_oem_the_new_release_ships_as_a_sysext_needs_its_payload(bare, tmp_path, shell):
+    """flatcar-postinst fetches oem-<ID>.gz when the new /usr has share/flatcar/oems/<ID>, even
+    before the OEM's sysext is active: the running /usr's list stands in for the new one."""
+    machine = FakeMachine(tmp_path, extensions="", oem_marker="oems")
+    code, out = machine.run(shell, bare.script, "--check")
+    assert code == 1, out
+    assert "PROBLEM  oem-azure.gz (the azure OEM's system extension) is not served for amd64-usr" in out
+
+
+@pytest.mark.parametrize("shell", shells()[:1])
+def test_an_oem_without_either_marker_gets_a_note(bare, tmp_path, shell):
+    machine = FakeMachine(tmp_path, extensions="", oem_marker=None)
+    code, out = machine.run(shell, bare.script, "--check")
+    assert code == 0, out
+    assert "note     the azure OEM has no system extension here yet: if 9999.9.9 ships it as " \
+           "one, this machine migrates to it and the update needs oem-azure.gz" in out
+
+
+@pytest.fixture
+def floored(tmp_path_factory):
+    """amd64-usr 3760.2.0 (a floor, with oem-azure.gz only) then 9999.9.9 (the target, with
+    oem-azure.gz and flatcar-python.gz), in the release layout."""
+    root = tmp_path_factory.mktemp("floored")
+    for version, names in (("3760.2.0", ["oem-azure.gz"]),
+                           ("9999.9.9", ["oem-azure.gz", "flatcar-python.gz"])):
+        where = root / "amd64-usr" / version
+        where.mkdir(parents=True)
+        shutil.copyfile(DEMO_PAYLOAD, str(where / "flatcar_production_update.gz"))
+        for name in names:
+            shutil.copyfile(os.path.join(FIXTURES, "extensions", name), str(where / name))
+    settings = sp.Settings(package_dir=str(root), floors=("3760.2.0",))
+    with Running(sp.load_catalog_for(settings), settings) as running:
+        running.script = running.request("GET", "/setup")[2]
+        yield running
+
+
+@pytest.mark.parametrize("shell", shells())
+def test_the_script_checks_the_step_this_machine_is_offered(floored, tmp_path, shell):
+    below = FakeMachine(tmp_path / "below", version="3700.0.0", extensions="python")
+    code, out = below.run(shell, floored.script, "--check")
+    assert "ok       this server offers 3760.2.0 for amd64-usr" in out, out
+    assert "PROBLEM  flatcar-python.gz (the python extension) is not served for amd64-usr: the " \
+           "machine would install 3760.2.0" in out and code == 1
+    above = FakeMachine(tmp_path / "above", version="3760.2.0", extensions="python")
+    code, out = above.run(shell, floored.script, "--check")
+    assert "ok       this server offers 9999.9.9 for amd64-usr" in out and code == 0, out

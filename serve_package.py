@@ -2324,6 +2324,7 @@ class Fleet:
         self.by_address = {}  # type: Dict[str, str]
         self.tally = Tally()
         self.holders = {}  # type: Dict[str, Machine]  # of a --max-concurrent slot, if limited
+        self.extensions = collections.Counter()  # type: collections.Counter  # setup reports
         self.counters = collections.Counter()  # type: collections.Counter  # for /metrics
         # for --state-file: the machines changed since the last save, and how many changes
         # moved a count or a slot (saved within seconds) or only a last-seen time (a minute)
@@ -2416,6 +2417,8 @@ class Fleet:
                 self.tally.change(machine, None, now)
                 if machine.state in HOLDS_SLOT and self.limited:
                     self.holders[machine.key] = machine
+                if machine.setup:
+                    self.extensions.update(machine.setup["extensions"])
             self.dirty.update(machine.key for machine in machines)  # the first save writes all
             self.tally.completions.clear()  # they completed before: not "in the last hour"
 
@@ -2481,7 +2484,10 @@ class Fleet:
         """A setup script's report: the machine's needs, before it downloads a byte."""
         with self.lock:
             machine, before = self._machine(machine_key(report.machineid, address), address, now)
+            self.extensions.subtract(machine.setup["extensions"] if machine.setup else ())
             machine.set_up(report, address, now)
+            self.extensions.update(report.extensions)
+            self.extensions += collections.Counter()  # drops the names no machine enables
             self._changed(machine, before, now)
             found = "enabled extensions: %s" % (" ".join(report.extensions) or "none")
             if report.missing:
@@ -2536,12 +2542,14 @@ class Fleet:
                         for cause, keys in tally.examples.items()}
             updated = tally.updates_last_hour(now)
             total = len(self.machines)
+            extensions = dict(self.extensions)
         states = counts["state"]
         return {
             "machines": total, "states": states, "versions": counts["version"],
             "boards": counts["board"], "groups": counts["group"], "oems": counts["oem"],
             "rollout": {name: sum(states.get(state, 0) for state in group)
                         for name, group in ROLLOUT_GROUPS},
+            "extensions": extensions,
             "updates_last_hour": updated, "stalled": stalled, "not_seen": not_seen,
             "failures": [(cause, n, examples.get(cause, []))
                          for cause, n in sorted(counts["cause"].items(), key=lambda c: -c[1])]}
@@ -2649,6 +2657,51 @@ def _payload_facts(release: Release, index: int, package: Package) -> Dict[str, 
             "url_path": PACKAGES_PREFIX + release.prefix + package.name, "required": index == 0}
 
 
+CHANNELS = ("stable", "beta", "alpha", "lts", "edge")  # what download's --channel knows
+MAX_NEEDED_NAMES = 16  # OEMs and extensions a needs list names, at most, each
+
+
+def fleet_needs(catalog: Catalog, summary: Dict[str, Any]) -> Dict[str, Any]:
+    """What the fleet needs and this server does not serve: a board its machines have with no
+    release, and on each release its machines will be offered the OEM payloads of the OEMs
+    they run (missing_oem_payload's rule) and the extension payloads their setup reports
+    enable; with the one download command that brings every release and file they need."""
+    oems = sorted(o for o in summary["oems"] if EXTENSION_NAME.fullmatch("oem-%s.gz" % o))
+    extensions = sorted(e for e in summary["extensions"]
+                        if EXTENSION_NAME.fullmatch("flatcar-%s.gz" % e))
+    oems, extensions = oems[:MAX_NEEDED_NAMES], extensions[:MAX_NEEDED_NAMES]
+    names = ["oem-%s.gz" % o for o in oems] + ["flatcar-%s.gz" % e for e in extensions]
+    boards = sorted(set(summary["boards"]) | set(catalog.boards()))
+    missing = []
+    for board in boards:
+        path = catalog.path(board)
+        if not path:
+            missing.append("%s: no release" % board)
+        for release in path:
+            lacking = [n for n in names if release.find(n) is None]
+            if lacking and release.key >= SYSEXT_OEM_SINCE:
+                missing.append("%s %s: %s" % (board, release.version, " ".join(lacking)))
+    versions = [v for v, _ in summary["versions"] if parse_version(v) is not None]
+    groups = sorted((g for g in summary["groups"] if g in CHANNELS),
+                    key=lambda g: -summary["groups"][g])
+    words = ["python3", "serve-package.pyz", "download", "DIR", "--channel",
+             (groups or ["stable"])[0]]
+    words += [w for board in boards for w in ("--board", board)]
+    if versions:
+        words += ["--since", min(versions, key=parse_version)]
+    words += [w for o in oems for w in ("--oem", o)]
+    words += [w for e in extensions for w in ("--extension", e)]
+    return {"missing": missing, "command": " ".join(shlex.quote(w) for w in words)}
+
+
+def needs_text(needs: Dict[str, Any]) -> str:
+    """GET /needs, and the log's line when it changes."""
+    lines = (["missing here: " + line for line in needs["missing"]] or
+             ["nothing the fleet needs is missing"])
+    return "\n".join(lines + ["to bring every release and file the fleet needs, on a connected "
+                              "machine run: " + needs["command"]]) + "\n"
+
+
 def status_document(catalog: Catalog, summary: Dict[str, Any], machines: List[Dict[str, object]],
                     total: int, query: Query, started: float) -> Dict[str, object]:
     """What /status.json and the page say, as values (status_json() renders the JSON, whose
@@ -2666,6 +2719,7 @@ def status_document(catalog: Catalog, summary: Dict[str, Any], machines: List[Di
                      for index, p in enumerate(release.packages)],
         "summary": summary,
         "states": summary["states"],
+        "needs": fleet_needs(catalog, summary),
         "total": total, "offset": query.offset, "limit": query.limit,
         "machines": [dict(m, ahead=_ahead(catalog, str(m["board"]), str(m["version"])))
                      for m in machines],
@@ -2841,6 +2895,7 @@ form{margin:1em 0} label{margin-right:.6em;font-size:.92em}
 %(paths)s
 <ul id="payloads">%(payloads)s</ul>
 %(summary)s
+%(needs)s
 <p>This page refreshes every 5 seconds; the same facts as JSON:
 <a href="/status.json%(link)s">/status.json</a>, as CSV: <a href="/machines.csv%(link)s">/machines.csv</a>;
 for Prometheus: <a href="/metrics">/metrics</a>.</p>
@@ -2857,6 +2912,11 @@ for Prometheus: <a href="/metrics">/metrics</a>.</p>
        "paths": "".join('<p class="path">%s: %s</p>' % (esc(board), esc(words))
                         for board, words in doc["paths"].items() if "\u2192" in words),
        "summary": _summary_html(doc["summary"], query), "form": _filter_form(query),
+       "needs": '<div id="needs"><p>%s</p><p>To bring every release and file the fleet needs, '
+                'on a connected machine: <code>%s</code></p></div>' % (
+                    esc("Missing here: " + "; ".join(doc["needs"]["missing"])
+                        if doc["needs"]["missing"] else "Nothing the fleet needs is missing."),
+                    esc(doc["needs"]["command"])),
        "pages": _pages(query, doc["total"]), "rows": "\n".join(rows),
        "link": esc(query._replace(offset=0, limit=PAGE_ROWS).link()) if query.filtered() else ""}
 
@@ -4055,6 +4115,7 @@ class Service:
         # thousand; downloads look at their payload between every chunk they send.
         self._paused = PerSecond(self._look_paused, False)
         self._said_paused = False
+        self._said_missing = []  # type: List[str]
         self._changed = PerSecond(self._look_changed, ())
         self._served_lock = threading.Lock()
         self._served = collections.Counter()  # type: collections.Counter  # bytes, by file
@@ -4181,8 +4242,22 @@ class Service:
             "exists" if paused else "is gone"))]
 
     def tick(self) -> List[Note]:
-        """The clock's job, once a second: the "N more machines" warning lines now due."""
-        return self.warnings.due(self.clock())
+        """The clock's job, once a second: the "N more machines" warning lines now due, and a
+        line when what the fleet needs and is not served changed."""
+        now = self.clock()
+        missing = fleet_needs(self.catalog, self.fleet.summary_facts(now))["missing"]
+        notes = self.warnings.due(now)
+        if missing != self._said_missing:
+            self._said_missing = missing
+            notes.append(Note(logging.WARNING, "the fleet needs what is not served: %s; see "
+                              "/needs for the download command that brings it" % clean(
+                                  "; ".join(missing), 600)) if missing else
+                         Note(logging.INFO, "everything the fleet needs is served"))
+        return notes
+
+    def needs(self) -> str:
+        """GET /needs: what the fleet needs that is not served, and the command that brings it."""
+        return needs_text(fleet_needs(self.catalog, self.fleet.summary_facts(self.clock())))
 
     # -- the setup script and its reports --------------------------------------------------
 
@@ -4693,6 +4768,7 @@ ROUTES = {
     "/machines.csv": Route(("GET",), "machines_csv"),
     "/metrics": Route(("GET",), "metrics"),
     "/healthz": Route(("GET",), "healthz"),
+    "/needs": Route(("GET",), "needs"),
     "/setup": Route(("GET",), "setup_script"),
     "/setup/report": Route(("POST",), "setup_report"),
     "/setup/state": Route(("GET",), "setup_state"),
@@ -4768,6 +4844,11 @@ class Handler(FileHandler):
 
     def healthz(self, path: str) -> None:
         self.send_plain("ok\n")
+        self.log_request(200)
+
+    def needs(self, path: str) -> None:
+        """What the fleet needs and is not served, and the download command that brings it."""
+        self.send_plain(self.server.app.needs())
         self.log_request(200)
 
     def metrics(self, path: str) -> None:

@@ -160,7 +160,10 @@ def test_status_json_fields(walk, demo_bytes):
     status, _, body = walk.running.request("GET", "/status.json")
     doc = json.loads(body)
     assert set(doc) == {"server", "offering", "paths", "releases", "payloads", "summary",
-                        "states", "total", "offset", "limit", "machines"}
+                        "states", "needs", "total", "offset", "limit", "machines"}
+    assert doc["needs"] == {"missing": ["amd64-usr 3815.2.5: oem-azure.gz"], "command":
+                            "python3 serve-package.pyz download DIR --channel stable --board "
+                            "amd64-usr --since 3760.2.0 --oem azure"}
     assert (doc["total"], doc["offset"], doc["limit"]) == (1, 0, 1000)
     assert doc["releases"] == [{"board": "amd64-usr", "board_source": "from its kernel",
                                 "version": "3815.2.5", "url_path": "/packages/",

@@ -160,10 +160,16 @@ def test_metrics_parse_with_prometheus_and_match_the_fleet(fleet):
     assert value["serve_package_events_total", (("result", "1"), ("type", "3"))] == 15
     before = value.get(("serve_package_payload_bytes_served_total", (("file", "update.gz"),)), 0)
     assert fleet.request("GET", "/packages/update.gz", headers={"Range": "bytes=0-999"})[0] == 206
-    after = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in
-             text_string_to_metric_families(fleet.request("GET", "/metrics")[2].decode())
-             for s in f.samples}
-    assert after["serve_package_payload_bytes_served_total", (("file", "update.gz"),)] == before + 1000
+    deadline = time.monotonic() + 5  # the bytes are counted once sendfile returns: a moment
+    while True:                      # after the client may already have them
+        after = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in
+                 text_string_to_metric_families(fleet.request("GET", "/metrics")[2].decode())
+                 for s in f.samples}
+        served = after["serve_package_payload_bytes_served_total", (("file", "update.gz"),)]
+        if served == before + 1000 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert served == before + 1000
     (build,) = [k for k in after if k[0] == "serve_package_build_info"]
     assert dict(build[1])["served_version"] == "3815.2.5"
 

@@ -153,6 +153,8 @@ def test_warnings_due_come_from_the_clock_job(catalog, clock):
         app.update_check(sp.parse_request(machine(n).replace(b'board="amd64-usr"',
                                                              b'board="arm64-usr"')),
                          "10.0.0.7", SERVER_URL)
+    (needs,) = app.tick()  # arm64 machines and no arm64 release: said once
+    assert needs.text.startswith("the fleet needs what is not served: arm64-usr: no release")
     assert app.tick() == []
     clock.advance(sp.WARNING_EVERY)
     (note,) = app.tick()

@@ -2148,7 +2148,7 @@ class Machine:
                 "not_seen": now is not None and self.lost(now)}
 
 
-TALLIED = ("state", "version", "board", "group", "oem", "cause")
+TALLIED = ("state", "version", "board", "group", "oem", "board_oem", "cause")
 CAUSE_EXAMPLES = 5
 
 
@@ -2166,8 +2166,9 @@ class Tally:
     @staticmethod
     def labels(key: Tuple[Any, ...]) -> Tuple[str, ...]:
         """A Machine.tally() as the counts name it, in the order of TALLIED: the version is the
-        pair (version, target), target "" unless updating; the cause is the error code of a
-        failure, or the state of a machine the server itself found it cannot update."""
+        pair (version, target), target "" unless updating; board_oem the pair (board, OEM), for
+        what each board's machines need; the cause is the error code of a failure, or the state
+        of a machine the server itself found it cannot update."""
         state, version, target, board, group, oem, error = key
         cause = ""
         if state in (FAILED, ROLLED_BACK) and error is not None:
@@ -2175,7 +2176,7 @@ class Tally:
         elif state in (WRONG_BOARD, OTHER_VERSION):
             cause = state
         return (state, (version, target if target != version else ""), board, group, oem,
-                cause)
+                (board, oem), cause)
 
     def change(self, machine: Machine, before: Optional[Tuple[Any, ...]], now: float) -> bool:
         """Count the machine anew; False when what it is counted under did not change."""
@@ -2324,7 +2325,8 @@ class Fleet:
         self.by_address = {}  # type: Dict[str, str]
         self.tally = Tally()
         self.holders = {}  # type: Dict[str, Machine]  # of a --max-concurrent slot, if limited
-        self.extensions = collections.Counter()  # type: collections.Counter  # setup reports
+        # (board, extension) the setup reports say their machines enable
+        self.extensions = collections.Counter()  # type: collections.Counter
         self.counters = collections.Counter()  # type: collections.Counter  # for /metrics
         # for --state-file: the machines changed since the last save, and how many changes
         # moved a count or a slot (saved within seconds) or only a last-seen time (a minute)
@@ -2417,8 +2419,7 @@ class Fleet:
                 self.tally.change(machine, None, now)
                 if machine.state in HOLDS_SLOT and self.limited:
                     self.holders[machine.key] = machine
-                if machine.setup:
-                    self.extensions.update(machine.setup["extensions"])
+                self._count_extensions(machine, 1)
             self.dirty.update(machine.key for machine in machines)  # the first save writes all
             self.tally.completions.clear()  # they completed before: not "in the last hour"
 
@@ -2480,13 +2481,17 @@ class Fleet:
             self._changed(machine, before, now)
             return [machine.note(logging.INFO, "progress")] if said else []
 
+    def _count_extensions(self, machine: "Machine", sign: int) -> None:
+        for name in machine.setup["extensions"] if machine.setup else ():
+            self.extensions[machine.board, name] += sign
+
     def set_up(self, report: "SetupReport", address: str, now: float) -> List[Note]:
         """A setup script's report: the machine's needs, before it downloads a byte."""
         with self.lock:
             machine, before = self._machine(machine_key(report.machineid, address), address, now)
-            self.extensions.subtract(machine.setup["extensions"] if machine.setup else ())
+            self._count_extensions(machine, -1)
             machine.set_up(report, address, now)
-            self.extensions.update(report.extensions)
+            self._count_extensions(machine, 1)
             self.extensions += collections.Counter()  # drops the names no machine enables
             self._changed(machine, before, now)
             found = "enabled extensions: %s" % (" ".join(report.extensions) or "none")
@@ -2547,6 +2552,7 @@ class Fleet:
         return {
             "machines": total, "states": states, "versions": counts["version"],
             "boards": counts["board"], "groups": counts["group"], "oems": counts["oem"],
+            "board_oems": counts["board_oem"],
             "rollout": {name: sum(states.get(state, 0) for state in group)
                         for name, group in ROLLOUT_GROUPS},
             "extensions": extensions,
@@ -2591,8 +2597,12 @@ def summary_json(summary: Dict[str, Any]) -> Dict[str, Any]:
     versions = collections.Counter()  # type: collections.Counter
     for (version, target), n in summary["versions"].items():
         versions[versions_words(version, target)] += n
-    return dict(summary, versions=dict(versions), failures=[
+    worded = dict(summary, versions=dict(versions), failures=[
         _cause_facts(*failure) for failure in summary["failures"]])
+    del worded["board_oems"]  # what each board needs: said by the needs, not counted here
+    worded["extensions"] = dict(collections.Counter(
+        {name: n for (_, name), n in summary["extensions"].items()}))
+    return worded
 
 
 def summary_text(summary: Dict[str, Any], failed: Sequence[Machine]) -> str:
@@ -2666,11 +2676,17 @@ def fleet_needs(catalog: Catalog, summary: Dict[str, Any]) -> Dict[str, Any]:
     release, and on each release its machines will be offered the OEM payloads of the OEMs
     they run (missing_oem_payload's rule) and the extension payloads their setup reports
     enable; with the one download command that brings every release and file they need."""
-    oems = sorted(o for o in summary["oems"] if EXTENSION_NAME.fullmatch("oem-%s.gz" % o))
-    extensions = sorted(e for e in summary["extensions"]
-                        if EXTENSION_NAME.fullmatch("flatcar-%s.gz" % e))
-    oems, extensions = oems[:MAX_NEEDED_NAMES], extensions[:MAX_NEEDED_NAMES]
-    names = ["oem-%s.gz" % o for o in oems] + ["flatcar-%s.gz" % e for e in extensions]
+    needed = {}  # type: Dict[str, List[str]]  # board -> the payload names its machines need
+    for (board, oem), _ in summary["board_oems"].items():
+        if oem and EXTENSION_NAME.fullmatch("oem-%s.gz" % oem):
+            needed.setdefault(board, []).append("oem-%s.gz" % oem)
+    for (board, name), _ in summary["extensions"].items():
+        if EXTENSION_NAME.fullmatch("flatcar-%s.gz" % name):
+            needed.setdefault(board, []).append("flatcar-%s.gz" % name)
+    names = {board: sorted(set(found))[:2 * MAX_NEEDED_NAMES] for board, found in needed.items()}
+    every = sorted(set(n for found in names.values() for n in found))
+    oems = [n[4:-3] for n in every if n.startswith("oem-")][:MAX_NEEDED_NAMES]
+    extensions = [n[8:-3] for n in every if n.startswith("flatcar-")][:MAX_NEEDED_NAMES]
     boards = sorted(set(summary["boards"]) | set(catalog.boards()))
     missing = []
     for board in boards:
@@ -2678,7 +2694,7 @@ def fleet_needs(catalog: Catalog, summary: Dict[str, Any]) -> Dict[str, Any]:
         if not path:
             missing.append("%s: no release" % board)
         for release in path:
-            lacking = [n for n in names if release.find(n) is None]
+            lacking = [n for n in names.get(board, []) if release.find(n) is None]
             if lacking and release.key >= SYSEXT_OEM_SINCE:
                 missing.append("%s %s: %s" % (board, release.version, " ".join(lacking)))
     versions = [v for v, _ in summary["versions"] if parse_version(v) is not None]
@@ -2700,6 +2716,15 @@ def needs_text(needs: Dict[str, Any]) -> str:
              ["nothing the fleet needs is missing"])
     return "\n".join(lines + ["to bring every release and file the fleet needs, on a connected "
                               "machine run: " + needs["command"]]) + "\n"
+
+
+def _ahead(catalog: Catalog, board: str, version: str) -> List[str]:
+    """Where a machine is on its board's path: the versions it will still be offered, in
+    order ([] on a path of one release)."""
+    path, key = catalog.path(board), parse_version(version)
+    if len(path) < 2 or key is None:
+        return []
+    return [release.version for release in path if release.key > key]
 
 
 def status_document(catalog: Catalog, summary: Dict[str, Any], machines: List[Dict[str, object]],
@@ -2724,15 +2749,6 @@ def status_document(catalog: Catalog, summary: Dict[str, Any], machines: List[Di
         "machines": [dict(m, ahead=_ahead(catalog, str(m["board"]), str(m["version"])))
                      for m in machines],
     }
-
-
-def _ahead(catalog: Catalog, board: str, version: str) -> List[str]:
-    """Where a machine is on its board's path: the versions it will still be offered, in
-    order ([] on a path of one release)."""
-    path, key = catalog.path(board), parse_version(version)
-    if len(path) < 2 or key is None:
-        return []
-    return [release.version for release in path if release.key > key]
 
 
 def status_json(doc: Dict[str, Any]) -> str:
@@ -3506,21 +3522,26 @@ def walk_floors(ask: Callable[[str], List[RemoteRelease]], since: str, where: st
 
 
 def chosen_files(release: RemoteRelease, oems: Sequence[str], extensions: Sequence[str],
-                 all_extensions: bool) -> Tuple[RemoteFile, ...]:
-    """The OS payload and the OEM and extension payloads asked for; a name the release does not
-    offer is a DownloadError that lists what it does offer. A release that offers none at all
-    (before Flatcar 3760 moved OEMs into system extensions) needs none: only its OS payload."""
+                 all_extensions: bool, elsewhere: FrozenSet[str] = frozenset()
+                 ) -> Tuple[Tuple[RemoteFile, ...], List[str]]:
+    """The OS payload and the OEM and extension payloads asked for, and the names this release
+    does not offer that another asked for does (another board's OEM, in a mixed fleet: skipped
+    here). A name offered nowhere is a DownloadError that lists what this release offers. A
+    release that offers none at all (before Flatcar 3760 moved OEMs into system extensions)
+    needs none: only its OS payload."""
     offered = {f.name: f for f in release.files[1:]}
     wanted = ["oem-%s.gz" % oem for oem in oems] + ["flatcar-%s.gz" % e for e in extensions]
     if all_extensions:
         wanted += [name for name in offered if name.startswith("flatcar-")]
     if not offered:
-        return release.files[:1]
-    missing = [name for name in wanted if name not in offered]
+        return release.files[:1], []
+    missing = [name for name in wanted if name not in offered and name not in elsewhere]
     if missing:
         raise DownloadError("%s for %s offers no %s; it offers %s" % (
             release.version, release.board, ", ".join(missing), ", ".join(sorted(offered))))
-    return release.files[:1] + tuple(offered[name] for name in sorted(set(wanted)))
+    skipped = sorted(set(name for name in wanted if name not in offered))
+    return release.files[:1] + tuple(offered[name] for name in sorted(set(wanted))
+                                     if name in offered), skipped
 
 
 def release_record(release: RemoteRelease, channel: str, source: str, now: float) -> str:
@@ -3634,6 +3655,15 @@ def payload_mark(fd: int, have: int) -> Optional[int]:
     return -1 if manifest.signed_end is None else manifest.signed_end
 
 
+def write_all(fd: int, buf: bytearray, n: int) -> None:
+    """The first n bytes of buf to fd: a write may take only part (a full disk takes what fits,
+    then fails with ENOSPC), so it is repeated until all is written or it fails."""
+    with memoryview(buf)[:n] as view:
+        written = 0
+        while written < n:
+            written += os.write(fd, view[written:])
+
+
 class Transferred(NamedTuple):
     """A file downloaded into its partial file: the digests of every byte in it."""
     partial: str
@@ -3661,8 +3691,7 @@ def _receive(fetcher: Fetcher, url: str, fd: int, have: int, hasher: Hasher,
             buf = hasher.buffer()
             n = response.readinto(buf)
             if n:
-                os.write(fd, memoryview(buf)[:n]) if n == len(buf) else os.write(
-                    fd, bytes(memoryview(buf)[:n]))
+                write_all(fd, buf, n)
                 if mark is None:  # the signed range's end, before the chunk passing it is fed
                     mark = payload_mark(fd, done + n)
                     hasher.mark = mark if mark is not None and mark >= 0 else None
@@ -3737,18 +3766,25 @@ def layout_url(release_server: str, board: str, version: str, name: str) -> str:
     return "%s%s/%s/%s" % (release_server, board, version, name)
 
 
-def wanted_files(releases: Sequence[RemoteRelease], options: DownloadOptions) -> List[Wanted]:
-    """Every file of every release asked for: from the release's own codebases, then from the
-    release server's layout."""
-    wanted = []
+def wanted_files(releases: Sequence[RemoteRelease], options: DownloadOptions
+                 ) -> Tuple[List[Wanted], List[str]]:
+    """Every file of every release asked for, from the release's own codebases, then from the
+    release server's layout; and a line for each name a release does not offer but another
+    does."""
+    wanted, notes = [], []
+    offered = frozenset(f.name for release in releases for f in release.files[1:])
     for release in releases:
-        for remote in chosen_files(release, options.oems, options.extensions,
-                                   options.all_extensions):
+        files, skipped = chosen_files(release, options.oems, options.extensions,
+                                      options.all_extensions, offered)
+        if skipped:
+            notes.append("%s %s offers no %s: its machines cannot need it" % (
+                release.board, release.version, ", ".join(skipped)))
+        for remote in files:
             urls = [c.rstrip("/") + "/" + remote.url_name for c in release.codebases]
             urls.append(layout_url(options.release_server, release.board, release.version,
                                    remote.url_name))
             wanted.append(Wanted(release, remote, tuple(dict.fromkeys(urls))))
-    return wanted
+    return wanted, notes
 
 
 def ask_service(fetcher: Fetcher, options: DownloadOptions, board: str) -> List[RemoteRelease]:
@@ -3951,8 +3987,9 @@ def run_download(options: DownloadOptions, fetcher: Fetcher, out: Any) -> int:
             out.write("%s: %s offers nothing newer than %s on the %s channel\n" % (
                 board, options.source, options.since, options.channel))
         releases += found
-    wanted = wanted_files(releases, options)
+    wanted, notes = wanted_files(releases, options)
     lines, to_fetch, have = plan_lines(releases, wanted, options.directory)
+    lines += notes
     out.write("\n".join(lines + ["%d file(s), %d present, %s to download" % (
         len(wanted), have, format_size(to_fetch))]) + "\n")
     if options.dry_run or not wanted:

@@ -12,7 +12,7 @@ import threading
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
-from typing import Dict, List, NamedTuple
+from typing import Dict, List, NamedTuple  # noqa: F401 (List: a type comment)
 
 from make_fixtures import crau_payload
 

@@ -16,24 +16,29 @@ order data flows through it, every name defined before it is used:
                         clean() and the format_* words; classify_event() -> Happening;
                         PerSecond; the log: Note, log_line(), say(), _BatchingHandler
   2. Versions           parse and compare 3815.2.5 (+build ignored)
-  3. Payloads           CrAU and its manifest, one-pass hashing, signatures (RSA with pow)
-                        and boards (the kernel); Package, Release and Catalog
-  4. Protocol           what machines send: parse_request(bytes) -> Request, and the setup
-                        script's report; what they are answered: render_response(), pure
+  3. Payloads           CrAU and its manifest, one-pass hashing (Hasher), signatures (RSA with
+                        pow) and boards (the kernel); Package; the release layout, Step (floor
+                        or target), Release, and Catalog with each board's path of releases
+  4. Protocol           what machines send: xml_document() within bounds, parse_request(bytes)
+                        -> Request, and the setup script's report; what they are answered:
+                        render_response(), pure
   5. Policy             decide() what each app is offered under the rollout rules -> Decision
   6. Fleet              Machine (what one machine is doing), Tally (the counts), Query, and
                         Fleet: every machine and the --max-concurrent slots, one call per app
                         request (Fleet.request -> Taken), given the time
-  7. Views              the status page, /status.json, /machines.csv, /metrics and the
-                        shutdown summary, made from the fleet's plain values
+  7. Views              the status page, /status.json, /machines.csv, /metrics, what the fleet
+                        needs (fleet_needs) and the shutdown summary, from plain values
   8. Setup script       the sh script each machine runs (GET /setup), made for this server
-  9. Application        Service: what every endpoint needs, as plain calls that return what to
+  9. Download           the connected side's client: sync_request() and parse_service_answer()
+                        (pure), walk_floors(), Fetcher (HTTP, proxies, retries), fetch_file()
+                        (Range, hashed as written), verify_download(), place(), run_download()
+ 10. Application        Service: what every endpoint needs, as plain calls that return what to
                         send and the lines to log (no socket); Warnings counted by cause
- 10. HTTP               FramingHandler (HTTP/1.1 framing) <- FileHandler (payload files, Range,
+ 11. HTTP               FramingHandler (HTTP/1.1 framing) <- FileHandler (payload files, Range,
                         zero-copy) <- Handler (the endpoints, from ROUTES); Server (connections,
                         TLS, the limit, the reaper)
- 11. Program            Settings, the flag table, settings_from(), loading, the banner, the
-                        state file (--state-file), signals, main()
+ 12. Program            Settings, the flag tables (the server's, download's), settings_from(),
+                        loading, the banner, the state file (--state-file), signals, main()
 
 One Omaha request: Handler.omaha() reads the body -> parse_request() -> Service.update_check()
 -> for each app Fleet.request() (decide() under the fleet's lock, events, the check) ->

@@ -12,6 +12,8 @@ import resource
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -398,3 +400,28 @@ def test_served_floor_then_target_for_each_board(pyz, tmp_path, upstream):
                "3510.2.2 --oem azure --extension zfs" in needs
         server.wait_for_log("the fleet needs what is not served: amd64-usr 3760.2.0: "
                             "flatcar-zfs.gz; amd64-usr 4230.2.0: flatcar-zfs.gz")
+
+
+def test_progress_on_a_terminal_is_one_updating_line(pyz, tmp_path, upstream):
+    """On a terminal each file's line is rewritten in place (carriage return, erase), ending
+    with what was verified; elsewhere (the tests above) plain lines."""
+    import pty
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, pyz, "download", str(tmp_path), "--since",
+                             "3760.2.0"] + upstream.args, stdin=subprocess.DEVNULL,
+                            stdout=follower, stderr=subprocess.PIPE)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal's other end closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    proc.stderr.close()
+    assert b"\r\x1b[Kamd64-usr 4230.2.0 flatcar_production_update.gz: 43.9 KiB, verified, " \
+           b"signed\r\n" in out

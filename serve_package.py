@@ -92,6 +92,10 @@ PROG = "serve-package"
 # 1. Codes and names
 # ---------------------------------------------------------------------------------------------
 
+# The Omaha app id of Flatcar, and of CoreOS Container Linux before it (the same one): the only
+# app whose machines the fleet keeps (flatcar/update_engine: src/update_engine/omaha_request_params.h).
+FLATCAR_APP_ID = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}"
+
 # Omaha event types and results as update_engine sends them
 # (flatcar/update_engine: src/update_engine/omaha_request_action.h, OmahaEvent).
 EVENT_UPDATE_COMPLETE, EVENT_DOWNLOAD_STARTED, EVENT_DOWNLOAD_FINISHED = 3, 13, 14
@@ -227,7 +231,9 @@ REFUSED = (NEW, IDLE, OFFERED, WRONG_BOARD, OTHER_VERSION)  # what a "no" to a c
 
 # Words for log lines and pages.
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# control characters, line and paragraph separators, and the bidirectional overrides and
+# isolates (U+202A-202E, U+2066-2069), which make a log line or a page read differently
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 intern = sys.intern  # words many machines share (versions, groups, reasons) kept once
 
 
@@ -236,6 +242,18 @@ def clean(text: str, limit: int = 120) -> str:
     text = _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
                         else "\\u%04x" % ord(m.group()), text)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# How much of each field a request gives the fleet keeps (a machine id is 32 hex digits, or a
+# UUID of 36 in braces): enough for every real value, and a bound on what a request can store.
+FIELD_LIMITS = {"machineid": 40, "alias": 64, "oem": 32, "group": 64, "version": 40, "board": 16}
+
+
+def kept(text: str, limit: int) -> str:
+    """A field as the fleet keeps it: cut to its limit, control and bidirectional-override
+    characters escaped as clean() escapes them (so the log, the page and the CSV show them
+    as text). Most fields are printable and short: returned as they are, at once."""
+    return text if len(text) <= limit and text.isprintable() else clean(text, limit)
 
 
 def versions_words(version: str, target: str) -> str:
@@ -1564,7 +1582,7 @@ def load_catalog(plans: Sequence[ReleasePlan], version: str = "", board: str = "
 
 MAX_BODY = 1 << 20  # as go-omaha; update_engine's requests are under 2 KiB
 MAX_MARKUP = 256  # '<' characters: elements, comments and the like; update_engine sends ~10
-MAX_APPS = 16  # update_engine sends one
+MAX_APPS = 4  # update_engine sends one
 MAX_ATTRIBUTE = 4096
 MAX_NUMBER_DIGITS = 12  # error codes are 32-bit: 10 digits and a sign are enough
 
@@ -2035,9 +2053,13 @@ class Machine:
     def introduce(self, app: AppRequest, address: str) -> None:
         """What a request says of the machine that sent it. The words a fleet shares (an
         address behind NAT, versions, groups, OEMs, boards) are kept once, not once a machine."""
-        self.machineid, self.alias, self.address = app.machineid, app.machinealias, intern(address)
-        self.oem, self.group, self.version = intern(app.oem), intern(app.track), intern(app.version)
-        self.board = intern(app.machine_board)
+        limits = FIELD_LIMITS
+        self.machineid = kept(app.machineid, limits["machineid"])
+        self.alias, self.address = kept(app.machinealias, limits["alias"]), intern(address)
+        self.oem = intern(kept(app.oem, limits["oem"]))
+        self.group = intern(kept(app.track, limits["group"]))
+        self.version = intern(kept(app.version, limits["version"]))
+        self.board = intern(kept(app.machine_board, limits["board"]))
 
     def set_up(self, report: "SetupReport", address: str, now: float) -> None:
         """What the setup script found on it; the facts it reports stand until a request says
@@ -2322,7 +2344,7 @@ def parse_query(text: str, limit: int = PAGE_ROWS) -> Query:
 def machine_key(machineid: str, address: str) -> str:
     """The one rule for telling machines apart: by /etc/machine-id, else (a request that sends
     none) by the address it comes from."""
-    return machineid or address
+    return kept(machineid, FIELD_LIMITS["machineid"]) or address
 
 
 class Taken(NamedTuple):
@@ -2374,6 +2396,10 @@ class Fleet:
         key = machine_key(app.machineid, address)
         happenings = tuple(classify_event(event, app) for event in app.events)
         completed = any(happening.state == COMPLETE for happening in happenings)
+        if app.appid != FLATCAR_APP_ID:  # answered as any app is, but no machine of ours
+            with self.lock:
+                in_use = self._slots_in_use(now) if self.limited else 0
+            return Taken(choose(Standing(False, in_use, "")), happenings, key, [])
         with self.lock:
             machine = self.machines.get(key)
             held = machine is not None and machine.holds_slot(now, self.update_timeout)
@@ -3361,7 +3387,6 @@ def setup_script(server: str, catalog: Catalog, check_only: bool) -> str:
 # and writes DIR/<board>/<version>/ as the release server lays it out, which --package-dir reads.
 
 UPDATE_SERVICE = "https://public.update.flatcar-linux.net/v1/update/"
-FLATCAR_APP_ID = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}"
 BELOW_EVERY_RELEASE = "0.0.0"  # --since's default: the service then reports every floor
 MAX_FLOOR_STEPS = 30  # answers walked, one floor each, before the walk is given up
 MAX_ANSWER = 1 << 20  # bytes of an update service's answer
@@ -4972,10 +4997,10 @@ class Handler(FileHandler):
     def setup_script(self, path: str) -> None:
         """GET /setup: the script; ?check: the script that only checks."""
         check_only = "check" in urllib.parse.parse_qs(self.query(), keep_blank_values=True)
-        self.send_plain(self.server.app.setup_script(self.server_url(), check_only),
-                        "text/x-shellscript; charset=utf-8")
+        script = self.server.app.setup_script(self.server_url(), check_only)
         self.log_request(200, "the setup script%s" % (" (check only)" if check_only else ""),
-                         logging.INFO)
+                         logging.INFO)  # before the answer, as every line a machine causes
+        self.send_plain(script, "text/x-shellscript; charset=utf-8")
 
     def setup_report(self, path: str) -> None:
         """POST /setup/report: what the script found on the machine."""

@@ -1990,6 +1990,8 @@ PROGRESS_EVERY_SECONDS = 10.0
 SUMMARY_FAILED = 50  # failed machines the shutdown summary names, one line each
 STALLED_AFTER = 600.0  # a download with no progress for this long is said to be stalled
 NOT_SEEN_AFTER = 9000.0  # about three of update_engine's 45-minute check intervals
+MAX_MACHINES = 50000  # --max-machines' default: about 150 MiB of fleet (see the README)
+OFFER_HOLD = 300.0  # seconds an offer holds a --max-concurrent slot before the download starts
 NO_PROGRESS_LOGGED = -PROGRESS_EVERY_PERCENT  # so that the first chunk, at 0%, is logged
 
 
@@ -2048,6 +2050,10 @@ class Machine:
             setattr(machine, name, intern(value) if isinstance(value, str) else value)
         if machine.state not in STATES:
             raise ValueError("state %r is not one of this server's" % machine.state)
+        if machine.installed_instead or machine.state == OTHER_VERSION:
+            # "not offered again until a restart": the restart may serve the right version
+            machine.installed_instead = ""
+            machine.state, machine.detail, machine.target = IDLE, "", ""
         return machine
 
     def introduce(self, app: AppRequest, address: str) -> None:
@@ -2074,6 +2080,11 @@ class Machine:
                       "problems": report.problems}
 
     def holds_slot(self, now: float, timeout: float) -> bool:
+        """Whether it holds a --max-concurrent slot: an offer for OFFER_HOLD seconds (update_engine
+        starts downloading within seconds; a request that only asks, with made-up machine ids,
+        cannot keep slots from the fleet), a download until the update timeout."""
+        if self.state == OFFERED:
+            return now - self.offered_at < min(OFFER_HOLD, timeout)
         return self.state in HOLDS_SLOT and now - self.offered_at < timeout
 
     def offer(self, version: str, now: float, words: str = "offered") -> None:
@@ -2199,16 +2210,22 @@ class Machine:
 
 
 TALLIED = ("state", "version", "board", "group", "oem", "board_oem", "cause")
+MAX_DISTINCT = 64  # values one count keeps apart; past it, a new value counts as "(other)"
+OTHER = "(other)"
+OTHER_LABELS = {"version": (OTHER, ""), "board_oem": (OTHER, OTHER)}
 CAUSE_EXAMPLES = 5
 
 
 class Tally:
     """The fleet's counts (machines by state, version, board, group, OEM and failure cause),
     the downloads under way and the updates completed in the last hour: kept up to date as each
-    machine changes, so that no request walks the fleet."""
+    machine changes, so that no request walks the fleet. Each count keeps at most MAX_DISTINCT
+    values apart, whatever machines send; each machine's labels are remembered, so that it is
+    uncounted under the same ones."""
 
     def __init__(self) -> None:
         self.counts = {name: collections.Counter() for name in TALLIED}
+        self.placed = {}  # type: Dict[str, Tuple[Any, ...]]  # machine -> its labels, counted
         self.examples = {}  # type: Dict[str, List[str]]  # cause -> the first few machines
         self.downloading = {}  # type: Dict[str, Machine]
         self.completions = collections.deque()  # type: collections.deque
@@ -2229,24 +2246,50 @@ class Tally:
                 (board, oem), cause)
 
     def change(self, machine: Machine, before: Optional[Tuple[Any, ...]], now: float) -> bool:
-        """Count the machine anew; False when what it is counted under did not change."""
-        key = machine.tally()
-        if key == before:
+        """Count the machine anew (`before`: its tally() before the change, None when new);
+        False when what it is counted under did not change."""
+        if machine.tally() == before:
             return False
-        after = self.labels(key)
-        old_labels = self.labels(before) if before is not None else (None,) * len(TALLIED)
-        for name, old, new in zip(TALLIED, old_labels, after):
-            if old == new:
-                continue
+        old_labels = self.placed.get(machine.key, (None,) * len(TALLIED))
+        after = tuple(self._recount(name, old, new) for name, old, new
+                      in zip(TALLIED, old_labels, self.labels(machine.tally())))
+        self.placed[machine.key] = after
+        self._follow(machine, old_labels[0], after, now)
+        return after != old_labels
+
+    def _recount(self, name: str, old: Any, new: Any) -> Any:
+        """Move one count from the old label to the new; the label it is counted under."""
+        if old == new:
+            return new
+        counter = self.counts[name]
+        if old is not None and (old or name != "cause"):
+            counter[old] -= 1
+            if counter[old] <= 0:
+                del counter[old]
+        if new not in counter and len(counter) >= MAX_DISTINCT:
+            new = OTHER_LABELS.get(name, OTHER)
+        if new or name != "cause":
+            counter[new] += 1
+        return new
+
+    def forget(self, machine: Machine) -> None:
+        """Uncount a machine the fleet forgets."""
+        for name, old in zip(TALLIED, self.placed.pop(machine.key, ())):
             counter = self.counts[name]
-            if old is not None and (old or name != "cause"):
+            if old in counter:
                 counter[old] -= 1
                 if counter[old] <= 0:
                     del counter[old]
-            if new or name != "cause":
-                counter[new] += 1
-        self._follow(machine, before[0] if before else None, after, now)
-        return after != old_labels
+        self.downloading.pop(machine.key, None)
+        self._unlist(machine.key, "")
+
+    def _unlist(self, key: str, cause: str) -> None:
+        """The machine off every cause's first few but its own."""
+        for listed, keys in list(self.examples.items()):
+            if listed != cause and key in keys:
+                keys.remove(key)
+                if not keys:
+                    del self.examples[listed]
 
     def _follow(self, machine: Machine, was: Optional[str], after: Tuple[str, ...],
                 now: float) -> None:
@@ -2257,11 +2300,7 @@ class Tally:
             self.downloading.pop(key, None)
         if state == COMPLETE and was != COMPLETE:
             self.completions.append(now)
-        for listed, keys in list(self.examples.items()):
-            if listed != cause and key in keys:
-                keys.remove(key)
-                if not keys:
-                    del self.examples[listed]
+        self._unlist(key, cause)
         if cause:
             keys = self.examples.setdefault(cause, [])
             if key not in keys and len(keys) < CAUSE_EXAMPLES:
@@ -2363,8 +2402,10 @@ class Fleet:
     returns the lines that say what changed (one per change) for the caller to log."""
 
     def __init__(self, catalog: Catalog, update_timeout: float,
-                 offer_words: str = "offered", limited: bool = True) -> None:
+                 offer_words: str = "offered", limited: bool = True,
+                 max_machines: int = MAX_MACHINES) -> None:
         self.os_payloads = catalog.os_payloads()
+        self.max_machines = max_machines  # past it, the longest unseen without a slot goes
         self.update_timeout = update_timeout
         self.limited = limited  # --max-concurrent: slots are counted
         self.offer_words = offer_words  # what each offer's line says
@@ -2382,6 +2423,7 @@ class Fleet:
         # moved a count or a slot (saved within seconds) or only a last-seen time (a minute)
         self.dirty = set()  # type: set
         self.changes = self.touches = 0
+        self.forgotten = 0  # machines forgotten to stay within max_machines
 
     def request(self, app: AppRequest, address: str, now: float,
                 choose: Callable[[Standing], Decision]) -> Taken:
@@ -2452,10 +2494,12 @@ class Fleet:
         if self.tally.change(machine, before, now):
             self.changes += 1
 
-    def take_dirty(self) -> Tuple[Dict[str, Dict[str, object]], int, int]:
-        """The records of the machines changed since the last call, and the change counts."""
+    def take_dirty(self) -> Tuple[Dict[str, Optional[List[object]]], int, int]:
+        """The records of the machines changed since the last call (None: forgotten), and the
+        change counts."""
         with self.lock:
-            records = {key: self.machines[key].record() for key in self.dirty}
+            records = {key: self.machines[key].record() if key in self.machines else None
+                       for key in self.dirty}
             self.dirty.clear()
             return records, self.changes, self.touches
 
@@ -2490,6 +2534,8 @@ class Fleet:
         machine = self.machines.get(key)
         before = None if machine is None else machine.tally()
         if machine is None:
+            if len(self.machines) >= self.max_machines:
+                self._forget_one()
             machine = self.machines[key] = Machine(key, address, now)
         else:
             self.machines.move_to_end(key)
@@ -2497,15 +2543,36 @@ class Fleet:
         self.by_address[address] = key
         return machine, before
 
+    def _forget_one(self) -> None:
+        """Make room: the machine seen longest ago that holds no slot is forgotten (the front of
+        the fleet's order is the longest unseen)."""
+        for key, machine in self.machines.items():
+            if key not in self.holders:
+                break
+        else:
+            return  # every machine holds a slot: none to forget
+        del self.machines[key]
+        self.tally.forget(machine)
+        self._count_extensions(machine, -1)
+        if self.by_address.get(machine.address) == key:
+            del self.by_address[machine.address]
+        self.dirty.add(key)
+        self.forgotten += 1
+
     def _count(self, app: AppRequest, decision: Optional[Decision]) -> None:
+        """The counters /metrics shows: checks, offers, events by type and result, failures by
+        error code; codes update_engine does not send count as "(other)"."""
         counters = self.counters
         if decision is not None:
             counters["checks", ] += 1
             counters["offers", ] += decision.offer
         for event in app.events:
-            counters["events", event.type, event.result] += 1
+            counters["events", str(event.type) if event.type in EVENT_TYPES else OTHER,
+                     str(event.result) if event.result in EVENT_RESULTS else OTHER] += 1
             if event.result == RESULT_ERROR and event.errorcode is not None:
-                counters["failures", event.errorcode & ERROR_BASE_MASK] += 1
+                base = event.errorcode & ERROR_BASE_MASK
+                counters["failures", str(base) if base in ERROR_NAMES or 2000 <= base < 3000
+                         else OTHER] += 1
 
     def _checked(self, machine: "Machine", decision: Decision, now: float) -> List[Note]:
         if decision.offer:
@@ -2537,7 +2604,9 @@ class Fleet:
 
     def _count_extensions(self, machine: "Machine", sign: int) -> None:
         for name in machine.setup["extensions"] if machine.setup else ():
-            self.extensions[machine.board, name] += sign
+            pair = (machine.board, name)
+            if pair in self.extensions or len(self.extensions) < MAX_DISTINCT or sign < 0:
+                self.extensions[pair] += sign
 
     def set_up(self, report: "SetupReport", address: str, now: float) -> List[Note]:
         """A setup script's report: the machine's needs, before it downloads a byte."""
@@ -2583,7 +2652,9 @@ class Fleet:
 
     def metric_counters(self) -> Dict[Tuple, int]:
         with self.lock:
-            return dict(self.counters)
+            counters = dict(self.counters)
+            counters["forgotten", ] = self.forgotten
+            return counters
 
     def summary_facts(self, now: float) -> Dict[str, Any]:
         """The fleet at a glance, from the counts kept as machines change: no walk of the fleet
@@ -3028,10 +3099,15 @@ def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple
            [({"type": k[1], "result": k[2]}, v) for k, v in sorted(counters.items())
             if k[0] == "events"])
     family("failures_total", "counter", "Failed updates reported, by update_engine error code.",
-           [({"code": k[1], "error": ERROR_NAMES.get(k[1], "unknown error")}, v)
+           [({"code": k[1], "error": ERROR_NAMES.get(int(k[1]), "HTTP %s" % (int(k[1]) - 2000)
+                                                      if int(k[1]) >= 2000 else "unknown error")
+              if k[1] != OTHER else OTHER}, v)
             for k, v in sorted(counters.items()) if k[0] == "failures"])
     family("payload_bytes_served_total", "counter", "Payload bytes sent, by file.",
            [({"file": k}, v) for k, v in sorted(served.items())])
+    family("machines_forgotten_total", "counter", "Machines forgotten to stay within "
+           "--max-machines (the longest unseen that held no slot).",
+           [({}, counters.get(("forgotten",), 0))])
     family("connections_open", "gauge", "Connections open now.", [({}, connections)])
     family("connections_refused_total", "counter", "Connections refused at the limit.",
            [({}, refusals)])
@@ -4206,7 +4282,8 @@ class Service:
         self.fleet = Fleet(catalog, policy.update_timeout,
                            "offered (its signature was not checked: --skip-signature-check)"
                            if settings.skip_signature_check else "offered",
-                           limited=policy.max_concurrent > 0)
+                           limited=policy.max_concurrent > 0,
+                           max_machines=settings.max_machines)
         self.warnings = Warnings()
         self.started = clock()
         # Looked at no more than once a second: each look is a syscall, checks come by the
@@ -4214,6 +4291,7 @@ class Service:
         self._paused = PerSecond(self._look_paused, False)
         self._said_paused = False
         self._said_missing = []  # type: List[str]
+        self._said_forgotten = (0, 0.0)  # machines forgotten, as of the last line, and when
         self._changed = PerSecond(self._look_changed, ())
         self._served_lock = threading.Lock()
         self._served = collections.Counter()  # type: collections.Counter  # bytes, by file
@@ -4344,7 +4422,7 @@ class Service:
         line when what the fleet needs and is not served changed."""
         now = self.clock()
         missing = fleet_needs(self.catalog, self.fleet.summary_facts(now))["missing"]
-        notes = self.warnings.due(now)
+        notes = self.warnings.due(now) + self._forgotten_notes(now)
         if missing != self._said_missing:
             self._said_missing = missing
             notes.append(Note(logging.WARNING, "the fleet needs what is not served: %s; see "
@@ -4352,6 +4430,19 @@ class Service:
                                   "; ".join(missing), 600)) if missing else
                          Note(logging.INFO, "everything the fleet needs is served"))
         return notes
+
+    def _forgotten_notes(self, now: float) -> List[Note]:
+        """A line when machines were forgotten to stay within --max-machines: at once the first
+        time, then at most once every WARNING_EVERY."""
+        forgotten = self.fleet.forgotten
+        said, when = self._said_forgotten
+        if forgotten == said or (said and now - when < WARNING_EVERY):
+            return []
+        self._said_forgotten = (forgotten, now)
+        return [Note(logging.WARNING, "%d machine(s) forgotten%s to stay within --max-machines "
+                     "%d (the longest unseen that held no slot); raise it if the fleet is "
+                     "that large" % (forgotten - said, " since %s" % _clock(iso_time(when))
+                                     if said else "", self.settings.max_machines))]
 
     def needs(self) -> str:
         """GET /needs: what the fleet needs that is not served, and the command that brings it."""
@@ -5192,6 +5283,7 @@ class Settings(NamedTuple):
     verbose: bool = False
     log_format: str = "text"
     state_file: str = ""  # where the fleet is kept across restarts
+    max_machines: int = MAX_MACHINES
     reset_state: bool = False
 
     @property
@@ -5255,6 +5347,9 @@ _ROLLOUT_FLAGS = (
          "warning says they need an intermediate version first", "VERSION"),
     Flag("max-concurrent", "value", "at most N machines updating at once (from offered until "
          "installed, failed, or --update-timeout); 0: no limit", "N", 0, int),
+    Flag("max-machines", "value", "machines the fleet keeps at most (default %d, about 150 "
+         "MiB); past it the longest unseen that holds no slot is forgotten" % MAX_MACHINES, "N",
+         MAX_MACHINES, int),
     Flag("update-timeout", "value", "how long an offered machine may hold its --max-concurrent "
          "slot (e.g. 90m, 2h, 3600; default %dh)" % (UPDATE_TIMEOUT // 3600), "DURATION"),
     Flag("pause-file", "value", "while FILE exists, no new offers; machines mid-update "
@@ -5550,6 +5645,12 @@ def policy_from(args: argparse.Namespace) -> Policy:
         pause_file=args.pause_file or "")
 
 
+def _at_least(flag: str, value: int, least: int) -> int:
+    if value < least:
+        raise UsageError("%s must be %d or more" % (flag, least))
+    return value
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """Every flag's value checked, as one Settings; each mistake is a UsageError sentence."""
     missing = [flag for flag, value in (("--package-file", args.package_file or args.package_dir),
@@ -5581,7 +5682,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         base_url=normalise_url("--base-url", args.base_url) if args.base_url else "",
         mirrors=mirrors, local_payload=not args.no_local_payload, tls=tls,
         credentials=credentials, verbose=args.verbose, log_format=args.log_format,
-        state_file=args.state_file or "", reset_state=args.reset_state)
+        state_file=args.state_file or "", reset_state=args.reset_state,
+        max_machines=_at_least("--max-machines", args.max_machines, 1))
 
 
 # -- starting: payloads, the socket, the banner ------------------------------------------------
@@ -5900,7 +6002,10 @@ class StateKeeper:
     def save(self) -> None:
         records, changes, touches = self.fleet.take_dirty()
         for key, record in records.items():
-            self.lines[key] = json.dumps(record, separators=(",", ":"))
+            if record is None:
+                self.lines.pop(key, None)  # forgotten (--max-machines)
+            else:
+                self.lines[key] = json.dumps(record, separators=(",", ":"))
         header = json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION,
                              "saved": iso_time(time.time()), "machines": len(self.lines),
                              "fields": Machine.RECORDED})

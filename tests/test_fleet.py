@@ -285,6 +285,7 @@ def test_failure_is_a_warning_and_keeps_the_error(fleet, release):
 
 def test_slots_are_held_until_the_update_timeout_of_the_given_clock(fleet, release):
     assert offer_to(fleet, release, 1, 1000.0, limit=1)[0].offer
+    report(fleet, 1, machine_event(1, 13, 1), 1001.0)  # its download started
     refused = offer_to(fleet, release, 2, 1599.0, limit=1)[0]
     assert not refused.offer and refused.reason.startswith("waiting for a slot")
     assert offer_to(fleet, release, 2, 1600.0, limit=1)[0].offer  # 600 s after machine 1's offer
@@ -322,3 +323,41 @@ def test_restored_machines_are_counted_but_not_as_updated_in_the_last_hour(fleet
     assert facts["states"] == {"complete": 1, "offered": 1} and facts["updates_last_hour"] == 0
     assert list(again.machines) == list(fleet.machines)  # in the order they were seen
     assert again.holders.keys() == {"%032x" % 3}  # machine 2 still holds its slot
+
+
+def test_an_offer_without_a_download_lets_its_slot_go_soon(fleet, release):
+    """A request can invent machine ids: an offer holds a slot for OFFER_HOLD seconds only,
+    until the machine starts downloading."""
+    for n in range(1, 5):  # four made-up machines ask; only the first gets the one slot
+        assert offer_to(fleet, release, n, 1000.0, limit=1)[0].offer == (n == 1)
+    assert not offer_to(fleet, release, 9, 1000.0 + sp.OFFER_HOLD - 1, limit=1)[0].offer
+    assert offer_to(fleet, release, 9, 1000.0 + sp.OFFER_HOLD, limit=1)[0].offer
+
+
+def test_past_max_machines_the_longest_unseen_without_a_slot_is_forgotten(release):
+    fleet = sp.Fleet(sp.Catalog((release,)), 600.0, max_machines=3)
+    offer_to(fleet, release, 1, 100.0, limit=1)  # holds the slot: kept
+    report(fleet, 1, machine_event(1, 13, 1), 101.0)
+    for n in range(2, 6):
+        offer_to(fleet, release, n, 100.0 + n, limit=1)
+    assert [m.alias for m in fleet.machines.values()] == ["node-1", "node-4", "node-5"]
+    assert fleet.forgotten == 2
+    facts = fleet.summary_facts(200.0)
+    assert facts["machines"] == 3 and sum(facts["states"].values()) == 3
+    assert sum(facts["versions"].values()) == 3
+    records, _, _ = fleet.take_dirty()
+    assert records["%032x" % 3] is None  # the state file drops it too
+    assert fleet.metric_counters()["forgotten", ] == 2
+
+
+def test_distinct_values_are_bounded(release):
+    fleet = sp.Fleet(sp.Catalog((release,)), 600.0)
+    for n in range(sp.MAX_DISTINCT + 30):
+        body = machine(n, version="3760.2.%d" % n, group="g%d" % n).replace(
+            b'oem="azure"', b'oem="o%d"' % n)
+        fleet.request(sp.parse_request(body).apps[0], "10.0.0.1", float(n), NO_OFFER)
+    facts = fleet.summary_facts(1000.0)
+    for name in ("versions", "groups", "oems"):  # 64 values apart, and "(other)"
+        assert len(facts[name]) == sp.MAX_DISTINCT + 1, name
+    assert facts["groups"]["(other)"] == 30
+    assert sum(facts["groups"].values()) == sp.MAX_DISTINCT + 30

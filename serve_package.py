@@ -382,12 +382,17 @@ class Note(NamedTuple):
     facts: Optional[Dict[str, object]] = None
 
 
+MAX_LOG_LINE = 2000  # characters of one log line's text; a longer one is cut, and says so
+
+
 def log_line(level: int, text: str, facts: Optional[Dict[str, object]] = None) -> None:
     """A log line, with facts for --log-format json. Straight to the program's own handler when
     main() installed it (the logging module's record machinery costs more than the rest of an
     update check's logging), else through logging as usual (tests, embedding)."""
     if not log.isEnabledFor(level):
         return
+    if len(text) > MAX_LOG_LINE and "\n" not in text:
+        text = text[:MAX_LOG_LINE] + "... (cut at %d characters)" % MAX_LOG_LINE
     if _direct is not None:
         _direct.write_line(level, text, facts)
     else:
@@ -1728,7 +1733,8 @@ def content_type_problem(value: str) -> Optional[str]:
 
 
 MAX_SETUP_REPORT = 16 << 10
-_SETUP_WORD = re.compile(r"[A-Za-z0-9._+-]{1,100}")
+_SETUP_WORD = re.compile(r"[A-Za-z0-9._+-]{1,64}")
+MAX_SETUP_NAMES = 16  # extensions (or missing files) a report may list
 
 
 class SetupReport(NamedTuple):
@@ -1758,8 +1764,8 @@ def parse_setup_report(body: bytes) -> SetupReport:
         if fields.get(key) and not _SETUP_WORD.fullmatch(fields[key]):
             raise ValueError("%s=%r is not a word" % (key, clean(fields[key], 40)))
     for key, values in words.items():
-        if len(values) > 64 or not all(_SETUP_WORD.fullmatch(v) for v in values):
-            raise ValueError("%s is not a list of up to 64 names" % key)
+        if len(values) > MAX_SETUP_NAMES or not all(_SETUP_WORD.fullmatch(v) for v in values):
+            raise ValueError("%s is not a list of up to %d names" % (key, MAX_SETUP_NAMES))
     problems = fields.get("problems", "0")
     return SetupReport(fields.get("machine", ""), fields.get("board", ""),
                        fields.get("version", ""), fields.get("oem", ""), words["extensions"],
@@ -2756,15 +2762,26 @@ CSV_COLUMNS = ("id", "alias", "address", "board", "oem", "group", "version", "ta
                "not_seen", "setup_missing", "first_seen", "last_seen")
 
 
+def csv_cell(value: object) -> object:
+    """A cell a spreadsheet will not run as a formula: text starting with = + - @, a tab or a
+    carriage return gets a ' before it (OWASP, "CSV Injection")."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def csv_row(m: Machine, now: float) -> Tuple[object, ...]:
-    """One machine as /machines.csv writes it, in the order of CSV_COLUMNS."""
+    """One machine as /machines.csv writes it, in the order of CSV_COLUMNS; every cell of text
+    a machine sent goes through csv_cell()."""
     base = m.error & ERROR_BASE_MASK if m.error is not None else ""
-    return (m.machineid, m.alias, m.address, m.board, m.oem, m.group, m.version, m.target,
-            m.state, m.detail, base, describe_error(m.error) if m.error is not None else "",
-            round(m.downloaded * 100.0 / m.size, 1) if m.size else "",
-            iso_time(m.progressed_at) if m.stalled(now) else "", "yes" if m.lost(now) else "",
-            " ".join(m.setup["missing"]) if m.setup else "", iso_time(m.first_seen),
-            iso_time(m.last_seen))
+    sent = tuple(map(csv_cell, (m.machineid, m.alias, m.address, m.board, m.oem, m.group,
+                                m.version, m.target, m.state, m.detail)))
+    return sent + (base, describe_error(m.error) if m.error is not None else "",
+                   round(m.downloaded * 100.0 / m.size, 1) if m.size else "",
+                   iso_time(m.progressed_at) if m.stalled(now) else "",
+                   "yes" if m.lost(now) else "",
+                   " ".join(m.setup["missing"]) if m.setup else "", iso_time(m.first_seen),
+                   iso_time(m.last_seen))
 
 
 CSV_BATCH = 1000  # machines a write of /machines.csv
@@ -2784,7 +2801,7 @@ def csv_chunks(machines: Sequence[Machine], now: float) -> Iterator[bytes]:
 
 
 def _payload_facts(release: Release, index: int, package: Package) -> Dict[str, object]:
-    return {"name": package.name, "path": package.path, "size": package.size,
+    return {"name": package.name, "size": package.size,
             "sha256": package.sha256_hex, "verified": checksum_words(package),
             "signature": {"key": package.signer.name if package.signer else None,
                           "words": signature_words(package)},
@@ -3473,19 +3490,31 @@ BOARD_ARCHES = {board: arch for arch, board in ARCH_BOARDS.items()}  # the <os s
 
 
 def write_atomically(path: str, lines: Sequence[str]) -> None:
-    """FILE.tmp written and fsync'ed, renamed over FILE, and the directory fsync'ed."""
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-        for start in range(0, len(lines), 4096):
-            f.write("\n".join(lines[start:start + 4096]) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    """The lines written to a new temporary file beside FILE, created exclusively with a name
+    of its own (never through a file or symlink planted there), fsync'ed, renamed over FILE,
+    and the directory fsync'ed; on any failure the temporary file is removed and FILE is as it
+    was."""
+    import tempfile  # here: only the state file and download write files
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                     dir=directory)
     try:
-        os.fsync(directory)
+        with open(fd, "w", encoding="utf-8") as f:
+            for start in range(0, len(lines), 4096):
+                f.write("\n".join(lines[start:start + 4096]) + "\n")
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
     finally:
-        os.close(directory)
+        os.close(handle)
 
 
 class RemoteFile(NamedTuple):
@@ -4939,11 +4968,12 @@ class FileHandler(FramingHandler):
 
 
 class Route(NamedTuple):
-    """An endpoint: the methods it answers (HEAD wherever GET), the Handler method, and its
-    name in a 405's sentence."""
+    """An endpoint: the methods it answers (HEAD wherever GET), the Handler method, its name in
+    a 405's sentence, and whether it shows the fleet (--status-auth-file protects it)."""
     methods: Tuple[str, ...]
     call: str
     what: str = ""
+    fleet: bool = False
 
     def allowed(self) -> Tuple[str, ...]:
         return self.methods + ("HEAD",) if "GET" in self.methods else self.methods
@@ -4952,15 +4982,15 @@ class Route(NamedTuple):
 ROUTES = {
     "/v1/update": Route(("POST",), "omaha", "the Omaha endpoint"),
     "/v1/update/": Route(("POST",), "omaha", "the Omaha endpoint"),
-    "/": Route(("GET",), "status_page"),
-    "/status.json": Route(("GET",), "status_json"),
-    "/machines.csv": Route(("GET",), "machines_csv"),
-    "/metrics": Route(("GET",), "metrics"),
+    "/": Route(("GET",), "status_page", fleet=True),
+    "/status.json": Route(("GET",), "status_json", fleet=True),
+    "/machines.csv": Route(("GET",), "machines_csv", fleet=True),
+    "/metrics": Route(("GET",), "metrics", fleet=True),
     "/healthz": Route(("GET",), "healthz"),
-    "/needs": Route(("GET",), "needs"),
+    "/needs": Route(("GET",), "needs", fleet=True),
     "/setup": Route(("GET",), "setup_script"),
     "/setup/report": Route(("POST",), "setup_report"),
-    "/setup/state": Route(("GET",), "setup_state"),
+    "/setup/state": Route(("GET",), "setup_state", fleet=True),
 }
 PACKAGES_ROUTE = Route(("GET",), "package", "a package")  # every path under PACKAGES_PREFIX
 
@@ -4981,6 +5011,9 @@ class Handler(FileHandler):
             allowed = route.allowed()
             self.reject(405, "%s expects a %s" % (route.what or path, " or ".join(allowed)),
                         [("Allow", ", ".join(allowed))], close=self.has_body())
+        elif route.fleet and not self.authorised(self.server.settings.status_credentials):
+            self.reject(401, "the status pages need the credentials of --status-auth-file",
+                        [("WWW-Authenticate", 'Basic realm="%s status", charset="UTF-8"' % PROG)])
         else:
             getattr(self, route.call)(path)
 
@@ -5003,7 +5036,7 @@ class Handler(FileHandler):
         package = self.server.app.find_package(path[len(PACKAGES_PREFIX):])
         if package is None:
             self.reject(404, "no such package", close=self.has_body())
-        elif not self.authorised():
+        elif not self.authorised(self.server.settings.credentials):
             self.reject(401, "credentials are required to download (DOWNLOAD_USER and "
                         "DOWNLOAD_PASSWORD in update.conf)",
                         [("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % PROG)])
@@ -5020,10 +5053,10 @@ class Handler(FileHandler):
     def file_progress(self, chunk: int, end: int, sent: int) -> None:
         say(self.server.app.download_progress(self.transfer, chunk, end, sent))
 
-    def authorised(self) -> bool:
-        """With --basic-auth-file, downloads need credentials (the Omaha endpoint does not:
-        update_engine sends none there)."""
-        credentials = self.server.settings.credentials
+    def authorised(self, credentials: Sequence[str]) -> bool:
+        """Whether the request carries one of these Authorization values (any, when there are
+        none): --basic-auth-file's for downloads (the Omaha endpoint needs none: update_engine
+        sends none there), --status-auth-file's for the status pages."""
         if not credentials:
             return True
         given = (self.headers.get("Authorization") or "").strip()
@@ -5277,6 +5310,7 @@ class Settings(NamedTuple):
     local_payload: bool = True  # False: Omaha only, the bytes come from the mirrors
     tls: Any = None  # an ssl.SSLContext: HTTPS
     credentials: Tuple[str, ...] = ()  # Authorization header values allowed to download
+    status_credentials: Tuple[str, ...] = ()  # ... allowed to see the status pages
     idle_timeout: int = IDLE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
     grace: float = SHUTDOWN_GRACE
@@ -5371,6 +5405,9 @@ _ADDRESS_FLAGS = (
     Flag("basic-auth-file", "value", "user:password lines; payload downloads then need one of "
          "them (update_engine sends DOWNLOAD_USER/DOWNLOAD_PASSWORD over HTTPS only, so this "
          "needs --tls-cert)", "FILE"),
+    Flag("status-auth-file", "value", "user:password lines; the status page, /status.json, "
+         "/machines.csv, /metrics, /needs and /setup/state then need one of them (with "
+         "--tls-cert: they travel in the clear otherwise); may be --basic-auth-file's", "FILE"),
 )
 _PROGRAM_FLAGS = (
     Flag("config", "value", "a JSON object with long flags as keys (\"package-file\": ...); "
@@ -5571,16 +5608,16 @@ def read_list_file(flag: str, path: str) -> List[str]:
     return [line for line in lines if line]
 
 
-def read_credentials(path: str) -> Tuple[str, ...]:
-    """The Authorization header values that --basic-auth-file's user:password lines allow."""
+def read_credentials(path: str, flag: str = "--basic-auth-file") -> Tuple[str, ...]:
+    """The Authorization header values that a file's user:password lines allow."""
     values = []
-    for number, line in enumerate(read_list_file("--basic-auth-file", path), 1):
+    for number, line in enumerate(read_list_file(flag, path), 1):
         user, colon, password = line.partition(":")
         if not colon or not user or not password:
-            raise UsageError("--basic-auth-file %s line %d is not user:password" % (path, number))
+            raise UsageError("%s %s line %d is not user:password" % (flag, path, number))
         values.append("Basic " + base64.b64encode(line.encode("utf-8")).decode("ascii"))
     if not values:
-        raise UsageError("--basic-auth-file %s has no user:password line" % path)
+        raise UsageError("%s %s has no user:password line" % (flag, path))
     return tuple(values)
 
 
@@ -5672,6 +5709,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if credentials and tls is None:
         raise UsageError("--basic-auth-file needs --tls-cert and --tls-key: update_engine "
                          "sends its download credentials over HTTPS only")
+    status_credentials = read_credentials(args.status_auth_file, "--status-auth-file") \
+        if args.status_auth_file else ()
+    if status_credentials and tls is None:
+        raise UsageError("--status-auth-file needs --tls-cert and --tls-key: the credentials "
+                         "would travel in the clear")
     return Settings(
         package_files=tuple(args.package_file), package_dir=args.package_dir,
         board=args.board, payload_keys=tuple(read_payload_key(path) for path in args.payload_key),
@@ -5681,7 +5723,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         host=host, port=port, policy=policy,
         base_url=normalise_url("--base-url", args.base_url) if args.base_url else "",
         mirrors=mirrors, local_payload=not args.no_local_payload, tls=tls,
-        credentials=credentials, verbose=args.verbose, log_format=args.log_format,
+        credentials=credentials, status_credentials=status_credentials,
+        verbose=args.verbose, log_format=args.log_format,
         state_file=args.state_file or "", reset_state=args.reset_state,
         max_machines=_at_least("--max-machines", args.max_machines, 1))
 
@@ -5995,11 +6038,15 @@ class StateKeeper:
                 self.save()
 
     def close(self) -> None:
+        """The last save, at shutdown; a failure is said loudly: what is lost and how much."""
         self.stop.set()
         self.thread.join()
-        self.save()
+        if not self.save():
+            log_line(logging.CRITICAL, "the fleet (%d machines) could NOT be saved to %s at "
+                     "shutdown (%s): what changed since the last save is lost; the file keeps "
+                     "that save" % (len(self.lines), self.path, self.failed))
 
-    def save(self) -> None:
+    def save(self) -> bool:
         records, changes, touches = self.fleet.take_dirty()
         for key, record in records.items():
             if record is None:
@@ -6017,8 +6064,9 @@ class StateKeeper:
                     self.path, exc.strerror or exc))
             self.failed = exc.strerror or str(exc)
             self.fleet.unsaved(records)
-            return
+            return False
         self.failed, self.saved, self.saved_at = "", (changes, touches), time.monotonic()
+        return True
 
 
 # -- running -----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from bench import MIB, make_payload, start_nginx  # noqa: E402
+from bench import make_payload, start_nginx  # noqa: E402
 
 VERSION = "9999.9.9"
 

@@ -407,6 +407,19 @@ def say(notes: Iterable[Note]) -> None:
 
 _LEVEL_PREFIXES = {logging.WARNING: "warning: ", logging.ERROR: "error: ",
                    logging.CRITICAL: "error: "}
+_PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+               logging.DEBUG: 7}  # syslog's, which journald reads from a "<N>" before a line
+
+
+def under_journald(fd: int) -> bool:
+    """Whether fd is the stream systemd connected to journald ($JOURNAL_STREAM is its device
+    and inode, as systemd.exec(5) describes)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError):
+        return False
 _local_stamp = PerSecond(lambda _previous, second: time.strftime(
     "%Y-%m-%d %H:%M:%S", time.localtime(second)))
 
@@ -421,10 +434,10 @@ class _BatchingHandler(logging.Handler):
 
     FLUSH_INTERVAL = 0.1
 
-    def __init__(self, fd: int, json_lines: bool = False) -> None:
+    def __init__(self, fd: int, json_lines: bool = False, journal: bool = False) -> None:
         super().__init__()
         self.fd = fd
-        self.json_lines = json_lines
+        self.json_lines, self.journal = json_lines, journal
         self.pending = []  # type: List[str]
         flusher = threading.Thread(target=self._flush_periodically, name="log", daemon=True)
         flusher.start()
@@ -445,6 +458,8 @@ class _BatchingHandler(logging.Handler):
 
     def render(self, level: int, created: float, text: str,
                facts: Optional[Dict[str, object]]) -> str:
+        if self.journal:  # journald stamps the time; "<4>" is the line's priority (sd-daemon(3))
+            return "<%d>%s%s\n" % (_PRIORITIES.get(level, 6), _LEVEL_PREFIXES.get(level, ""), text)
         if self.json_lines:
             import json
             entry = {"time": iso_time(created), "level": logging.getLevelName(level).lower(),
@@ -479,7 +494,8 @@ def setup_logging(verbose: bool = False, json_lines: bool = False) -> None:
     logging.logMultiprocessing = False
     global _direct
     sys.stderr.flush()
-    handler = _BatchingHandler(sys.stderr.fileno(), json_lines)
+    handler = _BatchingHandler(sys.stderr.fileno(), json_lines,
+                               under_journald(sys.stderr.fileno()) and not json_lines)
     log.handlers[:] = [handler]
     _direct = handler
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -1550,10 +1566,12 @@ def _steps(plans: Sequence[ReleasePlan], versions: Sequence[str], floors: Sequen
 def load_catalog(plans: Sequence[ReleasePlan], version: str = "", board: str = "",
                  keys: Optional[Sequence[PayloadKey]] = None,
                  progress: Optional[Callable[[int, int], None]] = None,
-                 floors: Sequence[str] = ()) -> Catalog:
+                 floors: Sequence[str] = (), known: Sequence[Package] = ()) -> Catalog:
     """Check every file first (so a bad one is reported before minutes of hashing) and learn
     each release's board; then hash every file in one read, and verify each against its
-    expected SHA-256 and, unless keys is None, its signature."""
+    expected SHA-256 and, unless keys is None, its signature. A file that is one of the `known`
+    packages (a reload: the same path, device, inode, size and times) is that package again,
+    not read twice."""
     versions = [_release_version(plan, version) for plan in plans]
     steps = _steps(plans, [text for text, _ in versions], floors)
     opened = []  # type: List[Opened]
@@ -1565,9 +1583,16 @@ def load_catalog(plans: Sequence[ReleasePlan], version: str = "", board: str = "
             groups.append(opened[start:start + len(plan.specs)])
             start += len(plan.specs)
         boards = _boards(plans, [group[0] for group in groups], board)
-        hashed = iter(_hash_all(opened, progress))
-        files = [tuple(_verified(item, *next(hashed), keys) for item in group)
-                 for group in groups]
+        same = {(p.path, p.name, p.guard.identity): p for p in known}
+        reused = {id(item): same.get((item.spec.path, item.spec.name, _file_identity(item.st)))
+                  for item in opened}
+        fresh = [item for item in opened if reused[id(item)] is None]
+        hashed = dict(zip(map(id, fresh), _hash_all(fresh, progress)))
+        files = [tuple(reused[id(item)] or _verified(item, *hashed[id(item)], keys)
+                       for item in group) for group in groups]
+        for item in opened:
+            if reused[id(item)] is not None:
+                os.close(item.fd)  # the known package's own descriptor serves on
     except BaseException:
         for item in opened:
             os.close(item.fd)
@@ -2472,6 +2497,11 @@ class Fleet:
             self._changed(machine, before, now)
         return Taken(decision, happenings, key, notes)
 
+    def serve(self, catalog: Catalog) -> None:
+        """A reload's releases: the OS payloads whose downloads are a machine's progress."""
+        with self.lock:
+            self.os_payloads = catalog.os_payloads()
+
     def _events(self, machine: "Machine", app: AppRequest, happenings: Sequence[Happening],
                 completed: bool, now: float) -> List[Note]:
         notes = []  # type: List[Note]
@@ -2870,7 +2900,8 @@ def _ahead(catalog: Catalog, board: str, version: str) -> List[str]:
 
 
 def status_document(catalog: Catalog, summary: Dict[str, Any], machines: List[Dict[str, object]],
-                    total: int, query: Query, started: float) -> Dict[str, object]:
+                    total: int, query: Query, started: float,
+                    changes: Sequence[Tuple[str, str]] = ()) -> Dict[str, object]:
     """What /status.json and the page say, as values (status_json() renders the JSON, whose
     field names are stable and documented in the README)."""
     return {
@@ -2878,6 +2909,7 @@ def status_document(catalog: Catalog, summary: Dict[str, Any], machines: List[Di
         "offering": ", ".join(sorted({r.version for board in catalog.boards()
                                       for r in catalog.path(board)[-1:]})),
         "paths": {board: catalog.path_words(board) for board in catalog.boards()},
+        "offer_changes": [{"at": at, "words": words} for at, words in changes],
         "releases": [{"board": r.board, "board_source": r.board_source, "version": r.version,
                       "url_path": PACKAGES_PREFIX + r.prefix, "floor": r.step.floor,
                       "floor_reason": r.step.reason or None,
@@ -3068,7 +3100,9 @@ for Prometheus: <a href="/metrics">/metrics</a>.</p>
 </body></html>
 """ % {"version": esc(str(doc["offering"])), "payloads": payloads,
        "paths": "".join('<p class="path">%s: %s</p>' % (esc(board), esc(words))
-                        for board, words in doc["paths"].items() if "\u2192" in words),
+                        for board, words in doc["paths"].items() if "\u2192" in words) +
+                "".join('<p class="change">The offer changed at %s: %s</p>' % (
+                    esc(_clock(c["at"])), esc(c["words"])) for c in doc["offer_changes"][-3:]),
        "summary": _summary_html(doc["summary"], query), "form": _filter_form(query),
        "needs": '<div id="needs"><p>%s</p><p>To bring every release and file the fleet needs, '
                 'on a connected machine: <code>%s</code></p></div>' % (
@@ -4283,11 +4317,55 @@ def postinstall_advice(who: str, release: Release) -> str:
 
 
 class Transfer(NamedTuple):
-    """A download under way: the machine it is counted for, and since when."""
+    """A download under way: the machine it is counted for, the file, its path under
+    /packages/ (for /metrics), and since when."""
     machine: str
     client: str
     package: Package
+    name: str
     began: float  # time.monotonic()
+
+
+class InFlight:
+    """The payload files downloads are reading, so that a reload never closes one under a
+    download: a file the new set of releases no longer holds is closed when its last download
+    ends (at once when it has none)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.readers = collections.Counter()  # type: collections.Counter  # id(package) ->
+        self.retired = {}  # type: Dict[int, Package]  # no longer served: closed when unread
+
+    def start(self, package: Package) -> None:
+        with self.lock:
+            self.readers[id(package)] += 1
+
+    def end(self, package: Package) -> None:
+        with self.lock:
+            self.readers[id(package)] -= 1
+            if self.readers[id(package)] <= 0:
+                del self.readers[id(package)]
+                self._close_if_retired(id(package))
+
+    def retire(self, packages: Iterable[Package]) -> None:
+        with self.lock:
+            for package in packages:
+                self.retired[id(package)] = package
+                if id(package) not in self.readers:
+                    self._close_if_retired(id(package))
+
+    def _close_if_retired(self, key: int) -> None:
+        package = self.retired.pop(key, None)
+        if package is not None:
+            os.close(package.fd)
+
+
+def offer_changes(old: Catalog, new: Catalog) -> List[str]:
+    """What a reload changed, board by board: 'amd64-usr: 3815.2.5 -> 4230.2.0'."""
+    return ["%s: %s \u2192 %s" % (board, old.path_words(board) or "nothing",
+                                  new.path_words(board) or "nothing")
+            for board in sorted(set(old.boards()) | set(new.boards()))
+            if old.path_words(board) != new.path_words(board)]
 
 
 class Answered(NamedTuple):
@@ -4324,6 +4402,9 @@ class Service:
         self._changed = PerSecond(self._look_changed, ())
         self._served_lock = threading.Lock()
         self._served = collections.Counter()  # type: collections.Counter  # bytes, by file
+        self._catalog_lock = threading.Lock()  # a reload's swap, against a download's start
+        self._in_flight = InFlight()
+        self.offer_changes = collections.deque(maxlen=5)  # type: collections.deque
 
     # -- the Omaha endpoint ----------------------------------------------------------------
 
@@ -4333,6 +4414,7 @@ class Service:
         response is rendered, and the lines to log are gathered: each app's request line, the
         machines' changes, and advice on what went or will go wrong."""
         now = self.clock()
+        catalog = self.catalog  # one set of releases for the whole request, reload or not
         changed, paused = self._changed(now), self._paused(now)
         notes = self._pause_notes(paused)
         if changed:
@@ -4341,7 +4423,7 @@ class Service:
         policy = self.settings.policy
         answers = []
         for app in request.apps:
-            release = self.catalog.for_machine(app.machine_board, app.version)
+            release = catalog.for_machine(app.machine_board, app.version)
             taken = self.fleet.request(app, client, now, functools.partial(
                 decide, app, release, intact, policy, paused))
             answers.append(answer_app(app, taken.decision, release,
@@ -4406,10 +4488,37 @@ class Service:
         """The package at this path under /packages/, when this server serves the bytes."""
         return self.catalog.find(path) if self.settings.local_payload else None
 
-    def download_started(self, client: str, package: Package) -> "Transfer":
-        """A download begins: counted for the machine that asked last from this client's
-        address, as of now (see Fleet.downloader)."""
-        return Transfer(self.fleet.downloader(client), client, package, time.monotonic())
+    def download_started(self, client: str, path: str) -> Optional["Transfer"]:
+        """A download of the package at this path begins (None: there is none, or no longer):
+        counted for the machine that asked last from this client's address, as of now (see
+        Fleet.downloader); its file stays open until download_finished(), reload or not."""
+        with self._catalog_lock:
+            package = self.find_package(path)
+            if package is None:
+                return None
+            self._in_flight.start(package)
+            name = self.catalog.url_name(package)
+        return Transfer(self.fleet.downloader(client), client, package, name, time.monotonic())
+
+    def download_finished(self, transfer: "Transfer") -> None:
+        self._in_flight.end(transfer.package)
+
+    def replace_catalog(self, catalog: Catalog) -> List[Note]:
+        """A reload's releases, every file checked, in place of the current ones at once; the
+        fleet, its slots and its setup reports stay. A file no longer served is closed when the
+        downloads reading it end."""
+        with self._catalog_lock:
+            old, self.catalog = self.catalog, catalog
+            self._changed = PerSecond(self._look_changed, ())
+            self.fleet.serve(catalog)
+            kept = set(map(id, catalog.packages()))
+            self._in_flight.retire(p for p in old.packages() if id(p) not in kept)
+        changes = offer_changes(old, catalog)
+        now = self.clock()
+        for words in changes:
+            self.offer_changes.append((iso_time(now), words))
+        return [Note(logging.INFO, "reloaded: the offer changed: " + "; ".join(changes)
+                     if changes else "reloaded: the same releases as before")]
 
     def download_progress(self, transfer: "Transfer", chunk: int, end: int,
                           sent: int) -> List[Note]:
@@ -4417,7 +4526,7 @@ class Service:
         counted by file for /metrics; the OS payload's progress is its machine's."""
         package = transfer.package
         with self._served_lock:
-            self._served[self.catalog.url_name(package)] += chunk
+            self._served[transfer.name] += chunk
         return self.fleet.download(transfer.machine, transfer.client, package, end, sent,
                                    time.monotonic() - transfer.began, self.clock())
 
@@ -4498,7 +4607,8 @@ class Service:
         summary = self.fleet.summary_facts(now)
         chosen = self.fleet.select(query, now)
         page = [m.facts(now) for m in chosen[query.offset:query.offset + query.limit]]
-        return status_document(self.catalog, summary, page, len(chosen), query, self.started)
+        return status_document(self.catalog, summary, page, len(chosen), query, self.started,
+                               list(self.offer_changes))
 
     def machines(self, query: "Query") -> Tuple[List["Machine"], float]:
         """Every machine the query matches (for /machines.csv), and the time it was asked."""
@@ -5041,8 +5151,16 @@ class Handler(FileHandler):
                         "DOWNLOAD_PASSWORD in update.conf)",
                         [("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % PROG)])
         else:
-            self.transfer = self.server.app.download_started(self.client(), package)
-            self.send_payload(package)
+            transfer = self.server.app.download_started(self.client(),
+                                                        path[len(PACKAGES_PREFIX):])
+            if transfer is None:  # a reload took it away meanwhile
+                self.reject(404, "no such package", close=self.has_body())
+                return
+            self.transfer = transfer
+            try:
+                self.send_payload(transfer.package)
+            finally:
+                self.server.app.download_finished(transfer)
 
     def file_changed(self, package: Package) -> bool:
         if not package.changed_on_disk():
@@ -5302,6 +5420,7 @@ class Settings(NamedTuple):
     sha256: Optional[str] = None
     package_version: str = ""
     floors: Tuple[str, ...] = ()  # --floor: versions machines below them install first
+    watch: bool = False  # --watch: reload when --package-dir gains a complete release
     host: str = "127.0.0.1"
     port: int = 0
     policy: Policy = Policy()
@@ -5326,6 +5445,10 @@ class Settings(NamedTuple):
 
 
 # -- the command line ------------------------------------------------------------------------
+
+WATCH_EVERY = 5.0  # seconds between two looks at --package-dir
+WATCH_SETTLE = 30.0  # a change without download's records is taken once unchanged this long
+
 
 class Flag(NamedTuple):
     """One command-line flag. Each is accepted as --name and as Go's -name, which scripts
@@ -5354,6 +5477,9 @@ _PAYLOAD_FLAGS = (
          "DIR/<board>/<version>/, for each board", "DIR"),
     Flag("sha256", "value", "the OS payload's expected SHA-256; by default it is read from "
          "FILE.sha256 beside the payload when there is one", "HEX"),
+    Flag("watch", "switch", "reload when a new release appears complete in --package-dir (as "
+         "download writes it, or copied in and then left alone for %d s); SIGHUP reloads "
+         "too" % WATCH_SETTLE, default=False),
     Flag("floor", "list", "a version in --package-dir every machine below it installs first "
          "(a floor: a migration later releases rely on); download records the service's "
          "floors itself; repeatable", "VERSION", []),
@@ -5682,6 +5808,19 @@ def policy_from(args: argparse.Namespace) -> Policy:
         pause_file=args.pause_file or "")
 
 
+def default_state_file() -> str:
+    """$STATE_DIRECTORY/fleet.state when systemd gives the service a state directory
+    (StateDirectory=, systemd.exec(5)); else none: the fleet is kept in memory only."""
+    directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return os.path.join(directory, "fleet.state") if directory else ""
+
+
+def _watchable(args: argparse.Namespace) -> bool:
+    if args.watch and not args.package_dir:
+        raise UsageError("--watch looks at --package-dir for new releases: give one")
+    return args.watch
+
+
 def _at_least(flag: str, value: int, least: int) -> int:
     if value < least:
         raise UsageError("%s must be %d or more" % (flag, least))
@@ -5720,12 +5859,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
         skip_signature_check=args.skip_signature_check,
         extensions=tuple(args.extension), sha256=args.sha256, package_version=version,
         floors=tuple(_checked_version("--floor", floor) for floor in args.floor),
+        watch=_watchable(args),
         host=host, port=port, policy=policy,
         base_url=normalise_url("--base-url", args.base_url) if args.base_url else "",
         mirrors=mirrors, local_payload=not args.no_local_payload, tls=tls,
         credentials=credentials, status_credentials=status_credentials,
         verbose=args.verbose, log_format=args.log_format,
-        state_file=args.state_file or "", reset_state=args.reset_state,
+        state_file=args.state_file or default_state_file(), reset_state=args.reset_state,
         max_machines=_at_least("--max-machines", args.max_machines, 1))
 
 
@@ -5750,8 +5890,9 @@ def _progress_printer(label: str) -> Optional[Callable[[int, int], None]]:
     return show
 
 
-def load_catalog_for(settings: Settings) -> Catalog:
-    """Everything the server will offer, checked, hashed and verified, one release a board."""
+def load_catalog_for(settings: Settings, known: Sequence[Package] = ()) -> Catalog:
+    """Everything the server will offer, checked, hashed and verified (but the `known` files,
+    unchanged since they were: see load_catalog)."""
     plans = plan_releases(settings.package_files, settings.package_dir, settings.extensions,
                           settings.sha256)
     label = "%d files" % sum(len(plan.specs) for plan in plans)
@@ -5759,7 +5900,7 @@ def load_catalog_for(settings: Settings) -> Catalog:
         label = os.path.basename(plans[0].specs[0].path)
     keys = None if settings.skip_signature_check else built_in_keys() + list(settings.payload_keys)
     catalog = load_catalog(plans, settings.package_version, settings.board, keys,
-                           _progress_printer(label), settings.floors)
+                           _progress_printer(label), settings.floors, known)
     for release in catalog.releases:
         if release.kernel_board and release.kernel_board != release.board:
             log_line(logging.WARNING, "--board %s overrides its kernel, which is %s: %s" % (
@@ -6072,29 +6213,163 @@ class StateKeeper:
 # -- running -----------------------------------------------------------------------------------
 
 def catch_signals() -> queue.Queue:
-    """SIGINT and SIGTERM, from now on, as names in a queue (serve() waits on it)."""
+    """SIGINT and SIGTERM (stop), and SIGHUP (reload: what `systemctl reload` sends), from now
+    on, as names in a queue (serve() waits on it)."""
     signals = queue.Queue()  # type: queue.Queue
 
     def on_signal(signum, frame) -> None:
         signals.put(signal.Signals(signum).name)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
     return signals
 
 
-def serve(server: Server, signals: queue.Queue) -> str:
-    """Serve until SIGINT or SIGTERM, then stop accepting and give the downloads in flight up to
-    the grace period to finish (a second signal ends that at once); returns the signal's name."""
+RELOADS = ("SIGHUP", "watch")  # what serve() reloads on, rather than stopping
+
+
+def notify(*fields: str) -> None:
+    """Tell systemd how the service is (Type=notify): READY=1, RELOADING=1, STOPPING=1,
+    STATUS=<one line>, as sd_notify(3) sends them, a datagram to $NOTIFY_SOCKET; nothing
+    when systemd did not set it."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address.startswith(("/", "@")):
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # the abstract namespace
+    if "RELOADING=1" in fields:  # systemd 253 and newer want the time of the reload with it
+        fields += ("MONOTONIC_USEC=%d" % int(time.monotonic() * 1e6),)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall("\n".join(fields).encode("utf-8"))
+    except OSError:
+        pass  # systemd is gone: nothing to tell
+
+
+def status_line(app: Service) -> str:
+    """The one-line state, for systemd's STATUS= (systemctl status shows it)."""
+    facts = app.fleet.summary_facts(app.clock())
+    catalog = app.catalog
+    rollout = facts["rollout"]
+    return "offering %s; %d machine(s): %d complete, %d updating, %d failed" % (
+        ", ".join("%s for %s" % (catalog.for_board(b).version, b) for b in catalog.boards()),
+        facts["machines"], rollout["complete"], rollout["in_progress"], rollout["failed"])
+
+
+def tree_state(directory: str) -> Tuple[Tuple[str, int, int], ...]:
+    """What --watch compares: each file in DIR and two levels below (<board>/<version>/<file>)
+    with its size and time."""
+    found = []
+    top = directory.rstrip(os.sep).count(os.sep)
+    for root, dirs, files in os.walk(directory):
+        if root.count(os.sep) - top >= 2:
+            dirs[:] = []
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(root, name))
+                found.append((os.path.relpath(os.path.join(root, name), directory),
+                              st.st_size, st.st_mtime_ns))
+    return tuple(sorted(found))
+
+
+def complete(state: Sequence[Tuple[str, int, int]],
+             loaded: Sequence[Tuple[str, int, int]]) -> bool:
+    """Whether every version directory a tree_state() has that the loaded one had not holds
+    download's record, and no file is still downloading: such a change need not settle."""
+    names = [name for name, _, _ in state]
+    versions = {os.path.dirname(n) for n in names if n.count(os.sep) == 2}
+    versions -= {os.path.dirname(n) for n, _, _ in loaded if n.count(os.sep) == 2}
+    return (not any(n.endswith(PARTIAL) for n in names) and
+            all(os.path.join(v, RELEASE_RECORD) in names for v in versions))
+
+
+class Watcher:
+    """--watch: looks at --package-dir every WATCH_EVERY seconds; when what it holds changed and
+    is complete (download's records) or has not changed for WATCH_SETTLE seconds (a copy in
+    progress is not taken half-way), asks serve() for a reload."""
+
+    def __init__(self, directory: str, signals: queue.Queue,
+                 loaded: Sequence[Tuple[str, int, int]]) -> None:
+        """`loaded`: the directory's tree_state() as it was just before it was loaded."""
+        self.directory, self.signals, self.loaded = directory, signals, tuple(loaded)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="watch", daemon=True)
+
+    def start(self) -> "Watcher":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        loaded = seen = self.loaded
+        since = time.monotonic()
+        while not self.stop.wait(WATCH_EVERY):
+            state, now = tree_state(self.directory), time.monotonic()
+            done = complete(state, loaded)
+            if state != seen:
+                seen, since = state, now
+                if not done:
+                    continue
+            if state != loaded and (done or now - since >= WATCH_SETTLE):
+                loaded = state
+                self.signals.put("watch")
+
+
+class Reloader:
+    """Loads the releases anew, in a thread of its own, when asked (SIGHUP or --watch): the
+    current set serves on meanwhile; a set whose every file passes replaces it at once; when one
+    fails, the current set stays and one sentence says which file and why. Files unchanged
+    since they were loaded are not read again."""
+
+    def __init__(self, app: Service, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+        self.lock = threading.Lock()
+        self.thread = None  # type: Optional[threading.Thread]
+        self.again = False
+
+    def request(self, why: str) -> None:
+        with self.lock:
+            if self.thread is not None and self.thread.is_alive():
+                self.again = True  # once this one is done, from what is there then
+                return
+            self.thread = threading.Thread(target=self._run, args=(why,), name="reload",
+                                           daemon=True)
+            self.thread.start()
+
+    def _run(self, why: str) -> None:
+        while True:
+            notify("RELOADING=1", "STATUS=reloading (%s)" % why)
+            log_line(logging.INFO, "reloading the releases (%s); the current ones serve on "
+                     "meanwhile" % why)
+            try:
+                say(self.app.replace_catalog(load_catalog_for(
+                    self.settings, self.app.catalog.packages())))
+            except PayloadError as exc:
+                log_line(logging.ERROR, "reload failed, the releases stay as they were: %s"
+                         % str(exc).rstrip("."))
+            notify("READY=1", "STATUS=" + status_line(self.app))
+            with self.lock:
+                if not self.again:
+                    return
+                self.again = False
+
+
+def serve(server: Server, signals: queue.Queue, reloader: Reloader) -> str:
+    """Serve until SIGINT or SIGTERM (reloading on SIGHUP or --watch's word), then stop accepting
+    and give the downloads in flight up to the grace period to finish (a second signal ends that
+    at once); returns the signal's name."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25},
                               name="accept", daemon=True)
     thread.start()
     while True:
         try:
             name = signals.get(timeout=0.5)
-            break
         except queue.Empty:
-            pass
+            continue
+        if name not in RELOADS:
+            break
+        reloader.request(name)
+    notify("STOPPING=1", "STATUS=stopping (%s)" % name)
     server.shutdown()
     server.server_close()
     grace = server.settings.grace
@@ -6230,6 +6505,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         settings = settings_from(args)
         setup_logging(settings.verbose, settings.log_format == "json")
+        loaded = tree_state(settings.package_dir) if settings.watch and settings.package_dir \
+            else ()  # before the load: a release added meanwhile is one --watch takes
         app = Service(load_catalog_for(settings), settings)
         app.fleet.restore(read_state(settings.state_file, settings.reset_state), app.clock())
         server = make_server(app, settings)
@@ -6243,7 +6520,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout.write(banner(server))
     sys.stdout.flush()
     keeper = StateKeeper(settings.state_file, app.fleet).start() if settings.state_file else None
-    name = serve(server, signals)
+    watcher = Watcher(str(settings.package_dir), signals, loaded).start() if settings.watch \
+        else None
+    notify("READY=1", "STATUS=" + status_line(app))
+    name = serve(server, signals, Reloader(app, settings))
+    if watcher is not None:
+        watcher.stop.set()
     if keeper is not None:
         keeper.close()
     log_line(logging.INFO, "received %s, stopped" % name)

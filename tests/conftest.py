@@ -131,10 +131,10 @@ class PyzProcess:
     """serve-package.pyz running as a subprocess; its stdout banner gives the port."""
 
     def __init__(self, pyz: str, args, cwd: str = None, preexec_fn=None,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, env: dict = None) -> None:
         self.proc = subprocess.Popen(
             [python, pyz] + list(args), cwd=cwd, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec_fn)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec_fn, env=env)
         self.stdout = b""
         self.stderr = b""
         self.port = None

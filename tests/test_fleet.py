@@ -159,7 +159,8 @@ def test_status_json_fields(walk, demo_bytes):
     walk.post(check())
     status, _, body = walk.running.request("GET", "/status.json")
     doc = json.loads(body)
-    assert set(doc) == {"server", "offering", "paths", "releases", "payloads", "summary",
+    assert set(doc) == {"server", "offering", "paths", "offer_changes", "releases", "payloads",
+                        "summary",
                         "states", "needs", "total", "offset", "limit", "machines"}
     assert doc["needs"] == {"missing": ["amd64-usr 3815.2.5: oem-azure.gz"], "command":
                             "python3 serve-package.pyz download DIR --channel stable --board "

@@ -124,7 +124,8 @@ def test_the_status_document_counts_and_pages(app, clock):
 def test_metrics_count_bytes_by_file_for_the_machine_that_asked(app, catalog):
     check(app, 1, client="10.0.0.7")
     package = catalog.releases[0].packages[0]
-    transfer = app.download_started("10.0.0.7", package)
+    transfer = app.download_started("10.0.0.7", "update.gz")
+    assert transfer.package == package
     check(app, 2, client="10.0.0.7")  # another machine behind the same address asks meanwhile
     app.download_progress(transfer, 1000, 1000, 1000)
     assert state(app, 1)["download"]["bytes"] == 1000 and state(app, 2)["download"] is None

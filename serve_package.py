@@ -3504,6 +3504,66 @@ def setup_script(server: str, catalog: Catalog, check_only: bool) -> str:
     return script
 
 
+# -- provisioning: Ignition for new machines -----------------------------------------------------
+# New machines in an air gap are provisioned with Ignition. GET /ignition answers the config
+# (spec 3.3.0, which Flatcar's Ignition reads) that points update_engine at this server; GET
+# /butane the same as Butane (variant flatcar), for operators who merge it into their own.
+
+IGNITION_VERSION = "3.3.0"
+BUTANE_VARIANT = ("flatcar", "1.0.0")
+
+
+class Provision(NamedTuple):
+    """What a new machine's config sets: this server, the group (update.conf GROUP=) and the
+    extensions to enable (/etc/flatcar/enabled-sysext.conf)."""
+    server: str
+    group: str = ""
+    extensions: Tuple[str, ...] = ()
+
+    def files(self) -> List[Tuple[str, str]]:
+        """(path, contents) of each file the config writes."""
+        conf = "SERVER=%s/v1/update\n" % self.server + (
+            "GROUP=%s\n" % self.group if self.group else "")
+        files = [("/etc/flatcar/update.conf", conf)]
+        if self.extensions:
+            files.append(("/etc/flatcar/enabled-sysext.conf",
+                          "".join(name + "\n" for name in self.extensions)))
+        return files
+
+
+def parse_provision(server: str, query: str) -> Provision:
+    """?group=NAME&extension=NAME...: each a word; ValueError says which is not."""
+    fields = urllib.parse.parse_qs(query, keep_blank_values=True)
+    group = fields.get("group", [""])[-1]
+    extensions = tuple(dict.fromkeys(fields.get("extension", [])))
+    for word in (group,) + extensions:
+        if word and not _SETUP_WORD.fullmatch(word):
+            raise ValueError("%r is not a group or extension name" % clean(word, 40))
+    if len(extensions) > MAX_SETUP_NAMES:
+        raise ValueError("at most %d extensions" % MAX_SETUP_NAMES)
+    return Provision(server, group, extensions)
+
+
+def ignition_config(provision: Provision) -> str:
+    """The Ignition config (JSON): each file written whole, mode 0644, contents as a data URL
+    (RFC 2397, as Ignition reads them)."""
+    return json.dumps({"ignition": {"version": IGNITION_VERSION}, "storage": {"files": [
+        {"path": path, "mode": 0o644, "overwrite": True,
+         "contents": {"source": "data:," + urllib.parse.quote(text, safe="")}}
+        for path, text in provision.files()]}}, indent=2) + "\n"
+
+
+def butane_config(provision: Provision) -> str:
+    """The same as Butane (YAML): the contents inline."""
+    lines = ["variant: %s" % BUTANE_VARIANT[0], "version: %s" % BUTANE_VARIANT[1],
+             "storage:", "  files:"]
+    for path, text in provision.files():
+        lines += ["    - path: %s" % path, "      mode: 0644", "      overwrite: true",
+                  "      contents:", "        inline: |"]
+        lines += ["          " + line for line in text.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # 9. Download: the client that fetches releases from an update service into the release layout
 # ---------------------------------------------------------------------------------------------
@@ -5101,6 +5161,8 @@ ROUTES = {
     "/setup": Route(("GET",), "setup_script"),
     "/setup/report": Route(("POST",), "setup_report"),
     "/setup/state": Route(("GET",), "setup_state", fleet=True),
+    "/ignition": Route(("GET",), "provisioning"),
+    "/butane": Route(("GET",), "provisioning"),
 }
 PACKAGES_ROUTE = Route(("GET",), "package", "a package")  # every path under PACKAGES_PREFIX
 
@@ -5250,6 +5312,20 @@ class Handler(FileHandler):
         if report is not None:
             say(self.server.app.setup_report(report, self.client()))
             self.send_plain("thank you\n")
+
+    def provisioning(self, path: str) -> None:
+        """GET /ignition, GET /butane (?group=NAME&extension=NAME...): a new machine's config
+        that points it at this server as the machine would reach it."""
+        try:
+            provision = parse_provision(self.server_url(), self.query())
+        except ValueError as exc:
+            self.reject(400, str(exc))
+            return
+        if path == "/ignition":
+            self.send_plain(ignition_config(provision), "application/json")
+        else:
+            self.send_plain(butane_config(provision), "application/yaml; charset=utf-8")
+        self.log_request(200)
 
     def setup_state(self, path: str) -> None:
         """GET /setup/state?id=: where that machine's update stands, in one line."""

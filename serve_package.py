@@ -2766,9 +2766,11 @@ def summary_json(summary: Dict[str, Any]) -> Dict[str, Any]:
     return worded
 
 
-def summary_text(summary: Dict[str, Any], failed: Sequence[Machine]) -> str:
+def summary_text(summary: Dict[str, Any], failed: Sequence[Machine],
+                 every: Sequence[Machine] = ()) -> str:
     """The shutdown summary: the counts by state and by version, then the failed machines (at
-    most SUMMARY_FAILED of them, one line each: where it started, where it is, why)."""
+    most SUMMARY_FAILED of them, one line each: where it started, where it is, why); a fleet of
+    SUMMARY_FAILED machines or fewer (`every`) is named whole, each with its versions and state."""
     if not summary["machines"]:
         return "no machine checked in"
     versions = summary_json(summary)["versions"]
@@ -2776,12 +2778,12 @@ def summary_text(summary: Dict[str, Any], failed: Sequence[Machine]) -> str:
         "%d %s" % (n, state) for state, n in sorted(summary["states"].items()))),
              "by version: " + ", ".join("%s: %d" % (version or "?", n) for version, n in
                                         sorted(versions.items()))]
-    for machine in failed[:SUMMARY_FAILED]:
+    for machine in every if every else failed[:SUMMARY_FAILED]:
         lines.append("  %-20s %-16s %-28s %s" % (
             clean(machine.name(), 20), machine.address, "%s \u2192 %s" % (
                 machine.from_version or machine.version or "?",
                 machine.target or machine.version or "?"), machine.detail or machine.state))
-    if len(failed) > SUMMARY_FAILED:
+    if len(failed) > SUMMARY_FAILED and not every:
         lines.append("  and %d more: see /status.json?state=failed and ?state=rolled-back"
                      % (len(failed) - SUMMARY_FAILED))
     return "\n".join(lines)
@@ -4688,7 +4690,8 @@ class Service:
         now = self.clock()
         facts = self.fleet.summary_facts(now)
         failed = self.fleet.failed(now)
-        return summary_text(facts, failed), {
+        every = self.fleet.select(Query(), now) if facts["machines"] <= SUMMARY_FAILED else []
+        return summary_text(facts, failed, every[::-1]), {
             "event": "summary", "summary": summary_json(facts),
             "failed": [m.facts(now) for m in failed[:SUMMARY_FAILED]],
             "more_failed": max(0, len(failed) - SUMMARY_FAILED)}

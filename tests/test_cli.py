@@ -351,5 +351,8 @@ def test_verbose_logs_every_request_and_text_summary(pyz):
         assert err.count(": offered\n") == 1  # the state changed once
         assert "1 machine(s): 1 offered\n" in err
         assert "by version: 3815.2.5 \u2192 9999.9.9: 1\n" in err
+        # a small fleet is named whole at exit: each machine, its versions and its state
+        assert "  01234567             127.0.0.1        3815.2.5 \u2192 9999.9.9          " \
+               "offered\n" in err
     finally:
         server.kill()

@@ -55,3 +55,27 @@ def test_butane_says_the_same(server):
 def test_names_that_are_not_words_are_refused(server, query):
     status, _, body = server.request("GET", "/ignition?" + query)
     assert status == 400 and b"is not a group or extension name" in body
+
+
+def test_the_readmes_unit_file_verifies(pyz, tmp_path):
+    """The unit file in the README, as written there (paths pointed at this test's files), is
+    one systemd takes without a word: systemd-analyze verify prints nothing."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "README.md"), encoding="utf-8").read()
+    block = readme.split("\n    [Unit]\n    Description=serve-package, an Omaha", 1)[1]
+    block = block.split("\n\n    [Install]\n    WantedBy=multi-user.target\n", 1)[0]
+    unit = ("[Unit]\nDescription=serve-package, an Omaha" + block +
+            "\n\n[Install]\nWantedBy=multi-user.target\n").replace("\n    ", "\n")
+    unit = unit.replace("/opt/serve-package/serve-package.pyz", pyz).replace(
+        "/srv/flatcar", str(tmp_path))
+    path = tmp_path / "serve-package.service"
+    path.write_text(unit)
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("systemd-analyze is not installed: .ci/run installs Debian's systemd")
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    result = subprocess.run([analyze, "verify", "--man=no", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert result.returncode == 0 and result.stdout == b"", result.stdout.decode()
+    assert "Type=notify" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit

@@ -2026,6 +2026,11 @@ OFFER_HOLD = 300.0  # seconds an offer holds a --max-concurrent slot before the 
 NO_PROGRESS_LOGGED = -PROGRESS_EVERY_PERCENT  # so that the first chunk, at 0%, is logged
 
 
+def _names(value: Any) -> List[str]:
+    """A list of names, kept as one string or (an earlier state file) as a list."""
+    return value.split() if isinstance(value, str) else list(value or ())
+
+
 class Machine:
     """What one machine is doing, as far as its requests tell; changed only under Fleet.lock,
     through its own methods."""
@@ -2049,7 +2054,9 @@ class Machine:
         self.logged_percent, self.logged_at = NO_PROGRESS_LOGGED, 0.0
         self.offered_at = 0.0  # when it took a --max-concurrent slot
         self.installed_instead = ""  # the version it came back on instead of the one offered
-        self.setup = None  # type: Optional[Dict[str, object]]  # its last setup report
+        # its last setup report; the lists of names kept as one string each ("a b"), a few
+        # hundred bytes rather than thousands (setup_facts() gives them back as lists)
+        self.setup = None  # type: Optional[Dict[str, object]]
         self.progressed_at = now  # the last time its download moved
 
     RECORDED = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
@@ -2107,8 +2114,19 @@ class Machine:
         self.board = self.board or report.board
         self.oem = self.oem or report.oem
         self.setup = {"reported": iso_time(now), "mode": report.mode,
-                      "extensions": list(report.extensions), "missing": list(report.missing),
-                      "problems": report.problems}
+                      "extensions": " ".join(report.extensions),
+                      "missing": " ".join(report.missing), "problems": report.problems}
+
+    def setup_facts(self) -> Optional[Dict[str, object]]:
+        """Its last setup report, the lists as lists (a state file of an earlier version kept
+        them so)."""
+        if self.setup is None:
+            return None
+        return dict(self.setup, **{key: _names(self.setup.get(key))
+                                   for key in ("extensions", "missing")})
+
+    def setup_names(self, key: str) -> List[str]:
+        return _names(self.setup.get(key)) if self.setup else []
 
     def holds_slot(self, now: float, timeout: float) -> bool:
         """Whether it holds a --max-concurrent slot: an offer for OFFER_HOLD seconds (update_engine
@@ -2234,7 +2252,7 @@ class Machine:
                 "target": self.target, "from_version": self.from_version,
                 "state": self.state, "state_words": self.detail,
                 "first_seen": iso_time(self.first_seen), "last_seen": iso_time(self.last_seen),
-                "download": download, "error": error, "setup": self.setup,
+                "download": download, "error": error, "setup": self.setup_facts(),
                 "stalled_since": iso_time(self.progressed_at)
                 if now is not None and self.stalled(now) else None,
                 "not_seen": now is not None and self.lost(now)}
@@ -2639,7 +2657,7 @@ class Fleet:
             return [machine.note(logging.INFO, "progress")] if said else []
 
     def _count_extensions(self, machine: "Machine", sign: int) -> None:
-        for name in machine.setup["extensions"] if machine.setup else ():
+        for name in machine.setup_names("extensions"):
             pair = (machine.board, name)
             if pair in self.extensions or len(self.extensions) < MAX_DISTINCT or sign < 0:
                 self.extensions[pair] += sign
@@ -2812,7 +2830,7 @@ def csv_row(m: Machine, now: float) -> Tuple[object, ...]:
                    round(m.downloaded * 100.0 / m.size, 1) if m.size else "",
                    iso_time(m.progressed_at) if m.stalled(now) else "",
                    "yes" if m.lost(now) else "",
-                   " ".join(m.setup["missing"]) if m.setup else "", iso_time(m.first_seen),
+                   " ".join(m.setup_names("missing")), iso_time(m.first_seen),
                    iso_time(m.last_seen))
 
 

@@ -28,17 +28,20 @@ order data flows through it, every name defined before it is used:
                         request (Fleet.request -> Taken), given the time
   7. Views              the status page, /status.json, /machines.csv, /metrics, what the fleet
                         needs (fleet_needs) and the shutdown summary, from plain values
-  8. Setup script       the sh script each machine runs (GET /setup), made for this server
+  8. Setup script       the sh script each machine runs (GET /setup), made for this server;
+                        provisioning: the Ignition and Butane configs of a new machine
   9. Download           the connected side's client: sync_request() and parse_service_answer()
                         (pure), walk_floors(), Fetcher (HTTP, proxies, retries), fetch_file()
                         (Range, hashed as written), verify_download(), place(), run_download()
  10. Application        Service: what every endpoint needs, as plain calls that return what to
-                        send and the lines to log (no socket); Warnings counted by cause
+                        send and the lines to log (no socket); Warnings counted by cause;
+                        InFlight (the files downloads read, kept open across a reload)
  11. HTTP               FramingHandler (HTTP/1.1 framing) <- FileHandler (payload files, Range,
                         zero-copy) <- Handler (the endpoints, from ROUTES); Server (connections,
                         TLS, the limit, the reaper)
  12. Program            Settings, the flag tables (the server's, download's), settings_from(),
-                        loading, the banner, the state file (--state-file), signals, main()
+                        loading, the banner, background jobs (StateKeeper: --state-file;
+                        Watcher: --watch; Reloader: SIGHUP), systemd's notify(), main()
 
 One Omaha request: Handler.omaha() reads the body -> parse_request() -> Service.update_check()
 -> for each app Fleet.request() (decide() under the fleet's lock, events, the check) ->
@@ -6251,22 +6254,37 @@ def read_state(path: str, reset: bool) -> List[Machine]:
     return machines
 
 
-class StateKeeper:
+class Background:
+    """A job of the program's that runs in a thread of its own until told to stop: _run()
+    waits on `stop` between its rounds."""
+
+    name = "background"
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def start(self) -> "Background":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class StateKeeper(Background):
     """Saves the fleet to --state-file a few seconds after a change, in a thread of its own
     (never on a request's path), and once more when the server stops."""
 
+    name = "state"
+
     def __init__(self, path: str, fleet: Fleet) -> None:
+        super().__init__()
         self.path, self.fleet = path, fleet
         self.lines = {}  # type: Dict[str, str]  # machine -> its JSON line, as last saved
         self.saved = (-1, -1)  # the fleet's (changes, touches) at the last save
         self.saved_at = 0.0
         self.failed = ""
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="state", daemon=True)
-
-    def start(self) -> "StateKeeper":
-        self.thread.start()
-        return self
 
     def _run(self) -> None:
         while not self.stop.wait(SAVE_AFTER):
@@ -6381,21 +6399,18 @@ def complete(state: Sequence[Tuple[str, int, int]],
             all(os.path.join(v, RELEASE_RECORD) in names for v in versions))
 
 
-class Watcher:
+class Watcher(Background):
     """--watch: looks at --package-dir every WATCH_EVERY seconds; when what it holds changed and
     is complete (download's records) or has not changed for WATCH_SETTLE seconds (a copy in
     progress is not taken half-way), asks serve() for a reload."""
 
+    name = "watch"
+
     def __init__(self, directory: str, signals: queue.Queue,
                  loaded: Sequence[Tuple[str, int, int]]) -> None:
         """`loaded`: the directory's tree_state() as it was just before it was loaded."""
+        super().__init__()
         self.directory, self.signals, self.loaded = directory, signals, tuple(loaded)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="watch", daemon=True)
-
-    def start(self) -> "Watcher":
-        self.thread.start()
-        return self
 
     def _run(self) -> None:
         loaded = seen = self.loaded

@@ -28,6 +28,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from bench import CHECK, Server, make_payload, wrk_checks  # noqa: E402
+from bench_fleet import rss_mib  # noqa: E402
 
 with open(CHECK, "rb") as f:
     BASE = f.read()
@@ -97,14 +98,6 @@ def normal_machine(port: int, until: float, counts: list) -> None:
         response.read()
         counts.append(response.status)
     conn.close()
-
-
-def rss_mib(pid: int) -> float:
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def metrics(port: int) -> "tuple":

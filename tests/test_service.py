@@ -160,3 +160,25 @@ def test_warnings_due_come_from_the_clock_job(catalog, clock):
     clock.advance(sp.WARNING_EVERY)
     (note,) = app.tick()
     assert note.text.startswith("2 more machine(s) are of a board this server has no payload for")
+
+
+def test_rollout_rules_apply_to_each_step(tmp_path, clock):
+    """A floor is offered under the same rules as a target: --group, --max-concurrent."""
+    import shutil
+    for version in ("3760.2.0", "9999.9.9"):
+        where = tmp_path / "amd64-usr" / version
+        where.mkdir(parents=True)
+        shutil.copyfile(DEMO_PAYLOAD, str(where / "flatcar_production_update.gz"))
+    settings = sp.Settings(package_dir=str(tmp_path), floors=("3760.2.0",),
+                           policy=sp.Policy(max_concurrent=1, groups=frozenset(["stable"])))
+    app = sp.Service(sp.load_catalog_for(settings), settings, clock)
+    old = sp.parse_request(machine(1, version="3510.2.2"))
+    assert b'<manifest version="3760.2.0">' in app.update_check(old, "10.0.0.1", SERVER_URL).body
+    second = sp.parse_request(machine(2, version="3510.2.2"))
+    assert b"noupdate" in app.update_check(second, "10.0.0.2", SERVER_URL).body  # the one slot
+    beta = sp.parse_request(machine(3, version="3510.2.2", group="beta"))
+    assert b"noupdate" in app.update_check(beta, "10.0.0.3", SERVER_URL).body  # not its group
+    words = {m["alias"]: m["state_words"] for m in app.status_document(sp.Query())["machines"]}
+    assert words["node-1"].startswith("offered (floor: --floor)")
+    assert words["node-2"].startswith("waiting for a slot")
+    assert words["node-3"].startswith("its group 'beta' is not one of --group stable")

@@ -66,6 +66,7 @@ import http.client
 import http.server
 from http import HTTPStatus
 import io
+import itertools
 import json
 import logging
 import os
@@ -2597,7 +2598,11 @@ class Fleet:
         else:
             self.machines.move_to_end(key)
         machine.seen_at(now)
-        self.by_address[address] = key
+        by_address = self.by_address
+        by_address.pop(address, None)  # to the end: the addresses seen last are kept
+        by_address[address] = key
+        if len(by_address) > 2 * self.max_machines:
+            del by_address[next(iter(by_address))]
         return machine, before
 
     def _forget_one(self) -> None:
@@ -4311,6 +4316,7 @@ WARNING_CAUSES = {
                    "extension payload",
 }
 WARNING_EVERY = 600.0  # seconds between two "N more machines" lines of one cause
+MAX_HEARD = 100000  # (cause, machine) pairs remembered; past it the older half is forgotten
 
 
 class Warnings:
@@ -4321,7 +4327,10 @@ class Warnings:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.heard = set()  # type: set  # (cause, machine), and once() keys
+        # (cause, machine) and once() keys, in the order heard (a dict: an ordered set); bounded
+        # by MAX_HEARD, whatever machine ids requests make up: a machine forgotten here and
+        # heard again is counted once more, nothing worse
+        self.heard = {}  # type: Dict[Any, None]
         self.causes = {}  # type: Dict[Any, List[float]]  # cause -> [last said, how many since]
 
     def once(self, key: Tuple) -> bool:
@@ -4329,7 +4338,10 @@ class Warnings:
         with self.lock:
             if key in self.heard:
                 return False
-            self.heard.add(key)
+            if len(self.heard) >= MAX_HEARD:
+                for old in list(itertools.islice(self.heard, MAX_HEARD // 2)):
+                    del self.heard[old]
+            self.heard[key] = None
             return True
 
     def note(self, cause: Any, machine: str, line: Callable[[], str], now: float) -> List[Note]:
@@ -4338,6 +4350,8 @@ class Warnings:
         if not self.once((cause, machine)):
             return []
         with self.lock:
+            if cause not in self.causes and len(self.causes) >= MAX_DISTINCT:
+                cause = cause[0] if isinstance(cause, tuple) else cause  # its kind, whatever
             entry = self.causes.get(cause)
             if entry is None:
                 self.causes[cause] = [now, 0]

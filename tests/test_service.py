@@ -182,3 +182,12 @@ def test_rollout_rules_apply_to_each_step(tmp_path, clock):
     assert words["node-1"].startswith("offered (floor: --floor)")
     assert words["node-2"].startswith("waiting for a slot")
     assert words["node-3"].startswith("its group 'beta' is not one of --group stable")
+
+
+def test_warnings_remember_a_bounded_number_of_machines(monkeypatch):
+    monkeypatch.setattr(sp, "MAX_HEARD", 10)
+    warnings = sp.Warnings()
+    for n in range(25):
+        warnings.note("oem", "machine-%d" % n, lambda: "line", 0.0)
+    assert len(warnings.heard) <= 10
+    assert warnings.causes["oem"][1] == 24  # every one after the first still counted

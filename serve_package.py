@@ -2025,7 +2025,7 @@ PROGRESS_EVERY_SECONDS = 10.0
 SUMMARY_FAILED = 50  # failed machines the shutdown summary names, one line each
 STALLED_AFTER = 600.0  # a download with no progress for this long is said to be stalled
 NOT_SEEN_AFTER = 9000.0  # about three of update_engine's 45-minute check intervals
-MAX_MACHINES = 50000  # --max-machines' default: about 150 MiB of fleet (see the README)
+MAX_MACHINES = 50000  # --max-machines' default: 130-255 MiB of fleet, measured (see the README)
 OFFER_HOLD = 300.0  # seconds an offer holds a --max-concurrent slot before the download starts
 NO_PROGRESS_LOGGED = -PROGRESS_EVERY_PERCENT  # so that the first chunk, at 0%, is logged
 
@@ -5621,8 +5621,9 @@ _ROLLOUT_FLAGS = (
          "warning says they need an intermediate version first", "VERSION"),
     Flag("max-concurrent", "value", "at most N machines updating at once (from offered until "
          "installed, failed, or --update-timeout); 0: no limit", "N", 0, int),
-    Flag("max-machines", "value", "machines the fleet keeps at most (default %d, about 150 "
-         "MiB); past it the longest unseen that holds no slot is forgotten" % MAX_MACHINES, "N",
+    Flag("max-machines", "value", "machines the fleet keeps at most (default %d: about 150 "
+         "MiB, up to 255 with the largest setup reports); past it the longest unseen that "
+         "holds no slot is forgotten" % MAX_MACHINES, "N",
          MAX_MACHINES, int),
     Flag("update-timeout", "value", "how long an offered machine may hold its --max-concurrent "
          "slot (e.g. 90m, 2h, 3600; default %dh)" % (UPDATE_TIMEOUT // 3600), "DURATION"),

@@ -138,7 +138,8 @@ def main() -> None:
         log = os.path.join(workdir, "server.log")
         print("fleet of %d machines, server on %s" % (args.machines, args.python))
 
-        server = Server(pyz, payload, log, ["--state-file", state])
+        server = Server(pyz, payload, log, ["--state-file", state, "--max-machines",
+                                            str(max(args.machines, 10))])
         try:
             load_fleet(server.port, 10)
             small_rss = rss_mib(server.proc.pid)
@@ -174,7 +175,8 @@ def main() -> None:
         finally:
             server.stop()
         began = time.perf_counter()
-        server = Server(pyz, payload, log, ["--state-file", state])
+        server = Server(pyz, payload, log, ["--state-file", state, "--max-machines",
+                                            str(max(args.machines, 10))])
         try:
             server.check()
             print("restart to the first check %8.2f s (loads %d machines)" % (

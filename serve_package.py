@@ -2433,6 +2433,22 @@ def parse_query(text: str, limit: int = PAGE_ROWS) -> Query:
     return query._replace(sort=sort, offset=offset, limit=max(1, min(numbers["limit"], limit)))
 
 
+def count_request(counters: collections.Counter, app: AppRequest,
+                  decision: Optional[Decision]) -> None:
+    """The counters /metrics shows: checks, offers, events by type and result, failures by
+    error code; codes update_engine does not send count as "(other)"."""
+    if decision is not None:
+        counters["checks", ] += 1
+        counters["offers", ] += decision.offer
+    for event in app.events:
+        counters["events", str(event.type) if event.type in EVENT_TYPES else OTHER,
+                 str(event.result) if event.result in EVENT_RESULTS else OTHER] += 1
+        if event.result == RESULT_ERROR and event.errorcode is not None:
+            base = event.errorcode & ERROR_BASE_MASK
+            counters["failures", str(base) if base in ERROR_NAMES or 2000 <= base < 3000
+                     else OTHER] += 1
+
+
 def machine_key(machineid: str, address: str) -> str:
     """The one rule for telling machines apart: by /etc/machine-id, else (a request that sends
     none) by the address it comes from."""
@@ -2510,7 +2526,7 @@ class Fleet:
                 notes.append(machine.note(logging.INFO, "state"))
             notes += self._events(machine, app, happenings, completed, now)
             checked = decision if app.updatecheck else None
-            self._count(app, checked)
+            count_request(self.counters, app, checked)
             # A failure reported with an update check (a rollback is) stays what this request
             # says; the offer that comes with it shows on the machine's next check.
             failed_now = bool(notes) and machine.state in UNHAPPY
@@ -2620,21 +2636,6 @@ class Fleet:
             del self.by_address[machine.address]
         self.dirty.add(key)
         self.forgotten += 1
-
-    def _count(self, app: AppRequest, decision: Optional[Decision]) -> None:
-        """The counters /metrics shows: checks, offers, events by type and result, failures by
-        error code; codes update_engine does not send count as "(other)"."""
-        counters = self.counters
-        if decision is not None:
-            counters["checks", ] += 1
-            counters["offers", ] += decision.offer
-        for event in app.events:
-            counters["events", str(event.type) if event.type in EVENT_TYPES else OTHER,
-                     str(event.result) if event.result in EVENT_RESULTS else OTHER] += 1
-            if event.result == RESULT_ERROR and event.errorcode is not None:
-                base = event.errorcode & ERROR_BASE_MASK
-                counters["failures", str(base) if base in ERROR_NAMES or 2000 <= base < 3000
-                         else OTHER] += 1
 
     def _checked(self, machine: "Machine", decision: Decision, now: float) -> List[Note]:
         if decision.offer:

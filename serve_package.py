@@ -3109,6 +3109,7 @@ th{background:#f6f8fa} progress{width:8em} code{font-size:.85em} .version{white-
 .columns{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start;margin:.5em 0}
 .name,.board,.version,#machines td:nth-child(2){white-space:nowrap}
 form{margin:1em 0} label{margin-right:.6em;font-size:.92em}
+pre.command{background:#f6f8fa;padding:.5em;overflow-x:auto}
 </style></head><body>
 <h1>serve-package: offering <span id="offering">%(version)s</span></h1>
 %(paths)s
@@ -3134,7 +3135,7 @@ for Prometheus: <a href="/metrics">/metrics</a>.</p>
                     esc(_clock(c["at"])), esc(c["words"])) for c in doc["offer_changes"][-3:]),
        "summary": _summary_html(doc["summary"], query), "form": _filter_form(query),
        "needs": '<div id="needs"><p>%s</p><p>To bring every release and file the fleet needs, '
-                'on a connected machine: <code>%s</code></p></div>' % (
+                'on a connected machine:</p><pre class="command">%s</pre></div>' % (
                     esc("Missing here: " + "; ".join(doc["needs"]["missing"])
                         if doc["needs"]["missing"] else "Nothing the fleet needs is missing."),
                     esc(doc["needs"]["command"])),
@@ -4478,7 +4479,7 @@ class Service:
     lines to log. It knows no socket, header or status code: the HTTP section carries requests
     to it (as bottle.py's application is apart from its server adapters), and tests call it
     directly. Each piece of state keeps its own lock: the fleet's, the warnings', the bytes
-    served."""
+    served, the catalog's (a reload swaps it whole) and the files downloads are reading."""
 
     def __init__(self, catalog: Catalog, settings: "Settings",
                  clock: Callable[[], float] = time.time) -> None:

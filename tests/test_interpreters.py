@@ -1,7 +1,8 @@
 """Issue: every admin host's python3. The built .pyz, run by each interpreter this machine has
 (pyenv's 3.6 to 3.13 and Debian's own), serving over real sockets; the oldest and the newest walk
 the whole path (every client's reading, Range resumes, extensions, a mixed fleet, HTTPS with TLS
-1.2 and newer only, a refusal in one sentence, a clean stop); Python 2.7 is refused in one
+1.2 and newer only, a refusal in one sentence, a clean stop, download and serving what it wrote);
+Python 2.7 is refused in one
 sentence. Outside CI a missing interpreter skips with a note; under CI=true it fails."""
 
 import glob
@@ -189,3 +190,32 @@ def test_the_pyz_carries_bytecode_and_runs_without_it(pyz, tmp_path):
     for archive in (pyz, stripped):
         result = run_pyz(archive, "--version")
         assert result.returncode == 0 and result.stdout.startswith(b"serve-package ")
+
+
+@pytest.mark.parametrize("version", OLDEST_AND_NEWEST)
+def test_download_on_the_oldest_and_newest(pyz, version, tmp_path):
+    """download, under the oldest and the newest Python, against the stand-in update service
+    and release server: a floor and the target, verified, and a second run that fetches
+    nothing; then --package-dir serves what it wrote (a check offered the floor first)."""
+    from standins import Published, start_files, start_service, stop_all
+    python = interpreter(version)
+    releases = [Published.make("amd64-usr", "3760.2.0", ["oem-azure.gz"], floor=True,
+                               reason="migration"),
+                Published.make("amd64-usr", "4230.2.0", ["oem-azure.gz"])]
+    files, state = start_files(releases)
+    service, _ = start_service({("stable", "amd64-usr"): releases}, files.url)
+    try:
+        args = ["download", str(tmp_path), "--oem", "azure", "--from",
+                service.url + "v1/update/", "--release-server", files.url]
+        first = run_pyz(pyz, *args, python=python)
+        assert first.returncode == 0, first.stderr
+        assert b"amd64-usr 3760.2.0 (floor: migration)" in first.stdout
+        again = run_pyz(pyz, *args, python=python)
+        assert again.returncode == 0 and b"(nothing downloaded)" in again.stdout
+        assert len(state.gets) == 4  # two releases of two files, once
+    finally:
+        stop_all(files, service)
+    with PyzProcess(pyz, ["--package-dir", str(tmp_path), "--listen-address", "127.0.0.1:0"],
+                    python=python) as server:
+        answer = post(server.port, check(version="3510.2.2"))[1]
+        assert b'<manifest version="3760.2.0">' in answer

@@ -4,6 +4,7 @@ each step."""
 
 import json
 import logging
+import time
 
 import pytest
 
@@ -32,6 +33,16 @@ class Walk:
         assert len(found) == 1
         return found[0]
 
+    def downloaded(self, count, alias="node-3"):
+        """The machine once the server recorded `count` bytes of its download: that happens as
+        sendfile returns, which can be a moment after the client has the bytes."""
+        deadline = time.monotonic() + 5
+        while True:
+            m = self.machine(alias)
+            if (m["download"] or {}).get("bytes") == count or time.monotonic() > deadline:
+                return m
+            time.sleep(0.02)
+
     def said(self):
         return [r.getMessage() for r in self.caplog.records if r.levelno >= logging.INFO]
 
@@ -58,11 +69,11 @@ def test_success_with_a_resumed_download_and_a_reboot(walk, demo_bytes):
 
     half = len(demo_bytes) // 2
     walk.running.request("GET", "/packages/update.gz", headers={"Range": "bytes=0-%d" % (half - 1)})
-    m = walk.machine()
+    m = walk.downloaded(half)
     assert m["state"] == "downloading" and m["download"]["bytes"] == half
     assert m["download"]["size"] == len(demo_bytes) and m["download"]["percent"] == pytest.approx(50, abs=0.1)
     walk.running.request("GET", "/packages/update.gz", headers={"Range": "bytes=%d-" % half})  # resume
-    m = walk.machine()
+    m = walk.downloaded(len(demo_bytes))
     assert m["download"]["bytes"] == len(demo_bytes) and m["download"]["percent"] == 100
     progress = [line for line in walk.said() if ": downloading " in line]
     assert progress[0].startswith(label + ": downloading 50% (")
@@ -192,6 +203,7 @@ def test_html_status_page(walk):
     walk.post(check())
     walk.post(event(13, 1))
     walk.running.request("GET", "/packages/update.gz", headers={"Range": "bytes=0-50000"})
+    walk.downloaded(50001)
     walk.post(check(alias="node&lt;script&gt;", version="3700.0.0").replace(
         b"0123456789abcdef0123456789abcdef", b"f" * 32))
     status, headers, body = walk.running.request("GET", "/")

@@ -180,6 +180,10 @@ def test_stalled_and_not_seen(demo_release):
         running.post(machine(1))
         running.post(machine_event(1, 13, 1))
         running.request("GET", "/packages/update.gz", headers={"Range": "bytes=0-50000"})
+        deadline = time.monotonic() + 5  # recorded as sendfile returns: a moment after the bytes
+        while not (doc(running, "?state=downloading")["machines"][0]["download"] or {}).get(
+                "bytes") and time.monotonic() < deadline:
+            time.sleep(0.02)
         running.post(machine(2))
         clock.advance(sp.STALLED_AFTER)
         running.post(machine(2))  # seen again; machine 1 is silent

@@ -2,8 +2,8 @@
 (pyenv's 3.6 to 3.13 and Debian's own), serving over real sockets; the oldest and the newest walk
 the whole path (every client's reading, Range resumes, extensions, a mixed fleet, HTTPS with TLS
 1.2 and newer only, a refusal in one sentence, a clean stop, download and serving what it wrote);
-Python 2.7 is refused in one
-sentence. Outside CI a missing interpreter skips with a note; under CI=true it fails."""
+Python 2.7 is refused in one sentence. Outside CI a missing interpreter skips with a note; under
+CI=true it fails."""
 
 import glob
 import hashlib

@@ -2788,8 +2788,10 @@ def summary_json(summary: Dict[str, Any]) -> Dict[str, Any]:
     worded = dict(summary, versions=dict(versions), failures=[
         _cause_facts(*failure) for failure in summary["failures"]])
     del worded["board_oems"]  # what each board needs: said by the needs, not counted here
-    worded["extensions"] = dict(collections.Counter(
-        {name: n for (_, name), n in summary["extensions"].items()}))
+    extensions = collections.Counter()  # type: collections.Counter
+    for (_, name), n in summary["extensions"].items():
+        extensions[name] += n  # the same extension on several boards: the machines of all
+    worded["extensions"] = dict(extensions)
     return worded
 
 

@@ -191,3 +191,11 @@ def test_warnings_remember_a_bounded_number_of_machines(monkeypatch):
         warnings.note("oem", "machine-%d" % n, lambda: "line", 0.0)
     assert len(warnings.heard) <= 10
     assert warnings.causes["oem"][1] == 24  # every one after the first still counted
+
+
+def test_an_extension_enabled_on_two_boards_counts_every_machine(app):
+    for n, board in ((1, "amd64-usr"), (2, "arm64-usr"), (3, "amd64-usr")):
+        app.setup_report(sp.parse_setup_report(b"machine=%032x\nboard=%s\nextensions=python\n"
+                                               % (n, board.encode())), "10.0.0.%d" % n)
+    summary = sp.summary_json(app.status_document(sp.Query())["summary"])
+    assert summary["extensions"] == {"python": 3}

@@ -3893,11 +3893,12 @@ class Fetcher:
         """`tls`: makes the ssl.SSLContext that checks servers (None: the system's CAs), on the
         first https:// URL only: loading a CA bundle takes a tenth of a second."""
         self._tls, self._opener = tls, None  # type: Optional[Callable[[], Any]], Any
+        self._plain = urllib.request.build_opener()
         self.retries, self.wait = retries, wait
 
     def opener(self, url: str) -> Any:
         if not url.startswith("https:"):
-            return urllib.request.build_opener()
+            return self._plain
         if self._opener is None:
             self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(
                 context=self._tls() if self._tls is not None else None))
@@ -4218,10 +4219,10 @@ def record_release(directory: str, release: RemoteRelease, channel: str, source:
 
 
 def plan_lines(releases: Sequence[RemoteRelease], wanted: Sequence[Wanted],
-               directory: str) -> Tuple[List[str], int, int]:
+               directory: str) -> Tuple[List[str], int, List[Wanted]]:
     """The plan in words (each release, floor or target, with its files and sizes), the bytes
-    still to download, and the files already present."""
-    lines, to_fetch, have = [], 0, 0
+    still to download, and the files still to download (each file's presence looked at once)."""
+    lines, to_fetch, missing = [], 0, []  # type: List[str], int, List[Wanted]
     for release in releases:
         lines.append("%s %s (%s%s)" % (release.board, release.version, release.role(),
                                        ": " + release.floor_reason if release.floor_reason
@@ -4230,12 +4231,13 @@ def plan_lines(releases: Sequence[RemoteRelease], wanted: Sequence[Wanted],
             if item.release is not release:
                 continue
             there = present(item, item.path(directory))
-            have += there
-            to_fetch += 0 if there or item.file.size is None else item.file.size
+            if not there:
+                missing.append(item)
+                to_fetch += item.file.size or 0
             lines.append("    %-34s %12s  %s" % (
                 item.file.name, format_size(item.file.size) if item.file.size is not None
                 else "size unknown", "present" if there else "to download"))
-    return lines, to_fetch, have
+    return lines, to_fetch, missing
 
 
 def fetch_one(fetcher: Fetcher, item: Wanted, directory: str, keys: Optional[Sequence[PayloadKey]],
@@ -4280,17 +4282,16 @@ def run_download(options: DownloadOptions, fetcher: Fetcher, out: Any) -> int:
                 board, options.source, options.since, options.channel))
         releases += found
     wanted, notes = wanted_files(releases, options)
-    lines, to_fetch, have = plan_lines(releases, wanted, options.directory)
+    lines, to_fetch, missing = plan_lines(releases, wanted, options.directory)
     lines += notes
     out.write("\n".join(lines + ["%d file(s), %d present, %s to download" % (
-        len(wanted), have, format_size(to_fetch))]) + "\n")
+        len(wanted), len(wanted) - len(missing), format_size(to_fetch))]) + "\n")
     if options.dry_run or not wanted:
         return 0
     progress = Progress(out, out.isatty())
     began, fetched = time.monotonic(), 0
-    for item in wanted:
-        if not present(item, item.path(options.directory)):
-            fetched += fetch_one(fetcher, item, options.directory, options.keys, progress)
+    for item in missing:
+        fetched += fetch_one(fetcher, item, options.directory, options.keys, progress)
     source = options.release_server if options.version else options.source
     for release in releases:
         record_release(options.directory, release, options.channel, source)

@@ -228,7 +228,7 @@ WRONG_BOARD, OTHER_VERSION = "wrong-board", "other-version"  # never offered, un
 UNDER_WAY = (OFFERED, DOWNLOADING, DOWNLOADED, INSTALLED)
 STATES = (NEW, IDLE, OFFERED, DOWNLOADING, DOWNLOADED, INSTALLED, COMPLETE, FAILED, ROLLED_BACK,
           DEFERRED, WRONG_BOARD, OTHER_VERSION)
-HOLDS_SLOT = (OFFERED, DOWNLOADING, DOWNLOADED)  # a --max-concurrent slot; freed at installed
+HOLDS_SLOT = (OFFERED, DOWNLOADING, DOWNLOADED)  # a --max-concurrent slot (Machine.holds_slot)
 UNHAPPY = (FAILED, ROLLED_BACK, DEFERRED, OTHER_VERSION)
 REFUSED = (NEW, IDLE, OFFERED, WRONG_BOARD, OTHER_VERSION)  # what a "no" to a check may change
 
@@ -1382,21 +1382,33 @@ class Release(NamedTuple):
         return None
 
 
-class Catalog(NamedTuple):
-    """Every release served, by board and version. On each board, the releases machines are
-    offered form a path: the floors below the target, in ascending order, then the target (the
-    release marked so, else the newest); any other is served but never offered."""
-    releases: Tuple[Release, ...]
+class Catalog:
+    """Every release served, by board and version, and each board's path: the releases its
+    machines are offered, in order, computed once when the releases are loaded (decide(), the
+    views, /needs, the setup script and the log all read it). A path is the floors below the
+    board's target, in ascending order, then the target: the newest release of the board, or
+    the one --target-version holds it on. Any other release is served but never offered."""
 
-    def path(self, board: str) -> List[Release]:
-        mine = [release for release in self.releases if release.board == board]
-        if len(mine) < 2:
-            return mine
-        target = next((r for r in mine if r.step.target), max(mine, key=lambda r: r.key))
-        return sorted((r for r in mine if r.step.floor and r.key < target.key),
-                      key=lambda r: r.key) + [target]
+    __slots__ = ("releases", "paths", "target_rules")
 
-    def for_machine(self, board: str, version: str) -> Release:
+    def __init__(self, releases: Sequence["Release"], targets: Sequence[str] = ()) -> None:
+        self.releases = tuple(releases)
+        self.paths = {}  # type: Dict[str, Tuple[Release, ...]]
+        self.target_rules = {}  # type: Dict[str, str]  # board -> how its target was chosen
+        for board in dict.fromkeys(release.board for release in self.releases):
+            mine = [release for release in self.releases if release.board == board]
+            held = [release for release in mine if release.version in targets]
+            target = held[0] if held else max(mine, key=lambda r: r.key)
+            self.target_rules[board] = ("held by --target-version %s" % target.version if held
+                                        else "the newest release")
+            self.paths[board] = tuple(sorted(
+                (r for r in mine if r.step.floor and r.key < target.key),
+                key=lambda r: r.key)) + (target,)
+
+    def path(self, board: str) -> Tuple["Release", ...]:
+        return self.paths.get(board, ())
+
+    def for_machine(self, board: str, version: str) -> "Release":
         """The release a machine of this board running `version` is offered next: the lowest
         floor above its version, else the target; a board not served gets the first release
         (which decide() then refuses as the wrong board)."""
@@ -1555,14 +1567,16 @@ def _verified(opened: Opened, package: Package, signed_sha256: Optional[bytes],
     return package
 
 
-def _steps(plans: Sequence[ReleasePlan], versions: Sequence[str], floors: Sequence[str]
-           ) -> List[Step]:
-    """Each release's step: its release.json's, or a floor named by --floor."""
-    for floor in floors:
-        if floor not in versions:
-            raise PayloadError("--floor %s: no release of that version is served (it goes in "
+def _steps(plans: Sequence[ReleasePlan], versions: Sequence[str], floors: Sequence[str],
+           targets: Sequence[str] = ()) -> List[Step]:
+    """Each release's step: its release.json's, or a floor named by --floor; every version
+    --floor and --target-version name must be served."""
+    for flag, version in [("--floor", v) for v in floors] + [("--target-version", v)
+                                                              for v in targets]:
+        if version not in versions:
+            raise PayloadError("%s %s: no release of that version is served (it goes in "
                                "DIR/<board>/%s/); the versions served are %s." % (
-                                   floor, floor, ", ".join(sorted(set(versions)))))
+                                   flag, version, version, ", ".join(sorted(set(versions)))))
     return [plan.step._replace(floor=True, reason=plan.step.reason or "--floor")
             if version in floors else plan.step for plan, version in zip(plans, versions)]
 
@@ -1570,14 +1584,15 @@ def _steps(plans: Sequence[ReleasePlan], versions: Sequence[str], floors: Sequen
 def load_catalog(plans: Sequence[ReleasePlan], version: str = "", board: str = "",
                  keys: Optional[Sequence[PayloadKey]] = None,
                  progress: Optional[Callable[[int, int], None]] = None,
-                 floors: Sequence[str] = (), known: Sequence[Package] = ()) -> Catalog:
+                 floors: Sequence[str] = (), known: Sequence[Package] = (),
+                 targets: Sequence[str] = ()) -> Catalog:
     """Check every file first (so a bad one is reported before minutes of hashing) and learn
     each release's board; then hash every file in one read, and verify each against its
     expected SHA-256 and, unless keys is None, its signature. A file that is one of the `known`
     packages (a reload: the same path, device, inode, size and times) is that package again,
     not read twice."""
     versions = [_release_version(plan, version) for plan in plans]
-    steps = _steps(plans, [text for text, _ in versions], floors)
+    steps = _steps(plans, [text for text, _ in versions], floors, targets)
     opened = []  # type: List[Opened]
     try:
         for plan in plans:
@@ -1607,7 +1622,7 @@ def load_catalog(plans: Sequence[ReleasePlan], version: str = "", board: str = "
                 "%s/%s/" % (board_name, text) if several else
                 board_name + "/" if len(plans) > 1 else "", step)
         for (text, key), packages, (board_name, source, kernel), step
-        in zip(versions, files, boards, steps)))
+        in zip(versions, files, boards, steps)), targets)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1798,7 +1813,8 @@ def parse_setup_report(body: bytes) -> SetupReport:
     problems = fields.get("problems", "0")
     return SetupReport(fields.get("machine", ""), fields.get("board", ""),
                        fields.get("version", ""), fields.get("oem", ""), words["extensions"],
-                       words["missing"], int(problems) if problems.isdigit() else 0,
+                       words["missing"], int(problems) if problems.isdigit()
+                       and len(problems) < 7 else 0,
                        fields.get("mode", ""))
 
 
@@ -1894,6 +1910,7 @@ class Decision(NamedTuple):
     version: str = ""  # the version offered
     state: str = IDLE  # where a "no" leaves the machine: idle, wrong-board, other-version
     step: str = ""  # an offer of a floor, in words: "floor: <its reason>"
+    final: str = ""  # with an offer: the board's target, the end of the path it walks
 
 
 class Policy(NamedTuple):
@@ -1953,11 +1970,13 @@ def installed_instead_words(offered: str, running: str) -> str:
 
 def decide(app: AppRequest, release: Release, intact: bool = True,
            policy: Policy = Policy(), paused: bool = False,
-           standing: Standing = Standing()) -> Decision:
-    """Whether this app is offered the release. update_engine installs whatever it is offered,
+           standing: Standing = Standing(), final: Optional[Release] = None) -> Decision:
+    """Whether this app is offered the release, its next step on its board's path to `final`
+    (the target; the release itself when None). update_engine installs whatever it is offered,
     older or equal included, and never compares boards (flatcar/update_engine:
     src/update_engine/omaha_response_handler_action.cc): this is the only check there is.
     Nothing is offered while a payload file is not the one hashed at startup (intact False)."""
+    final = final or release
     if not intact:
         return Decision(False, "a payload file changed on disk; restart %s" % PROG,
                         warning="changed")
@@ -1980,12 +1999,13 @@ def decide(app: AppRequest, release: Release, intact: bool = True,
         return refusal
     if client >= release.key:
         return Decision(True, "forced: it runs %s" % clean(app.version, 40), forced=True,
-                        version=release.version)
-    if release.step.floor and not release.step.target:
+                        version=release.version, final=final.version)
+    if release is not final:
         return Decision(True, "older than the floor %s (%s): it installs that first" % (
             release.version, release.step.reason), version=release.version,
-            step="floor: %s" % release.step.reason)
-    return Decision(True, "older than %s" % release.version, version=release.version)
+            step="floor: %s" % release.step.reason, final=final.version)
+    return Decision(True, "older than %s" % release.version, version=release.version,
+                    final=final.version)
 
 
 def answer_app(app: AppRequest, decision: Decision, release: Release,
@@ -2035,6 +2055,29 @@ def _names(value: Any) -> List[str]:
     return value.split() if isinstance(value, str) else list(value or ())
 
 
+MAX_SETUP_TEXT = MAX_SETUP_NAMES * 65  # a list of names as one string
+SETUP_KEYS = {"reported": str, "mode": str, "extensions": str, "missing": str, "problems": int}
+
+
+def _checked_setup(value: Any) -> Optional[Dict[str, object]]:
+    """A setup report as a state file kept it (lists of names as one string, or as a list in an
+    earlier file); ValueError when it is not one."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - set(SETUP_KEYS):
+        raise ValueError("setup is not a setup report")
+    checked = {}  # type: Dict[str, object]
+    for key, kind in SETUP_KEYS.items():
+        item = value.get(key, kind())
+        if isinstance(item, list) and kind is str and all(isinstance(n, str) for n in item):
+            item = " ".join(item)
+        if type(item) is not kind or (kind is str and len(item) > MAX_SETUP_TEXT) or (
+                kind is int and not 0 <= item < 1 << 20):
+            raise ValueError("setup's %s is not a %s of its size" % (key, kind.__name__))
+        checked[key] = item
+    return checked
+
+
 class Machine:
     """What one machine is doing, as far as its requests tell; changed only under Fleet.lock,
     through its own methods."""
@@ -2042,12 +2085,13 @@ class Machine:
     __slots__ = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
                  "first_seen", "last_seen", "state", "detail", "error", "from_version",
                  "downloaded", "size", "rate", "logged_percent", "logged_at", "offered_at",
-                 "installed_instead", "board", "setup", "progressed_at")
+                 "installed_instead", "board", "setup", "progressed_at", "final")
 
     def __init__(self, key: str, address: str, now: float) -> None:
         self.key, self.address = key, address
         self.machineid = self.alias = self.oem = self.group = self.version = self.board = ""
-        self.target = ""  # the version it was offered, while an update is under way
+        self.target = ""  # the version it was offered last, while an update is under way
+        self.final = ""  # the target of its board's path when it was offered a step of it
         self.first_seen = self.last_seen = now
         self.state = NEW
         self.detail = ""
@@ -2066,30 +2110,34 @@ class Machine:
     RECORDED = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
                 "first_seen", "last_seen", "state", "detail", "error", "from_version",
                 "downloaded", "size", "offered_at", "installed_instead", "board", "setup",
-                "progressed_at")
+                "progressed_at", "final")
 
     def record(self) -> List[object]:
         """What --state-file keeps of it, in the order of RECORDED: every fact, and its slot
         (offered_at)."""
         return [getattr(self, name) for name in self.RECORDED]
 
+    # How long each text a record holds may be: what a request could have put there, and the
+    # words made of it (the state's detail, the setup report's kept as its own bounds allow).
+    RECORD_TEXT = dict(FIELD_LIMITS, key=64, address=64, target=40, final=40, from_version=40,
+                       installed_instead=40, state=16, detail=2000)
+
     @classmethod
-    def from_record(cls, values: List[Any]) -> "Machine":
-        """A machine as a state file kept it; ValueError when the record is not one."""
-        if not isinstance(values, list) or len(values) != len(cls.RECORDED):
+    def from_record(cls, values: List[Any], fields: Sequence[str] = RECORDED) -> "Machine":
+        """A machine as a state file kept it, read by the field names of the file's header: a
+        field the file lacks (written before it existed) takes its default, one it has and
+        this version does not know is left. Every value is checked (types, finite numbers in
+        their range, lengths): ValueError when the record is not a machine's."""
+        if not isinstance(values, list) or len(values) != len(fields):
             raise ValueError("not a machine's record")
-        record = dict(zip(cls.RECORDED, values))
-        machine = cls(str(record["key"]), str(record["address"]), float(record["first_seen"]))
+        record = dict(zip(fields, values))
+        if not isinstance(record.get("key"), str) or not record["key"]:
+            raise ValueError("a record without its key")
+        machine = cls(record["key"], "", 0.0)
         for name in cls.RECORDED:
-            value = record[name]
-            kind = type(getattr(machine, name))
-            if name == "error":
-                value = None if value is None else int(value)
-            elif name == "setup":
-                value = value if isinstance(value, dict) else None
-            elif not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
-                raise ValueError("%s is not a %s" % (name, kind.__name__))
-            setattr(machine, name, intern(value) if isinstance(value, str) else value)
+            if name in record:
+                setattr(machine, name, cls._checked_value(name, record[name],
+                                                          getattr(machine, name)))
         if machine.state not in STATES:
             raise ValueError("state %r is not one of this server's" % machine.state)
         if machine.installed_instead or machine.state == OTHER_VERSION:
@@ -2097,6 +2145,23 @@ class Machine:
             machine.installed_instead = ""
             machine.state, machine.detail, machine.target = IDLE, "", ""
         return machine
+
+    @classmethod
+    def _checked_value(cls, name: str, value: Any, default: Any) -> Any:
+        """One field of a record, as its default's type says; ValueError otherwise."""
+        if name == "error":
+            if value is not None and (type(value) is not int or not 0 <= value < 1 << 32):
+                raise ValueError("error is not an error code")
+            return value
+        if name == "setup":
+            return _checked_setup(value)
+        if isinstance(default, str):
+            if not isinstance(value, str) or len(value) > cls.RECORD_TEXT.get(name, 200):
+                raise ValueError("%s is not a text of its length" % name)
+            return intern(value)
+        if type(value) not in (int, float) or not 0 <= value < 1e13:
+            raise ValueError("%s is not a number in its range" % name)
+        return type(default)(value)
 
     def introduce(self, app: AppRequest, address: str) -> None:
         """What a request says of the machine that sent it. The words a fleet shares (an
@@ -2135,24 +2200,36 @@ class Machine:
     def holds_slot(self, now: float, timeout: float) -> bool:
         """Whether it holds a --max-concurrent slot: an offer for OFFER_HOLD seconds (update_engine
         starts downloading within seconds; a request that only asks, with made-up machine ids,
-        cannot keep slots from the fleet), a download until the update timeout."""
+        cannot keep slots from the fleet), a download until the update timeout; and on a path of
+        several steps, from one step to the next (installed a floor, rebooted into it) until the
+        update timeout after its last offer, so that a machine half-way never waits behind the
+        others."""
         if self.state == OFFERED:
             return now - self.offered_at < min(OFFER_HOLD, timeout)
+        if self.state in (INSTALLED, COMPLETE):
+            reached = self.target if self.state == INSTALLED else self.version
+            between = bool(self.final) and parse_version(reached) != parse_version(self.final)
+            return between and now - self.offered_at < timeout
         return self.state in HOLDS_SLOT and now - self.offered_at < timeout
 
-    def offer(self, version: str, now: float, words: str = "offered") -> None:
-        self.target, self.error, self.offered_at = version, None, now
+    def offer(self, version: str, final: str, now: float, words: str = "offered") -> None:
+        self.target, self.final, self.error, self.offered_at = version, final, None, now
         self.state, self.detail = OFFERED, words
 
-    def installed_instead_of_target(self, app: AppRequest, completed: bool) -> str:
-        """The version the machine runs after an update from the payload it was offered, when
-        that is not the version the payload was offered as (or was, earlier); `completed`:
-        the request reports an update completed."""
-        if self.installed_instead or not self.target or self.state not in UNDER_WAY:
-            return self.installed_instead
-        if completed and parse_version(app.version) != parse_version(self.target):
-            return app.version
-        return ""
+    def came_back_on_another(self, event: Event, app: AppRequest,
+                             served: FrozenSet[str]) -> bool:
+        """Whether an update just completed (`event`) installed a payload that is not the
+        version it was offered as: the machine came back on another version than the one it
+        was offered last, and that version is the one it left (the payload was its own
+        version) or one its board's releases do not hold (the payload was some other
+        build). A version those releases hold is no such sign: the offer changed (a reload,
+        a state file older than the offer) between its install and its reboot."""
+        running = parse_version(app.version)
+        if not self.target or self.state not in UNDER_WAY or running == parse_version(
+                self.target):
+            return False
+        return (running == parse_version(event.previousversion)
+                or app.version not in served)
 
     def installed_other(self, offered_as: str, version: str) -> None:
         """It installed the payload offered as one version and came back on another."""
@@ -2449,6 +2526,10 @@ def count_request(counters: collections.Counter, app: AppRequest,
                      else OTHER] += 1
 
 
+def catalog_versions(catalog: Catalog, board: str) -> FrozenSet[str]:
+    return frozenset(r.version for r in catalog.releases if r.board == board)
+
+
 def machine_key(machineid: str, address: str) -> str:
     """The one rule for telling machines apart: by /etc/machine-id, else (a request that sends
     none) by the address it comes from."""
@@ -2471,12 +2552,15 @@ class Fleet:
     returns the lines that say what changed (one per change) for the caller to log."""
 
     def __init__(self, catalog: Catalog, update_timeout: float,
-                 offer_words: str = "offered", limited: bool = True,
+                 offer_words: str = "offered", max_concurrent: int = 0,
                  max_machines: int = MAX_MACHINES) -> None:
         self.os_payloads = catalog.os_payloads()
+        # each board's versions: a machine that comes back on one was not sent a wrong payload
+        self.served = {board: catalog_versions(catalog, board) for board in catalog.paths}
         self.max_machines = max_machines  # past it, the longest unseen without a slot goes
         self.update_timeout = update_timeout
-        self.limited = limited  # --max-concurrent: slots are counted
+        self.max_concurrent = max_concurrent  # 0: no limit, and no slots are counted
+        self.limited = max_concurrent > 0
         self.offer_words = offer_words  # what each offer's line says
         self.lock = threading.Lock()
         # by machine_key, the one seen last at the end: "not seen since" is a walk from the
@@ -2497,34 +2581,28 @@ class Fleet:
     def request(self, app: AppRequest, address: str, now: float,
                 choose: Callable[[Standing], Decision]) -> Taken:
         """One app's Omaha request, under one hold of the lock, so that --max-concurrent holds
-        however many machines ask at once. The decision comes first, on what the fleet knew
-        when the request came in: it is the answer to the check, while the events in the same
-        request report what the machine did before it (update_engine sends the result of its
-        last attempt with its next request); the one such event that changes what may be
-        offered, an update completed onto another version, is looked at by the Standing. An
-        offer to a machine that held no slot takes one there and then (freed when it installs,
-        fails, or after --update-timeout); then the events are recorded, then the check."""
+        however many machines ask at once. First what the machine did since its last request
+        (its events: update_engine's first check after a reboot reports the update it completed,
+        omaha-spec section 1), judged against what it was offered when it installed; then what
+        it is offered now, on what the fleet knows after that; then the offer is recorded (the
+        version it will install), taking a slot if it held none (freed when it installs the
+        last step of its path, fails, or after --update-timeout)."""
         key = machine_key(app.machineid, address)
         happenings = tuple(classify_event(event, app) for event in app.events)
-        completed = any(happening.state == COMPLETE for happening in happenings)
         if app.appid != FLATCAR_APP_ID:  # answered as any app is, but no machine of ours
             with self.lock:
                 in_use = self._slots_in_use(now) if self.limited else 0
             return Taken(choose(Standing(False, in_use, "")), happenings, key, [])
         with self.lock:
-            machine = self.machines.get(key)
-            held = machine is not None and machine.holds_slot(now, self.update_timeout)
-            standing = Standing(held, self._slots_in_use(now) if self.limited else 0,
-                                machine.installed_instead_of_target(app, completed)
-                                if machine is not None else "")
-            decision = choose(standing)
             machine, before = self._machine(key, address, now)
             machine.introduce(app, address)
-            notes = []  # type: List[Note]
-            if decision.offer and app.updatecheck and not held:
-                self._offer(machine, decision, now)
-                notes.append(machine.note(logging.INFO, "state"))
-            notes += self._events(machine, app, happenings, completed, now)
+            notes = self._events(machine, app, happenings, now)
+            in_use = self._slots_in_use(now) if self.limited else 0
+            # under --max-concurrent, a machine holds a slot only while it is the slot's holder
+            # (an offer it let lapse is no slot, whatever it does next)
+            held = machine.holds_slot(now, self.update_timeout) and (
+                not self.limited or key in self.holders)
+            decision = choose(Standing(held, in_use, machine.installed_instead))
             checked = decision if app.updatecheck else None
             count_request(self.counters, app, checked)
             # A failure reported with an update check (a rollback is) stays what this request
@@ -2535,20 +2613,33 @@ class Fleet:
             self._changed(machine, before, now)
         return Taken(decision, happenings, key, notes)
 
-    def serve(self, catalog: Catalog) -> None:
-        """A reload's releases: the OS payloads whose downloads are a machine's progress."""
+    def serve(self, catalog: Catalog, now: float) -> None:
+        """A reload's releases: the OS payloads whose downloads are a machine's progress, and
+        the versions each board serves. A machine judged to have installed another version is
+        judged again on its next check once its board's releases changed (the verdict may have
+        been this very mix-up, now mended)."""
         with self.lock:
+            changed = {board for board in set(self.served) | set(catalog.paths)
+                       if self.served.get(board) != catalog_versions(catalog, board)}
             self.os_payloads = catalog.os_payloads()
+            self.served = {board: catalog_versions(catalog, board) for board in catalog.paths}
+            for machine in list(self.machines.values()):
+                if machine.state == OTHER_VERSION and machine.board in changed:
+                    before = machine.tally()
+                    machine.installed_instead, machine.target = "", ""
+                    machine.change(IDLE, "judged again at its next check: the releases changed")
+                    self._changed(machine, before, now)
 
     def _events(self, machine: "Machine", app: AppRequest, happenings: Sequence[Happening],
-                completed: bool, now: float) -> List[Note]:
+                now: float) -> List[Note]:
         notes = []  # type: List[Note]
         for event, happening in zip(app.events, happenings):
             offered_as = machine.target
-            instead = machine.installed_instead_of_target(app, completed)
+            instead = happening.state == COMPLETE and machine.came_back_on_another(
+                event, app, self.served.get(app.machine_board, frozenset()))
             if machine.happened(happening, event, now):
-                if machine.state == COMPLETE and instead and offered_as:
-                    machine.installed_other(offered_as, instead)
+                if instead:
+                    machine.installed_other(offered_as, app.version)
                 notes.append(machine.note(logging.WARNING if machine.state in (
                     FAILED, ROLLED_BACK, OTHER_VERSION) else logging.INFO, "state"))
         return notes
@@ -2563,7 +2654,7 @@ class Fleet:
     def _changed(self, machine: "Machine", before: Optional[Tuple[str, ...]], now: float) -> None:
         self.dirty.add(machine.key)
         self.touches += 1
-        if machine.state not in HOLDS_SLOT:
+        if not machine.holds_slot(now, self.update_timeout):
             self.holders.pop(machine.key, None)
         if self.tally.change(machine, before, now):
             self.changes += 1
@@ -2589,15 +2680,18 @@ class Fleet:
                 self.machines[machine.key] = machine
                 self.by_address[machine.address] = machine.key
                 self.tally.change(machine, None, now)
-                if machine.state in HOLDS_SLOT and self.limited:
-                    self.holders[machine.key] = machine
+            holding = sorted((m for m in machines if m.holds_slot(now, self.update_timeout)),
+                             key=lambda m: m.offered_at)
+            if self.limited:  # as many as there are slots, the earliest offers first
+                self.holders.update((m.key, m) for m in holding[:self.max_concurrent])
+            for machine in machines:
                 self._count_extensions(machine, 1)
             self.dirty.update(machine.key for machine in machines)  # the first save writes all
             self.tally.completions.clear()  # they completed before: not "in the last hour"
 
     def _offer(self, machine: "Machine", decision: Decision, now: float) -> None:
-        machine.offer(decision.version, now, "%s (%s)" % (self.offer_words, decision.step)
-                      if decision.step else self.offer_words)
+        machine.offer(decision.version, decision.final, now, "%s (%s)" % (
+            self.offer_words, decision.step) if decision.step else self.offer_words)
         if self.limited:
             self.holders[machine.key] = machine
 
@@ -2639,7 +2733,8 @@ class Fleet:
 
     def _checked(self, machine: "Machine", decision: Decision, now: float) -> List[Note]:
         if decision.offer:
-            if machine.state not in UNDER_WAY:
+            # an offer of another version than the one under way is the one it installs now
+            if machine.state not in UNDER_WAY or machine.target != decision.version:
                 self._offer(machine, decision, now)
                 return [machine.note(logging.INFO, "state")]
         elif machine.state in REFUSED:
@@ -4491,7 +4586,7 @@ class Service:
         self.fleet = Fleet(catalog, policy.update_timeout,
                            "offered (its signature was not checked: --skip-signature-check)"
                            if settings.skip_signature_check else "offered",
-                           limited=policy.max_concurrent > 0,
+                           max_concurrent=policy.max_concurrent,
                            max_machines=settings.max_machines)
         self.warnings = Warnings()
         self.started = clock()
@@ -4526,8 +4621,9 @@ class Service:
         answers = []
         for app in request.apps:
             release = catalog.for_machine(app.machine_board, app.version)
+            path = catalog.path(app.machine_board)
             taken = self.fleet.request(app, client, now, functools.partial(
-                decide, app, release, intact, policy, paused))
+                decide, app, release, intact, policy, paused, final=path[-1] if path else None))
             answers.append(answer_app(app, taken.decision, release,
                                       self.codebases(server_url, release)))
             notes += self._request_notes(app, client, taken, now)
@@ -4612,7 +4708,7 @@ class Service:
         with self._catalog_lock:
             old, self.catalog = self.catalog, catalog
             self._changed = PerSecond(self._look_changed, ())
-            self.fleet.serve(catalog)
+            self.fleet.serve(catalog, self.clock())
             kept = set(map(id, catalog.packages()))
             self._in_flight.retire(p for p in old.packages() if id(p) not in kept)
         changes = offer_changes(old, catalog)
@@ -5539,6 +5635,7 @@ class Settings(NamedTuple):
     sha256: Optional[str] = None
     package_version: str = ""
     floors: Tuple[str, ...] = ()  # --floor: versions machines below them install first
+    targets: Tuple[str, ...] = ()  # --target-version: a board held on an older release
     watch: bool = False  # --watch: reload when --package-dir gains a complete release
     host: str = "127.0.0.1"
     port: int = 0
@@ -5602,6 +5699,9 @@ _PAYLOAD_FLAGS = (
     Flag("floor", "list", "a version in --package-dir every machine below it installs first "
          "(a floor: a migration later releases rely on); download records the service's "
          "floors itself; repeatable", "VERSION", []),
+    Flag("target-version", "list", "hold the fleet on this release of --package-dir (and the "
+         "floors below it) rather than the newest, which is the target otherwise; repeatable, "
+         "one a board", "VERSION", []),
     Flag("listen-address", "value", "where to listen: :PORT (all interfaces), HOST:PORT or "
          "[IPv6]:PORT; port 0 picks a free port (default :8000)", "ADDR", ":8000"),
 )
@@ -5979,6 +6079,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         skip_signature_check=args.skip_signature_check,
         extensions=tuple(args.extension), sha256=args.sha256, package_version=version,
         floors=tuple(_checked_version("--floor", floor) for floor in args.floor),
+        targets=tuple(_checked_version("--target-version", v) for v in args.target_version),
         watch=_watchable(args),
         host=host, port=port, policy=policy,
         base_url=normalise_url("--base-url", args.base_url) if args.base_url else "",
@@ -6020,7 +6121,7 @@ def load_catalog_for(settings: Settings, known: Sequence[Package] = ()) -> Catal
         label = os.path.basename(plans[0].specs[0].path)
     keys = None if settings.skip_signature_check else built_in_keys() + list(settings.payload_keys)
     catalog = load_catalog(plans, settings.package_version, settings.board, keys,
-                           _progress_printer(label), settings.floors, known)
+                           _progress_printer(label), settings.floors, known, settings.targets)
     for release in catalog.releases:
         if release.kernel_board and release.kernel_board != release.board:
             log_line(logging.WARNING, "--board %s overrides its kernel, which is %s: %s" % (
@@ -6230,9 +6331,9 @@ SAVE_AFTER = 3.0  # seconds from a change of a count or a slot to the save
 SAVE_IDLE = 60.0  # seconds between saves when only last-seen times changed
 
 
-def _machine_from_line(line: str, number: int) -> Machine:
+def _machine_from_line(line: str, number: int, fields: Sequence[str]) -> Machine:
     try:
-        return Machine.from_record(json.loads(line))
+        return Machine.from_record(json.loads(line), fields)
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError("line %d: %s" % (number, exc)) from None
 
@@ -6257,9 +6358,11 @@ def read_state(path: str, reset: bool) -> List[Machine]:
                                  "format %s; this one reads %d): start that one, or start with "
                                  "--reset-state to keep the file as %s.old and start afresh"
                                  % (path, header.get("version"), STATE_VERSION, path))
-            if header.get("fields", list(Machine.RECORDED)) != list(Machine.RECORDED):
-                raise ValueError("its fields are not this version's")
-            machines = [_machine_from_line(line, number) for number, line in enumerate(f, 2)]
+            fields = header.get("fields", list(Machine.RECORDED))
+            if not isinstance(fields, list) or not all(isinstance(n, str) for n in fields):
+                raise ValueError("its header does not list its fields")
+            machines = [_machine_from_line(line, number, fields)
+                        for number, line in enumerate(f, 2)]
             if len(machines) != header.get("machines"):
                 raise ValueError("it holds %d machines, its header says %s" % (
                     len(machines), header.get("machines")))

@@ -3,6 +3,7 @@ from fixtures/) walk every path; the state, the log lines and /status.json are c
 each step."""
 
 import json
+import os
 import logging
 import time
 
@@ -10,7 +11,7 @@ import pytest
 
 import serve_package as sp
 
-from conftest import (DEMO_PAYLOAD, NON_PRODUCTION, PING, Running, as_machine, check, event,
+from conftest import (DEMO_PAYLOAD, FIXTURES, NON_PRODUCTION, PING, Running, as_machine, check, event,
                       machine, machine_event)
 
 
@@ -246,7 +247,7 @@ def release():
 
 @pytest.fixture
 def fleet(release):
-    return sp.Fleet(sp.Catalog((release,)), 600.0)
+    return sp.Fleet(sp.Catalog((release,)), 600.0, max_concurrent=1)
 
 
 def offer_to(fleet, release, n, now, limit=0, body=None):
@@ -330,7 +331,7 @@ def test_restored_machines_are_counted_but_not_as_updated_in_the_last_hour(fleet
     offer_to(fleet, release, 2, 300.0)
     assert fleet.summary_facts(400.0)["updates_last_hour"] == 1
     records = [sp.Machine.from_record(m.record()) for m in fleet.machines.values()]
-    again = sp.Fleet(sp.Catalog((release,)), 600.0)
+    again = sp.Fleet(sp.Catalog((release,)), 600.0, max_concurrent=1)
     again.restore(records, 500.0)
     facts = again.summary_facts(500.0)
     assert facts["states"] == {"complete": 1, "offered": 1} and facts["updates_last_hour"] == 0
@@ -348,7 +349,7 @@ def test_an_offer_without_a_download_lets_its_slot_go_soon(fleet, release):
 
 
 def test_past_max_machines_the_longest_unseen_without_a_slot_is_forgotten(release):
-    fleet = sp.Fleet(sp.Catalog((release,)), 600.0, max_machines=3)
+    fleet = sp.Fleet(sp.Catalog((release,)), 600.0, max_machines=3, max_concurrent=1)
     offer_to(fleet, release, 1, 100.0, limit=1)  # holds the slot: kept
     report(fleet, 1, machine_event(1, 13, 1), 101.0)
     for n in range(2, 6):
@@ -374,3 +375,16 @@ def test_distinct_values_are_bounded(release):
         assert len(facts[name]) == sp.MAX_DISTINCT + 1, name
     assert facts["groups"]["(other)"] == 30
     assert sum(facts["groups"].values()) == sp.MAX_DISTINCT + 30
+
+
+def test_a_state_file_of_an_earlier_format_loads_every_machine(release):
+    """fixtures/state/v1-fleet.state was written before machines kept their path's target
+    (`final`): read by field name, each machine takes the new field's default."""
+    machines = sp.read_state(os.path.join(FIXTURES, "state", "v1-fleet.state"), False)
+    assert sorted((m.alias, m.state, m.final) for m in machines) == [
+        ("node-1", "offered", ""), ("node-2", "downloading", ""), ("node-3", "complete", ""),
+        ("node-4", "failed", "")]
+    fleet = sp.Fleet(sp.Catalog((release,)), 7200.0, max_concurrent=1)
+    fleet.restore(machines, 1700000010.0)
+    assert fleet.summary_facts(1700000010.0)["machines"] == 4
+    assert list(fleet.holders) == ["1" * 32]  # the earliest offer holds the one slot

@@ -18,7 +18,7 @@ def app(n=1, version="3760.2.0", group="stable"):
 
 def test_older_is_offered_equal_and_newer_are_not(release):
     assert sp.decide(app(), release) == sp.Decision(True, "older than 3815.2.5",
-                                                    version="3815.2.5")
+                                                    version="3815.2.5", final="3815.2.5")
     assert sp.decide(app(version="3815.2.5"), release) == sp.Decision(False, "up to date")
     assert sp.decide(app(version="3815.2.6"), release) == sp.Decision(False, "newer than 3815.2.5")
     assert sp.decide(app(version="3815.2.5+dev"), release).reason == "up to date"
@@ -40,9 +40,9 @@ def test_force_offers_equal_and_newer_and_says_so(release):
     for version in ("3815.2.5", "9999.0.0"):
         decision = sp.decide(app(version=version), release, policy=force)
         assert decision == sp.Decision(True, "forced: it runs %s" % version, forced=True,
-                                       version="3815.2.5")
+                                       version="3815.2.5", final="3815.2.5")
     assert sp.decide(app(), release, policy=force) == sp.Decision(True, "older than 3815.2.5",
-                                                                  version="3815.2.5")
+                                                                  version="3815.2.5", final="3815.2.5")
 
 
 def test_groups_and_machine_ids(release):

@@ -1659,6 +1659,9 @@ class AppRequest(NamedTuple):
     updatecheck: bool
     events: Tuple[Event, ...]
     platform: str = ""  # <os sp="3815.2.5_x86_64">: the version and the architecture
+    # multi_manifest_ok="true": a syncer (a site server's download, Nebraska's syncer) that
+    # understands floors and wants every one above its version (omaha-spec section 12)
+    syncer: bool = False
 
     @property
     def machine_board(self) -> str:
@@ -1713,7 +1716,8 @@ def _app_request(element: ET.Element, platform: str) -> AppRequest:
     get = attrs.get
     return AppRequest(get("appid", ""), get("version", ""), get("track", ""),
                       get("machineid", ""), get("machinealias", ""), get("oem", ""),
-                      get("board", ""), ping, updatecheck, tuple(events), platform)
+                      get("board", ""), ping, updatecheck, tuple(events), platform,
+                      get("multi_manifest_ok") == "true")
 
 
 def xml_document(body: bytes, noun: str, max_markup: int) -> ET.Element:
@@ -1819,10 +1823,12 @@ def parse_setup_report(body: bytes) -> SetupReport:
 
 
 class Offer(NamedTuple):
-    """What an update check is offered: where to download (mirrors in order) and what."""
+    """What an update check is offered: where to download (mirrors in order) and what; to a
+    syncer, also where the release stands on the path (a floor and why, the target)."""
     version: str
     codebases: Tuple[str, ...]
     packages: Tuple[Package, ...]
+    step: Optional[Step] = None  # None: a machine's answer, whose manifest carries no flags
 
 
 class AppAnswer(NamedTuple):
@@ -1831,6 +1837,7 @@ class AppAnswer(NamedTuple):
     events: int
     updatecheck: bool  # asked for one: without an offer, the answer is noupdate
     offer: Optional[Offer]  # on offer: in the answer whether asked for or not
+    more: Tuple[Offer, ...] = ()  # to a syncer: the releases after the first, in path order
 
 
 _ATTR_ESCAPES = str.maketrans({
@@ -1845,33 +1852,51 @@ def xml_attr(value: str) -> str:
     return _XML_INVALID.sub("\ufffd", value).translate(_ATTR_ESCAPES)
 
 
+def _manifest_flags(step: Optional[Step]) -> str:
+    """A syncer's manifest says where its release stands (go-omaha: omaha/protocol.go's
+    multi-step extensions, as flatcar/nebraska's syncer reads them)."""
+    if step is None:
+        return ""
+    flags = ""
+    if step.floor:
+        flags += ' is_floor="true" floor_reason="%s"' % xml_attr(step.reason)
+    if step.target:
+        flags += ' is_target="true"'
+    return flags
+
+
 @functools.lru_cache(maxsize=64)  # one entry per Host name machines use: the same bytes for all
-def _render_updatecheck(offer: Offer) -> Tuple[str, ...]:
+def _render_updatecheck(offers: Tuple[Offer, ...]) -> Tuple[str, ...]:
     # Shape rules, each from a client's source: every start tag on one line with double quotes
     # (the old post-install scripts grep them: flatcar/update_engine branch flatcar-3815-backport,
     # flatcar-postinst); <url> on a line of its own with codebase as its first attribute, and
     # hash = base64 SHA-1, hash_sha256 = hex (flatcar/ue-rs: omaha/src/response.rs rejects
     # anything else); the OS payload first (update_engine uses only the first package) and size
     # in plain decimal (read with %i: flatcar/update_engine: src/update_engine/
-    # omaha_request_action.cc); name first in <package> (the old scripts).
+    # omaha_request_action.cc); name first in <package> (the old scripts). A syncer's answer
+    # holds several manifests under one <urls>, each codebase naming its release's place.
     lines = ['    <updatecheck status="ok">', "      <urls>"]
     lines += ['        <url codebase="%s"></url>' % xml_attr(codebase)
-              for codebase in offer.codebases]
-    lines += ["      </urls>",
-             '      <manifest version="%s">' % xml_attr(offer.version),
-             "        <packages>"]
-    for index, package in enumerate(offer.packages):
-        lines.append(
-            '          <package name="%s" hash="%s" hash_sha256="%s" size="%d" required="%s">'
-            "</package>" % (xml_attr(package.name), package.sha1_b64, package.sha256_hex,
-                            package.size, "true" if index == 0 else "false"))
-    os_payload = offer.packages[0]
-    lines += ["        </packages>", "        <actions>",
-              # update_engine verifies the download against action@sha256 (base64) and backs
-              # off for a day after each download unless DisablePayloadBackoff is "true".
-              '          <action event="postinstall" sha256="%s" DisablePayloadBackoff="true">'
-              "</action>" % os_payload.sha256_b64,
-              "        </actions>", "      </manifest>", "    </updatecheck>"]
+              for codebase in dict.fromkeys(c for offer in offers for c in offer.codebases)]
+    lines.append("      </urls>")
+    for offer in offers:
+        lines += ['      <manifest version="%s"%s>' % (xml_attr(offer.version),
+                                                       _manifest_flags(offer.step)),
+                  "        <packages>"]
+        for index, package in enumerate(offer.packages):
+            lines.append(
+                '          <package name="%s" hash="%s" hash_sha256="%s" size="%d" '
+                'required="%s"></package>' % (xml_attr(package.name), package.sha1_b64,
+                                              package.sha256_hex, package.size,
+                                              "true" if index == 0 else "false"))
+        lines += ["        </packages>", "        <actions>",
+                  # update_engine verifies the download against action@sha256 (base64) and
+                  # backs off for a day after each download unless DisablePayloadBackoff is
+                  # "true".
+                  '          <action event="postinstall" sha256="%s" DisablePayloadBackoff='
+                  '"true"></action>' % offer.packages[0].sha256_b64,
+                  "        </actions>", "      </manifest>"]
+    lines.append("    </updatecheck>")
     return tuple(lines)
 
 
@@ -1887,7 +1912,7 @@ def render_response(answers: Sequence[AppAnswer], server: str = PROG) -> bytes:
             lines.append('    <ping status="ok"></ping>')
         lines.extend(['    <event status="ok"></event>'] * answer.events)
         if answer.offer is not None:
-            lines.extend(_render_updatecheck(answer.offer))
+            lines.extend(_render_updatecheck((answer.offer,) + answer.more))
         elif answer.updatecheck:
             lines.append('    <updatecheck status="noupdate"></updatecheck>')
         lines.append("  </app>")
@@ -2021,6 +2046,29 @@ def answer_app(app: AppRequest, decision: Decision, release: Release,
                      updatecheck=app.updatecheck, offer=offer)
 
 
+def for_syncer(app: AppRequest, catalog: Catalog) -> List[Release]:
+    """What a syncer (multi_manifest_ok) is answered, as Flatcar's update service answers one
+    (omaha-spec section 12): every release of its board's path above the version it reports,
+    floors and target alike, so that a site server downloading from this one reproduces the
+    path. A syncer is no machine: the rollout rules, which pace machines, do not hold it back."""
+    key = parse_version(app.version)
+    if key is None:
+        return []
+    return [release for release in catalog.path(app.machine_board) if release.key > key]
+
+
+def syncer_answer(app: AppRequest, catalog: Catalog, releases: Sequence[Release],
+                  codebases: Callable[[Release], Tuple[str, ...]]) -> AppAnswer:
+    """A syncer's answer: one manifest a release, each flagged with its step on the path."""
+    target = catalog.path(app.machine_board)[-1:]
+    offers = [Offer(r.version, codebases(r), r.packages,
+                    Step(r not in target, r.step.reason or "a floor of this server's path",
+                         r in target)) for r in releases]
+    return AppAnswer(appid=app.appid, ping=app.ping, events=len(app.events),
+                     updatecheck=app.updatecheck, offer=offers[0] if offers else None,
+                     more=tuple(offers[1:]))
+
+
 SYSEXT_OEM_SINCE = (3760, 0, 0, 0)  # Flatcar moved OEM software into system extensions
 RELEASE_SERVER = "https://update.release.flatcar-linux.net"
 
@@ -2045,7 +2093,7 @@ PROGRESS_EVERY_SECONDS = 10.0
 SUMMARY_FAILED = 50  # failed machines the shutdown summary names, one line each
 STALLED_AFTER = 600.0  # a download with no progress for this long is said to be stalled
 NOT_SEEN_AFTER = 9000.0  # about three of update_engine's 45-minute check intervals
-MAX_MACHINES = 50000  # --max-machines' default: 130-255 MiB of fleet, measured (see the README)
+MAX_MACHINES = 200000  # --max-machines' default: twice the fleet the README is built for
 OFFER_HOLD = 300.0  # seconds an offer holds a --max-concurrent slot before the download starts
 NO_PROGRESS_LOGGED = -PROGRESS_EVERY_PERCENT  # so that the first chunk, at 0%, is logged
 
@@ -2755,6 +2803,8 @@ class Fleet:
         if package.path not in self.os_payloads:
             return []
         with self.lock:
+            if key not in self.machines:  # no machine checked in from there: a syncer, curl
+                return []
             machine, before = self._machine(key, address, now)
             said = machine.progress(package.size, end, sent, seconds, now)
             self._changed(machine, before, now)
@@ -3035,6 +3085,7 @@ def status_document(catalog: Catalog, summary: Dict[str, Any], machines: List[Di
         "offering": ", ".join(sorted({r.version for board in catalog.boards()
                                       for r in catalog.path(board)[-1:]})),
         "paths": {board: catalog.path_words(board) for board in catalog.boards()},
+        "target_rules": dict(catalog.target_rules),
         "offer_changes": [{"at": at, "words": words} for at, words in changes],
         "releases": [{"board": r.board, "board_source": r.board_source, "version": r.version,
                       "url_path": PACKAGES_PREFIX + r.prefix, "floor": r.step.floor,
@@ -3226,8 +3277,9 @@ for Prometheus: <a href="/metrics">/metrics</a>.</p>
 %(pages)s
 </body></html>
 """ % {"version": esc(str(doc["offering"])), "payloads": payloads,
-       "paths": "".join('<p class="path">%s: %s</p>' % (esc(board), esc(words))
-                        for board, words in doc["paths"].items() if "\u2192" in words) +
+       "paths": "".join('<p class="path">%s: %s (the target: %s)</p>' % (
+           esc(board), esc(words), esc(doc["target_rules"][board]))
+           for board, words in doc["paths"].items() if len(doc["releases"]) > 1) +
                 "".join('<p class="change">The offer changed at %s: %s</p>' % (
                     esc(_clock(c["at"])), esc(c["words"])) for c in doc["offer_changes"][-3:]),
        "summary": _summary_html(doc["summary"], query), "form": _filter_form(query),
@@ -4335,6 +4387,35 @@ def plan_lines(releases: Sequence[RemoteRelease], wanted: Sequence[Wanted],
     return lines, to_fetch, missing
 
 
+def target_lines(releases: Sequence[RemoteRelease], directory: str) -> List[str]:
+    """How each board's new target stands beside the releases DIR already holds: the server
+    offers a board's newest release, so a newer one supersedes the old target at the next
+    reload, and an older one is offered only under --target-version."""
+    lines = []
+    for release in releases:
+        if not release.target:
+            continue
+        try:
+            there = [name for name in os.listdir(os.path.join(directory, release.board))
+                     if parse_version(name) is not None and name != release.version]
+        except OSError:
+            continue
+        newest = max(there, key=parse_version, default=None)
+        if newest is None:
+            continue
+        if parse_version(newest) < parse_version(release.version):
+            lines.append("%s %s supersedes %s as the target: the server offers a board's "
+                         "newest release (to hold the fleet on %s, serve with "
+                         "--target-version %s)" % (release.board, release.version, newest,
+                                                   newest, newest))
+        else:
+            lines.append("%s %s is older than %s, which %s holds: the server offers the newest "
+                         "unless told --target-version %s" % (
+                             release.board, release.version, newest, directory,
+                             release.version))
+    return lines
+
+
 def fetch_one(fetcher: Fetcher, item: Wanted, directory: str, keys: Optional[Sequence[PayloadKey]],
               progress: Progress) -> int:
     """One file into place, verified, from the first of its URLs that has it; the bytes that
@@ -4378,7 +4459,7 @@ def run_download(options: DownloadOptions, fetcher: Fetcher, out: Any) -> int:
         releases += found
     wanted, notes = wanted_files(releases, options)
     lines, to_fetch, missing = plan_lines(releases, wanted, options.directory)
-    lines += notes
+    lines += notes + target_lines(releases, options.directory)
     out.write("\n".join(lines + ["%d file(s), %d present, %s to download" % (
         len(wanted), len(wanted) - len(missing), format_size(to_fetch))]) + "\n")
     if options.dry_run or not wanted:
@@ -4498,11 +4579,14 @@ def describe_request(app: AppRequest, decision: Optional[Decision],
 
 def oem_advice(who: str, app: AppRequest, release: Release, payload: str) -> str:
     """Why a machine whose OEM payload is not served will fail, and the files that fix it."""
+    board = clean(app.machine_board, 40)
     return ("%s runs the %r OEM and may need %s, which is not served: Flatcar OEMs with a system "
             "extension download it after installing %s, and the update fails without it (error "
-            "5). Download %s/%s/%s/%s and its .sha256, and add --extension %s" % (
-                who, clean(app.oem, 40), payload, release.version, RELEASE_SERVER,
-                clean(app.machine_board, 40), release.version, payload, payload))
+            "5). On a connected machine, run: python3 serve-package.pyz download DIR --board %s "
+            "--version %s --oem %s; then bring DIR/%s/%s/ into --package-dir and reload (GET "
+            "/needs gives one command for everything the fleet needs)" % (
+                who, clean(app.oem, 40), payload, release.version, board, release.version,
+                shlex.quote(payload[4:-3]), board, release.version))
 
 
 def postinstall_advice(who: str, release: Release) -> str:
@@ -4620,6 +4704,15 @@ class Service:
         policy = self.settings.policy
         answers = []
         for app in request.apps:
+            if app.syncer and app.updatecheck:
+                releases = for_syncer(app, catalog)
+                answers.append(syncer_answer(app, catalog, releases, functools.partial(
+                    self.codebases, server_url)))
+                notes.append(Note(logging.INFO, "%s syncer (%s, %s) from %s: %s" % (
+                    client, clean(app.track, 40), clean(app.machine_board, 40),
+                    clean(app.version, 40), ", ".join(r.version for r in releases)
+                    or "nothing newer")))
+                continue
             release = catalog.for_machine(app.machine_board, app.version)
             path = catalog.path(app.machine_board)
             taken = self.fleet.request(app, client, now, functools.partial(
@@ -6299,6 +6392,9 @@ def banner(server: Server) -> str:
         PROG, __version__, ", ".join("%s for %s" % (catalog.path_words(board), board)
                                      for board in boards)
         if len(catalog.releases) > 1 else catalog.releases[0].version)]
+    if len(catalog.releases) > 1:
+        lines += ["%s: the target is %s (%s)" % (board, catalog.for_board(board).version,
+                                                  catalog.target_rules[board]) for board in boards]
     for release in catalog.releases:
         lines += _release_lines(release, catalog)
     if not settings.local_payload:
@@ -6416,14 +6512,17 @@ class StateKeeper(Background):
                                             and time.monotonic() - self.saved_at >= SAVE_IDLE):
                 self.save()
 
-    def close(self) -> None:
-        """The last save, at shutdown; a failure is said loudly: what is lost and how much."""
+    def close(self) -> bool:
+        """The last save, at shutdown; a failure is said loudly (what is lost and how much) and
+        is False, so that the program exits non-zero (systemd then shows the stop as failed)."""
         self.stop.set()
         self.thread.join()
-        if not self.save():
-            log_line(logging.CRITICAL, "the fleet (%d machines) could NOT be saved to %s at "
-                     "shutdown (%s): what changed since the last save is lost; the file keeps "
-                     "that save" % (len(self.lines), self.path, self.failed))
+        if self.save():
+            return True
+        log_line(logging.CRITICAL, "the fleet (%d machines) could NOT be saved to %s at "
+                 "shutdown (%s): what changed since the last save is lost; the file keeps "
+                 "that save" % (len(self.lines), self.path, self.failed))
+        return False
 
     def save(self) -> bool:
         records, changes, touches = self.fleet.take_dirty()
@@ -6761,12 +6860,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name = serve(server, signals, Reloader(app, settings))
     if watcher is not None:
         watcher.stop.set()
-    if keeper is not None:
-        keeper.close()
+    saved = keeper is None or keeper.close()
     log_line(logging.INFO, "received %s, stopped" % name)
     say_summary(app, settings.log_format == "json")
     logging.shutdown()  # writes what is still batched
-    return 0
+    return 0 if saved else 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import http.client
 import json
 import logging
 import os
+import shutil
+import signal
 import ssl
 
 import serve_package as sp
@@ -153,3 +155,16 @@ def test_max_machines_over_real_sockets(pyz):
         assert [m["alias"] for m in doc["machines"]] == ["node-5", "node-4", "node-3"]
         metrics = get(server.port, "/metrics")[1].decode()
         assert "serve_package_machines_forgotten_total 3" in metrics
+
+
+def test_a_failed_final_save_exits_non_zero(pyz, tmp_path):
+    """systemd shows the stop as failed: the fleet's last changes are lost."""
+    where = tmp_path / "state"
+    where.mkdir()
+    with PyzProcess(pyz, DEMO_ARGS + ["--listen-address", "127.0.0.1:0", "--state-file",
+                                      str(where / "fleet.state")]) as server:
+        post(server.port, machine(1))
+        shutil.rmtree(str(where))
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.finish() == 1
+        assert b"could NOT be saved" in server.stderr and b"Traceback" not in server.stderr

@@ -20,9 +20,9 @@ import pytest
 
 import serve_package as sp
 
-from clients import update_engine_reads
-from conftest import CHECK, PyzProcess, get, post, run_pyz
-from standins import Published, start_files, start_proxy, start_service, stop_all
+from conftest import PyzProcess, get, run_pyz
+from standins import Files, Published, start_files, start_proxy, start_service, stop_all
+from update_engine import HttpNet, UpdateEngine
 
 OS = "flatcar_production_update.gz"
 FLOOR_REASON = "OEM software moved into system extensions"
@@ -321,72 +321,43 @@ def test_a_full_disk_is_one_sentence_and_resumes(pyz, tmp_path, upstream):
 
 # --- the other side: serve what was downloaded; machines walk floor -> target ------------------
 
-def as_(body: bytes, version: str, board: str = "amd64-usr", previous: str = "") -> bytes:
-    body = body.replace(b'version="3815.2.5" track', b'version="%s" track' % version.encode())
-    body = body.replace(b'board="amd64-usr"', b'board="%s"' % board.encode())
-    body = body.replace(b"_x86_64", b"_aarch64" if board == "arm64-usr" else b"_x86_64")
-    if previous:
-        body = body.replace(b'previousversion=""', b'previousversion="%s"' % previous.encode())
-    return body
-
-
-def take(port: int, body: bytes, expect: bytes) -> str:
-    """One update check, the offer read as update_engine reads it, the payload fetched with a
-    Range request as update_engine resumes, and its events; the version offered."""
-    status, answer = post(port, body)
-    offer = update_engine_reads(answer)
-    assert status == 200 and offer.status == "ok", answer
-    parts = offer.urls[0].split("/", 3)
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", "/" + parts[3], headers={"Range": "bytes=100-"})
-    response = conn.getresponse()
-    assert response.status == 206 and response.read() == expect[100:]
-    conn.close()
-    for kind, result in ((13, 1), (14, 1), (3, 1)):  # the same machine's events, no check
-        event = body.replace(b"<updatecheck></updatecheck>", b"").replace(
-            b'eventtype="3" eventresult="2" previousversion="%s"' % previous_of(body),
-            b'eventtype="%d" eventresult="%d"' % (kind, result))
-        assert post(port, event)[0] == 200
-    return update_engine_version(answer)
-
-
-def previous_of(body: bytes) -> bytes:
-    return body.split(b'previousversion="')[1].split(b'"')[0]
-
-
-def update_engine_version(answer: bytes) -> str:
-    return answer.split(b'<manifest version="')[1].split(b'"')[0].decode()
+def machine_state(port: int, machineid: str) -> dict:
+    doc = json.loads(get(port, "/status.json")[1])
+    return next(m for m in doc["machines"] if m["id"] == machineid)
 
 
 def test_served_floor_then_target_for_each_board(pyz, tmp_path, upstream):
-    assert download(pyz, tmp_path, "--since", "3602.2.3", "--oem", "azure", "--extension",
+    assert download(pyz, tmp_path, "--since", "3510.2.2", "--oem", "azure", "--extension",
                     "python", "--board", "amd64-usr", "--board", "arm64-usr",
                     *upstream.args).returncode == 0
-    amd64 = {r.version: r.files for r in upstream.channels["stable", "amd64-usr"]}
-    arm64 = {r.version: r.files for r in upstream.channels["stable", "arm64-usr"]}
     with PyzProcess(pyz, ["--package-dir", str(tmp_path), "--listen-address", "127.0.0.1:0"]) as server:
         banner = server.stdout.decode()
         assert "offering version 3760.2.0 (floor: %s) \u2192 4230.2.0 for amd64-usr" % FLOOR_REASON \
             in banner
+        assert "amd64-usr: the target is 4230.2.0 (the newest release)" in banner
         port = server.port
+        net = HttpNet(port)
         # three versions behind: the floor first, then, once it runs the floor, the target
-        assert take(port, as_(CHECK, "3510.2.2"), amd64["3760.2.0"][OS]) == "3760.2.0"
+        amd = UpdateEngine("0123456789abcdef0123456789abcdef", "3510.2.2", alias="node-3")
+        assert amd.update(net, cut_after=100) == "3760.2.0"  # a cut download, resumed
         server.wait_for_log("3510.2.2 \u2192 3760.2.0: offered (floor: %s)" % FLOOR_REASON)
-        after_reboot = as_(CHECK, "3760.2.0", previous="3510.2.2")
-        assert take(port, after_reboot, amd64["4230.2.0"][OS]) == "4230.2.0"
-        status, answer = post(port, as_(CHECK, "4230.2.0", previous="3760.2.0"))
-        assert b'<updatecheck status="noupdate">' in answer
+        assert machine_state(port, amd.machineid)["state"] == "installed"
+        assert amd.update(net) == "4230.2.0"  # reports the floor and is offered the target
+        m = machine_state(port, amd.machineid)
+        assert (m["state"], m["from_version"], m["target"]) == ("installed", "3510.2.2", "4230.2.0")
+        assert amd.update(net) is None
+        m = machine_state(port, amd.machineid)
+        assert (m["state"], m["version"], m["from_version"]) == ("complete", "4230.2.0", "3760.2.0")
+        assert amd.installed == ["3760.2.0", "4230.2.0"]
         # an arm64 machine walks its own path, from its own files
-        arm = as_(CHECK, "3510.2.2", "arm64-usr").replace(b"0123456789abcdef", b"fedcba9876543210")
-        arm = arm.replace(b'oem="azure"', b'oem=""')  # bare metal: no OEM payload to need
-        assert take(port, arm, arm64["3760.2.0"][OS]) == "3760.2.0"
+        arm = UpdateEngine("fedcba9876543210fedcba9876543210", "3510.2.2", "arm64-usr", oem="")
+        assert arm.update(net) == "3760.2.0"
         doc = json.loads(get(port, "/status.json")[1])
         assert doc["paths"]["amd64-usr"] == "3760.2.0 (floor: %s) \u2192 4230.2.0" % FLOOR_REASON
-        machines = {m["board"]: m for m in doc["machines"]}
-        assert machines["amd64-usr"]["version"] == "4230.2.0"
-        assert machines["arm64-usr"]["ahead"] == ["3760.2.0", "4230.2.0"]
+        # rebooted into the floor, not yet checked in: the server still knows it at 3510.2.2
+        assert machine_state(port, arm.machineid)["ahead"] == ["3760.2.0", "4230.2.0"]
         page = get(port, "/")[1].decode()
-        assert "3510.2.2 \u2192 3760.2.0 \u2192 4230.2.0" in page
+        assert "3760.2.0 \u2192 4230.2.0" in page
         # a setup report with an extension not served changes what the fleet needs
         assert "nothing the fleet needs is missing" in get(port, "/needs")[1].decode()
         report = b"machine=%s\nboard=amd64-usr\nversion=3760.2.0\noem=azure\nextensions=zfs\n" \
@@ -400,6 +371,80 @@ def test_served_floor_then_target_for_each_board(pyz, tmp_path, upstream):
                "3510.2.2 --oem azure --extension zfs" in needs
         server.wait_for_log("the fleet needs what is not served: amd64-usr 3760.2.0: "
                             "flatcar-zfs.gz; amd64-usr 4230.2.0: flatcar-zfs.gz")
+
+
+def tree(directory) -> dict:
+    """Every file under a directory and its bytes; release.json as what it says of the release."""
+    found = {}
+    for root, _, names in os.walk(str(directory)):
+        for name in names:
+            path = os.path.join(root, name)
+            key = os.path.relpath(path, str(directory))
+            with open(path, "rb") as f:
+                data = f.read()
+            if name == "release.json":
+                record = json.loads(data)
+                data = (record["role"], record["floor"], record["floor_reason"], record["target"])
+            found[key] = data
+    return found
+
+
+def test_a_site_server_downloads_from_this_one(pyz, tmp_path, upstream):
+    """Tiers: a central server serves what it downloaded; a site server's download --from it
+    (a syncer's request, multi_manifest_ok) gets every floor and the target, with their files
+    and reasons, and the two trees are the same."""
+    central, site = tmp_path / "central", tmp_path / "site"
+    flags = ["--since", "3510.2.2", "--oem", "azure", "--extension", "python",
+             "--board", "amd64-usr", "--board", "arm64-usr"]
+    assert download(pyz, central, *flags, *upstream.args).returncode == 0
+    with PyzProcess(pyz, ["--package-dir", str(central), "--listen-address", "127.0.0.1:0"]) as server:
+        result = download(pyz, site, *flags, "--from", "http://127.0.0.1:%d/v1/update/" % server.port,
+                          "--release-server", "http://127.0.0.1:9/")  # never asked: nothing there
+        assert result.returncode == 0, result.stderr
+        out = result.stdout.decode()
+        assert "amd64-usr 3760.2.0 (floor: %s)" % FLOOR_REASON in out
+        assert "amd64-usr 4230.2.0 (target)" in out
+        server.wait_for_log("syncer (stable, amd64-usr) from 3510.2.2: 3760.2.0, 4230.2.0")
+        assert machine_count(server.port) == 0  # a syncer is no machine
+    central_tree, site_tree = tree(central), tree(site)
+    assert sorted(central_tree) == sorted(site_tree)
+    for name in central_tree:
+        if not name.endswith("release.json"):
+            assert central_tree[name] == site_tree[name], name
+    assert central_tree["amd64-usr/3760.2.0/release.json"] == site_tree[
+        "amd64-usr/3760.2.0/release.json"] == ("floor", True, FLOOR_REASON, False)
+    assert site_tree["amd64-usr/4230.2.0/release.json"] == ("target", False, "", True)
+
+
+def machine_count(port: int) -> int:
+    return json.loads(get(port, "/status.json")[1])["summary"]["machines"]
+
+
+def test_the_next_release_cycle_offers_the_newer_target(pyz, tmp_path, upstream):
+    """The README's cycle: download into the same DIR at every release. The newer target is
+    offered (it was not: both records said target and the first won), the plan says it
+    supersedes the old, and --target-version holds the fleet on the old one."""
+    flags = ["--since", "3760.2.0", "--board", "amd64-usr", "--oem", "azure"]
+    assert download(pyz, tmp_path, *flags, *upstream.args).returncode == 0
+    newer = Published.make("amd64-usr", "4459.0.0", ["oem-azure.gz"])
+    upstream.channels["stable", "amd64-usr"].append(newer)
+    upstream.files.data.update(Files([newer]).data)
+    result = download(pyz, tmp_path, *flags, *upstream.args)
+    assert result.returncode == 0, result.stderr
+    assert ("amd64-usr 4459.0.0 supersedes 4230.2.0 as the target: the server offers a board's "
+            "newest release (to hold the fleet on 4230.2.0, serve with --target-version "
+            "4230.2.0)") in result.stdout.decode()
+    machine = UpdateEngine("0123456789abcdef0123456789abcdef", "4230.2.0")
+    with PyzProcess(pyz, ["--package-dir", str(tmp_path), "--listen-address", "127.0.0.1:0"]) as server:
+        assert "offering version 4459.0.0 for amd64-usr" in server.stdout.decode()
+        assert machine.update(HttpNet(server.port)) == "4459.0.0"
+    held = UpdateEngine("1123456789abcdef0123456789abcdef", "4230.2.0")
+    with PyzProcess(pyz, ["--package-dir", str(tmp_path), "--listen-address", "127.0.0.1:0",
+                          "--target-version", "4230.2.0"]) as server:
+        banner = server.stdout.decode()
+        assert "offering version 4230.2.0 for amd64-usr" in banner
+        assert "held by --target-version 4230.2.0" in banner
+        assert held.update(HttpNet(server.port)) is None
 
 
 def test_progress_on_a_terminal_is_one_updating_line(pyz, tmp_path, upstream):

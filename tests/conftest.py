@@ -227,44 +227,45 @@ def big_payload(path, size: int) -> bytes:
     return payload
 
 
-# --- request bodies: the exact update_engine bodies from fixtures/, as one machine or another ---
+# --- request bodies: the update_engine model's (tests/update_engine.py), for one request each ----
+# A test that plays a machine over several requests keeps an UpdateEngine and its prefs; these
+# give one body of one machine as the model writes it.
 
-CHECK = fixture_bytes("requests", "flatcar-update-check.xml")
-EVENT = fixture_bytes("requests", "flatcar-event-download-started.xml")
-PING = fixture_bytes("requests", "flatcar-ping-only.xml")
-NON_PRODUCTION = 1 << 28  # set in every error code a machine sends to a server like ours
+from update_engine import CHECK, EVENT, PING, NON_PRODUCTION, UpdateEngine  # noqa: E402,F401
+
+DEMO_MACHINE_ID = "0123456789abcdef0123456789abcdef"
 
 
 def as_machine(body: bytes, alias: str = "node-3", version: str = "3760.2.0") -> bytes:
-    return (body.replace(b'machinealias=""', b'machinealias="%s"' % alias.encode())
-            .replace(b'version="3815.2.5" track', b'version="%s" track' % version.encode()))
+    """A fixture body (CHECK, EVENT or PING) as the machine `alias` running `version` sends it."""
+    machine = UpdateEngine(DEMO_MACHINE_ID, version, alias=alias)
+    return {CHECK: machine.check_body, PING: machine.ping_body,
+            EVENT: lambda: machine.event_body(13, 1)}[body]()
 
 
 def event(kind: int, result: int, code: int = None, alias="node-3", version="3760.2.0") -> bytes:
-    attrs = b'eventtype="%d" eventresult="%d"' % (kind, result)
-    if code is not None:
-        attrs += b' errorcode="%d"' % code
-    return as_machine(EVENT.replace(b'eventtype="13" eventresult="1"', attrs), alias, version)
+    return UpdateEngine(DEMO_MACHINE_ID, version, alias=alias).event_body(kind, result, code)
 
 
 def check(alias="node-3", version="3760.2.0", previous=None) -> bytes:
-    body = as_machine(CHECK, alias, version)
-    if previous is not None:
-        body = body.replace(b'previousversion=""', b'previousversion="%s"' % previous.encode())
-    return body
+    """An update check; `previous`: the first one after a reboot from that version."""
+    machine = UpdateEngine(DEMO_MACHINE_ID, version, alias=alias)
+    machine.prefs["previous-version"] = previous or ""
+    return machine.check_body()
+
+
+def fleet_machine(n: int, version="3760.2.0", group="stable", **facts) -> UpdateEngine:
+    """Machine n: its own id and alias."""
+    return UpdateEngine("%032x" % (n + 1), version, track=group, alias="node-%d" % n, **facts)
 
 
 def machine(n: int, version="3760.2.0", group="stable") -> bytes:
-    """Machine n's update check: its own id and alias."""
-    mid = ("%032x" % (n + 1)).encode()
-    return (check(alias="node-%d" % n, version=version)
-            .replace(b"0123456789abcdef0123456789abcdef", mid)
-            .replace(b'track="stable"', b'track="%s"' % group.encode()))
+    """Machine n's update check."""
+    return fleet_machine(n, version, group).check_body()
 
 
 def machine_event(n: int, kind: int, result: int, code=None) -> bytes:
-    return event(kind, result, code, alias="node-%d" % n).replace(
-        b"0123456789abcdef0123456789abcdef", ("%032x" % (n + 1)).encode())
+    return fleet_machine(n).event_body(kind, result, code)
 
 
 # --- raw HTTP, for what http.client would not send or would hide ---------------------------------

@@ -11,7 +11,8 @@ import pytest
 
 import serve_package as sp
 
-from conftest import (DEMO_PAYLOAD, FIXTURES, NON_PRODUCTION, PING, Running, as_machine, check, event,
+from update_engine import HttpNet, UpdateEngine
+from conftest import (DEMO_MACHINE_ID, DEMO_PAYLOAD, FIXTURES, NON_PRODUCTION, PING, Running, as_machine, check, event,
                       machine, machine_event)
 
 
@@ -56,42 +57,41 @@ def walk(demo_release, caplog):
 
 
 def test_success_with_a_resumed_download_and_a_reboot(walk, demo_bytes):
+    """One machine's whole update as update_engine makes it (the model), the state after each
+    request."""
     label = "node-3 (127.0.0.1, azure) 3760.2.0 \u2192 3815.2.5"
-    walk.post(check())
+    node = UpdateEngine(DEMO_MACHINE_ID, "3760.2.0", alias="node-3")
+    net = HttpNet(walk.running.port)
+    assert node.check(net) == "3815.2.5"
     m = walk.machine()
     assert (m["state"], m["version"], m["target"], m["oem"], m["group"]) == (
         "offered", "3760.2.0", "3815.2.5", "azure", "stable")
-    assert m["id"] == "0123456789abcdef0123456789abcdef" and m["address"] == "127.0.0.1"
+    assert m["id"] == DEMO_MACHINE_ID and m["address"] == "127.0.0.1"
     assert label + ": offered" in walk.said()
 
-    walk.post(event(13, 1))
-    assert walk.machine()["state"] == "downloading"
-    assert walk.said()[-1] == label + ": download started"
-
     half = len(demo_bytes) // 2
-    walk.running.request("GET", "/packages/update.gz", headers={"Range": "bytes=0-%d" % (half - 1)})
+    assert not node.download(net, cut_after=half)  # event 13/1, then a transfer cut half-way
+    assert label + ": download started" in walk.said()
     m = walk.downloaded(half)
-    assert m["state"] == "downloading" and m["download"]["bytes"] == half
-    assert m["download"]["size"] == len(demo_bytes) and m["download"]["percent"] == pytest.approx(50, abs=0.1)
-    walk.running.request("GET", "/packages/update.gz", headers={"Range": "bytes=%d-" % half})  # resume
+    assert m["state"] == "downloading" and m["download"]["bytes"] >= half
+    assert m["download"]["size"] == len(demo_bytes)
+    assert node.download(net)  # resumed with Range from where it stopped
     m = walk.downloaded(len(demo_bytes))
     assert m["download"]["bytes"] == len(demo_bytes) and m["download"]["percent"] == 100
     progress = [line for line in walk.said() if ": downloading " in line]
-    assert progress[0].startswith(label + ": downloading 50% (")
     assert progress[-1].startswith(label + ": downloading 100% (151/151 KiB")
 
-    walk.post(event(14, 1))
-    assert walk.machine()["state"] == "downloaded"
-    assert walk.said()[-1] == label + ": download finished, payload verified"
-    walk.post(event(3, 1))
+    assert node.install(net) is None  # 14/1, then 3/1
     assert walk.machine()["state"] == "installed"
-    assert walk.said()[-1] == label + ": installed, waiting for reboot"
+    assert walk.said()[-2:] == [label + ": download finished, payload verified",
+                                label + ": installed, waiting for reboot"]
     before = len(walk.said())
     for _ in range(3):
-        walk.post(as_machine(PING))  # waiting for the reboot
+        assert node.check(net) is None  # waiting for the reboot: pings only
     assert walk.machine()["state"] == "installed" and len(walk.said()) == before
 
-    walk.post(check(version="3815.2.5", previous="3760.2.0"))  # rebooted into the new version
+    node.reboot()
+    assert node.check(net) is None  # reports the update it completed
     m = walk.machine()
     assert (m["state"], m["version"], m["target"], m["from_version"]) == (
         "complete", "3815.2.5", "", "3760.2.0")
@@ -99,8 +99,9 @@ def test_success_with_a_resumed_download_and_a_reboot(walk, demo_bytes):
                                "rebooted from 3760.2.0 into 3815.2.5")
     before = len(walk.said())
     for _ in range(3):
-        walk.post(check(version="3815.2.5"))  # routine checks afterwards: nothing to say
+        assert node.check(net) is None  # routine checks afterwards: nothing to say
     assert walk.machine()["state"] == "complete" and len(walk.said()) == before
+    assert node.prefs["previous-version"] == ""  # sent once, then reset
 
 
 def test_hash_mismatch_failure_is_named_with_its_flags(walk):

@@ -241,6 +241,16 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069
 intern = sys.intern  # words many machines share (versions, groups, reasons) kept once
 
 
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def plain_number(text: str) -> Optional[int]:
+    """A whole number written in ASCII digits, at most 18 of them; None for anything else
+    (str.isdigit() takes '\u00b2' and other scripts' digits, which int() then refuses)."""
+    text = text.strip()
+    return int(text) if _DIGITS.fullmatch(text) else None
+
+
 def clean(text: str, limit: int = 120) -> str:
     """Request data made safe for one log line: control characters escaped, length bounded."""
     text = _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
@@ -1783,6 +1793,7 @@ def content_type_problem(value: str) -> Optional[str]:
 MAX_SETUP_REPORT = 16 << 10
 _SETUP_WORD = re.compile(r"[A-Za-z0-9._+-]{1,64}")
 MAX_SETUP_NAMES = 16  # extensions (or missing files) a report may list
+MAX_SETUP_PROBLEMS = 9999
 
 
 class SetupReport(NamedTuple):
@@ -1814,11 +1825,10 @@ def parse_setup_report(body: bytes) -> SetupReport:
     for key, values in words.items():
         if len(values) > MAX_SETUP_NAMES or not all(_SETUP_WORD.fullmatch(v) for v in values):
             raise ValueError("%s is not a list of up to %d names" % (key, MAX_SETUP_NAMES))
-    problems = fields.get("problems", "0")
+    problems = plain_number(fields.get("problems", "0")) or 0
     return SetupReport(fields.get("machine", ""), fields.get("board", ""),
                        fields.get("version", ""), fields.get("oem", ""), words["extensions"],
-                       words["missing"], int(problems) if problems.isdigit()
-                       and len(problems) < 7 else 0,
+                       words["missing"], min(problems, MAX_SETUP_PROBLEMS),
                        fields.get("mode", ""))
 
 
@@ -2551,9 +2561,10 @@ def parse_query(text: str, limit: int = PAGE_ROWS) -> Query:
     numbers = {}
     for name, default in (("page", 1), ("offset", 0), ("limit", limit)):
         text_value = fields.get(name) or str(default)
-        if not text_value.isdigit():
+        number = plain_number(text_value)
+        if number is None:
             raise ValueError("%s=%s is not a number" % (name, clean(text_value, 20)))
-        numbers[name] = int(text_value)
+        numbers[name] = number
     offset = numbers["offset"] if "offset" in fields else (max(numbers["page"], 1) - 1) * limit
     return query._replace(sort=sort, offset=offset, limit=max(1, min(numbers["limit"], limit)))
 
@@ -3756,6 +3767,10 @@ UPDATE_SERVICE = "https://public.update.flatcar-linux.net/v1/update/"
 BELOW_EVERY_RELEASE = "0.0.0"  # --since's default: the service then reports every floor
 MAX_FLOOR_STEPS = 30  # answers walked, one floor each, before the walk is given up
 MAX_ANSWER = 1 << 20  # bytes of an update service's answer
+REMOTE_NAME = re.compile(r"[A-Za-z0-9._+-]{1,128}")  # a file name that is one URL segment as is
+# The most a file of a release can be when nothing says its size (--version, before the
+# payload's header tells it): Flatcar's OS payloads are a few hundred MiB.
+MAX_REMOTE_FILE = 8 << 30
 MAX_ANSWER_MARKUP = 4096  # its elements: a few manifests of a few dozen packages each
 OS_PAYLOAD_FILE = "flatcar_production_update.gz"  # the release server's name for it
 PARTIAL = ".partial"  # a file being downloaded: never a name the server serves
@@ -3855,11 +3870,12 @@ def _remote_file(element: ET.Element, first: bool, action_sha256: str) -> Remote
     name = element.get("name", "")
     if not first and not EXTENSION_NAME.fullmatch(name):
         raise RequestError("package %r is not an OEM or extension payload name" % clean(name, 80))
-    if first and (not name or "/" in name or name.startswith(".")):
+    if first and not (REMOTE_NAME.fullmatch(name) and not name.startswith(".")):
         raise RequestError("the OS payload's name %r is not a file name" % clean(name, 80))
     size = element.get("size", "")
-    if not size.isdigit() or len(size) > 15:
-        raise RequestError("package %s has no size" % name)
+    if plain_number(size) is None:
+        raise RequestError("package %s has no size in plain digits (%r)" % (
+            clean(name, 80), clean(size, 20)))
     sha256 = element.get("hash_sha256", "") or (action_sha256 if first else "")
     if not sha256:
         raise RequestError("package %s has no SHA-256 (hash_sha256, or the postinstall "
@@ -4029,6 +4045,21 @@ def network_failure(url: str, exc: BaseException) -> str:
     return "cannot reach %s: %s" % (url, getattr(reason, "strerror", None) or reason)
 
 
+class SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects followed to http(s) only, and never from https down to http: an answer that
+    sends the download elsewhere is refused, not followed in silence (release.json records
+    where the files came from)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> Any:
+        old, new = urllib.parse.urlsplit(req.full_url).scheme, urllib.parse.urlsplit(newurl).scheme
+        if new not in ("http", "https") or (old == "https" and new != "https"):
+            raise DownloadError("%s redirected to %s: download follows a redirect only to "
+                                "http(s), and never from https to plain http" % (
+                                    req.full_url, clean(newurl, 200)))
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class Fetcher:
     """HTTP(S) for the download: the environment's proxies (https_proxy, http_proxy, no_proxy,
     read by urllib), TLS checked against the system's CAs or --ca-file, and a failure said in
@@ -4040,14 +4071,14 @@ class Fetcher:
         """`tls`: makes the ssl.SSLContext that checks servers (None: the system's CAs), on the
         first https:// URL only: loading a CA bundle takes a tenth of a second."""
         self._tls, self._opener = tls, None  # type: Optional[Callable[[], Any]], Any
-        self._plain = urllib.request.build_opener()
+        self._plain = urllib.request.build_opener(SafeRedirects)
         self.retries, self.wait = retries, wait
 
     def opener(self, url: str) -> Any:
         if not url.startswith("https:"):
             return self._plain
         if self._opener is None:
-            self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(
+            self._opener = urllib.request.build_opener(SafeRedirects, urllib.request.HTTPSHandler(
                 context=self._tls() if self._tls is not None else None))
         return self._opener
 
@@ -4122,19 +4153,29 @@ def _receive(fetcher: Fetcher, url: str, fd: int, have: int, hasher: Hasher,
     with fetcher.open(url, headers=headers) as response:
         if have and response.status != 206:
             raise ConnectionResetError("the server ignored Range")  # afresh, on the next try
-        total = int(response.headers.get("Content-Length") or -1)
-        size = expected.size if expected.size is not None else (
-            have + total if total >= 0 else -1)
+        size = _answered_size(url, response.headers.get("Content-Length"), have, expected)
+        limit = size if size >= 0 else MAX_REMOTE_FILE  # never more than this on disk
         os.lseek(fd, have, os.SEEK_SET)
         done = have
         while True:
             buf = hasher.buffer()
             n = response.readinto(buf)
             if n:
-                write_all(fd, buf, n)
+                write_all(fd, buf, min(n, max(0, limit - done)))
                 if mark is None:  # the signed range's end, before the chunk passing it is fed
                     mark = payload_mark(fd, done + n)
                     hasher.mark = mark if mark is not None and mark >= 0 else None
+                    if mark is not None and mark >= 0:
+                        try:
+                            limit = _payload_size(url, fd, limit, size)
+                        except DownloadError:
+                            os.ftruncate(fd, have)  # what this answer wrote goes
+                            raise
+            if n > limit - done:
+                os.ftruncate(fd, limit)
+                raise DownloadError("%s sent more than the %s it should be: it is not the file "
+                                    "asked for; check --from and --release-server" % (
+                                        url, format_size(limit)))
             hasher.feed(buf, n)
             if not n:
                 break
@@ -4145,12 +4186,67 @@ def _receive(fetcher: Fetcher, url: str, fd: int, have: int, hasher: Hasher,
         return done - have
 
 
+def _answered_size(url: str, length: Optional[str], have: int, expected: RemoteFile) -> int:
+    """The whole file's size, as the service said it (checked against the answer's
+    Content-Length before a byte is read) or, with nothing said, as the Content-Length says
+    (-1: not said)."""
+    total = None if length is None else plain_number(length)
+    if length is not None and total is None:
+        raise DownloadError("%s answered a Content-Length of %r, which is not a size: it is not "
+                            "a file server speaking HTTP" % (url, clean(length, 40)))
+    if expected.size is None:
+        return have + total if total is not None else -1
+    if total is not None and have + total != expected.size:
+        raise DownloadError("%s answered %s where %s %s expected: it is not the file asked "
+                            "for; check --from and --release-server" % (
+                                url, format_size(have + total), format_size(expected.size),
+                                "was" if not have else "were (resuming at %d)" % have))
+    return expected.size
+
+
+def _payload_size(url: str, fd: int, limit: int, answered: int) -> int:
+    """A payload's whole size as its own header and manifest say (omaha-spec section 5), once
+    they are on disk: the most that is written; DownloadError when the answer said another
+    size (-1: it said none)."""
+    head = os.pread(fd, CRAU_HEADER.size, 0)
+    _, format_version, manifest_size = CRAU_HEADER.unpack_from(head)
+    manifest = parse_manifest(format_version, os.pread(fd, manifest_size, CRAU_HEADER.size))
+    own = manifest.expected_size
+    if own is None:
+        return limit
+    if answered >= 0 and answered != own:
+        raise DownloadError("%s answered %s, but the payload's own header says %s: it is not "
+                            "the file asked for; check --from and --release-server" % (
+                                url, format_size(answered), format_size(own)))
+    return min(limit, own)
+
+
+def open_partial(partial: str) -> int:
+    """The partial file to write into, created or resumed: never through a symlink (O_NOFOLLOW),
+    never a FIFO or device (opened without blocking, then looked at), only a regular file."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(
+        os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(partial, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DownloadError("%s is a symbolic link: download writes only files of its own; "
+                                "remove it and run again" % partial) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DownloadError("%s is not a regular file (a FIFO, a device or a directory): "
+                            "remove it and run again" % partial)
+    os.set_blocking(fd, True)
+    return fd
+
+
 def fetch_file(fetcher: Fetcher, url: str, partial: str, expected: RemoteFile,
                progress: Callable[[int, int], None]) -> Transferred:
     """Download `url` into `partial`, resuming from what it holds (Range), hashing every byte
     once as it is written (the bytes already there first). A reset or stall resumes where it
     stopped, `fetcher.retries` times. OSError (a full disk) is the caller's."""
-    fd = os.open(partial, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    fd = open_partial(partial)
     try:
         for attempt in range(fetcher.retries + 1):
             have = os.fstat(fd).st_size
@@ -4424,9 +4520,10 @@ def fetch_one(fetcher: Fetcher, item: Wanted, directory: str, keys: Optional[Seq
     partial = path + PARTIAL
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        start = os.path.getsize(partial) if os.path.exists(partial) else 0
+        start = os.lstat(partial).st_size if os.path.lexists(partial) else 0
     except OSError as exc:
         raise DownloadError("cannot write in %s: %s" % (os.path.dirname(path), exc.strerror))
+    inside(directory, os.path.dirname(path))
     progress.begin("%s %s %s" % (item.release.board, item.release.version, item.file.name), start)
     failure = None  # type: Optional[DownloadError]
     for url in item.urls:
@@ -4447,6 +4544,18 @@ def fetch_one(fetcher: Fetcher, item: Wanted, directory: str, keys: Optional[Seq
     return transferred.fetched
 
 
+def inside(directory: str, where: str) -> None:
+    """DownloadError unless `where`, as it resolves (symbolic links followed), is within
+    `directory`: a planted DIR/<board> or DIR/<board>/<version> link would have download
+    write elsewhere."""
+    top = os.path.realpath(directory)
+    real = os.path.realpath(where)
+    if real != top and not real.startswith(top.rstrip(os.sep) + os.sep):
+        raise DownloadError("%s leads out of %s (to %s, through a symbolic link): download "
+                            "writes only inside DIR; remove the link and run again" % (
+                                where, directory, real))
+
+
 def run_download(options: DownloadOptions, fetcher: Fetcher, out: Any) -> int:
     """Ask, plan, fetch, verify, place, record; the exit code (0: everything present)."""
     releases = []  # type: List[RemoteRelease]
@@ -4458,6 +4567,9 @@ def run_download(options: DownloadOptions, fetcher: Fetcher, out: Any) -> int:
                 board, options.source, options.since, options.channel))
         releases += found
     wanted, notes = wanted_files(releases, options)
+    for release in releases:
+        inside(options.directory, os.path.join(options.directory, release.board,
+                                                release.version))
     lines, to_fetch, missing = plan_lines(releases, wanted, options.directory)
     lines += notes + target_lines(releases, options.directory)
     out.write("\n".join(lines + ["%d file(s), %d present, %s to download" % (
@@ -5163,10 +5275,10 @@ class FramingHandler(http.server.BaseHTTPRequestHandler):
         if length_text is None:
             self.reject(411, "Content-Length is required", close=True)
             return None
-        if not length_text.strip().isdigit():
+        length = plain_number(length_text)
+        if length is None:
             self.reject(400, "Content-Length is not a number", close=True)
             return None
-        length = int(length_text)
         if length > MAX_BODY:
             self.reject(413, "request body is over %d bytes" % MAX_BODY, close=True)
             return None
@@ -6003,7 +6115,7 @@ def config_arguments(argv: Sequence[str]) -> List[str]:
 def parse_listen_address(text: str) -> Tuple[str, int]:
     """':8000', 'HOST:8000', '[::1]:8000', or a bare '8000' -> (host, port); host '' = all."""
     text = text.strip()
-    if text.isdigit():
+    if plain_number(text) is not None:
         host, port_text = "", text
     elif text.startswith("["):
         host, sep, port_text = text[1:].partition("]:")
@@ -6015,7 +6127,8 @@ def parse_listen_address(text: str) -> Tuple[str, int]:
         if not sep or ":" in host:
             raise UsageError("--listen-address %r is not valid: use HOST:PORT, :PORT or "
                              "[IPv6]:PORT, e.g. :8000" % text)
-    if not port_text.isdigit() or int(port_text) > 65535:
+    port = plain_number(port_text)
+    if port is None or port > 65535:
         raise UsageError("--listen-address %r is not valid: the port must be a number from 0 "
                          "to 65535" % text)
     return host, int(port_text)

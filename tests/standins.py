@@ -48,10 +48,12 @@ class Quiet(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def serve(handler, state) -> "Running":
+def serve(handler, state, tls=None) -> "Running":
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     server.state = state
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                      daemon=True).start()
     return Running(server)
@@ -245,3 +247,59 @@ def stop_all(*running):
     for each in running:
         each.stop()
 
+
+
+# --- a hostile upstream: answers that lie about sizes, never end, or redirect elsewhere --------
+
+class Hostile:
+    """path -> how to answer it: {"body": bytes, "length": the Content-Length header to send
+    (None: none), "endless": bytes repeated after the body until `cap` bytes went out or the
+    client closed, "redirect": a Location for a 302}. Every answer is bounded by `cap`."""
+
+    def __init__(self, answers, cap=64 << 20):
+        self.answers, self.cap = answers, cap
+        self.sent = {}  # path -> bytes written
+
+
+class HostileHandler(Quiet):
+    def do_GET(self):
+        state = self.server.state
+        path = self.path.split("?")[0]
+        how = state.answers.get(path)
+        if how is None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if "redirect" in how:
+            self.send_response(302)
+            self.send_header("Location", how["redirect"])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        body = how.get("body", b"")
+        length = how.get("length", str(len(body)))
+        if length is not None:
+            self.send_header("Content-Length", length)
+        else:
+            self.close_connection = True
+        self.end_headers()
+        sent = 0
+        try:
+            self.wfile.write(body)
+            sent += len(body)
+            filler = how.get("endless")
+            while filler and sent < state.cap:
+                self.wfile.write(filler)
+                sent += len(filler)
+        except OSError:
+            pass
+        state.sent[path] = sent
+
+
+def start_hostile(answers, tls=None, **options):
+    running = serve(HostileHandler, Hostile(answers, **options), tls)
+    if tls is not None:
+        running.url = running.url.replace("http:", "https:")
+    return running, running.server.state

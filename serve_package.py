@@ -703,7 +703,8 @@ def describe_foreign_file(head: bytes) -> str:
         return "it is an executable (ELF)"
     if head.startswith(b"QFI\xfb"):
         return "it is a qcow2 disk image"
-    return "it starts with %s instead" % (head[:4].hex() or "nothing")
+    # the file may be anything a link points at: its kind is said, never its bytes
+    return "it does not start with CrAU, as every update payload does" if head else "it is empty"
 
 
 def inspect_payload(fd: int, size: int, label: str) -> Manifest:
@@ -1089,7 +1090,7 @@ def open_payload(spec: "PayloadSpec") -> Opened:
     """Open a payload and check it is a complete update payload; the caller closes the fd."""
     path = spec.path
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise PayloadError("%s does not exist." % path) from None
     except IsADirectoryError:
@@ -1103,7 +1104,8 @@ def open_payload(spec: "PayloadSpec") -> Opened:
         if stat.S_ISDIR(st.st_mode):
             raise PayloadError("%s is a directory, not a payload file." % path)
         if not stat.S_ISREG(st.st_mode):
-            raise PayloadError("%s is not a regular file." % path)
+            raise PayloadError("%s is not a regular file (a FIFO, a device or a socket)." % path)
+        os.set_blocking(fd, True)
         if st.st_size == 0:
             raise PayloadError("%s is empty (0 bytes): the download or copy failed." % path)
         try:
@@ -1212,13 +1214,40 @@ def extension_name(path: str) -> str:
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
+def open_regular(path: str) -> int:
+    """A file opened for reading, only when it is a regular file: opened without blocking (a
+    FIFO would hang the open, and every read after it), then looked at. OSError otherwise, its
+    strerror saying what the file is."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "it is %s, not a regular file" % (
+            "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"))
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_regular(path: str, limit: int, cut: bool = False) -> bytes:
+    """A regular file's bytes (open_regular()), at most `limit` of them: OSError for a longer
+    one, or with `cut`, its first `limit` bytes."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        if not cut:
+            raise OSError(errno.EFBIG, "it is larger than %s, which such a file never is"
+                          % format_size(limit))
+        data = data[:limit]
+    return data
+
+
 def read_checksum_file(path: str) -> Optional[str]:
     """The hex SHA-256 in PATH.sha256 (as the release server publishes: the digest, optionally
     followed by a file name), lower case; None when there is no such file."""
     sidecar = path + ".sha256"
     try:
-        with open(sidecar, "rb") as f:
-            text = f.read(4096).decode("ascii", "replace")
+        text = read_regular(sidecar, 4096, cut=True).decode("ascii", "replace")
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -1290,6 +1319,7 @@ def plan_payloads(package_file: Optional[str], package_dir: Optional[str],
 
 RELEASE_RECORD = "release.json"  # beside a downloaded release's files: what the service said
 RELEASE_RECORD_FORMAT = "serve-package release"
+MAX_RECORD = 1 << 20
 
 
 class Step(NamedTuple):
@@ -1314,8 +1344,7 @@ def read_step(directory: str) -> Optional[Step]:
     record that cannot be read is a PayloadError: the operator should hear of it."""
     path = os.path.join(directory, RELEASE_RECORD)
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
+        record = json.loads(read_regular(path, MAX_RECORD).decode("utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -5583,8 +5612,11 @@ class Handler(FileHandler):
         sends none there), --status-auth-file's for the status pages."""
         if not credentials:
             return True
-        given = (self.headers.get("Authorization") or "").strip()
-        return any(hmac.compare_digest(given, allowed) for allowed in credentials)
+        scheme, _, token = (self.headers.get("Authorization") or "").strip().partition(" ")
+        if scheme.lower() != "basic":  # the scheme's name is case-insensitive (RFC 9110 11.1)
+            return False
+        given = "Basic " + token.strip()
+        return any(hmac.compare_digest(given.encode(), allowed.encode()) for allowed in credentials)
 
     # -- the status views ------------------------------------------------------------------
 
@@ -6055,8 +6087,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_config(path: str) -> Dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            settings = json.load(f)
+        settings = json.loads(read_regular(path, MAX_RECORD).decode("utf-8"))
     except OSError as exc:
         raise UsageError("--config %s cannot be read: %s" % (path, exc.strerror)) from None
     except ValueError as exc:
@@ -6150,20 +6181,33 @@ def normalise_url(flag: str, text: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/", "", ""))
 
 
-def read_list_file(flag: str, path: str) -> List[str]:
+MAX_LIST_FILE = 64 << 20  # a --machine-ids-file of a million ids is 33 MiB
+
+
+def read_lines(flag: str, path: str) -> List[str]:
+    """Every line of a small text file (a regular one: a FIFO never hangs the start), without
+    its line ending; UsageError in one sentence when it cannot be read."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.split("#", 1)[0].strip() for line in f]
+        return read_regular(path, MAX_LIST_FILE).decode("utf-8").splitlines()
     except (OSError, UnicodeError) as exc:
         raise UsageError("%s %s cannot be read: %s" % (flag, path, getattr(exc, "strerror", None)
                                                       or exc)) from None
+
+
+def read_list_file(flag: str, path: str) -> List[str]:
+    """One word a line; '#' starts a comment."""
+    lines = [line.split("#", 1)[0].strip() for line in read_lines(flag, path)]
     return [line for line in lines if line]
 
 
 def read_credentials(path: str, flag: str = "--basic-auth-file") -> Tuple[str, ...]:
-    """The Authorization header values that a file's user:password lines allow."""
+    """The Authorization header values that a file's user:password lines allow. A password is
+    the rest of the line after the first colon, '#' and all; a comment is a line that starts
+    with '#'; line numbers count every line."""
     values = []
-    for number, line in enumerate(read_list_file(flag, path), 1):
+    for number, line in enumerate(read_lines(flag, path), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
         user, colon, password = line.partition(":")
         if not colon or not user or not password:
             raise UsageError("%s %s line %d is not user:password" % (flag, path, number))
@@ -6196,8 +6240,7 @@ def tls_context(cert: Optional[str], key: Optional[str]):
 def read_payload_key(path: str) -> PayloadKey:
     """A --payload-key file: the public half of the key the user's payloads are signed with."""
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            text = f.read(65536)
+        text = read_regular(path, 65536, cut=True).decode("ascii", "replace")
     except OSError as exc:
         raise UsageError("--payload-key %s cannot be read: %s" % (path, exc.strerror)) from None
     try:

@@ -94,7 +94,7 @@ def test_protobuf_fields_and_the_manifest():
     (b"BZh91AY&SY" + b"\0" * 100, "flatcar_production_image.bin.bz2"),
     (b"\n<!DOCTYPE html><html><body>404 Not Found</body></html>", "error page"),
     (b"\xfd7zXZ\x00" + b"\0" * 100, "it is an xz archive"),
-    (b"\x00\x01\x02\x03\x04" * 10, "it starts with 00010203 instead"),
+    (b"root:x:0:0" * 10, "it does not start with CrAU"),  # never its bytes: it may be a secret
 ])
 def test_not_a_payload_says_what_it_looks_like(tmp_path, data, words):
     with pytest.raises(sp.PayloadError, match="is not an update payload") as err:

@@ -1352,8 +1352,32 @@ def read_step(directory: str) -> Optional[Step]:
                            "file." % (path, getattr(exc, "strerror", None) or exc)) from None
     if not isinstance(record, dict) or record.get("format") != RELEASE_RECORD_FORMAT:
         raise PayloadError("%s is not a record written by serve-package download." % path)
+    lacking = record_lacks(directory, record)
+    if lacking:
+        raise PayloadError("%s lists %s, which %s not there whole yet (a copy in progress?): "
+                           "copy the release's directory whole, then reload" % (
+                               path, ", ".join(lacking), "is" if len(lacking) == 1 else "are"))
     return Step(record.get("floor") is True, clean(str(record.get("floor_reason") or ""), 300),
                 record.get("target") is True)
+
+
+def record_lacks(directory: str, record: Dict[str, Any],
+                 sizes: Optional[Dict[str, int]] = None) -> List[str]:
+    """The files a release's record lists as downloaded that its directory lacks, or holds
+    with another size or without their .sha256 (`sizes`: each file's size by its name in the
+    directory, as looked at; else looked at now). A record of an earlier version lists no
+    sizes: nothing to tell."""
+    files = record.get("files")
+    if not isinstance(files, dict):
+        return []
+    if sizes is None:
+        sizes = {}
+        for name in files:
+            for each in (name, name + ".sha256"):
+                with contextlib.suppress(OSError, ValueError):
+                    sizes[each] = os.stat(os.path.join(directory, each)).st_size
+    return [clean(name, 80) for name, kept in sorted(files.items()) if isinstance(kept, dict)
+            and (sizes.get(name) != kept.get("size") or name + ".sha256" not in sizes)]
 
 
 def _release_layout(package_dir: str) -> List[ReleasePlan]:
@@ -2762,8 +2786,13 @@ class Fleet:
             self.dirty.update(keys)
 
     def restore(self, machines: Sequence["Machine"], now: float) -> None:
-        """The machines a state file kept, counted and holding their slots as before."""
+        """The machines a state file kept, counted and holding their slots as before; a time
+        after now (a clock that was ahead, a file edited by hand) counts as now, so that no
+        slot is held past its timeout."""
         with self.lock:
+            for machine in machines:
+                for name in ("first_seen", "last_seen", "offered_at", "progressed_at"):
+                    setattr(machine, name, min(getattr(machine, name), now))
             for machine in sorted(machines, key=lambda m: m.last_seen):
                 self.machines[machine.key] = machine
                 self.by_address[machine.address] = machine.key
@@ -4020,14 +4049,18 @@ def chosen_files(release: RemoteRelease, oems: Sequence[str], extensions: Sequen
                                      if name in offered), skipped
 
 
-def release_record(release: RemoteRelease, channel: str, source: str, now: float) -> str:
-    """What DIR/<board>/<version>/release.json keeps of what the service said."""
+def release_record(release: RemoteRelease, channel: str, source: str, now: float,
+                   kept: Dict[str, Tuple[str, int]]) -> str:
+    """What DIR/<board>/<version>/release.json keeps of what the service said, and the files
+    downloaded (name -> SHA-256 and size): a copy of the directory is complete once each is
+    there whole (read_step, and --watch)."""
     return json.dumps({
         "format": RELEASE_RECORD_FORMAT, "version": release.version, "board": release.board,
         "channel": channel, "role": release.role(), "floor": release.floor,
         "floor_reason": release.floor_reason, "target": release.target, "source": source,
-        "fetched": iso_time(now),
-        "files": {f.name: f.sha256_hex for f in release.files}}, indent=1) + "\n"
+        "fetched": iso_time(now), "offered": [f.name for f in release.files],
+        "files": {name: {"sha256": sha256, "size": size}
+                  for name, (sha256, size) in sorted(kept.items())}}, indent=1) + "\n"
 
 
 RETRY_STATUSES = (500, 502, 503, 504)
@@ -4476,10 +4509,13 @@ class Progress:
         self.out.flush()
 
 
-def record_release(directory: str, release: RemoteRelease, channel: str, source: str) -> None:
+def record_release(directory: str, release: RemoteRelease, channel: str, source: str,
+                   wanted: Sequence["Wanted"]) -> None:
     """DIR/<board>/<version>/release.json, unless it already says the same of the release."""
     path = os.path.join(directory, release.board, release.version, RELEASE_RECORD)
-    text = release_record(release, channel, source, time.time())
+    kept = {item.file.name: (item.file.sha256_hex, os.stat(item.path(directory)).st_size)
+            for item in wanted if item.release is release}
+    text = release_record(release, channel, source, time.time(), kept)
     try:
         with open(path, encoding="utf-8") as f:
             kept = json.load(f)
@@ -4611,7 +4647,7 @@ def run_download(options: DownloadOptions, fetcher: Fetcher, out: Any) -> int:
         fetched += fetch_one(fetcher, item, options.directory, options.keys, progress)
     source = options.release_server if options.version else options.source
     for release in releases:
-        record_release(options.directory, release, options.channel, source)
+        record_release(options.directory, release, options.channel, source, wanted)
     seconds = time.monotonic() - began
     out.write("%s: every file is present and verified%s.\nOn the air-gapped side, serve them "
               "with:\n    python3 serve-package.pyz --package-dir %s\n" % (
@@ -4796,6 +4832,17 @@ class Answered(NamedTuple):
     notes: List[Note]
 
 
+RELOAD_BOUND = 600.0  # seconds: hashing a few GiB takes seconds; a reload this long is stuck
+
+
+def steady_clock() -> Callable[[], float]:
+    """The wall-clock time of the start, moved on by the monotonic clock: the durations that
+    slots and timeouts measure hold whatever the system's clock does later (stepped back, or
+    forward), and the times shown stay the wall clock's to within its drift."""
+    base = time.time() - time.monotonic()
+    return lambda: base + time.monotonic()
+
+
 class Service:
     """The application: the catalog on offer, the rollout policy, the fleet, the warnings and the
     clock, and what every endpoint needs of them as plain calls that return what to send and the
@@ -4805,7 +4852,8 @@ class Service:
     served, the catalog's (a reload swaps it whole) and the files downloads are reading."""
 
     def __init__(self, catalog: Catalog, settings: "Settings",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Optional[Callable[[], float]] = None) -> None:
+        clock = clock or steady_clock()
         self.catalog, self.settings, self.clock = catalog, settings, clock
         policy = settings.policy
         self.fleet = Fleet(catalog, policy.update_timeout,
@@ -4827,6 +4875,8 @@ class Service:
         self._catalog_lock = threading.Lock()  # a reload's swap, against a download's start
         self._in_flight = InFlight()
         self.offer_changes = collections.deque(maxlen=5)  # type: collections.deque
+        self.reloading_since = None  # type: Optional[float]  # time.monotonic(), while one runs
+        self._said_slow_reload = False
 
     # -- the Omaha endpoint ----------------------------------------------------------------
 
@@ -4987,12 +5037,33 @@ class Service:
             "paused" if paused else "resumed", self.settings.policy.pause_file,
             "exists" if paused else "is gone"))]
 
+    def reload_began(self) -> None:
+        self.reloading_since, self._said_slow_reload = time.monotonic(), False
+
+    def reload_ended(self) -> None:
+        self.reloading_since = None
+
+    def health(self) -> str:
+        """What keeps the server from being healthy, in one sentence ("" when nothing does): a
+        reload that has run past its bound (its files cannot be read: a hung mount?)."""
+        since = self.reloading_since
+        if since is not None and time.monotonic() - since >= self.settings.reload_bound:
+            return ("a reload has been running for %d s and has not finished: a file in the "
+                    "releases cannot be read (a hung mount?); the releases loaded before serve "
+                    "on" % (time.monotonic() - since))
+        return ""
+
     def tick(self) -> List[Note]:
-        """The clock's job, once a second: the "N more machines" warning lines now due, and a
-        line when what the fleet needs and is not served changed."""
+        """The clock's job, once a second: the "N more machines" warning lines now due, a line
+        when what the fleet needs and is not served changed, and one when a reload runs past
+        its bound."""
         now = self.clock()
         missing = fleet_needs(self.catalog, self.fleet.summary_facts(now))["missing"]
         notes = self.warnings.due(now) + self._forgotten_notes(now)
+        health = self.health()
+        if health and not self._said_slow_reload:
+            self._said_slow_reload = True
+            notes.append(Note(logging.ERROR, health))
         if missing != self._said_missing:
             self._said_missing = missing
             notes.append(Note(logging.WARNING, "the fleet needs what is not served: %s; see "
@@ -5621,6 +5692,14 @@ class Handler(FileHandler):
     # -- the status views ------------------------------------------------------------------
 
     def healthz(self, path: str) -> None:
+        problem = self.server.app.health()
+        if problem:
+            body = (problem + "\n").encode("utf-8")
+            self.send(503, [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(body))), ("Cache-Control", "no-store")],
+                      body)
+            self.log_request(503)
+            return
         self.send_plain("ok\n")
         self.log_request(200)
 
@@ -5891,6 +5970,7 @@ class Settings(NamedTuple):
     state_file: str = ""  # where the fleet is kept across restarts
     max_machines: int = MAX_MACHINES
     reset_state: bool = False
+    reload_bound: float = RELOAD_BOUND  # a reload running longer is said, and /healthz fails
 
     @property
     def scheme(self) -> str:
@@ -6583,50 +6663,89 @@ SAVE_AFTER = 3.0  # seconds from a change of a count or a slot to the save
 SAVE_IDLE = 60.0  # seconds between saves when only last-seen times changed
 
 
+MAX_STATE_LINE = 16 << 10  # a machine's record: its longest setup report is a few KiB
+
+
+def _bounded_lines(f: Any) -> Iterator[str]:
+    """A text file's lines, each at most MAX_STATE_LINE long: a longer one is read to its end
+    and given as its first MAX_STATE_LINE characters (which no record fills)."""
+    while True:
+        line = f.readline(MAX_STATE_LINE)
+        if not line:
+            return
+        if len(line) >= MAX_STATE_LINE and not line.endswith("\n"):
+            while True:
+                rest = f.readline(MAX_STATE_LINE)
+                if not rest or rest.endswith("\n"):
+                    break
+        yield line
+
+
 def _machine_from_line(line: str, number: int, fields: Sequence[str]) -> Machine:
+    if len(line) >= MAX_STATE_LINE:
+        raise ValueError("line %d: longer than any machine's record" % number)
     try:
         return Machine.from_record(json.loads(line), fields)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise ValueError("line %d: %s" % (number, exc)) from None
 
 
-def read_state(path: str, reset: bool) -> List[Machine]:
-    """The machines FILE kept; none when it does not exist yet, or with --reset-state (the old
-    file is kept as FILE.old). Anything else is a UsageError: the file is never overwritten by
-    a fleet that forgot it."""
+def _state_header(path: str, line: str) -> List[str]:
+    """The fields a state file's header lists; UsageError for a file this version must not
+    read, ValueError for one that is no state file."""
+    header = json.loads(line or "null")
+    if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
+        raise ValueError("line 1 is not a serve-package state file's header")
+    if type(header.get("version")) is not int or header["version"] > STATE_VERSION:
+        raise UsageError("--state-file %s was written by a newer serve-package (state "
+                         "format %s; this one reads %d): start that one, or start with "
+                         "--reset-state to keep the file as %s.old and start afresh"
+                         % (path, clean(str(header.get("version")), 20), STATE_VERSION, path))
+    fields = header.get("fields", list(Machine.RECORDED))
+    if not isinstance(fields, list) or not all(isinstance(n, str) for n in fields):
+        raise ValueError("its header does not list its fields")
+    return fields
+
+
+def read_state(path: str, reset: bool, max_machines: int = MAX_MACHINES) -> List[Machine]:
+    """The machines FILE kept, at most `max_machines` (the ones seen last); none when it does
+    not exist yet, or with --reset-state (the old file is kept as FILE.old). A record that is
+    not a machine's is dropped, counted and said; a file that is not a state file, or one of a
+    newer version, is a UsageError: it is never overwritten by a fleet that forgot it."""
     if not path:
         return []
     if reset:
         if os.path.exists(path):
             os.replace(path, path + ".old")
         return []
+    machines, dropped, first, read = [], 0, "", 0  # type: List[Machine], int, str, int
     try:
-        with open(path, encoding="utf-8") as f:
-            header = json.loads(f.readline() or "null")
-            if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
-                raise ValueError("line 1 is not a serve-package state file's header")
-            if not isinstance(header.get("version"), int) or header["version"] > STATE_VERSION:
-                raise UsageError("--state-file %s was written by a newer serve-package (state "
-                                 "format %s; this one reads %d): start that one, or start with "
-                                 "--reset-state to keep the file as %s.old and start afresh"
-                                 % (path, header.get("version"), STATE_VERSION, path))
-            fields = header.get("fields", list(Machine.RECORDED))
-            if not isinstance(fields, list) or not all(isinstance(n, str) for n in fields):
-                raise ValueError("its header does not list its fields")
-            machines = [_machine_from_line(line, number, fields)
-                        for number, line in enumerate(f, 2)]
-            if len(machines) != header.get("machines"):
-                raise ValueError("it holds %d machines, its header says %s" % (
-                    len(machines), header.get("machines")))
+        with os.fdopen(open_regular(path), encoding="utf-8", errors="replace") as f:
+            fields = _state_header(path, f.readline(MAX_STATE_LINE))
+            for number, line in enumerate(_bounded_lines(f), 2):
+                try:
+                    machines.append(_machine_from_line(line, number, fields))
+                    read += 1
+                except ValueError as exc:
+                    dropped, first = dropped + 1, first or str(exc)
+                if len(machines) >= 2 * max_machines:  # memory stays within twice the cap
+                    machines = sorted(machines, key=lambda m: -m.last_seen)[:max_machines]
     except FileNotFoundError:
         return []
     except OSError as exc:
         raise UsageError("--state-file %s cannot be read: %s" % (path, exc.strerror)) from None
-    except (ValueError, UnicodeError) as exc:
+    except ValueError as exc:
         raise UsageError("--state-file %s is damaged or not a state file (%s); it is left as it "
                          "is: start with --reset-state to keep it as %s.old and start afresh"
                          % (path, clean(str(exc), 120), path)) from None
-    return machines
+    if dropped:
+        log_line(logging.WARNING, "--state-file %s: %d record(s) that are not a machine's were "
+                 "dropped (the first, %s); the next save leaves them out" % (
+                     path, dropped, clean(first, 200)))
+    if read > max_machines:
+        log_line(logging.WARNING, "--state-file %s holds %d machines, more than --max-machines "
+                 "%d: the %d seen last are kept" % (path, read, max_machines, max_machines))
+    return sorted(machines, key=lambda m: -m.last_seen)[:max_machines]
 
 
 class Background:
@@ -6766,15 +6885,27 @@ def tree_state(directory: str) -> Tuple[Tuple[str, int, int], ...]:
     return tuple(sorted(found))
 
 
-def complete(state: Sequence[Tuple[str, int, int]],
+def complete(directory: str, state: Sequence[Tuple[str, int, int]],
              loaded: Sequence[Tuple[str, int, int]]) -> bool:
     """Whether every version directory a tree_state() has that the loaded one had not holds
-    download's record, and no file is still downloading: such a change need not settle."""
+    download's record and every file the record lists, whole, and no file is still
+    downloading: such a change need not settle."""
     names = [name for name, _, _ in state]
     versions = {os.path.dirname(n) for n in names if n.count(os.sep) == 2}
     versions -= {os.path.dirname(n) for n, _, _ in loaded if n.count(os.sep) == 2}
-    return (not any(n.endswith(PARTIAL) for n in names) and
-            all(os.path.join(v, RELEASE_RECORD) in names for v in versions))
+    if any(n.endswith(PARTIAL) for n in names):
+        return False
+    for version in versions:
+        sizes = {os.path.basename(n): size for n, size, _ in state
+                 if os.path.dirname(n) == version}
+        try:
+            record = json.loads(read_regular(os.path.join(directory, version, RELEASE_RECORD),
+                                             MAX_RECORD).decode("utf-8"))
+        except (OSError, ValueError):
+            return False  # not there yet, or still being written
+        if not isinstance(record, dict) or record_lacks("", record, sizes):
+            return False
+    return True
 
 
 class Watcher(Background):
@@ -6795,7 +6926,7 @@ class Watcher(Background):
         since = time.monotonic()
         while not self.stop.wait(WATCH_EVERY):
             state, now = tree_state(self.directory), time.monotonic()
-            done = complete(state, loaded)
+            done = complete(self.directory, state, loaded)
             if state != seen:
                 seen, since = state, now
                 if not done:
@@ -6831,12 +6962,15 @@ class Reloader:
             notify("RELOADING=1", "STATUS=reloading (%s)" % why)
             log_line(logging.INFO, "reloading the releases (%s); the current ones serve on "
                      "meanwhile" % why)
+            self.app.reload_began()
             try:
                 say(self.app.replace_catalog(load_catalog_for(
                     self.settings, self.app.catalog.packages())))
             except PayloadError as exc:
                 log_line(logging.ERROR, "reload failed, the releases stay as they were: %s"
                          % str(exc).rstrip("."))
+            finally:
+                self.app.reload_ended()
             notify("READY=1", "STATUS=" + status_line(self.app))
             with self.lock:
                 if not self.again:
@@ -6998,7 +7132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         loaded = tree_state(settings.package_dir) if settings.watch and settings.package_dir \
             else ()  # before the load: a release added meanwhile is one --watch takes
         app = Service(load_catalog_for(settings), settings)
-        app.fleet.restore(read_state(settings.state_file, settings.reset_state), app.clock())
+        app.fleet.restore(read_state(settings.state_file, settings.reset_state,
+                                     settings.max_machines), app.clock())
         server = make_server(app, settings)
     except (UsageError, PayloadError) as exc:
         sys.stderr.write("%s: error: %s\n" % (PROG, str(exc).rstrip(".") + "."))

@@ -2,6 +2,7 @@
 --watch), a download in flight across a reload, and systemd's ways: sd_notify over
 $NOTIFY_SOCKET, priorities for journald, $STATE_DIRECTORY. Each against the built .pyz."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -9,8 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
-from conftest import DEMO_PAYLOAD, PyzProcess, check, get, post
+import serve_package as sp
+
+from conftest import DEMO_PAYLOAD, FIXTURES, PyzProcess, check, get, post
 
 OS = "flatcar_production_update.gz"
 
@@ -77,6 +81,42 @@ def test_watch_takes_a_release_once_it_is_complete(pyz, tmp_path):
     with PyzProcess(pyz, ["--package-dir", str(tmp_path), "--listen-address", "127.0.0.1:0",
                           "--watch"]) as server:
         release(tmp_path, "9999.9.10", record=True)
+        server.wait_for_log("reloaded: the offer changed: amd64-usr: 9999.9.9 \u2192 9999.9.10",
+                            timeout=20)
+        assert offered(server.port) == "9999.9.10"
+
+
+def test_watch_never_takes_a_copy_half_way(pyz, tmp_path):
+    """cp -r may copy release.json before the files it lists: the release is not taken until
+    each is there whole, with its .sha256 (an OEM machine offered it without its oem-<ID>.gz
+    fails post-install); a SIGHUP meanwhile keeps the old releases and says why."""
+    release(tmp_path, "9999.9.9")
+    with open(DEMO_PAYLOAD, "rb") as f:
+        data = f.read()
+    sha = hashlib.sha256(data).hexdigest()
+    with PyzProcess(pyz, ["--package-dir", str(tmp_path), "--listen-address", "127.0.0.1:0",
+                          "--watch"]) as server:
+        where = tmp_path / "amd64-usr" / "9999.9.10"
+        where.mkdir(parents=True)
+        (where / "release.json").write_text(json.dumps({
+            "format": "serve-package release", "version": "9999.9.10", "board": "amd64-usr",
+            "floor": False, "target": True, "files": {
+                OS: {"sha256": sha, "size": len(data)},
+                "oem-azure.gz": {"sha256": "ab" * 32, "size": 20310}}}))
+        (where / OS).write_bytes(data[:1000])  # the copy goes on
+        time.sleep(sp.WATCH_EVERY + 1)
+        assert offered(server.port) == "9999.9.9"
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_log("lists %s, oem-azure.gz, which are not there whole yet (a copy in "
+                            "progress?)" % OS)
+        assert offered(server.port) == "9999.9.9"
+        (where / OS).write_bytes(data)
+        (where / (OS + ".sha256")).write_text("%s  %s\n" % (sha, OS))
+        shutil.copyfile(os.path.join(FIXTURES, "extensions", "oem-azure.gz"),
+                        str(where / "oem-azure.gz"))
+        assert offered(server.port) == "9999.9.9"
+        (where / "oem-azure.gz.sha256").write_text(
+            "%s  oem-azure.gz\n" % hashlib.sha256((where / "oem-azure.gz").read_bytes()).hexdigest())
         server.wait_for_log("reloaded: the offer changed: amd64-usr: 9999.9.9 \u2192 9999.9.10",
                             timeout=20)
         assert offered(server.port) == "9999.9.10"

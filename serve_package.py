@@ -6690,9 +6690,9 @@ def _machine_from_line(line: str, number: int, fields: Sequence[str]) -> Machine
         raise ValueError("line %d: %s" % (number, exc)) from None
 
 
-def _state_header(path: str, line: str) -> List[str]:
-    """The fields a state file's header lists; UsageError for a file this version must not
-    read, ValueError for one that is no state file."""
+def _state_header(path: str, line: str) -> Tuple[List[str], int]:
+    """The fields a state file's header lists and the machines it says it holds; UsageError
+    for a file this version must not read, ValueError for one that is no state file."""
     header = json.loads(line or "null")
     if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
         raise ValueError("line 1 is not a serve-package state file's header")
@@ -6704,7 +6704,8 @@ def _state_header(path: str, line: str) -> List[str]:
     fields = header.get("fields", list(Machine.RECORDED))
     if not isinstance(fields, list) or not all(isinstance(n, str) for n in fields):
         raise ValueError("its header does not list its fields")
-    return fields
+    count = header.get("machines")
+    return fields, count if type(count) is int else -1
 
 
 def read_state(path: str, reset: bool, max_machines: int = MAX_MACHINES) -> List[Machine]:
@@ -6721,7 +6722,7 @@ def read_state(path: str, reset: bool, max_machines: int = MAX_MACHINES) -> List
     machines, dropped, first, read = [], 0, "", 0  # type: List[Machine], int, str, int
     try:
         with os.fdopen(open_regular(path), encoding="utf-8", errors="replace") as f:
-            fields = _state_header(path, f.readline(MAX_STATE_LINE))
+            fields, count = _state_header(path, f.readline(MAX_STATE_LINE))
             for number, line in enumerate(_bounded_lines(f), 2):
                 try:
                     machines.append(_machine_from_line(line, number, fields))
@@ -6730,6 +6731,9 @@ def read_state(path: str, reset: bool, max_machines: int = MAX_MACHINES) -> List
                     dropped, first = dropped + 1, first or str(exc)
                 if len(machines) >= 2 * max_machines:  # memory stays within twice the cap
                     machines = sorted(machines, key=lambda m: -m.last_seen)[:max_machines]
+            if read + dropped < count:
+                raise ValueError("it holds %d machines, its header says %d: it was cut short"
+                                 % (read + dropped, count))
     except FileNotFoundError:
         return []
     except OSError as exc:

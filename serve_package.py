@@ -1461,6 +1461,9 @@ class Catalog:
         for board in dict.fromkeys(release.board for release in self.releases):
             mine = [release for release in self.releases if release.board == board]
             held = [release for release in mine if release.version in targets]
+            if len(held) > 1:
+                raise PayloadError("--target-version %s: each holds %s; hold a board on one "
+                                   "release." % (" and ".join(r.version for r in held), board))
             target = held[0] if held else max(mine, key=lambda r: r.key)
             self.target_rules[board] = ("held by --target-version %s" % target.version if held
                                         else "the newest release")
@@ -1526,6 +1529,10 @@ class Catalog:
 def _release_version(plan: ReleasePlan, given: str) -> Tuple[str, Tuple[int, ...]]:
     """A release's version, from --package-version or else its directory, checked before any
     file is read."""
+    if given and plan.version:
+        raise PayloadError("--package-version %s: the release layout names each release's "
+                           "version by its directory (%s); leave --package-version out, or "
+                           "rename the directory." % (given, os.path.dirname(plan.specs[0].path)))
     text = given or plan.version
     if not text:
         raise PayloadError("--package-version is required: %s's path does not say its "
@@ -2019,6 +2026,7 @@ class Standing(NamedTuple):
     held: bool = False
     in_use: int = 0
     installed_instead: str = ""
+    between_steps: bool = False  # holds its slot between two steps of a path: not mid-update
 
 
 def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release, policy: Policy,
@@ -2039,9 +2047,9 @@ def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release,
                         "intermediate version first" % (clean(app.version, 40),
                                                         policy.min_version),
                             warning="min-version")
+    if paused and (not standing.held or standing.between_steps):
+        return Decision(False, "rollout paused: %s exists" % policy.pause_file)
     if not standing.held:
-        if paused:
-            return Decision(False, "rollout paused: %s exists" % policy.pause_file)
         if policy.max_concurrent and standing.in_use >= policy.max_concurrent:
             return Decision(False, "waiting for a slot: %d machines are updating "
                             "(--max-concurrent)" % policy.max_concurrent)
@@ -2052,8 +2060,10 @@ def installed_instead_words(offered: str, running: str) -> str:
     """A payload served under the wrong --package-version: machines install it and come back
     on another version, then would be offered it again at every check, forever."""
     running = clean(running, 40)
-    return ("installed the payload offered as %s and now runs %s: the payload is %s; restart "
-            "with --package-version %s" % (offered, running, running, running))
+    return ("installed the payload offered as %s and now runs %s: the payload is %s; serve it "
+            "as %s (--package-version %s, or in --package-dir its directory named %s) and "
+            "reload, or put the payload of %s in its place" % (
+                offered, running, running, running, running, running, offered))
 
 
 def decide(app: AppRequest, release: Release, intact: bool = True,
@@ -2118,6 +2128,15 @@ def for_syncer(app: AppRequest, catalog: Catalog) -> List[Release]:
     if key is None:
         return []
     return [release for release in catalog.path(app.machine_board) if release.key > key]
+
+
+def syncer_nothing(app: AppRequest, catalog: Catalog) -> str:
+    """Why a syncer is answered nothing, in words."""
+    if parse_version(app.version) is None:
+        return "nothing: its version %r is not a version" % clean(app.version, 40)
+    if not catalog.path(app.machine_board):
+        return "nothing: no release of that board is served"
+    return "nothing newer"
 
 
 def syncer_answer(app: AppRequest, catalog: Catalog, releases: Sequence[Release],
@@ -2326,6 +2345,19 @@ class Machine:
     def offer(self, version: str, final: str, now: float, words: str = "offered") -> None:
         self.target, self.final, self.error, self.offered_at = version, final, None, now
         self.state, self.detail = OFFERED, words
+
+    def rebooted_unreported(self, app: AppRequest) -> bool:
+        """A check from a machine that installed an update and now runs it, without the report
+        of its reboot (update_engine sends previousversion once; that request was lost): it is
+        complete. True when that changed its state."""
+        if self.state != INSTALLED or app.events and any(
+                e.previousversion not in NO_PREVIOUS_VERSION for e in app.events):
+            return False
+        if parse_version(app.version) != parse_version(self.target):
+            return False
+        self.target, self.error, self.size = "", None, 0
+        return self.change(COMPLETE, "update complete: runs %s (the report of its reboot did "
+                           "not arrive)" % clean(app.version, 40))
 
     def came_back_on_another(self, event: Event, app: AppRequest,
                              served: FrozenSet[str]) -> bool:
@@ -2642,6 +2674,12 @@ def catalog_versions(catalog: Catalog, board: str) -> FrozenSet[str]:
     return frozenset(r.version for r in catalog.releases if r.board == board)
 
 
+def catalog_payloads(catalog: Catalog) -> Dict[str, FrozenSet[Tuple[str, str]]]:
+    """Each board's releases as (version, its OS payload's SHA-256): what a reload changes."""
+    return {board: frozenset((r.version, r.packages[0].sha256_hex) for r in catalog.releases
+                             if r.board == board) for board in catalog.paths}
+
+
 def machine_key(machineid: str, address: str) -> str:
     """The one rule for telling machines apart: by /etc/machine-id, else (a request that sends
     none) by the address it comes from."""
@@ -2669,6 +2707,8 @@ class Fleet:
         self.os_payloads = catalog.os_payloads()
         # each board's versions: a machine that comes back on one was not sent a wrong payload
         self.served = {board: catalog_versions(catalog, board) for board in catalog.paths}
+        self.payloads = catalog_payloads(catalog)
+        self.targets = {board: path[-1].version for board, path in catalog.paths.items()}
         self.max_machines = max_machines  # past it, the longest unseen without a slot goes
         self.update_timeout = update_timeout
         self.max_concurrent = max_concurrent  # 0: no limit, and no slots are counted
@@ -2714,33 +2754,42 @@ class Fleet:
             # (an offer it let lapse is no slot, whatever it does next)
             held = machine.holds_slot(now, self.update_timeout) and (
                 not self.limited or key in self.holders)
-            decision = choose(Standing(held, in_use, machine.installed_instead))
+            decision = choose(Standing(held, in_use, machine.installed_instead,
+                                       held and machine.state in (INSTALLED, COMPLETE)))
             checked = decision if app.updatecheck else None
             count_request(self.counters, app, checked)
             # A failure reported with an update check (a rollback is) stays what this request
             # says; the offer that comes with it shows on the machine's next check.
             failed_now = bool(notes) and machine.state in UNHAPPY
+            if checked is not None and machine.rebooted_unreported(app):
+                notes.append(machine.note(logging.INFO, "state"))
             if checked is not None and not failed_now:
                 notes += self._checked(machine, checked, now)
             self._changed(machine, before, now)
         return Taken(decision, happenings, key, notes)
 
     def serve(self, catalog: Catalog, now: float) -> None:
-        """A reload's releases: the OS payloads whose downloads are a machine's progress, and
-        the versions each board serves. A machine judged to have installed another version is
-        judged again on its next check once its board's releases changed (the verdict may have
-        been this very mix-up, now mended)."""
+        """A reload's releases: the OS payloads whose downloads are a machine's progress, the
+        versions each board serves and its target. A machine judged to have installed another
+        version is judged again on its next check once its board's releases changed (a version
+        or a payload: the verdict may have been this very mix-up, now mended); one half-way
+        along a path walks to the board's target as it is now."""
         with self.lock:
-            changed = {board for board in set(self.served) | set(catalog.paths)
-                       if self.served.get(board) != catalog_versions(catalog, board)}
+            payloads = catalog_payloads(catalog)
+            changed = {board for board in set(self.payloads) | set(payloads)
+                       if self.payloads.get(board) != payloads.get(board)}
             self.os_payloads = catalog.os_payloads()
             self.served = {board: catalog_versions(catalog, board) for board in catalog.paths}
+            self.payloads = payloads
+            self.targets = {board: path[-1].version for board, path in catalog.paths.items()}
             for machine in list(self.machines.values()):
+                before = machine.tally()
+                if machine.final:
+                    machine.final = self.targets.get(machine.board, "")
                 if machine.state == OTHER_VERSION and machine.board in changed:
-                    before = machine.tally()
                     machine.installed_instead, machine.target = "", ""
                     machine.change(IDLE, "judged again at its next check: the releases changed")
-                    self._changed(machine, before, now)
+                self._changed(machine, before, now)
 
     def _events(self, machine: "Machine", app: AppRequest, happenings: Sequence[Happening],
                 now: float) -> List[Note]:
@@ -2793,6 +2842,8 @@ class Fleet:
             for machine in machines:
                 for name in ("first_seen", "last_seen", "offered_at", "progressed_at"):
                     setattr(machine, name, min(getattr(machine, name), now))
+                if machine.final:  # the path it walks ends at the board's target as it is now
+                    machine.final = self.targets.get(machine.board, "")
             for machine in sorted(machines, key=lambda m: m.last_seen):
                 self.machines[machine.key] = machine
                 self.by_address[machine.address] = machine.key
@@ -3104,7 +3155,7 @@ def fleet_needs(catalog: Catalog, summary: Dict[str, Any]) -> Dict[str, Any]:
     every = sorted(set(n for found in names.values() for n in found))
     oems = [n[4:-3] for n in every if n.startswith("oem-")][:MAX_NEEDED_NAMES]
     extensions = [n[8:-3] for n in every if n.startswith("flatcar-")][:MAX_NEEDED_NAMES]
-    boards = sorted(set(summary["boards"]) | set(catalog.boards()))
+    boards = sorted((set(summary["boards"]) & set(BOARDS)) | set(catalog.boards()))
     missing = []
     for board in boards:
         path = catalog.path(board)
@@ -4402,6 +4453,21 @@ def ask_service(fetcher: Fetcher, options: DownloadOptions, board: str) -> List[
     return walk_floors(ask, options.since, where)
 
 
+def recorded_step(directory: str, release: RemoteRelease) -> RemoteRelease:
+    """--version V into a DIR whose V the service already described: what it said (a floor and
+    why) stays, the layout knows none of it."""
+    try:
+        record = json.loads(read_regular(os.path.join(
+            directory, release.board, release.version, RELEASE_RECORD), MAX_RECORD).decode())
+    except (OSError, ValueError):
+        return release
+    if not isinstance(record, dict) or record.get("floor") is not True:
+        return release
+    return release._replace(floor=True, floor_reason=clean(str(record.get("floor_reason", "")),
+                                                           300),
+                            target=record.get("target") is True)
+
+
 def release_from_layout(fetcher: Fetcher, options: DownloadOptions, board: str
                         ) -> RemoteRelease:
     """--version V: the release server's files of that version, each with its .sha256."""
@@ -4554,8 +4620,9 @@ def target_lines(releases: Sequence[RemoteRelease], directory: str) -> List[str]
     reload, and an older one is offered only under --target-version."""
     lines = []
     for release in releases:
-        if not release.target:
-            continue
+        if not release.target or os.path.isdir(os.path.join(directory, release.board,
+                                                             release.version)):
+            continue  # no new target: the same as the last run's
         try:
             there = [name for name in os.listdir(os.path.join(directory, release.board))
                      if parse_version(name) is not None and name != release.version]
@@ -4625,8 +4692,8 @@ def run_download(options: DownloadOptions, fetcher: Fetcher, out: Any) -> int:
     """Ask, plan, fetch, verify, place, record; the exit code (0: everything present)."""
     releases = []  # type: List[RemoteRelease]
     for board in options.boards:
-        found = ([release_from_layout(fetcher, options, board)] if options.version
-                 else ask_service(fetcher, options, board))
+        found = ([recorded_step(options.directory, release_from_layout(fetcher, options, board))]
+                 if options.version else ask_service(fetcher, options, board))
         if not found:
             out.write("%s: %s offers nothing newer than %s on the %s channel\n" % (
                 board, options.source, options.since, options.channel))
@@ -4819,11 +4886,20 @@ class InFlight:
 
 
 def offer_changes(old: Catalog, new: Catalog) -> List[str]:
-    """What a reload changed, board by board: 'amd64-usr: 3815.2.5 -> 4230.2.0'."""
-    return ["%s: %s \u2192 %s" % (board, old.path_words(board) or "nothing",
-                                  new.path_words(board) or "nothing")
-            for board in sorted(set(old.boards()) | set(new.boards()))
-            if old.path_words(board) != new.path_words(board)]
+    """What a reload changed, board by board: 'amd64-usr: 3815.2.5 -> 4230.2.0', or a
+    version's payload replaced: 'amd64-usr 3815.2.5: another payload'."""
+    before, after = catalog_payloads(old), catalog_payloads(new)
+    changes = []
+    for board in sorted(set(old.boards()) | set(new.boards())):
+        if old.path_words(board) != new.path_words(board):
+            changes.append("%s: %s \u2192 %s" % (board, old.path_words(board) or "nothing",
+                                                 new.path_words(board) or "nothing"))
+            continue
+        versions = dict(before.get(board, ()))
+        changes += ["%s %s: another payload (SHA-256 %s)" % (board, version, sha256[:16])
+                    for version, sha256 in sorted(after.get(board, ()))
+                    if versions.get(version, sha256) != sha256]
+    return changes
 
 
 class Answered(NamedTuple):
@@ -4902,7 +4978,7 @@ class Service:
                 notes.append(Note(logging.INFO, "%s syncer (%s, %s) from %s: %s" % (
                     client, clean(app.track, 40), clean(app.machine_board, 40),
                     clean(app.version, 40), ", ".join(r.version for r in releases)
-                    or "nothing newer")))
+                    or syncer_nothing(app, catalog))))
                 continue
             release = catalog.for_machine(app.machine_board, app.version)
             path = catalog.path(app.machine_board)
@@ -6798,9 +6874,11 @@ class StateKeeper(Background):
         self.thread.join()
         if self.save():
             return True
+        kept = ("the file keeps the last save" if os.path.exists(self.path)
+                else "and there is no file")
         log_line(logging.CRITICAL, "the fleet (%d machines) could NOT be saved to %s at "
-                 "shutdown (%s): what changed since the last save is lost; the file keeps "
-                 "that save" % (len(self.lines), self.path, self.failed))
+                 "shutdown (%s): what changed since the last save is lost, %s" % (
+                     len(self.lines), self.path, self.failed, kept))
         return False
 
     def save(self) -> bool:

@@ -15,7 +15,8 @@ import serve_package as sp
 
 import make_fixtures
 from clients import old_postinst_finds, ue_rs_finds, ue_rs_reads, update_engine_reads
-from conftest import (CHECK, DEMO_PAYLOAD, FIXTURES, PyzProcess, Running, check, event, get,
+from update_engine import HttpNet, UpdateEngine
+from conftest import (CHECK, DEMO_MACHINE_ID, DEMO_PAYLOAD, FIXTURES, PyzProcess, Running, check, event, get,
                       one_sentence_error, post, run_pyz)
 
 PAYLOADS = os.path.join(FIXTURES, "payloads")
@@ -208,18 +209,21 @@ def test_a_payload_offered_under_the_wrong_version_is_found_out(demo_release, ca
     with caplog.at_level(logging.INFO, logger="serve-package"):
         with Running(demo_release._replace(version="3815.2.5",
                                            key=sp.parse_version("3815.2.5"))) as running:
-            assert b'<updatecheck status="ok">' in running.post(check(version="3760.2.0"))[2]
-            for kind, result in ((13, 1), (14, 1), (3, 1)):
-                running.post(event(kind, result))
-            for _ in range(3):
-                answer = running.post(check(version="3800.0.0", previous="3760.2.0"))[2]
-                assert b'<updatecheck status="noupdate">' in answer
-            running.post(check(version="3800.0.0"))  # a routine check later: still no offer
+            node = UpdateEngine(DEMO_MACHINE_ID, "3760.2.0", alias="node-3")
+            net = HttpNet(running.port)
+            assert node.check(net) == "3815.2.5"
+            node.download(net)
+            node.install(net)
+            node.offered_version = "3800.0.0"  # what the payload really is
+            node.reboot()
+            for _ in range(3):  # its report of the reboot, then routine checks: still no offer
+                assert node.check(net) is None
             doc = json.loads(running.request("GET", "/status.json")[2])
             page = running.request("GET", "/")[2].decode()
     (machine,) = doc["machines"]
     words = ("installed the payload offered as 3815.2.5 and now runs 3800.0.0: the payload is "
-             "3800.0.0; restart with --package-version 3800.0.0")
+             "3800.0.0; serve it as 3800.0.0 (--package-version 3800.0.0, or in --package-dir its "
+             "directory named 3800.0.0) and reload, or put the payload of 3815.2.5 in its place")
     assert (machine["state"], machine["state_words"]) == ("other-version", words)
     assert ">installed another version</td>" in page and words in page
     said = [r for r in caplog.records if words in r.getMessage()]

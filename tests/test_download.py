@@ -20,7 +20,7 @@ import pytest
 
 import serve_package as sp
 
-from conftest import PyzProcess, get, run_pyz
+from conftest import PyzProcess, get, one_sentence_error, run_pyz
 from standins import Files, Published, start_files, start_proxy, start_service, stop_all
 from update_engine import HttpNet, UpdateEngine
 
@@ -438,6 +438,13 @@ def test_the_next_release_cycle_offers_the_newer_target(pyz, tmp_path, upstream)
     with PyzProcess(pyz, ["--package-dir", str(tmp_path), "--listen-address", "127.0.0.1:0"]) as server:
         assert "offering version 4459.0.0 for amd64-usr" in server.stdout.decode()
         assert machine.update(HttpNet(server.port)) == "4459.0.0"
+    again = download(pyz, tmp_path, *flags, *upstream.args)  # nothing new: nothing said
+    assert again.returncode == 0 and "supersedes" not in again.stdout.decode()
+    for wrong, words in ((["--target-version", "4230.2.0", "--target-version", "4459.0.0"],
+                          "each holds amd64-usr; hold a board on one release"),
+                         (["--package-version", "4459.0.0"],
+                          "the release layout names each release's version by its directory")):
+        one_sentence_error(run_pyz(pyz, "--package-dir", str(tmp_path), *wrong), words)
     held = UpdateEngine("1123456789abcdef0123456789abcdef", "4230.2.0")
     with PyzProcess(pyz, ["--package-dir", str(tmp_path), "--listen-address", "127.0.0.1:0",
                           "--target-version", "4230.2.0"]) as server:
@@ -470,3 +477,18 @@ def test_progress_on_a_terminal_is_one_updating_line(pyz, tmp_path, upstream):
     proc.stderr.close()
     assert b"\r\x1b[Kamd64-usr 4230.2.0 flatcar_production_update.gz: 43.9 KiB, verified, " \
            b"signed\r\n" in out
+
+
+def test_version_into_a_floors_directory_keeps_it_a_floor(pyz, tmp_path, upstream):
+    """The missing-OEM advice's command (download --version V --oem ID) into a DIR where V is a
+    floor: the record still says floor, with the service's reason, and the path keeps it."""
+    assert download(pyz, tmp_path, "--since", "3510.2.2", *upstream.args).returncode == 0
+    result = download(pyz, tmp_path, "--version", "3760.2.0", "--oem", "azure", *upstream.args)
+    assert result.returncode == 0, result.stderr
+    assert "amd64-usr 3760.2.0 (floor: %s)" % FLOOR_REASON in result.stdout.decode()
+    record = json.loads((tmp_path / "amd64-usr" / "3760.2.0" / "release.json").read_text())
+    assert (record["role"], record["floor_reason"]) == ("floor", FLOOR_REASON)
+    assert "oem-azure.gz" in record["files"]
+    with PyzProcess(pyz, ["--package-dir", str(tmp_path), "--listen-address", "127.0.0.1:0"]) as server:
+        assert "offering version 3760.2.0 (floor: %s) \u2192 4230.2.0 for amd64-usr" % FLOOR_REASON \
+            in server.stdout.decode()

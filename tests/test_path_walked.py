@@ -253,10 +253,13 @@ def test_an_offer_changed_between_install_and_reboot_is_no_other_version(tmp_pat
     assert site.app.fleet.machines[machine.machineid].state == "complete"
 
 
-def test_a_payload_of_the_wrong_version_is_still_named(tmp_path, payloads):
+def test_a_payload_of_the_wrong_version_is_still_named(tmp_path):
     """The verdict the fix must keep: a payload offered as 3815.2.5 that is really the
-    machine's own version (it comes back on what it left)."""
-    site = Site(tmp_path, [release(payloads, "amd64-usr", "3815.2.5")], sp.Policy())
+    machine's own version (it comes back on what it left). Once the operator puts the right
+    payload in place and reloads, it is judged again. (Releases of their own here: a reload
+    closes the files it no longer serves.)"""
+    wrong = sp.load_release(DEMO_PAYLOAD, "3815.2.5")
+    site = Site(tmp_path, [wrong], sp.Policy())
     machine = UpdateEngine("%032x" % 1, "3760.2.0")
     net = site.net()
     machine.check(net)
@@ -266,4 +269,58 @@ def test_a_payload_of_the_wrong_version_is_still_named(tmp_path, payloads):
     machine.reboot()
     assert machine.check(net) is None
     m = site.app.fleet.machines[machine.machineid]
-    assert m.state == sp.OTHER_VERSION and "restart with --package-version 3760.2.0" in m.detail
+    assert m.state == sp.OTHER_VERSION and "serve it as 3760.2.0 (--package-version 3760.2.0" \
+        in m.detail
+    right = sp.load_catalog_for(sp.Settings(package_files=(ARM_PAYLOAD,), board="amd64-usr",
+                                            package_version="3815.2.5",
+                                            skip_signature_check=True)).releases[0]
+    site.directory[:] = [right]
+    site.reload()
+    assert site.app.fleet.machines[machine.machineid].state == sp.IDLE
+    assert machine.check(net) == "3815.2.5"
+
+
+def test_the_pause_file_stops_the_next_step_too(tmp_path, payloads):
+    """A machine that installed a floor is mid-path, not mid-update: the pause file holds it
+    there (on a release every machine may run) until it is gone."""
+    site = Site(tmp_path, [release(payloads, "amd64-usr", "3760.2.0", floor=True),
+                           release(payloads, "amd64-usr", "4230.2.0")], sp.Policy())
+    machine = UpdateEngine("%032x" % 1, "3510.2.2")
+    net = site.net()
+    assert machine.update(net) == "3760.2.0"
+    site.pause(True)
+    assert machine.update(net) is None
+    m = site.app.fleet.machines[machine.machineid]
+    assert m.state == "complete" and m.version == "3760.2.0"
+    site.pause(False)
+    assert machine.update(net) == "4230.2.0"
+
+
+def test_a_path_cut_short_by_a_reload_frees_the_slot(tmp_path, payloads):
+    """Under --max-concurrent 1 the operator withdraws the target a machine was walking to: once
+    it runs what is now the target, the next machine gets the slot (not after 2 hours)."""
+    site = Site(tmp_path, [release(payloads, "amd64-usr", "3760.2.0", floor=True),
+                           release(payloads, "amd64-usr", "4230.2.0", floor=True),
+                           release(payloads, "amd64-usr", "4459.0.0")],
+                sp.Policy(max_concurrent=1))
+    first, second = (UpdateEngine("%032x" % n, "3510.2.2") for n in (1, 2))
+    net = site.net()
+    assert first.update(net) == "3760.2.0"
+    assert first.update(net) == "4230.2.0"
+    site.directory.pop()  # 4459.0.0 withdrawn: 4230.2.0 is the target
+    site.reload()
+    assert first.update(net) is None  # reports 4230.2.0, its target now
+    assert second.update(net) == "3760.2.0"
+
+
+def test_a_lost_report_of_the_reboot_still_completes(tmp_path, payloads):
+    """The first check after the reboot (the one with previousversion) never arrived: the next
+    one, from the version it installed, completes it."""
+    site = Site(tmp_path, [release(payloads, "amd64-usr", "4230.2.0")], sp.Policy())
+    machine = UpdateEngine("%032x" % 1, "3760.2.0")
+    net = site.net()
+    assert machine.update(net) == "4230.2.0"
+    machine.prefs["previous-version"] = ""  # its request was lost on the way
+    assert machine.update(net) is None
+    m = site.app.fleet.machines[machine.machineid]
+    assert m.state == "complete" and "the report of its reboot did not arrive" in m.detail

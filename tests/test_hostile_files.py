@@ -161,3 +161,13 @@ def test_a_reload_past_its_bound_fails_healthz_and_is_said(demo_release, caplog)
         assert post(running.port, machine(1))[0] == 200
         running.app.reload_ended()
         assert get(running.port, "/healthz") == (200, b"ok\n")
+
+
+@pytest.mark.parametrize("flag", ["--config", "--machine-ids-file", "--payload-key",
+                                  "--status-auth-file"])
+def test_a_fifo_given_as_any_file_is_one_sentence(pyz, tmp_path, flag):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(str(fifo))
+    result = run_pyz(pyz, *DEMO_ARGS, "--listen-address", "127.0.0.1:0", flag, str(fifo),
+                     timeout=20)
+    one_sentence_error(result, "it is a FIFO, not a regular file")

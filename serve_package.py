@@ -2718,6 +2718,8 @@ class Fleet:
         # by machine_key, the one seen last at the end: "not seen since" is a walk from the
         # front that stops at the first machine seen recently
         self.machines = collections.OrderedDict()  # type: collections.OrderedDict
+        # the machines seen only once, the one seen longest ago first: forgotten first
+        self.probation = collections.OrderedDict()  # type: collections.OrderedDict
         self.by_address = {}  # type: Dict[str, str]
         self.tally = Tally()
         self.holders = {}  # type: Dict[str, Machine]  # of a --max-concurrent slot, if limited
@@ -2846,6 +2848,8 @@ class Fleet:
                     machine.final = self.targets.get(machine.board, "")
             for machine in sorted(machines, key=lambda m: m.last_seen):
                 self.machines[machine.key] = machine
+                if machine.last_seen <= machine.first_seen and machine.state in (NEW, IDLE):
+                    self.probation[machine.key] = machine  # seen once, and nothing since
                 self.by_address[machine.address] = machine.key
                 self.tally.change(machine, None, now)
             holding = sorted((m for m in machines if m.holds_slot(now, self.update_timeout)),
@@ -2873,8 +2877,10 @@ class Fleet:
             if len(self.machines) >= self.max_machines:
                 self._forget_one()
             machine = self.machines[key] = Machine(key, address, now)
+            self.probation[key] = machine
         else:
             self.machines.move_to_end(key)
+            self.probation.pop(key, None)  # seen again: a real machine, kept before new ids
         machine.seen_at(now)
         by_address = self.by_address
         by_address.pop(address, None)  # to the end: the addresses seen last are kept
@@ -2884,14 +2890,18 @@ class Fleet:
         return machine, before
 
     def _forget_one(self) -> None:
-        """Make room: the machine seen longest ago that holds no slot is forgotten (the front of
-        the fleet's order is the longest unseen)."""
-        for key, machine in self.machines.items():
-            if key not in self.holders:
+        """Make room: the machine seen longest ago that holds no slot is forgotten, among the
+        ones seen only once first (on probation, as a cache keeps a probation segment apart
+        from a protected one: a flood of made-up ids, each seen once, churns only those), then
+        among all (the front of each order is the longest unseen)."""
+        for order in (self.probation, self.machines):
+            key = next((key for key in order if key not in self.holders), None)
+            if key is not None:
                 break
         else:
             return  # every machine holds a slot: none to forget
-        del self.machines[key]
+        machine = self.machines.pop(key)
+        self.probation.pop(key, None)
         self.tally.forget(machine)
         self._count_extensions(machine, -1)
         if self.by_address.get(machine.address) == key:

@@ -389,3 +389,18 @@ def test_a_state_file_of_an_earlier_format_loads_every_machine(release):
     fleet.restore(machines, 1700000010.0)
     assert fleet.summary_facts(1700000010.0)["machines"] == 4
     assert list(fleet.holders) == ["1" * 32]  # the earliest offer holds the one slot
+
+
+def test_a_flood_of_new_ids_never_forgets_a_machine_seen_twice(release):
+    """Past --max-machines the machines seen only once go first (probation): a flood of made-up
+    ids, all seen last, churns among themselves; the real machines, which checked in twice,
+    stay however long ago that was."""
+    fleet = sp.Fleet(sp.Catalog((release,)), 600.0, max_machines=20)
+    for n in range(5):
+        for now in (100.0, 200.0):
+            fleet.request(sp.parse_request(machine(n)).apps[0], "10.0.0.1", now + n, NO_OFFER)
+    for n in range(1000, 6000):  # made-up ids, each once, all after the real ones
+        fleet.request(sp.parse_request(machine(n)).apps[0], "10.0.0.9", 1000.0 + n, NO_OFFER)
+    kept = {m.alias for m in fleet.machines.values()}
+    assert {"node-%d" % n for n in range(5)} <= kept and len(fleet.machines) == 20
+    assert fleet.forgotten == 5000 - 15

@@ -2346,6 +2346,24 @@ class Machine:
         self.target, self.final, self.error, self.offered_at = version, final, None, now
         self.state, self.detail = OFFERED, words
 
+    def restored(self, now: float, targets: Dict[str, str]) -> None:
+        """As a state file kept it, now: a time after now (a clock that was ahead, a file edited
+        by hand) counts as now, so that no slot is held past its timeout; the path it walks
+        ends at its board's target as it is now."""
+        for name in ("first_seen", "last_seen", "offered_at", "progressed_at"):
+            setattr(self, name, min(getattr(self, name), now))
+        if self.final:
+            self.final = targets.get(self.board, "")
+
+    def served_anew(self, targets: Dict[str, str], changed: Iterable[str]) -> None:
+        """A reload: the path ends at its board's target as it is now; an other-version verdict
+        is judged again when its board's releases changed."""
+        if self.final:
+            self.final = targets.get(self.board, "")
+        if self.state == OTHER_VERSION and self.board in changed:
+            self.installed_instead, self.target = "", ""
+            self.change(IDLE, "judged again at its next check: the releases changed")
+
     def rebooted_unreported(self, app: AppRequest) -> bool:
         """A check from a machine that installed an update and now runs it, without the report
         of its reboot (update_engine sends previousversion once; that request was lost): it is
@@ -2670,14 +2688,54 @@ def count_request(counters: collections.Counter, app: AppRequest,
                      else OTHER] += 1
 
 
-def catalog_versions(catalog: Catalog, board: str) -> FrozenSet[str]:
-    return frozenset(r.version for r in catalog.releases if r.board == board)
+def summary_of(counts: Dict[str, Dict[Any, int]], total: int, extensions: Dict[Any, int],
+               examples: Dict[str, List[str]], updated: int, stalled: int,
+               not_seen: int) -> Dict[str, Any]:
+    """The fleet at a glance (Fleet.summary_facts), as the views read it."""
+    states = counts["state"]
+    return {
+        "machines": total, "states": states, "versions": counts["version"],
+        "boards": counts["board"], "groups": counts["group"], "oems": counts["oem"],
+        "board_oems": counts["board_oem"],
+        "rollout": {name: sum(states.get(state, 0) for state in group)
+                    for name, group in ROLLOUT_GROUPS},
+        "extensions": extensions,
+        "updates_last_hour": updated, "stalled": stalled, "not_seen": not_seen,
+        "failures": [(cause, n, examples.get(cause, []))
+                     for cause, n in sorted(counts["cause"].items(), key=lambda c: -c[1])]}
+
+
+def state_words(machine: Machine) -> str:
+    """Where a machine's update stands, and why, in one line (read under the fleet's lock)."""
+    words = "%s: %s" % (machine.state, machine.detail or machine.state)
+    if machine.error is not None and machine.state in (FAILED, ROLLED_BACK, DEFERRED):
+        hint = error_hint(machine.error)
+        words = "%s: %s%s" % (machine.state, describe_error(machine.error),
+                              " -- " + hint if hint else "")
+    return clean(words, 400)
 
 
 def catalog_payloads(catalog: Catalog) -> Dict[str, FrozenSet[Tuple[str, str]]]:
     """Each board's releases as (version, its OS payload's SHA-256): what a reload changes."""
     return {board: frozenset((r.version, r.packages[0].sha256_hex) for r in catalog.releases
                              if r.board == board) for board in catalog.paths}
+
+
+class Served(NamedTuple):
+    """What the fleet needs to know of the releases served: the OS payloads (whose downloads
+    are a machine's progress), each board's versions (a machine that comes back on one was
+    sent no wrong payload) and payloads (what a reload changed), and each board's target."""
+    os_payloads: FrozenSet[str]
+    versions: Dict[str, FrozenSet[str]]
+    payloads: Dict[str, FrozenSet[Tuple[str, str]]]
+    targets: Dict[str, str]
+
+
+def served_facts(catalog: Catalog) -> Served:
+    payloads = catalog_payloads(catalog)
+    return Served(catalog.os_payloads(),
+                  {board: frozenset(v for v, _ in pairs) for board, pairs in payloads.items()},
+                  payloads, {board: path[-1].version for board, path in catalog.paths.items()})
 
 
 def machine_key(machineid: str, address: str) -> str:
@@ -2704,11 +2762,7 @@ class Fleet:
     def __init__(self, catalog: Catalog, update_timeout: float,
                  offer_words: str = "offered", max_concurrent: int = 0,
                  max_machines: int = MAX_MACHINES) -> None:
-        self.os_payloads = catalog.os_payloads()
-        # each board's versions: a machine that comes back on one was not sent a wrong payload
-        self.served = {board: catalog_versions(catalog, board) for board in catalog.paths}
-        self.payloads = catalog_payloads(catalog)
-        self.targets = {board: path[-1].version for board, path in catalog.paths.items()}
+        self.served = served_facts(catalog)
         self.max_machines = max_machines  # past it, the longest unseen without a slot goes
         self.update_timeout = update_timeout
         self.max_concurrent = max_concurrent  # 0: no limit, and no slots are counted
@@ -2771,26 +2825,17 @@ class Fleet:
         return Taken(decision, happenings, key, notes)
 
     def serve(self, catalog: Catalog, now: float) -> None:
-        """A reload's releases: the OS payloads whose downloads are a machine's progress, the
-        versions each board serves and its target. A machine judged to have installed another
-        version is judged again on its next check once its board's releases changed (a version
-        or a payload: the verdict may have been this very mix-up, now mended); one half-way
-        along a path walks to the board's target as it is now."""
+        """A reload's releases. A machine judged to have installed another version is judged
+        again on its next check once its board's releases changed (a version or a payload:
+        the verdict may have been this very mix-up, now mended); one half-way along a path
+        walks to the board's target as it is now."""
         with self.lock:
-            payloads = catalog_payloads(catalog)
-            changed = {board for board in set(self.payloads) | set(payloads)
-                       if self.payloads.get(board) != payloads.get(board)}
-            self.os_payloads = catalog.os_payloads()
-            self.served = {board: catalog_versions(catalog, board) for board in catalog.paths}
-            self.payloads = payloads
-            self.targets = {board: path[-1].version for board, path in catalog.paths.items()}
+            old, self.served = self.served, served_facts(catalog)
+            changed = {board for board in set(old.payloads) | set(self.served.payloads)
+                       if old.payloads.get(board) != self.served.payloads.get(board)}
             for machine in list(self.machines.values()):
                 before = machine.tally()
-                if machine.final:
-                    machine.final = self.targets.get(machine.board, "")
-                if machine.state == OTHER_VERSION and machine.board in changed:
-                    machine.installed_instead, machine.target = "", ""
-                    machine.change(IDLE, "judged again at its next check: the releases changed")
+                machine.served_anew(self.served.targets, changed)
                 self._changed(machine, before, now)
 
     def _events(self, machine: "Machine", app: AppRequest, happenings: Sequence[Happening],
@@ -2799,7 +2844,7 @@ class Fleet:
         for event, happening in zip(app.events, happenings):
             offered_as = machine.target
             instead = happening.state == COMPLETE and machine.came_back_on_another(
-                event, app, self.served.get(app.machine_board, frozenset()))
+                event, app, self.served.versions.get(app.machine_board, frozenset()))
             if machine.happened(happening, event, now):
                 if instead:
                     machine.installed_other(offered_as, app.version)
@@ -2842,10 +2887,7 @@ class Fleet:
         slot is held past its timeout."""
         with self.lock:
             for machine in machines:
-                for name in ("first_seen", "last_seen", "offered_at", "progressed_at"):
-                    setattr(machine, name, min(getattr(machine, name), now))
-                if machine.final:  # the path it walks ends at the board's target as it is now
-                    machine.final = self.targets.get(machine.board, "")
+                machine.restored(now, self.served.targets)
             for machine in sorted(machines, key=lambda m: m.last_seen):
                 self.machines[machine.key] = machine
                 if machine.last_seen <= machine.first_seen and machine.state in (NEW, IDLE):
@@ -2930,7 +2972,7 @@ class Fleet:
                  seconds: float, now: float) -> List[Note]:
         """Progress of a download of the OS payload by machine `key`: `end` is the offset
         reached in the file, `sent` the bytes of this transfer so far, in `seconds`."""
-        if package.path not in self.os_payloads:
+        if package.path not in self.served.os_payloads:
             return []
         with self.lock:
             if key not in self.machines:  # no machine checked in from there: a syncer, curl
@@ -2968,14 +3010,7 @@ class Fleet:
         """One line for the setup script: where this machine's update stands, and why."""
         with self.lock:
             machine = self.machines.get(machineid)
-            if machine is None:
-                return "it has not checked in yet"
-            words = "%s: %s" % (machine.state, machine.detail or machine.state)
-            if machine.error is not None and machine.state in (FAILED, ROLLED_BACK, DEFERRED):
-                hint = error_hint(machine.error)
-                words = "%s: %s%s" % (machine.state, describe_error(machine.error),
-                                      " -- " + hint if hint else "")
-            return clean(words, 400)
+            return state_words(machine) if machine else "it has not checked in yet"
 
     def select(self, query: "Query", now: float) -> List[Machine]:
         """The machines a query asks for, in its order. Only the copy of the list is taken under
@@ -3008,20 +3043,8 @@ class Fleet:
                 not_seen += 1
             examples = {cause: [self.machines[key].name() for key in keys]
                         for cause, keys in tally.examples.items()}
-            updated = tally.updates_last_hour(now)
-            total = len(self.machines)
-            extensions = dict(self.extensions)
-        states = counts["state"]
-        return {
-            "machines": total, "states": states, "versions": counts["version"],
-            "boards": counts["board"], "groups": counts["group"], "oems": counts["oem"],
-            "board_oems": counts["board_oem"],
-            "rollout": {name: sum(states.get(state, 0) for state in group)
-                        for name, group in ROLLOUT_GROUPS},
-            "extensions": extensions,
-            "updates_last_hour": updated, "stalled": stalled, "not_seen": not_seen,
-            "failures": [(cause, n, examples.get(cause, []))
-                         for cause, n in sorted(counts["cause"].items(), key=lambda c: -c[1])]}
+            return summary_of(counts, len(self.machines), dict(self.extensions), examples,
+                              tally.updates_last_hour(now), stalled, not_seen)
 
     def failed(self, now: float) -> List[Machine]:
         """The machines whose update failed or rolled back, the one seen last first."""

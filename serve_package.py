@@ -2008,9 +2008,73 @@ class Decision(NamedTuple):
     final: str = ""  # with an offer: the board's target, the end of the path it walks
 
 
+DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+class Window(NamedTuple):
+    """A maintenance window (--window "Mon-Fri 02:00-05:00"): on these days (0 is Monday),
+    from `start` to `end` minutes after midnight; an end at or before the start runs past
+    midnight into the next day."""
+    days: FrozenSet[int]
+    start: int
+    end: int
+    text: str
+
+
+def _days(text: str) -> FrozenSet[int]:
+    if text.lower() in ("daily", "*"):
+        return frozenset(range(7))
+    days = set()  # type: set
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        names = [name.strip()[:3].title() for name in (first, last or first)]
+        if not all(name in DAY_NAMES for name in names):
+            raise ValueError("%r is not a day or a range of days (Mon-Fri, Sat,Sun, daily)"
+                             % part)
+        a, b = (DAY_NAMES.index(name) for name in names)
+        days.update((a + i) % 7 for i in range((b - a) % 7 + 1))
+    return frozenset(days)
+
+
+def parse_window(text: str) -> Window:
+    """'Mon-Fri 02:00-05:00', 'Sat,Sun 00:00-24:00', 'daily 22:00-02:00'; ValueError says why."""
+    match = re.fullmatch(r"\s*(\S+)\s+([0-2][0-9]):([0-5][0-9])-([0-2][0-9]):([0-5][0-9])\s*", text)
+    if not match:
+        raise ValueError("%r is not DAYS HH:MM-HH:MM, e.g. Mon-Fri 02:00-05:00" % clean(text, 60))
+    start = int(match.group(2)) * 60 + int(match.group(3))
+    end = int(match.group(4)) * 60 + int(match.group(5))
+    if start >= 24 * 60 or end > 24 * 60:
+        raise ValueError("%r has a time past 24:00" % clean(text, 60))
+    return Window(_days(match.group(1)), start, end, " ".join(text.split()))
+
+
+def _in_window(window: Window, day: int, minute: int) -> bool:
+    if window.start < window.end:
+        return day in window.days and window.start <= minute < window.end
+    return ((day in window.days and minute >= window.start)
+            or ((day - 1) % 7 in window.days and minute < window.end))
+
+
+def window_gate(windows: Sequence[Window], local: Any) -> str:
+    """"" when a maintenance window is open at this local time (a datetime), or none is set;
+    else why no offer is made, and when one opens next."""
+    if not windows:
+        return ""
+    minute, day = local.hour * 60 + local.minute, local.weekday()
+    if any(_in_window(w, day, minute) for w in windows):
+        return ""
+    ahead = min((d * 1440 + w.start - minute) % (7 * 1440) for w in windows
+                for d in ((day_ - day) % 7 for day_ in w.days))
+    opens = (day * 1440 + minute + ahead) % (7 * 1440)
+    return "outside the maintenance window (%s); it opens %s %02d:%02d" % (
+        "; ".join(w.text for w in windows), DAY_NAMES[opens // 1440], opens % 1440 // 60,
+        opens % 60)
+
+
 class Policy(NamedTuple):
     """The operator's rollout rules (the flags --force, --group, --machine-id, --min-version,
-    --max-concurrent, --update-timeout, --pause-file)."""
+    --max-concurrent, --update-timeout, --pause-file, --window, --timezone, --max-per-hour,
+    --halt-after)."""
     force: bool = False
     groups: FrozenSet[str] = frozenset()
     machine_ids: FrozenSet[str] = frozenset()
@@ -2018,6 +2082,10 @@ class Policy(NamedTuple):
     max_concurrent: int = 0  # 0: no limit
     update_timeout: float = UPDATE_TIMEOUT
     pause_file: str = ""
+    windows: Tuple[Window, ...] = ()  # offers only inside one (none: at any time)
+    timezone: str = ""  # the windows' time zone ("": the host's local time)
+    max_per_hour: int = 0  # new offers in any hour; 0: no limit
+    halt_after: int = 0  # failures on the release rolled out that halt it; 0: never
 
 
 class Standing(NamedTuple):
@@ -2027,10 +2095,11 @@ class Standing(NamedTuple):
     in_use: int = 0
     installed_instead: str = ""
     between_steps: bool = False  # holds its slot between two steps of a path: not mid-update
+    recent_offers: int = 0  # new offers in the last hour (counted under --max-per-hour)
 
 
 def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release, policy: Policy,
-                     paused: bool, standing: Standing) -> Optional[Decision]:
+                     gate: str, standing: Standing) -> Optional[Decision]:
     """The first rollout rule that keeps the release from this machine, if any."""
     if policy.groups and app.track not in policy.groups:
         return Decision(False, "its group %r is not one of --group %s" % (
@@ -2047,9 +2116,12 @@ def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release,
                         "intermediate version first" % (clean(app.version, 40),
                                                         policy.min_version),
                             warning="min-version")
-    if paused and (not standing.held or standing.between_steps):
-        return Decision(False, "rollout paused: %s exists" % policy.pause_file)
+    if gate and (not standing.held or standing.between_steps):
+        return Decision(False, gate)
     if not standing.held:
+        if policy.max_per_hour and standing.recent_offers >= policy.max_per_hour:
+            return Decision(False, "the rate limit: %d offers in the last hour "
+                            "(--max-per-hour)" % policy.max_per_hour)
         if policy.max_concurrent and standing.in_use >= policy.max_concurrent:
             return Decision(False, "waiting for a slot: %d machines are updating "
                             "(--max-concurrent)" % policy.max_concurrent)
@@ -2067,13 +2139,15 @@ def installed_instead_words(offered: str, running: str) -> str:
 
 
 def decide(app: AppRequest, release: Release, intact: bool = True,
-           policy: Policy = Policy(), paused: bool = False,
+           policy: Policy = Policy(), gate: str = "",
            standing: Standing = Standing(), final: Optional[Release] = None) -> Decision:
     """Whether this app is offered the release, its next step on its board's path to `final`
     (the target; the release itself when None). update_engine installs whatever it is offered,
     older or equal included, and never compares boards (flatcar/update_engine:
     src/update_engine/omaha_response_handler_action.cc): this is the only check there is.
-    Nothing is offered while a payload file is not the one hashed at startup (intact False)."""
+    Nothing is offered while a payload file is not the one hashed at startup (intact False).
+    `gate`: why no new offer is made now (the pause file, a halt, outside the maintenance
+    windows), "" when nothing stops them; a machine mid-update carries on."""
     final = final or release
     if not intact:
         return Decision(False, "a payload file changed on disk; restart %s" % PROG,
@@ -2092,7 +2166,7 @@ def decide(app: AppRequest, release: Release, intact: bool = True,
     if client is None:
         return Decision(False, "its version %r is not a version, so it is not offered %s"
                         % (clean(app.version, 40), release.version), warning="bad-version")
-    refusal = _rollout_refusal(app, client, release, policy, paused, standing)
+    refusal = _rollout_refusal(app, client, release, policy, gate, standing)
     if refusal is not None:
         return refusal
     if client >= release.key:
@@ -2785,6 +2859,30 @@ class Fleet:
         self.dirty = set()  # type: set
         self.changes = self.touches = 0
         self.forgotten = 0  # machines forgotten to stay within max_machines
+        self.recent = collections.deque()  # type: collections.deque  # new offers' times
+        self.max_per_hour = 0  # --max-per-hour: `recent` keeps that many
+        # machines that failed, by the (board, version) they were offered: what --halt-after
+        # counts (a machine's error event, a rollback, a download past --update-timeout)
+        self.failures = collections.defaultdict(set)  # type: Dict[Tuple[str, str], set]
+
+    def limit(self, max_concurrent: int, max_per_hour: int) -> None:
+        """The rollout's limits, at the start and when a reload changes them."""
+        with self.lock:
+            self.max_concurrent, self.limited = max_concurrent, max_concurrent > 0
+            self.max_per_hour = max_per_hour
+            self.recent = collections.deque(self.recent, maxlen=max(1, max_per_hour))
+
+    def _recent_offers(self, now: float) -> int:
+        while self.recent and now - self.recent[0] >= 3600:
+            self.recent.popleft()
+        return len(self.recent)
+
+    def failed_on(self, board: str, version: str) -> Tuple[int, List[str]]:
+        """How many machines failed on a release, and a few of their names."""
+        with self.lock:
+            keys = self.failures.get((board, version), ())
+            return len(keys), [self.machines[k].name() for k in list(keys)[:5]
+                               if k in self.machines]
 
     def request(self, app: AppRequest, address: str, now: float,
                 choose: Callable[[Standing], Decision]) -> Taken:
@@ -2811,7 +2909,8 @@ class Fleet:
             held = machine.holds_slot(now, self.update_timeout) and (
                 not self.limited or key in self.holders)
             decision = choose(Standing(held, in_use, machine.installed_instead,
-                                       held and machine.state in (INSTALLED, COMPLETE)))
+                                       held and machine.state in (INSTALLED, COMPLETE),
+                                       self._recent_offers(now) if self.max_per_hour else 0))
             checked = decision if app.updatecheck else None
             count_request(self.counters, app, checked)
             # A failure reported with an update check (a rollback is) stays what this request
@@ -2845,6 +2944,8 @@ class Fleet:
             offered_as = machine.target
             instead = happening.state == COMPLETE and machine.came_back_on_another(
                 event, app, self.served.versions.get(app.machine_board, frozenset()))
+            if happening.state in (FAILED, ROLLED_BACK) and offered_as:
+                self.failures[machine.board, offered_as].add(machine.key)
             if machine.happened(happening, event, now):
                 if instead:
                     machine.installed_other(offered_as, app.version)
@@ -2853,10 +2954,13 @@ class Fleet:
         return notes
 
     def _slots_in_use(self, now: float) -> int:
-        """Slots held now; a holder past --update-timeout lets its slot go."""
+        """Slots held now; a holder past --update-timeout lets its slot go (a download that
+        never finished counts as a failure of its release)."""
         for key, machine in list(self.holders.items()):
             if not machine.holds_slot(now, self.update_timeout):
                 del self.holders[key]
+                if machine.state in (DOWNLOADING, DOWNLOADED):
+                    self.failures[machine.board, machine.target].add(key)
         return len(self.holders)
 
     def _changed(self, machine: "Machine", before: Optional[Tuple[str, ...]], now: float) -> None:
@@ -2904,6 +3008,8 @@ class Fleet:
             self.tally.completions.clear()  # they completed before: not "in the last hour"
 
     def _offer(self, machine: "Machine", decision: Decision, now: float) -> None:
+        if self.max_per_hour and machine.state not in UNDER_WAY:
+            self.recent.append(now)
         machine.offer(decision.version, decision.final, now, "%s (%s)" % (
             self.offer_words, decision.step) if decision.step else self.offer_words)
         if self.limited:
@@ -4944,6 +5050,16 @@ class Answered(NamedTuple):
 RELOAD_BOUND = 600.0  # seconds: hashing a few GiB takes seconds; a reload this long is stuck
 
 
+def local_time(now: float, timezone: str) -> Any:
+    """The time as a datetime in the zone --timezone names (from the system's zoneinfo), else in
+    the host's local time."""
+    import datetime  # here: only --window needs it
+    if not timezone:
+        return datetime.datetime.fromtimestamp(now)
+    import zoneinfo  # novermin: --timezone is refused before Python 3.9 (settings_from)
+    return datetime.datetime.fromtimestamp(now, zoneinfo.ZoneInfo(timezone))
+
+
 def steady_clock() -> Callable[[], float]:
     """The wall-clock time of the start, moved on by the monotonic clock: the durations that
     slots and timeouts measure hold whatever the system's clock does later (stepped back, or
@@ -4970,12 +5086,14 @@ class Service:
                            if settings.skip_signature_check else "offered",
                            max_concurrent=policy.max_concurrent,
                            max_machines=settings.max_machines)
+        self.fleet.limit(policy.max_concurrent, policy.max_per_hour)
         self.warnings = Warnings()
         self.started = clock()
         # Looked at no more than once a second: each look is a syscall, checks come by the
         # thousand; downloads look at their payload between every chunk they send.
-        self._paused = PerSecond(self._look_paused, False)
-        self._said_paused = False
+        self._paused = PerSecond(self._look_paused, "")
+        self._said_paused = ""
+        self._halted = ""  # a halt that could not be written to the pause file
         self._said_missing = []  # type: List[str]
         self._said_forgotten = (0, 0.0)  # machines forgotten, as of the last line, and when
         self._changed = PerSecond(self._look_changed, ())
@@ -4996,8 +5114,8 @@ class Service:
         machines' changes, and advice on what went or will go wrong."""
         now = self.clock()
         catalog = self.catalog  # one set of releases for the whole request, reload or not
-        changed, paused = self._changed(now), self._paused(now)
-        notes = self._pause_notes(paused)
+        changed, gate = self._changed(now), self.gate(now)
+        notes = self._pause_notes(self._paused(now))
         if changed:
             notes += [note for package in changed for note in self.package_changed(package)]
         intact = not changed
@@ -5005,24 +5123,63 @@ class Service:
         answers = []
         for app in request.apps:
             if app.syncer and app.updatecheck:
-                releases = for_syncer(app, catalog)
-                answers.append(syncer_answer(app, catalog, releases, functools.partial(
-                    self.codebases, server_url)))
-                notes.append(Note(logging.INFO, "%s syncer (%s, %s) from %s: %s" % (
-                    client, clean(app.track, 40), clean(app.machine_board, 40),
-                    clean(app.version, 40), ", ".join(r.version for r in releases)
-                    or syncer_nothing(app, catalog))))
+                answers.append(self._syncer(app, client, server_url, catalog, notes))
                 continue
             release = catalog.for_machine(app.machine_board, app.version)
             path = catalog.path(app.machine_board)
             taken = self.fleet.request(app, client, now, functools.partial(
-                decide, app, release, intact, policy, paused, final=path[-1] if path else None))
+                decide, app, release, intact, policy, gate, final=path[-1] if path else None))
             answers.append(answer_app(app, taken.decision, release,
                                       self.codebases(server_url, release)))
             notes += self._request_notes(app, client, taken, now)
             notes += taken.notes
             notes += self._advice(app, client, taken, release, now)
+            if any(h.state in (FAILED, ROLLED_BACK) for h in taken.happenings):
+                notes += self._check_halt()
         return Answered(render_response(answers), notes)
+
+    def _syncer(self, app: AppRequest, client: str, server_url: str, catalog: Catalog,
+                notes: List[Note]) -> AppAnswer:
+        """A syncer's check: every release above its version (for_syncer), and its line."""
+        releases = for_syncer(app, catalog)
+        notes.append(Note(logging.INFO, "%s syncer (%s, %s) from %s: %s" % (
+            client, clean(app.track, 40), clean(app.machine_board, 40), clean(app.version, 40),
+            ", ".join(r.version for r in releases) or syncer_nothing(app, catalog))))
+        return syncer_answer(app, catalog, releases, functools.partial(self.codebases,
+                                                                       server_url))
+
+    def gate(self, now: float) -> str:
+        """Why no new offer is made now ("" when nothing stops them): the pause file (a manual
+        pause, or a halt written there), else outside every --window."""
+        policy = self.settings.policy
+        paused = self._paused(now)
+        if paused or not policy.windows:
+            return paused
+        return window_gate(policy.windows, local_time(now, policy.timezone))
+
+    def _check_halt(self) -> List[Note]:
+        """--halt-after: when that many machines failed on one release, new offers stop at once
+        and the halt is written to the pause file, with its reason; removing the file resumes,
+        as after a manual pause (and the failures count afresh)."""
+        limit, pause_file = self.settings.policy.halt_after, self.settings.policy.pause_file
+        if not limit or self._paused(self.clock()):
+            return []
+        for board, version in list(self.fleet.failures):
+            count, names = self.fleet.failed_on(board, version)
+            if count < limit:
+                continue
+            reason = ("halted: %d machine(s) failed on %s %s (--halt-after %d): %s; remove %s "
+                      "to resume" % (count, board, version, limit, ", ".join(names), pause_file))
+            try:
+                write_atomically(pause_file, [reason])
+            except OSError as exc:
+                reason += " (%s could not be written: %s; the halt lasts until a restart)" % (
+                    pause_file, exc.strerror)
+                self._halted = reason  # kept here, as the file could not keep it
+            self._paused = PerSecond(self._look_paused, "")
+            self._said_paused = "rollout " + reason
+            return [Note(logging.ERROR, "rollout " + reason)]
+        return []
 
     def codebases(self, server_url: str, release: Release) -> Tuple[str, ...]:
         """Where machines download a release from, in order: this server (its --base-url, or
@@ -5133,18 +5290,34 @@ class Service:
                       ) -> Tuple[Package, ...]:
         return tuple(p for p in self.catalog.packages() if p.changed_on_disk())
 
-    def _look_paused(self, _previous: bool, _second: int) -> bool:
+    def _look_paused(self, _previous: str, _second: int) -> str:
+        """The pause file's words: "" when there is none; its first line when a halt wrote
+        it."""
         pause_file = self.settings.policy.pause_file
-        return bool(pause_file) and os.path.exists(pause_file)
+        if self._halted:
+            return "rollout " + self._halted
+        try:
+            first = read_regular(pause_file, 4096, cut=True).decode("utf-8", "replace")
+        except OSError as exc:
+            return "" if exc.errno == errno.ENOENT or not pause_file else (
+                "rollout paused: %s exists" % pause_file)
+        first = first.splitlines()[0] if first.strip() else ""
+        if first.startswith("halted: "):
+            return "rollout " + clean(first, 600)
+        return "rollout paused: %s exists" % pause_file
 
-    def _pause_notes(self, paused: bool) -> List[Note]:
-        """A line when --pause-file came or went since the last look."""
+    def _pause_notes(self, paused: str) -> List[Note]:
+        """A line when --pause-file came or went since the last look; a resume after a halt
+        counts the failures afresh."""
         if paused == self._said_paused:
             return []
-        self._said_paused = paused
-        return [Note(logging.WARNING if paused else logging.INFO, "rollout %s: %s %s" % (
-            "paused" if paused else "resumed", self.settings.policy.pause_file,
-            "exists" if paused else "is gone"))]
+        said, self._said_paused = self._said_paused, paused
+        if paused:
+            return [Note(logging.WARNING, paused)]
+        if said.startswith("rollout halted"):
+            self.fleet.failures.clear()
+        return [Note(logging.INFO, "rollout resumed: %s is gone" % (
+            self.settings.policy.pause_file))]
 
     def reload_began(self) -> None:
         self.reloading_since, self._said_slow_reload = time.monotonic(), False
@@ -5169,6 +5342,7 @@ class Service:
         now = self.clock()
         missing = fleet_needs(self.catalog, self.fleet.summary_facts(now))["missing"]
         notes = self.warnings.due(now) + self._forgotten_notes(now)
+        notes += self._check_halt()
         health = self.health()
         if health and not self._said_slow_reload:
             self._said_slow_reload = True
@@ -6159,7 +6333,16 @@ _ROLLOUT_FLAGS = (
     Flag("update-timeout", "value", "how long an offered machine may hold its --max-concurrent "
          "slot (e.g. 90m, 2h, 3600; default %dh)" % (UPDATE_TIMEOUT // 3600), "DURATION"),
     Flag("pause-file", "value", "while FILE exists, no new offers; machines mid-update "
-         "continue", "FILE"),
+         "continue (default with --halt-after: rollout.paused beside --state-file)", "FILE"),
+    Flag("window", "list", "offer updates only inside this maintenance window, e.g. "
+         "\"Mon-Fri 02:00-05:00\" or \"daily 22:00-02:00\" (downloads already started "
+         "finish); repeatable", "DAYS HH:MM-HH:MM", []),
+    Flag("timezone", "value", "the --window times' zone, e.g. Europe/Berlin, from the "
+         "system's zoneinfo (default: the host's local time)", "ZONE"),
+    Flag("max-per-hour", "value", "at most N new offers in any hour; 0: no limit", "N", 0, int),
+    Flag("halt-after", "value", "when N machines fail on the release being rolled out (error "
+         "events, rollbacks, downloads past --update-timeout), stop offering it and write the "
+         "reason to the pause file: removing it resumes; 0: never", "N", 0, int),
     Flag("state-file", "value", "keep every machine's state, history and rollout slot in "
          "FILE, so that a restart loses nothing", "FILE"),
     Flag("reset-state", "switch", "start with an empty fleet, keeping the old --state-file as "
@@ -6456,6 +6639,8 @@ def policy_from(args: argparse.Namespace) -> Policy:
         machine_ids += read_list_file("--machine-ids-file", args.machine_ids_file)
         if not machine_ids:
             raise UsageError("--machine-ids-file %s names no machine" % args.machine_ids_file)
+    for flag, value in (("--max-per-hour", args.max_per_hour), ("--halt-after", args.halt_after)):
+        _at_least(flag, value, 0)
     return Policy(
         force=args.force, groups=frozenset(args.group), machine_ids=frozenset(machine_ids),
         min_version=_checked_version("--min-version", args.min_version)
@@ -6463,7 +6648,30 @@ def policy_from(args: argparse.Namespace) -> Policy:
         max_concurrent=args.max_concurrent,
         update_timeout=parse_duration("--update-timeout", args.update_timeout)
         if args.update_timeout else UPDATE_TIMEOUT,
-        pause_file=args.pause_file or "")
+        pause_file=args.pause_file or "", windows=tuple(map(_checked_window, args.window)),
+        timezone=_checked_timezone(args.timezone or ""), max_per_hour=args.max_per_hour,
+        halt_after=args.halt_after)
+
+
+def _checked_window(text: str) -> Window:
+    try:
+        return parse_window(text)
+    except ValueError as exc:
+        raise UsageError("--window %s" % exc) from None
+
+
+def _checked_timezone(name: str) -> str:
+    if not name:
+        return name
+    try:
+        local_time(0, name)
+    except ImportError:
+        raise UsageError("--timezone needs Python 3.9 or newer (zoneinfo); without it the "
+                         "windows are in the host's local time") from None
+    except (ValueError, KeyError, OSError):
+        raise UsageError("--timezone %r is not a zone the system's zoneinfo knows (e.g. "
+                         "Europe/Berlin, UTC)" % clean(name, 60)) from None
+    return name
 
 
 def default_state_file() -> str:
@@ -6498,6 +6706,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
     version = (_checked_version("--package-version", args.package_version)
                if args.package_version else "")
     policy = policy_from(args)
+    state_file = args.state_file or default_state_file()
+    if policy.halt_after and not policy.pause_file:
+        if not state_file:
+            raise UsageError("--halt-after writes the halt to the pause file: give --pause-file "
+                             "FILE, or --state-file FILE to have it beside it")
+        policy = policy._replace(pause_file=os.path.join(os.path.dirname(
+            os.path.abspath(state_file)), "rollout.paused"))
     mirrors = tuple(normalise_url("--mirror", url) for url in args.mirror)
     if args.no_local_payload and not mirrors:
         raise UsageError("--no-local-payload needs at least one --mirror to send machines to")
@@ -6524,7 +6739,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         mirrors=mirrors, local_payload=not args.no_local_payload, tls=tls,
         credentials=credentials, status_credentials=status_credentials,
         verbose=args.verbose, log_format=args.log_format,
-        state_file=args.state_file or default_state_file(), reset_state=args.reset_state,
+        state_file=state_file, reset_state=args.reset_state,
         max_machines=_at_least("--max-machines", args.max_machines, 1))
 
 
@@ -6673,6 +6888,13 @@ def rollout_rules(policy: Policy) -> List[str]:
         rules.append("at most %d updating at once" % policy.max_concurrent)
     if policy.pause_file:
         rules.append("paused while %s exists" % policy.pause_file)
+    if policy.windows:
+        rules.append("only inside %s (%s)" % ("; ".join(w.text for w in policy.windows),
+                                              policy.timezone or "local time"))
+    if policy.max_per_hour:
+        rules.append("at most %d new offers an hour" % policy.max_per_hour)
+    if policy.halt_after:
+        rules.append("halted after %d failures on a release" % policy.halt_after)
     return rules
 
 

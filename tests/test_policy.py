@@ -68,14 +68,14 @@ def test_pause_and_slots_spare_a_machine_that_holds_one(release):
     assert sp.decide(app(), release, policy=policy, standing=full).reason == \
         "waiting for a slot: 2 machines are updating (--max-concurrent)"
     assert sp.decide(app(), release, policy=policy, standing=sp.Standing(False, 1)).offer
-    assert sp.decide(app(), release, policy=policy, paused=True).reason == \
-        "rollout paused: /run/pause exists"
+    paused = "rollout paused: /run/pause exists"
+    assert sp.decide(app(), release, policy=policy, gate=paused).reason == paused
     holder = sp.Standing(held=True, in_use=2)
-    assert sp.decide(app(), release, policy=policy, paused=True, standing=holder).offer
+    assert sp.decide(app(), release, policy=policy, gate=paused, standing=holder).offer
 
 
 def test_the_first_rule_that_refuses_gives_the_reason(release):
     policy = sp.Policy(groups=frozenset({"beta"}), min_version="3700.0.0", max_concurrent=1)
     decision = sp.decide(app(version="3600.0.0", group="stable"), release, policy=policy,
-                         paused=True, standing=sp.Standing(False, 5))
+                         gate="rollout paused", standing=sp.Standing(False, 5))
     assert decision.reason.startswith("its group 'stable'")

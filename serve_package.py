@@ -2872,6 +2872,14 @@ class Fleet:
             self.max_per_hour = max_per_hour
             self.recent = collections.deque(self.recent, maxlen=max(1, max_per_hour))
 
+    def recent_offers(self, now: float) -> int:
+        with self.lock:
+            return self._recent_offers(now)
+
+    def failure_counts(self) -> Dict[Tuple[str, str], int]:
+        with self.lock:
+            return {key: len(keys) for key, keys in self.failures.items()}
+
     def _recent_offers(self, now: float) -> int:
         while self.recent and now - self.recent[0] >= 3600:
             self.recent.popleft()
@@ -3336,7 +3344,8 @@ def _ahead(catalog: Catalog, board: str, version: str) -> List[str]:
 
 def status_document(catalog: Catalog, summary: Dict[str, Any], machines: List[Dict[str, object]],
                     total: int, query: Query, started: float,
-                    changes: Sequence[Tuple[str, str]] = ()) -> Dict[str, object]:
+                    changes: Sequence[Tuple[str, str]] = (),
+                    rollout: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
     """What /status.json and the page say, as values (status_json() renders the JSON, whose
     field names are stable and documented in the README)."""
     return {
@@ -3345,6 +3354,7 @@ def status_document(catalog: Catalog, summary: Dict[str, Any], machines: List[Di
                                       for r in catalog.path(board)[-1:]})),
         "paths": {board: catalog.path_words(board) for board in catalog.boards()},
         "target_rules": dict(catalog.target_rules),
+        "rollout": rollout or {"gate": None, "halted": None},
         "offer_changes": [{"at": at, "words": words} for at, words in changes],
         "releases": [{"board": r.board, "board_source": r.board_source, "version": r.version,
                       "url_path": PACKAGES_PREFIX + r.prefix, "floor": r.step.floor,
@@ -3520,6 +3530,7 @@ pre.command{background:#f6f8fa;padding:.5em;overflow-x:auto}
 </style></head><body>
 <h1>serve-package: offering <span id="offering">%(version)s</span></h1>
 %(paths)s
+%(gate)s
 <ul id="payloads">%(payloads)s</ul>
 %(summary)s
 %(needs)s
@@ -3541,6 +3552,8 @@ for Prometheus: <a href="/metrics">/metrics</a>.</p>
            for board, words in doc["paths"].items() if len(doc["releases"]) > 1) +
                 "".join('<p class="change">The offer changed at %s: %s</p>' % (
                     esc(_clock(c["at"])), esc(c["words"])) for c in doc["offer_changes"][-3:]),
+       "gate": '<p id="rollout" class="change">No new offers now: %s.</p>' % esc(
+           doc["rollout"]["gate"]) if doc["rollout"]["gate"] else "",
        "summary": _summary_html(doc["summary"], query), "form": _filter_form(query),
        "needs": '<div id="needs"><p>%s</p><p>To bring every release and file the fleet needs, '
                 'on a connected machine:</p><pre class="command">%s</pre></div>' % (
@@ -3562,7 +3575,8 @@ def _labels(**labels: Any) -> str:
 
 
 def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple, int],
-                 served: Dict[str, int], connections: int, refusals: int) -> str:
+                 served: Dict[str, int], connections: int, refusals: int,
+                 rollout: Optional[Dict[str, Any]] = None) -> str:
     """Every metric, with its HELP and TYPE lines; names follow Prometheus' conventions."""
     families = []  # type: List[Tuple[str, str, str, List[Tuple[Dict[str, Any], float]]]]
 
@@ -3597,6 +3611,11 @@ def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple
     family("machines_forgotten_total", "counter", "Machines forgotten to stay within "
            "--max-machines (the longest unseen that held no slot).",
            [({}, counters.get(("forgotten",), 0))])
+    rollout = rollout or {"gate": None, "halted": None}
+    family("rollout_open", "gauge", "1 while new offers are made (no pause, halt or closed "
+           "window).", [({}, 0 if rollout["gate"] else 1)])
+    family("rollout_halted", "gauge", "1 while --halt-after has halted the rollout.",
+           [({}, 1 if rollout["halted"] else 0)])
     family("connections_open", "gauge", "Connections open now.", [({}, connections)])
     family("connections_refused_total", "counter", "Connections refused at the limit.",
            [({}, refusals)])
@@ -5157,6 +5176,22 @@ class Service:
             return paused
         return window_gate(policy.windows, local_time(now, policy.timezone))
 
+    def rollout_facts(self, now: float) -> Dict[str, Any]:
+        """The rollout's rules as they stand now: what stops new offers, a halt and its reason,
+        the windows, the rate, the failures counted by release."""
+        policy, paused = self.settings.policy, self._paused(now)
+        window = window_gate(policy.windows, local_time(now, policy.timezone)) \
+            if policy.windows else ""
+        return {"gate": self.gate(now) or None,
+                "halted": paused[len("rollout "):] if paused.startswith("rollout halted")
+                else None,
+                "paused": bool(paused), "windows": [w.text for w in policy.windows],
+                "timezone": policy.timezone or None, "window_open": not window,
+                "max_per_hour": policy.max_per_hour,
+                "offers_last_hour": self.fleet.recent_offers(now),
+                "halt_after": policy.halt_after,
+                "failures": {"%s %s" % key: n for key, n in self.fleet.failure_counts().items()}}
+
     def _check_halt(self) -> List[Note]:
         """--halt-after: when that many machines failed on one release, new offers stop at once
         and the halt is written to the pause file, with its reason; removing the file resumes,
@@ -5394,7 +5429,7 @@ class Service:
         chosen = self.fleet.select(query, now)
         page = [m.facts(now) for m in chosen[query.offset:query.offset + query.limit]]
         return status_document(self.catalog, summary, page, len(chosen), query, self.started,
-                               list(self.offer_changes))
+                               list(self.offer_changes), self.rollout_facts(now))
 
     def machines(self, query: "Query") -> Tuple[List["Machine"], float]:
         """Every machine the query matches (for /machines.csv), and the time it was asked."""
@@ -5405,8 +5440,10 @@ class Service:
         """/metrics, with the server's connection counts given by the server."""
         with self._served_lock:
             served = dict(self._served)
-        return metrics_text(self.catalog, self.fleet.summary_facts(self.clock()),
-                            self.fleet.metric_counters(), served, connections, refusals)
+        now = self.clock()
+        return metrics_text(self.catalog, self.fleet.summary_facts(now),
+                            self.fleet.metric_counters(), served, connections, refusals,
+                            self.rollout_facts(now))
 
     def shutdown_summary(self) -> Tuple[str, Dict[str, Any]]:
         """At exit: the fleet's counts and the machines whose update failed, in words and as
@@ -7200,10 +7237,11 @@ def status_line(app: Service) -> str:
     """The one-line state, for systemd's STATUS= (systemctl status shows it)."""
     facts = app.fleet.summary_facts(app.clock())
     catalog = app.catalog
-    rollout = facts["rollout"]
-    return "offering %s; %d machine(s): %d complete, %d updating, %d failed" % (
+    rollout, gate = facts["rollout"], app.gate(app.clock())
+    return "offering %s; %d machine(s): %d complete, %d updating, %d failed%s" % (
         ", ".join("%s for %s" % (catalog.for_board(b).version, b) for b in catalog.boards()),
-        facts["machines"], rollout["complete"], rollout["in_progress"], rollout["failed"])
+        facts["machines"], rollout["complete"], rollout["in_progress"], rollout["failed"],
+        "; no new offers: " + gate if gate else "")
 
 
 def tree_state(directory: str) -> Tuple[Tuple[str, int, int], ...]:

@@ -172,7 +172,7 @@ def test_status_json_fields(walk, demo_bytes):
     walk.post(check())
     status, _, body = walk.running.request("GET", "/status.json")
     doc = json.loads(body)
-    assert set(doc) == {"server", "offering", "paths", "target_rules", "offer_changes", "releases", "payloads",
+    assert set(doc) == {"server", "offering", "paths", "target_rules", "rollout", "offer_changes", "releases", "payloads",
                         "summary",
                         "states", "needs", "total", "offset", "limit", "machines"}
     assert doc["needs"] == {"missing": ["amd64-usr 3815.2.5: oem-azure.gz"], "command":

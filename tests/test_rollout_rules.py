@@ -1,0 +1,120 @@
+"""Rollouts that run themselves: maintenance windows, a rate, an automatic halt. Pure rules
+first, then machines played by the update_engine model on the application object, with a clock
+the test sets (no test sleeps through a window)."""
+
+import datetime
+import os
+
+import pytest
+
+import serve_package as sp
+
+from conftest import Clock, DEMO_PAYLOAD, fleet_machine
+from update_engine import AppNet
+
+MONDAY_0300_UTC = 1700449200.0  # 2023-11-20, a Monday, 03:00 UTC
+
+
+def at(text):
+    return datetime.datetime.strptime(text, "%a %Y-%m-%d %H:%M")
+
+
+@pytest.mark.parametrize("window, when, words", [
+    ("Mon-Fri 02:00-05:00", "Mon 2023-11-20 03:00", ""),
+    ("Mon-Fri 02:00-05:00", "Mon 2023-11-20 05:00", "it opens Tue 02:00"),
+    ("Mon-Fri 02:00-05:00", "Fri 2023-11-24 06:00", "it opens Mon 02:00"),
+    ("Sat,Sun 00:00-24:00", "Sun 2023-11-26 23:59", ""),
+    ("daily 22:00-02:00", "Tue 2023-11-21 01:30", ""),  # past midnight
+    ("Fri 22:00-02:00", "Sat 2023-11-25 01:59", ""),
+    ("Fri 22:00-02:00", "Sat 2023-11-25 02:00", "it opens Fri 22:00"),
+])
+def test_windows(window, when, words):
+    gate = sp.window_gate((sp.parse_window(window),), at(when))
+    assert (gate == "") if not words else gate.endswith(words), gate
+
+
+@pytest.mark.parametrize("text", ["Mon-Fri", "Funday 02:00-03:00", "Mon 25:00-26:00",
+                                  "Mon 02:00-24:01", "Mon 2:00-3:00"])
+def test_a_window_that_is_not_one_says_why(text):
+    with pytest.raises(ValueError):
+        sp.parse_window(text)
+
+
+class Site:
+    def __init__(self, tmp_path, **policy):
+        self.clock = Clock(MONDAY_0300_UTC)
+        self.policy = sp.Policy(pause_file=str(tmp_path / "rollout.paused"), **policy)
+        self.release = sp.load_release(DEMO_PAYLOAD, "3815.2.5")
+        self.state_file = str(tmp_path / "fleet.state")
+        self.start()
+
+    def start(self):
+        self.app = sp.Service(sp.Catalog((self.release,)), sp.Settings(
+            policy=self.policy, state_file=self.state_file), self.clock)
+        self.app.fleet.restore(sp.read_state(self.state_file, False), self.clock())
+        self.net = AppNet(self.app)
+
+    def restart(self):
+        assert sp.StateKeeper(self.state_file, self.app.fleet).save()
+        self.start()
+
+
+def test_outside_the_window_no_new_offer_and_a_download_under_way_finishes(tmp_path):
+    site = Site(tmp_path, windows=(sp.parse_window("Mon-Fri 02:00-05:00"),), timezone="UTC")
+    early, late = fleet_machine(1), fleet_machine(2)
+    assert early.check(site.net) == "3815.2.5"
+    site.clock.advance(2.5 * 3600)  # 05:30: the window closed
+    assert late.check(site.net) is None
+    m = site.app.fleet.machines[late.machineid]
+    assert m.detail == ("outside the maintenance window (Mon-Fri 02:00-05:00); it opens Tue "
+                        "02:00")
+    assert early.download(site.net) and early.install(site.net) is None  # under way: finishes
+    site.clock.advance(21 * 3600)  # Tuesday 02:30
+    assert late.check(site.net) == "3815.2.5"
+
+
+def test_at_most_n_new_offers_in_any_hour(tmp_path):
+    site = Site(tmp_path, max_per_hour=2)
+    machines = [fleet_machine(n) for n in range(4)]
+    assert [m.check(site.net) for m in machines] == ["3815.2.5", "3815.2.5", None, None]
+    assert site.app.fleet.machines[machines[2].machineid].detail == \
+        "the rate limit: 2 offers in the last hour (--max-per-hour)"
+    assert machines[0].check(site.net) == "3815.2.5"  # an offer again to the same: no new one
+    site.clock.advance(3600)
+    assert [m.check(site.net) for m in machines[2:]] == ["3815.2.5", "3815.2.5"]
+
+
+def test_a_halt_after_n_failures_stops_the_release_until_the_file_is_removed(tmp_path):
+    site = Site(tmp_path, halt_after=2)
+    machines = [fleet_machine(n) for n in range(5)]
+    for m in machines[:3]:
+        assert m.check(site.net) == "3815.2.5"
+        m.download(site.net)
+    for m in machines[:2]:  # post-install fails on two
+        assert m.install(site.net, postinstall_error=True) == 5 | 1 << 28
+    pause = tmp_path / "rollout.paused"
+    reason = pause.read_text()
+    assert reason.startswith("halted: 2 machine(s) failed on amd64-usr 3815.2.5 (--halt-after "
+                             "2): node-0, node-1") or reason.startswith(
+        "halted: 2 machine(s) failed on amd64-usr 3815.2.5 (--halt-after 2): node-1, node-0")
+    assert machines[3].check(site.net) is None  # at once: no new offer
+    assert site.app.fleet.machines[machines[3].machineid].detail.startswith("rollout halted: 2")
+    assert machines[2].install(site.net) is None  # the one mid-update carries on
+    site.restart()
+    assert machines[4].check(site.net) is None  # a restart stays halted
+    doc = site.app.status_document(sp.Query())
+    assert doc["rollout"]["halted"].startswith("halted: 2 machine(s) failed")
+    os.remove(str(pause))
+    site.clock.advance(2)
+    assert machines[4].check(site.net) == "3815.2.5"  # resumed, the failures counted afresh
+    assert machines[3].check(site.net) == "3815.2.5"
+
+
+def test_halt_after_needs_a_place_for_the_halt(pyz):
+    from conftest import DEMO_ARGS, one_sentence_error, run_pyz
+    one_sentence_error(run_pyz(pyz, *DEMO_ARGS, "--halt-after", "3", "--state-file", ""),
+                       "--halt-after writes the halt to the pause file")
+    one_sentence_error(run_pyz(pyz, *DEMO_ARGS, "--window", "Mon-Fri 2:00-5:00"),
+                       "--window 'Mon-Fri 2:00-5:00' is not DAYS HH:MM-HH:MM")
+    one_sentence_error(run_pyz(pyz, *DEMO_ARGS, "--timezone", "Mars/Olympus"),
+                       "is not a zone the system's zoneinfo knows")

@@ -2088,6 +2088,30 @@ class Policy(NamedTuple):
     halt_after: int = 0  # failures on the release rolled out that halt it; 0: never
 
 
+def rollout_rules(policy: Policy) -> List[str]:
+    rules = []
+    if policy.force:
+        rules.append("--force: offered whatever the machine runs")
+    if policy.groups:
+        rules.append("only groups " + ", ".join(sorted(policy.groups)))
+    if policy.machine_ids:
+        rules.append("only %d named machine(s)" % len(policy.machine_ids))
+    if policy.min_version:
+        rules.append("not to machines older than " + policy.min_version)
+    if policy.max_concurrent:
+        rules.append("at most %d updating at once" % policy.max_concurrent)
+    if policy.pause_file:
+        rules.append("paused while %s exists" % policy.pause_file)
+    if policy.windows:
+        rules.append("only inside %s (%s)" % ("; ".join(w.text for w in policy.windows),
+                                              policy.timezone or "local time"))
+    if policy.max_per_hour:
+        rules.append("at most %d new offers an hour" % policy.max_per_hour)
+    if policy.halt_after:
+        rules.append("halted after %d failures on a release" % policy.halt_after)
+    return rules
+
+
 class Standing(NamedTuple):
     """What the fleet knows of a machine as it asks: whether it holds a --max-concurrent slot,
     how many are held, and a version it installed when offered this release's."""
@@ -5176,6 +5200,21 @@ class Service:
             return paused
         return window_gate(policy.windows, local_time(now, policy.timezone))
 
+    def replace_policy(self, policy: Policy) -> List[Note]:
+        """A reload's rollout rules in place of the current ones, at once; the line says what
+        changed (the fleet, its slots and its failures stay)."""
+        old = self.settings.policy
+        if policy == old:
+            return []
+        self.settings = self.settings._replace(policy=policy)
+        self.fleet.limit(policy.max_concurrent, policy.max_per_hour)
+        self.fleet.update_timeout = policy.update_timeout
+        self._paused = PerSecond(self._look_paused, "")
+        before, after = rollout_rules(old), rollout_rules(policy)
+        return [Note(logging.INFO, "the rollout policy changed: %s" % "; ".join(
+            ["no longer " + r for r in before if r not in after] +
+            [r for r in after if r not in before]) or "the same rules, other details")]
+
     def rollout_facts(self, now: float) -> Dict[str, Any]:
         """The rollout's rules as they stand now: what stops new offers, a halt and its reason,
         the windows, the rate, the failures counted by release."""
@@ -6690,6 +6729,19 @@ def policy_from(args: argparse.Namespace) -> Policy:
         halt_after=args.halt_after)
 
 
+def rollout_policy(args: argparse.Namespace, state_file: str) -> Policy:
+    """The rollout rules of the flags (and --config), with --halt-after's pause file beside the
+    state file when no --pause-file is given; read again at each reload."""
+    policy = policy_from(args)
+    if policy.halt_after and not policy.pause_file:
+        if not state_file:
+            raise UsageError("--halt-after writes the halt to the pause file: give --pause-file "
+                             "FILE, or --state-file FILE to have it beside it")
+        policy = policy._replace(pause_file=os.path.join(os.path.dirname(
+            os.path.abspath(state_file)), "rollout.paused"))
+    return policy
+
+
 def _checked_window(text: str) -> Window:
     try:
         return parse_window(text)
@@ -6742,14 +6794,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     host, port = parse_listen_address(args.listen_address)
     version = (_checked_version("--package-version", args.package_version)
                if args.package_version else "")
-    policy = policy_from(args)
     state_file = args.state_file or default_state_file()
-    if policy.halt_after and not policy.pause_file:
-        if not state_file:
-            raise UsageError("--halt-after writes the halt to the pause file: give --pause-file "
-                             "FILE, or --state-file FILE to have it beside it")
-        policy = policy._replace(pause_file=os.path.join(os.path.dirname(
-            os.path.abspath(state_file)), "rollout.paused"))
+    policy = rollout_policy(args, state_file)
     mirrors = tuple(normalise_url("--mirror", url) for url in args.mirror)
     if args.no_local_payload and not mirrors:
         raise UsageError("--no-local-payload needs at least one --mirror to send machines to")
@@ -6909,30 +6955,6 @@ def local_addresses() -> List[str]:
         if address not in unique and not address.startswith("127.") and address != "::1":
             unique.append(address)
     return unique
-
-
-def rollout_rules(policy: Policy) -> List[str]:
-    rules = []
-    if policy.force:
-        rules.append("--force: offered whatever the machine runs")
-    if policy.groups:
-        rules.append("only groups " + ", ".join(sorted(policy.groups)))
-    if policy.machine_ids:
-        rules.append("only %d named machine(s)" % len(policy.machine_ids))
-    if policy.min_version:
-        rules.append("not to machines older than " + policy.min_version)
-    if policy.max_concurrent:
-        rules.append("at most %d updating at once" % policy.max_concurrent)
-    if policy.pause_file:
-        rules.append("paused while %s exists" % policy.pause_file)
-    if policy.windows:
-        rules.append("only inside %s (%s)" % ("; ".join(w.text for w in policy.windows),
-                                              policy.timezone or "local time"))
-    if policy.max_per_hour:
-        rules.append("at most %d new offers an hour" % policy.max_per_hour)
-    if policy.halt_after:
-        rules.append("halted after %d failures on a release" % policy.halt_after)
-    return rules
 
 
 def _release_lines(release: Release, catalog: Catalog) -> List[str]:
@@ -7291,16 +7313,26 @@ class Watcher(Background):
     name = "watch"
 
     def __init__(self, directory: str, signals: queue.Queue,
-                 loaded: Sequence[Tuple[str, int, int]]) -> None:
-        """`loaded`: the directory's tree_state() as it was just before it was loaded."""
+                 loaded: Sequence[Tuple[str, int, int]], config: str = "") -> None:
+        """`loaded`: the directory's tree_state() as it was just before it was loaded;
+        `config`: the --config file, whose change is a reload of the rollout policy."""
         super().__init__()
-        self.directory, self.signals, self.loaded = directory, signals, tuple(loaded)
+        self.directory, self.signals, self.config = directory, signals, config
+        self.loaded = tuple(loaded) + self._config_state()
+
+    def _config_state(self) -> Tuple[Tuple[str, int, int], ...]:
+        try:
+            st = os.stat(self.config)
+        except OSError:
+            return ()
+        return (("--config", st.st_size, st.st_mtime_ns),) if self.config else ()
 
     def _run(self) -> None:
         loaded = seen = self.loaded
         since = time.monotonic()
         while not self.stop.wait(WATCH_EVERY):
-            state, now = tree_state(self.directory), time.monotonic()
+            state = tree_state(self.directory) + self._config_state()
+            now = time.monotonic()
             done = complete(self.directory, state, loaded)
             if state != seen:
                 seen, since = state, now
@@ -7315,10 +7347,13 @@ class Reloader:
     """Loads the releases anew, in a thread of its own, when asked (SIGHUP or --watch): the
     current set serves on meanwhile; a set whose every file passes replaces it at once; when one
     fails, the current set stays and one sentence says which file and why. Files unchanged
-    since they were loaded are not read again."""
+    since they were loaded are not read again. The rollout policy is read again too (from the
+    flags and --config: `policy`), and replaces the current one when it parses; else the
+    current one stays and one sentence says which setting and why."""
 
-    def __init__(self, app: Service, settings: Settings) -> None:
-        self.app, self.settings = app, settings
+    def __init__(self, app: Service, settings: Settings,
+                 policy: Optional[Callable[[], Policy]] = None) -> None:
+        self.app, self.settings, self.policy = app, settings, policy
         self.lock = threading.Lock()
         self.thread = None  # type: Optional[threading.Thread]
         self.again = False
@@ -7346,6 +7381,11 @@ class Reloader:
                          % str(exc).rstrip("."))
             finally:
                 self.app.reload_ended()
+            if self.policy is not None:
+                try:
+                    say(self.app.replace_policy(self.policy()))
+                except UsageError as exc:
+                    log_line(logging.ERROR, "the rollout policy stays as it was: %s" % exc)
             notify("READY=1", "STATUS=" + status_line(self.app))
             with self.lock:
                 if not self.again:
@@ -7520,10 +7560,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout.write(banner(server))
     sys.stdout.flush()
     keeper = StateKeeper(settings.state_file, app.fleet).start() if settings.state_file else None
-    watcher = Watcher(str(settings.package_dir), signals, loaded).start() if settings.watch \
-        else None
+    watcher = Watcher(str(settings.package_dir), signals, loaded,
+                      args.config or "").start() if settings.watch else None
     notify("READY=1", "STATUS=" + status_line(app))
-    name = serve(server, signals, Reloader(app, settings))
+    name = serve(server, signals, Reloader(app, settings, lambda: rollout_policy(
+        build_parser().parse_args(config_arguments(argv) + argv), settings.state_file)))
     if watcher is not None:
         watcher.stop.set()
     saved = keeper is None or keeper.close()

@@ -118,3 +118,41 @@ def test_halt_after_needs_a_place_for_the_halt(pyz):
                        "--window 'Mon-Fri 2:00-5:00' is not DAYS HH:MM-HH:MM")
     one_sentence_error(run_pyz(pyz, *DEMO_ARGS, "--timezone", "Mars/Olympus"),
                        "is not a zone the system's zoneinfo knows")
+
+
+def test_sighup_and_watch_read_the_rollout_policy_again(pyz, tmp_path):
+    """The operator edits --config and sends SIGHUP (or --watch sees it): the new rules hold at
+    once, said in one line; a config that does not parse keeps the old rules and says why."""
+    import json
+    import shutil
+    import signal
+    from conftest import PyzProcess, post
+    from update_engine import HttpNet
+    where = tmp_path / "releases" / "amd64-usr" / "3815.2.5"
+    where.mkdir(parents=True)
+    shutil.copyfile(DEMO_PAYLOAD, str(where / "flatcar_production_update.gz"))
+    config = tmp_path / "serve.json"
+    config.write_text(json.dumps({"package-dir": str(tmp_path / "releases"),
+                                  "group": ["beta"]}))
+    with PyzProcess(pyz, ["--config", str(config), "--listen-address", "127.0.0.1:0",
+                          "--watch", "--state-file", str(tmp_path / "fleet.state")]) as server:
+        net = HttpNet(server.port)
+        assert fleet_machine(1).check(net) is None  # stable: not in --group beta
+        config.write_text(json.dumps({"package-dir": str(tmp_path / "releases"),
+                                      "max-per-hour": 5, "halt-after": 3}))
+        server.proc.send_signal(signal.SIGHUP)
+        log = server.wait_for_log("the rollout policy changed: no longer only groups beta; "
+                                  "paused while %s exists; at most 5 new offers an hour; halted "
+                                  "after 3 failures on a release" % (tmp_path / "rollout.paused"))
+        assert log.count("the rollout policy changed") == 1
+        assert fleet_machine(1).check(net) == "3815.2.5"
+        config.write_text(json.dumps({"package-dir": str(tmp_path / "releases"),
+                                      "max-per-hour": -1}))
+        server.wait_for_log("the rollout policy stays as it was: --max-per-hour must be 0 or "
+                            "more", timeout=20)  # --watch saw the file change
+        config.write_text(json.dumps({"package-dir": str(tmp_path / "releases"),
+                                      "windw": "Mon 02:00-03:00"}))
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_log("the rollout policy stays as it was: --config %s has an unknown key "
+                            "'windw'" % config)
+        assert fleet_machine(2).check(net) == "3815.2.5"

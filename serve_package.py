@@ -52,6 +52,7 @@ Standard library only; runs on Python 3.6 and newer.
 
 import argparse
 import base64
+import bisect
 import binascii
 import collections
 import contextlib
@@ -2008,6 +2009,31 @@ class Decision(NamedTuple):
     final: str = ""  # with an offer: the board's target, the end of the path it walks
 
 
+STAGE_WAIT = 1800.0  # --stage-wait's default
+
+
+class Stage(NamedTuple):
+    """One stage of --stages: `size` machines, or `size` percent of the machines the server
+    knows of the board."""
+    size: int
+    percent: bool
+
+    def machines(self, known: int) -> int:
+        return min(known, -(-self.size * known // 100) if self.percent else self.size)
+
+
+def parse_stages(text: str) -> Tuple[Stage, ...]:
+    """'2,10%,50%,100%': each stage's size, machines or percent; ValueError says why."""
+    stages = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*([0-9]{1,7})(%?)\s*", part)
+        if not match or int(match.group(1)) < 1 or (match.group(2) and int(match.group(1)) > 100):
+            raise ValueError("%r is not a number of machines or a percentage from 1%% to 100%%"
+                             % clean(part, 20))
+        stages.append(Stage(int(match.group(1)), bool(match.group(2))))
+    return tuple(stages)
+
+
 DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
@@ -2086,6 +2112,8 @@ class Policy(NamedTuple):
     timezone: str = ""  # the windows' time zone ("": the host's local time)
     max_per_hour: int = 0  # new offers in any hour; 0: no limit
     halt_after: int = 0  # failures on the release rolled out that halt it; 0: never
+    stages: Tuple["Stage", ...] = ()  # the rollout opens stage by stage (none: to all at once)
+    stage_wait: float = STAGE_WAIT  # how long a stage's machines run it before the next opens
 
 
 def rollout_rules(policy: Policy) -> List[str]:
@@ -2109,6 +2137,10 @@ def rollout_rules(policy: Policy) -> List[str]:
         rules.append("at most %d new offers an hour" % policy.max_per_hour)
     if policy.halt_after:
         rules.append("halted after %d failures on a release" % policy.halt_after)
+    if policy.stages:
+        rules.append("in stages of %s (each running it %ds before the next)" % (
+            ", ".join("%d%s" % (s.size, "%" if s.percent else "") for s in policy.stages),
+            policy.stage_wait))
     return rules
 
 
@@ -2120,6 +2152,7 @@ class Standing(NamedTuple):
     installed_instead: str = ""
     between_steps: bool = False  # holds its slot between two steps of a path: not mid-update
     recent_offers: int = 0  # new offers in the last hour (counted under --max-per-hour)
+    stage: str = ""  # why the open stage of the release's rollout does not take it yet
 
 
 def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release, policy: Policy,
@@ -2128,7 +2161,7 @@ def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release,
     if policy.groups and app.track not in policy.groups:
         return Decision(False, "its group %r is not one of --group %s" % (
             clean(app.track, 40), ", ".join(sorted(policy.groups))))
-    if policy.machine_ids and app.machineid not in policy.machine_ids:
+    if policy.machine_ids and not policy.stages and app.machineid not in policy.machine_ids:
         return Decision(False, "not one of the machines named by --machine-id")
     if not policy.force:
         if client == release.key:
@@ -2143,6 +2176,8 @@ def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release,
     if gate and (not standing.held or standing.between_steps):
         return Decision(False, gate)
     if not standing.held:
+        if standing.stage:
+            return Decision(False, standing.stage)
         if policy.max_per_hour and standing.recent_offers >= policy.max_per_hour:
             return Decision(False, "the rate limit: %d offers in the last hour "
                             "(--max-per-hour)" % policy.max_per_hour)
@@ -2313,7 +2348,7 @@ class Machine:
     __slots__ = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
                  "first_seen", "last_seen", "state", "detail", "error", "from_version",
                  "downloaded", "size", "rate", "logged_percent", "logged_at", "offered_at",
-                 "installed_instead", "board", "setup", "progressed_at", "final")
+                 "installed_instead", "board", "setup", "progressed_at", "final", "completed_at")
 
     def __init__(self, key: str, address: str, now: float) -> None:
         self.key, self.address = key, address
@@ -2334,11 +2369,12 @@ class Machine:
         # hundred bytes rather than thousands (setup_facts() gives them back as lists)
         self.setup = None  # type: Optional[Dict[str, object]]
         self.progressed_at = now  # the last time its download moved
+        self.completed_at = 0.0  # when it last reported an update complete (--stage-wait)
 
     RECORDED = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
                 "first_seen", "last_seen", "state", "detail", "error", "from_version",
                 "downloaded", "size", "offered_at", "installed_instead", "board", "setup",
-                "progressed_at", "final")
+                "progressed_at", "final", "completed_at")
 
     def record(self) -> List[object]:
         """What --state-file keeps of it, in the order of RECORDED: every fact, and its slot
@@ -2448,7 +2484,7 @@ class Machine:
         """As a state file kept it, now: a time after now (a clock that was ahead, a file edited
         by hand) counts as now, so that no slot is held past its timeout; the path it walks
         ends at its board's target as it is now."""
-        for name in ("first_seen", "last_seen", "offered_at", "progressed_at"):
+        for name in ("first_seen", "last_seen", "offered_at", "progressed_at", "completed_at"):
             setattr(self, name, min(getattr(self, name), now))
         if self.final:
             self.final = targets.get(self.board, "")
@@ -2471,7 +2507,7 @@ class Machine:
             return False
         if parse_version(app.version) != parse_version(self.target):
             return False
-        self.target, self.error, self.size = "", None, 0
+        self.target, self.error, self.size, self.completed_at = "", None, 0, self.last_seen
         return self.change(COMPLETE, "update complete: runs %s (the report of its reboot did "
                            "not arrive)" % clean(app.version, 40))
 
@@ -2529,7 +2565,7 @@ class Machine:
             return False  # still on the version it came back on: that is what it is
         if happening.state == COMPLETE:
             self.from_version, self.target, self.error = event.previousversion, "", None
-            self.size = 0
+            self.size, self.completed_at = 0, now
         elif happening.state == ROLLED_BACK:
             self.error, self.target = event.errorcode, ""
         elif happening.state == DOWNLOADING:
@@ -2852,6 +2888,130 @@ class Taken(NamedTuple):
     notes: List[Note]
 
 
+STAGE_LOOK = 5.0  # seconds a rollout's open stage is reckoned for (a walk of its board)
+
+
+class Rollout(NamedTuple):
+    """Where the staged rollout of one release on one board stands, as last reckoned."""
+    at: float  # when it was reckoned
+    stage: int  # the open stage, from 0
+    sizes: Tuple[int, ...]  # each stage's machines, cumulative
+    last: Tuple[int, str]  # the rank of the last machine the open stage takes
+    done: int  # of the machines of the stage before the open one (or of the open one, at the
+    #            end), how many run the release and kept checking in for --stage-wait
+    failed: int  # of those, how many failed on it
+    members: int  # how many the stage before the open one holds
+
+
+class Stages:
+    """--stages: the machines of each board ranked by a hash of their id (the canaries of
+    --machine-id first), so the same machines lead every release and after every restart; and
+    for each release on each board, the open stage: the next opens once every machine of the
+    current one runs the release and has kept checking in for --stage-wait, none failed. Kept
+    under the fleet's lock; a rollout is reckoned at most every STAGE_LOOK seconds."""
+
+    def __init__(self) -> None:
+        self.ranked = {}  # type: Dict[str, List[Tuple[Tuple[int, str], str]]]  # by board
+        self.where = {}  # type: Dict[str, Tuple[str, Tuple[int, str]]]  # key -> board, rank
+        self.policy = Policy()
+        self.rollouts = {}  # type: Dict[Tuple[str, str], Rollout]
+        # by (board, version): the machines offered it, so that a stage never takes more than
+        # its size (the ranks move as machines appear)
+        self.admitted = collections.defaultdict(set)  # type: Dict[Tuple[str, str], set]
+
+    def configure(self, policy: Policy, machines: Iterable["Machine"]) -> None:
+        canaries_changed = policy.machine_ids != self.policy.machine_ids
+        self.policy, self.rollouts = policy, {}
+        if canaries_changed:
+            self.ranked, self.where = {}, {}
+            for machine in machines:
+                self.place(machine)
+
+    def _rank(self, key: str) -> Tuple[int, str]:
+        digest = hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:16]
+        return (0 if key in self.policy.machine_ids else 1, digest)
+
+    def admit(self, machine: "Machine") -> None:
+        """An offer made: the machine is one of its release's rollout's."""
+        self.admitted[machine.board, machine.target].add(machine.key)
+
+    def place(self, machine: "Machine") -> None:
+        """The machine in its board's ranks (again, when its board changed); one under way, or
+        that completed an update, as one of its release's rollout's (a restart keeps them)."""
+        if machine.state in UNDER_WAY and machine.target:
+            self.admitted[machine.board, machine.target].add(machine.key)
+        elif machine.completed_at:
+            self.admitted[machine.board, machine.version].add(machine.key)
+        where = self.where.get(machine.key)
+        if where is not None and where[0] == machine.board:
+            return
+        self.remove(machine.key)
+        rank = self._rank(machine.key)
+        bisect.insort(self.ranked.setdefault(machine.board, []), (rank, machine.key))
+        self.where[machine.key] = (machine.board, rank)
+
+    def remove(self, key: str) -> None:
+        for admitted in self.admitted.values():
+            admitted.discard(key)
+        where = self.where.pop(key, None)
+        if where is not None:
+            ranked = self.ranked[where[0]]
+            del ranked[bisect.bisect_left(ranked, (where[1], key))]
+
+    def gate(self, machines: Dict[str, "Machine"], failures: Dict[Tuple[str, str], set],
+             key: str, board: str, version: str, now: float) -> str:
+        """"" when the open stage of this release's rollout takes the machine; else why not."""
+        if not self.policy.stages or key not in self.where:
+            return ""
+        rollout = self.rollouts.get((board, version))
+        if rollout is None or not 0 <= now - rollout.at < STAGE_LOOK:
+            rollout = self.rollouts[board, version] = self._reckon(
+                machines, failures.get((board, version), set()), board, version, now)
+        admitted = self.admitted[board, version]
+        if key in admitted or ((self.where[key][1], key) <= rollout.last
+                               and len(admitted) < rollout.members):
+            return ""
+        return "waiting for stage %d: %d of %d machines of stage %d are done%s" % (
+            rollout.stage + 2, rollout.done, rollout.members, rollout.stage + 1,
+            " (%d failed)" % rollout.failed if rollout.failed else "")
+
+    def _reckon(self, machines: Dict[str, "Machine"], failed: set, board: str, version: str,
+                now: float) -> Rollout:
+        """The open stage: the first whose machines are not all done (the last, once they all
+        are). Machines outside --group are not counted; --machine-id's canaries are a stage of
+        their own before the others."""
+        policy, target = self.policy, parse_version(version)
+        members = [(rank, key) for rank, key in self.ranked.get(board, ())
+                   if not policy.groups or machines[key].group in policy.groups]
+        canaries = sum(1 for rank, _ in members if rank[0] == 0)
+        stages = ((Stage(canaries, False),) if canaries else ()) + policy.stages
+        # each stage's size counts the stages before it: 2,10%,100% is 2 machines, then a
+        # tenth of the board's (the 2 among them), then all
+        sizes = tuple(min(len(members), size) for size in itertools.accumulate(
+            (stage.machines(len(members)) for stage in stages), max))
+        for stage, size in enumerate(sizes):
+            done = failed_here = 0
+            for _, key in members[:size]:
+                machine = machines[key]
+                failed_here += key in failed
+                done += (key not in failed and target is not None
+                         and (parse_version(machine.version) or ()) >= target
+                         and (not machine.completed_at
+                              or machine.last_seen - machine.completed_at >= policy.stage_wait))
+            if done < size or stage + 1 == len(sizes):
+                break
+        last = members[size - 1] if size else ((-1, ""), "")
+        return Rollout(now, stage, sizes, last, done, failed_here, size)
+
+    def facts(self) -> List[Dict[str, Any]]:
+        """Each staged rollout, as last reckoned, for the views."""
+        return [{"board": board, "version": version, "stage": r.stage + 1,
+                 "stages": len(r.sizes), "size": r.sizes[r.stage] if r.sizes else 0,
+                 "done": r.done, "failed": r.failed,
+                 "offered": len(self.admitted.get((board, version), ()))}
+                for (board, version), r in sorted(self.rollouts.items())]
+
+
 class Fleet:
     """Every machine seen (by machine_key), the state its requests and downloads put it in, and
     the --max-concurrent slots. Each method takes the fleet's lock, is given the time, and
@@ -2884,21 +3044,28 @@ class Fleet:
         self.changes = self.touches = 0
         self.forgotten = 0  # machines forgotten to stay within max_machines
         self.recent = collections.deque()  # type: collections.deque  # new offers' times
+        self.stages = Stages()
         self.max_per_hour = 0  # --max-per-hour: `recent` keeps that many
         # machines that failed, by the (board, version) they were offered: what --halt-after
         # counts (a machine's error event, a rollback, a download past --update-timeout)
         self.failures = collections.defaultdict(set)  # type: Dict[Tuple[str, str], set]
 
-    def limit(self, max_concurrent: int, max_per_hour: int) -> None:
-        """The rollout's limits, at the start and when a reload changes them."""
+    def limit(self, policy: Policy) -> None:
+        """The rollout's limits and stages, at the start and when a reload changes them."""
         with self.lock:
-            self.max_concurrent, self.limited = max_concurrent, max_concurrent > 0
-            self.max_per_hour = max_per_hour
-            self.recent = collections.deque(self.recent, maxlen=max(1, max_per_hour))
+            self.max_concurrent = policy.max_concurrent
+            self.limited = policy.max_concurrent > 0
+            self.max_per_hour, self.update_timeout = policy.max_per_hour, policy.update_timeout
+            self.recent = collections.deque(self.recent, maxlen=max(1, policy.max_per_hour))
+            self.stages.configure(policy, self.machines.values())
 
     def recent_offers(self, now: float) -> int:
         with self.lock:
             return self._recent_offers(now)
+
+    def stage_facts(self) -> List[Dict[str, Any]]:
+        with self.lock:
+            return self.stages.facts()
 
     def failure_counts(self) -> Dict[Tuple[str, str], int]:
         with self.lock:
@@ -2917,7 +3084,7 @@ class Fleet:
                                if k in self.machines]
 
     def request(self, app: AppRequest, address: str, now: float,
-                choose: Callable[[Standing], Decision]) -> Taken:
+                choose: Callable[[Standing], Decision], version: str = "") -> Taken:
         """One app's Omaha request, under one hold of the lock, so that --max-concurrent holds
         however many machines ask at once. First what the machine did since its last request
         (its events: update_engine's first check after a reboot reports the update it completed,
@@ -2934,15 +3101,19 @@ class Fleet:
         with self.lock:
             machine, before = self._machine(key, address, now)
             machine.introduce(app, address)
+            self.stages.place(machine)
             notes = self._events(machine, app, happenings, now)
             in_use = self._slots_in_use(now) if self.limited else 0
             # under --max-concurrent, a machine holds a slot only while it is the slot's holder
             # (an offer it let lapse is no slot, whatever it does next)
             held = machine.holds_slot(now, self.update_timeout) and (
                 not self.limited or key in self.holders)
-            decision = choose(Standing(held, in_use, machine.installed_instead,
-                                       held and machine.state in (INSTALLED, COMPLETE),
-                                       self._recent_offers(now) if self.max_per_hour else 0))
+            decision = choose(Standing(
+                held, in_use, machine.installed_instead,
+                held and machine.state in (INSTALLED, COMPLETE),
+                self._recent_offers(now) if self.max_per_hour else 0,
+                "" if held else self.stages.gate(self.machines, self.failures, key,
+                                                 machine.board, version, now)))
             checked = decision if app.updatecheck else None
             count_request(self.counters, app, checked)
             # A failure reported with an update check (a rollback is) stays what this request
@@ -3024,6 +3195,7 @@ class Fleet:
         with self.lock:
             for machine in machines:
                 machine.restored(now, self.served.targets)
+                self.stages.place(machine)
             for machine in sorted(machines, key=lambda m: m.last_seen):
                 self.machines[machine.key] = machine
                 if machine.last_seen <= machine.first_seen and machine.state in (NEW, IDLE):
@@ -3044,6 +3216,7 @@ class Fleet:
             self.recent.append(now)
         machine.offer(decision.version, decision.final, now, "%s (%s)" % (
             self.offer_words, decision.step) if decision.step else self.offer_words)
+        self.stages.admit(machine)
         if self.limited:
             self.holders[machine.key] = machine
 
@@ -3082,6 +3255,7 @@ class Fleet:
             return  # every machine holds a slot: none to forget
         machine = self.machines.pop(key)
         self.probation.pop(key, None)
+        self.stages.remove(key)
         self.tally.forget(machine)
         self._count_extensions(machine, -1)
         if self.by_address.get(machine.address) == key:
@@ -3132,6 +3306,7 @@ class Fleet:
             machine, before = self._machine(machine_key(report.machineid, address), address, now)
             self._count_extensions(machine, -1)
             machine.set_up(report, address, now)
+            self.stages.place(machine)
             self._count_extensions(machine, 1)
             self.extensions += collections.Counter()  # drops the names no machine enables
             self._changed(machine, before, now)
@@ -3576,8 +3751,12 @@ for Prometheus: <a href="/metrics">/metrics</a>.</p>
            for board, words in doc["paths"].items() if len(doc["releases"]) > 1) +
                 "".join('<p class="change">The offer changed at %s: %s</p>' % (
                     esc(_clock(c["at"])), esc(c["words"])) for c in doc["offer_changes"][-3:]),
-       "gate": '<p id="rollout" class="change">No new offers now: %s.</p>' % esc(
-           doc["rollout"]["gate"]) if doc["rollout"]["gate"] else "",
+       "gate": ('<p id="rollout" class="change">No new offers now: %s.</p>' % esc(
+           doc["rollout"]["gate"]) if doc["rollout"]["gate"] else "") + "".join(
+           '<p class="stage">%s %s: stage %d of %d (%d machines): %d offered, %d done, '
+           '%d failed</p>' % (esc(r["board"]), esc(r["version"]), r["stage"], r["stages"],
+                              r["size"], r["offered"], r["done"], r["failed"])
+           for r in doc["rollout"].get("stages", ())),
        "summary": _summary_html(doc["summary"], query), "form": _filter_form(query),
        "needs": '<div id="needs"><p>%s</p><p>To bring every release and file the fleet needs, '
                 'on a connected machine:</p><pre class="command">%s</pre></div>' % (
@@ -5129,7 +5308,7 @@ class Service:
                            if settings.skip_signature_check else "offered",
                            max_concurrent=policy.max_concurrent,
                            max_machines=settings.max_machines)
-        self.fleet.limit(policy.max_concurrent, policy.max_per_hour)
+        self.fleet.limit(policy)
         self.warnings = Warnings()
         self.started = clock()
         # Looked at no more than once a second: each look is a syscall, checks come by the
@@ -5171,7 +5350,8 @@ class Service:
             release = catalog.for_machine(app.machine_board, app.version)
             path = catalog.path(app.machine_board)
             taken = self.fleet.request(app, client, now, functools.partial(
-                decide, app, release, intact, policy, gate, final=path[-1] if path else None))
+                decide, app, release, intact, policy, gate, final=path[-1] if path else None),
+                release.version)
             answers.append(answer_app(app, taken.decision, release,
                                       self.codebases(server_url, release)))
             notes += self._request_notes(app, client, taken, now)
@@ -5207,8 +5387,7 @@ class Service:
         if policy == old:
             return []
         self.settings = self.settings._replace(policy=policy)
-        self.fleet.limit(policy.max_concurrent, policy.max_per_hour)
-        self.fleet.update_timeout = policy.update_timeout
+        self.fleet.limit(policy)
         self._paused = PerSecond(self._look_paused, "")
         before, after = rollout_rules(old), rollout_rules(policy)
         return [Note(logging.INFO, "the rollout policy changed: %s" % "; ".join(
@@ -5228,7 +5407,7 @@ class Service:
                 "timezone": policy.timezone or None, "window_open": not window,
                 "max_per_hour": policy.max_per_hour,
                 "offers_last_hour": self.fleet.recent_offers(now),
-                "halt_after": policy.halt_after,
+                "halt_after": policy.halt_after, "stages": self.fleet.stage_facts(),
                 "failures": {"%s %s" % key: n for key, n in self.fleet.failure_counts().items()}}
 
     def _check_halt(self) -> List[Note]:
@@ -6410,6 +6589,13 @@ _ROLLOUT_FLAGS = (
          "slot (e.g. 90m, 2h, 3600; default %dh)" % (UPDATE_TIMEOUT // 3600), "DURATION"),
     Flag("pause-file", "value", "while FILE exists, no new offers; machines mid-update "
          "continue (default with --halt-after: rollout.paused beside --state-file)", "FILE"),
+    Flag("stages", "value", "open the rollout of each release stage by stage, e.g. "
+         "2,10%%,50%%,100%%: machines (or percent of a board's machines), the same ones first "
+         "every time (by a hash of their id; --machine-id's canaries before them); the next "
+         "stage opens once every machine of the current one runs the release and has checked "
+         "in for --stage-wait since, none failed", "SIZES"),
+    Flag("stage-wait", "value", "how long a stage's machines run the release before the next "
+         "stage opens (default %dm)" % (STAGE_WAIT // 60), "DURATION"),
     Flag("window", "list", "offer updates only inside this maintenance window, e.g. "
          "\"Mon-Fri 02:00-05:00\" or \"daily 22:00-02:00\" (downloads already started "
          "finish); repeatable", "DAYS HH:MM-HH:MM", []),
@@ -6726,7 +6912,16 @@ def policy_from(args: argparse.Namespace) -> Policy:
         if args.update_timeout else UPDATE_TIMEOUT,
         pause_file=args.pause_file or "", windows=tuple(map(_checked_window, args.window)),
         timezone=_checked_timezone(args.timezone or ""), max_per_hour=args.max_per_hour,
-        halt_after=args.halt_after)
+        halt_after=args.halt_after, stages=_checked_stages(args.stages or ""),
+        stage_wait=parse_duration("--stage-wait", args.stage_wait)
+        if args.stage_wait else STAGE_WAIT)
+
+
+def _checked_stages(text: str) -> Tuple[Stage, ...]:
+    try:
+        return parse_stages(text) if text else ()
+    except ValueError as exc:
+        raise UsageError("--stages %s" % exc) from None
 
 
 def rollout_policy(args: argparse.Namespace, state_file: str) -> Policy:

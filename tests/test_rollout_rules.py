@@ -156,3 +156,120 @@ def test_sighup_and_watch_read_the_rollout_policy_again(pyz, tmp_path):
         server.wait_for_log("the rollout policy stays as it was: --config %s has an unknown key "
                             "'windw'" % config)
         assert fleet_machine(2).check(net) == "3815.2.5"
+
+
+# --- stages that open on success -----------------------------------------------------------------
+
+def staged(tmp_path, machines=10, **policy):
+    """A fleet the server knows (each machine checked in once while the rollout was paused),
+    then each machine's first check of the rollout."""
+    site = Site(tmp_path, **policy)
+    fleet = [fleet_machine(n) for n in range(machines)]
+    pause = tmp_path / "rollout.paused"
+    pause.write_text("")
+    site.clock.advance(2)
+    assert [m.check(site.net) for m in fleet] == [None] * machines
+    pause.unlink()
+    site.clock.advance(sp.STAGE_LOOK)
+    offered = [m.check(site.net) for m in fleet]
+    return site, fleet, offered
+
+
+def lead(site, fleet):
+    """The machines in their rank order (a hash of their id): who leads."""
+    ranked = [key for _, key in site.app.fleet.stages.ranked["amd64-usr"]]
+    return sorted(fleet, key=lambda m: ranked.index(m.machineid))
+
+
+def test_stages_open_one_after_the_other_on_success(tmp_path):
+    site, fleet, offered = staged(tmp_path, stages=sp.parse_stages("2,50%,100%"),
+                                  stage_wait=600.0)
+    first = lead(site, fleet)[:2]
+    assert sorted(m.machineid for m, o in zip(fleet, offered) if o) == sorted(
+        m.machineid for m in first)
+    waiting = site.app.fleet.machines[lead(site, fleet)[5].machineid]
+    assert waiting.detail == "waiting for stage 2: 0 of 2 machines of stage 1 are done"
+    for m in first:
+        m.download(site.net) and m.install(site.net)
+        m.reboot()
+        assert m.check(site.net) is None  # reports it: complete
+    site.clock.advance(sp.STAGE_LOOK)
+    assert [m.check(site.net) for m in lead(site, fleet)[2:3]] == [None]  # not yet run long enough
+    assert site.app.fleet.machines[lead(site, fleet)[2].machineid].detail == \
+        "waiting for stage 2: 0 of 2 machines of stage 1 are done"
+    site.clock.advance(600)
+    for m in first:
+        m.check(site.net)  # still checking in, 600 s after
+    site.clock.advance(sp.STAGE_LOOK)
+    second = [m.check(site.net) for m in lead(site, fleet)[2:]]
+    assert second == ["3815.2.5"] * 3 + [None] * 5  # 50% of 10: three more
+    doc = site.app.status_document(sp.Query())
+    assert doc["rollout"]["stages"] == [{"board": "amd64-usr", "version": "3815.2.5", "stage": 2,
+                                         "stages": 3, "size": 5, "done": 2, "failed": 0,
+                                         "offered": 5}]
+    assert "amd64-usr 3815.2.5: stage 2 of 3 (5 machines): 5 offered, 2 done, 0 failed" in \
+        sp.status_page(doc, sp.Query())
+
+
+def test_a_failure_in_a_stage_keeps_the_next_closed_and_halts(tmp_path):
+    site, fleet, offered = staged(tmp_path, stages=sp.parse_stages("2,100%"), stage_wait=0.0,
+                                  halt_after=1)
+    first = lead(site, fleet)[:2]
+    first[0].download(site.net)
+    first[0].install(site.net, postinstall_error=True)
+    assert (tmp_path / "rollout.paused").read_text().startswith("halted: 1 machine(s) failed")
+    first[1].download(site.net) and first[1].install(site.net)  # mid-update: carries on
+    first[1].reboot()
+    first[1].check(site.net)
+    (tmp_path / "rollout.paused").unlink()  # resumed: the stage still holds a failed machine
+    site.clock.advance(sp.STAGE_LOOK + 2)
+    assert lead(site, fleet)[5].check(site.net) is None
+    assert site.app.fleet.machines[lead(site, fleet)[5].machineid].detail == \
+        "waiting for stage 2: 1 of 2 machines of stage 1 are done"
+
+
+def test_canaries_are_stage_one_and_the_same_machines_lead_after_a_restart(tmp_path):
+    canaries = frozenset({"%032x" % 8, "%032x" % 9})  # machines 7 and 8
+    site, fleet, offered = staged(tmp_path, stages=sp.parse_stages("3,100%"),
+                                  machine_ids=canaries)
+    assert {m.machineid for m, o in zip(fleet, offered) if o} == canaries
+    before = [m.machineid for m in lead(site, fleet)]
+    site.restart()
+    assert [m.machineid for m in lead(site, fleet)] == before
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(st.sampled_from(["step", "fail", "restart", "wait"]),
+                                st.integers(0, 7)), max_size=40),
+       stages=st.sampled_from(["1,100%", "2,50%,100%", "25%,100%"]))
+def test_stages_never_hold_more_than_their_size_and_a_halt_offers_nothing_new(
+        tmp_path_factory, steps, stages):
+    tmp_path = tmp_path_factory.mktemp("staged")
+    site, fleet, _ = staged(tmp_path, machines=8, stages=sp.parse_stages(stages),
+                            stage_wait=120.0, halt_after=1)
+    leaders = [m.machineid for m in lead(site, fleet)]
+    offered = set()
+    for kind, n in steps:
+        m = fleet[n]
+        halted_before = (tmp_path / "rollout.paused").exists()
+        if kind == "restart":
+            site.restart()
+            assert [x.machineid for x in lead(site, fleet)] == leaders
+        elif kind == "wait":
+            site.clock.advance(300)
+        elif m.status == "idle":
+            if m.check(site.net) == "3815.2.5" and m.machineid not in offered:
+                assert not halted_before, "a new offer while halted"
+                offered.add(m.machineid)
+        elif m.status == "downloading":
+            m.download(site.net)
+            m.install(site.net, postinstall_error=kind == "fail")
+        else:
+            m.reboot()
+        rollout = site.app.fleet.stages.rollouts.get(("amd64-usr", "3815.2.5"))
+        if rollout is not None:  # those offered are among the leaders of the open stage
+            assert offered <= set(leaders[:max(rollout.sizes[:rollout.stage + 1])])

@@ -3076,12 +3076,16 @@ class Fleet:
             self.recent.popleft()
         return len(self.recent)
 
-    def failed_on(self, board: str, version: str) -> Tuple[int, List[str]]:
-        """How many machines failed on a release, and a few of their names."""
+    def failed_on(self, board: str, version: str) -> List[str]:
+        """A few of the machines that failed on a release, by name."""
         with self.lock:
-            keys = self.failures.get((board, version), ())
-            return len(keys), [self.machines[k].name() for k in list(keys)[:5]
-                               if k in self.machines]
+            keys = list(self.failures.get((board, version), ()))[:5]
+            return [self.machines[k].name() for k in keys if k in self.machines]
+
+    def forgive(self) -> None:
+        """A halt is over: the failures count afresh."""
+        with self.lock:
+            self.failures.clear()
 
     def request(self, app: AppRequest, address: str, now: float,
                 choose: Callable[[Standing], Decision], version: str = "") -> Taken:
@@ -5290,6 +5294,114 @@ def steady_clock() -> Callable[[], float]:
     return lambda: base + time.monotonic()
 
 
+class RolloutGate:
+    """What stops new offers, and the rules that change it: the pause file (a manual pause, or
+    a halt --halt-after wrote there), the maintenance windows, and the rollout policy itself,
+    which a reload replaces (the one owner of the policy in force). A machine mid-update
+    carries on whatever the gate says."""
+
+    def __init__(self, policy: Policy, fleet: "Fleet", clock: Callable[[], float]) -> None:
+        self.policy, self.fleet, self.clock = policy, fleet, clock
+        # the pause file is looked at no more than once a second: checks come by the thousand
+        self._paused = PerSecond(self._look_paused, "")
+        self._said_paused = ""
+        self._halted = ""  # a halt that could not be written to the pause file
+
+    def paused(self, now: float) -> str:
+        return self._paused(now)
+
+    def gate(self, now: float) -> str:
+        """Why no new offer is made now ("" when nothing stops them): the pause file (a manual
+        pause, or a halt written there), else outside every --window."""
+        policy = self.policy
+        paused = self._paused(now)
+        if paused or not policy.windows:
+            return paused
+        return window_gate(policy.windows, local_time(now, policy.timezone))
+
+    def replace(self, policy: Policy) -> List[Note]:
+        """A reload's rollout rules in place of the current ones, at once; the line says what
+        changed (the fleet, its slots and its failures stay)."""
+        old = self.policy
+        if policy == old:
+            return []
+        self.policy = policy
+        self.fleet.limit(policy)
+        self._paused = PerSecond(self._look_paused, "")
+        before, after = rollout_rules(old), rollout_rules(policy)
+        return [Note(logging.INFO, "the rollout policy changed: %s" % "; ".join(
+            ["no longer " + r for r in before if r not in after] +
+            [r for r in after if r not in before]) or "the same rules, other details")]
+
+    def facts(self, now: float) -> Dict[str, Any]:
+        """The rollout's rules as they stand now: what stops new offers, a halt and its reason,
+        the windows, the rate, the failures counted by release."""
+        policy, paused = self.policy, self._paused(now)
+        window = window_gate(policy.windows, local_time(now, policy.timezone)) \
+            if policy.windows else ""
+        return {"gate": self.gate(now) or None,
+                "halted": paused[len("rollout "):] if paused.startswith("rollout halted")
+                else None,
+                "paused": bool(paused), "windows": [w.text for w in policy.windows],
+                "timezone": policy.timezone or None, "window_open": not window,
+                "max_per_hour": policy.max_per_hour,
+                "offers_last_hour": self.fleet.recent_offers(now),
+                "halt_after": policy.halt_after, "stages": self.fleet.stage_facts(),
+                "failures": {"%s %s" % key: n for key, n in self.fleet.failure_counts().items()}}
+
+    def check_halt(self) -> List[Note]:
+        """--halt-after: when that many machines failed on one release, new offers stop at once
+        and the halt is written to the pause file, with its reason; removing the file resumes,
+        as after a manual pause (and the failures count afresh)."""
+        limit, pause_file = self.policy.halt_after, self.policy.pause_file
+        if not limit or self._paused(self.clock()):
+            return []
+        for (board, version), count in self.fleet.failure_counts().items():
+            if count < limit:
+                continue
+            names = self.fleet.failed_on(board, version)
+            reason = ("halted: %d machine(s) failed on %s %s (--halt-after %d): %s; remove %s "
+                      "to resume" % (count, board, version, limit, ", ".join(names), pause_file))
+            try:
+                write_atomically(pause_file, [reason])
+            except OSError as exc:
+                reason += " (%s could not be written: %s; the halt lasts until a restart)" % (
+                    pause_file, exc.strerror)
+                self._halted = reason  # kept here, as the file could not keep it
+            self._paused = PerSecond(self._look_paused, "")
+            self._said_paused = "rollout " + reason
+            return [Note(logging.ERROR, "rollout " + reason)]
+        return []
+
+    def _look_paused(self, _previous: str, _second: int) -> str:
+        """The pause file's words: "" when there is none; its first line when a halt wrote
+        it."""
+        pause_file = self.policy.pause_file
+        if self._halted:
+            return "rollout " + self._halted
+        try:
+            first = read_regular(pause_file, 4096, cut=True).decode("utf-8", "replace")
+        except OSError as exc:
+            return "" if exc.errno == errno.ENOENT or not pause_file else (
+                "rollout paused: %s exists" % pause_file)
+        first = first.splitlines()[0] if first.strip() else ""
+        if first.startswith("halted: "):
+            return "rollout " + clean(first, 600)
+        return "rollout paused: %s exists" % pause_file
+
+    def pause_notes(self, paused: str) -> List[Note]:
+        """A line when --pause-file came or went since the last look; a resume after a halt
+        counts the failures afresh."""
+        if paused == self._said_paused:
+            return []
+        said, self._said_paused = self._said_paused, paused
+        if paused:
+            return [Note(logging.WARNING, paused)]
+        if said.startswith("rollout halted"):
+            self.fleet.forgive()
+        return [Note(logging.INFO, "rollout resumed: %s is gone" % (
+            self.policy.pause_file))]
+
 class Service:
     """The application: the catalog on offer, the rollout policy, the fleet, the warnings and the
     clock, and what every endpoint needs of them as plain calls that return what to send and the
@@ -5313,9 +5425,7 @@ class Service:
         self.started = clock()
         # Looked at no more than once a second: each look is a syscall, checks come by the
         # thousand; downloads look at their payload between every chunk they send.
-        self._paused = PerSecond(self._look_paused, "")
-        self._said_paused = ""
-        self._halted = ""  # a halt that could not be written to the pause file
+        self.rollout = RolloutGate(policy, self.fleet, clock)
         self._said_missing = []  # type: List[str]
         self._said_forgotten = (0, 0.0)  # machines forgotten, as of the last line, and when
         self._changed = PerSecond(self._look_changed, ())
@@ -5336,12 +5446,12 @@ class Service:
         machines' changes, and advice on what went or will go wrong."""
         now = self.clock()
         catalog = self.catalog  # one set of releases for the whole request, reload or not
-        changed, gate = self._changed(now), self.gate(now)
-        notes = self._pause_notes(self._paused(now))
+        changed, gate = self._changed(now), self.rollout.gate(now)
+        notes = self.rollout.pause_notes(self.rollout.paused(now))
         if changed:
             notes += [note for package in changed for note in self.package_changed(package)]
         intact = not changed
-        policy = self.settings.policy
+        policy = self.rollout.policy
         answers = []
         for app in request.apps:
             if app.syncer and app.updatecheck:
@@ -5358,7 +5468,7 @@ class Service:
             notes += taken.notes
             notes += self._advice(app, client, taken, release, now)
             if any(h.state in (FAILED, ROLLED_BACK) for h in taken.happenings):
-                notes += self._check_halt()
+                notes += self.rollout.check_halt()
         return Answered(render_response(answers), notes)
 
     def _syncer(self, app: AppRequest, client: str, server_url: str, catalog: Catalog,
@@ -5370,69 +5480,6 @@ class Service:
             ", ".join(r.version for r in releases) or syncer_nothing(app, catalog))))
         return syncer_answer(app, catalog, releases, functools.partial(self.codebases,
                                                                        server_url))
-
-    def gate(self, now: float) -> str:
-        """Why no new offer is made now ("" when nothing stops them): the pause file (a manual
-        pause, or a halt written there), else outside every --window."""
-        policy = self.settings.policy
-        paused = self._paused(now)
-        if paused or not policy.windows:
-            return paused
-        return window_gate(policy.windows, local_time(now, policy.timezone))
-
-    def replace_policy(self, policy: Policy) -> List[Note]:
-        """A reload's rollout rules in place of the current ones, at once; the line says what
-        changed (the fleet, its slots and its failures stay)."""
-        old = self.settings.policy
-        if policy == old:
-            return []
-        self.settings = self.settings._replace(policy=policy)
-        self.fleet.limit(policy)
-        self._paused = PerSecond(self._look_paused, "")
-        before, after = rollout_rules(old), rollout_rules(policy)
-        return [Note(logging.INFO, "the rollout policy changed: %s" % "; ".join(
-            ["no longer " + r for r in before if r not in after] +
-            [r for r in after if r not in before]) or "the same rules, other details")]
-
-    def rollout_facts(self, now: float) -> Dict[str, Any]:
-        """The rollout's rules as they stand now: what stops new offers, a halt and its reason,
-        the windows, the rate, the failures counted by release."""
-        policy, paused = self.settings.policy, self._paused(now)
-        window = window_gate(policy.windows, local_time(now, policy.timezone)) \
-            if policy.windows else ""
-        return {"gate": self.gate(now) or None,
-                "halted": paused[len("rollout "):] if paused.startswith("rollout halted")
-                else None,
-                "paused": bool(paused), "windows": [w.text for w in policy.windows],
-                "timezone": policy.timezone or None, "window_open": not window,
-                "max_per_hour": policy.max_per_hour,
-                "offers_last_hour": self.fleet.recent_offers(now),
-                "halt_after": policy.halt_after, "stages": self.fleet.stage_facts(),
-                "failures": {"%s %s" % key: n for key, n in self.fleet.failure_counts().items()}}
-
-    def _check_halt(self) -> List[Note]:
-        """--halt-after: when that many machines failed on one release, new offers stop at once
-        and the halt is written to the pause file, with its reason; removing the file resumes,
-        as after a manual pause (and the failures count afresh)."""
-        limit, pause_file = self.settings.policy.halt_after, self.settings.policy.pause_file
-        if not limit or self._paused(self.clock()):
-            return []
-        for board, version in list(self.fleet.failures):
-            count, names = self.fleet.failed_on(board, version)
-            if count < limit:
-                continue
-            reason = ("halted: %d machine(s) failed on %s %s (--halt-after %d): %s; remove %s "
-                      "to resume" % (count, board, version, limit, ", ".join(names), pause_file))
-            try:
-                write_atomically(pause_file, [reason])
-            except OSError as exc:
-                reason += " (%s could not be written: %s; the halt lasts until a restart)" % (
-                    pause_file, exc.strerror)
-                self._halted = reason  # kept here, as the file could not keep it
-            self._paused = PerSecond(self._look_paused, "")
-            self._said_paused = "rollout " + reason
-            return [Note(logging.ERROR, "rollout " + reason)]
-        return []
 
     def codebases(self, server_url: str, release: Release) -> Tuple[str, ...]:
         """Where machines download a release from, in order: this server (its --base-url, or
@@ -5543,35 +5590,6 @@ class Service:
                       ) -> Tuple[Package, ...]:
         return tuple(p for p in self.catalog.packages() if p.changed_on_disk())
 
-    def _look_paused(self, _previous: str, _second: int) -> str:
-        """The pause file's words: "" when there is none; its first line when a halt wrote
-        it."""
-        pause_file = self.settings.policy.pause_file
-        if self._halted:
-            return "rollout " + self._halted
-        try:
-            first = read_regular(pause_file, 4096, cut=True).decode("utf-8", "replace")
-        except OSError as exc:
-            return "" if exc.errno == errno.ENOENT or not pause_file else (
-                "rollout paused: %s exists" % pause_file)
-        first = first.splitlines()[0] if first.strip() else ""
-        if first.startswith("halted: "):
-            return "rollout " + clean(first, 600)
-        return "rollout paused: %s exists" % pause_file
-
-    def _pause_notes(self, paused: str) -> List[Note]:
-        """A line when --pause-file came or went since the last look; a resume after a halt
-        counts the failures afresh."""
-        if paused == self._said_paused:
-            return []
-        said, self._said_paused = self._said_paused, paused
-        if paused:
-            return [Note(logging.WARNING, paused)]
-        if said.startswith("rollout halted"):
-            self.fleet.failures.clear()
-        return [Note(logging.INFO, "rollout resumed: %s is gone" % (
-            self.settings.policy.pause_file))]
-
     def reload_began(self) -> None:
         self.reloading_since, self._said_slow_reload = time.monotonic(), False
 
@@ -5595,7 +5613,7 @@ class Service:
         now = self.clock()
         missing = fleet_needs(self.catalog, self.fleet.summary_facts(now))["missing"]
         notes = self.warnings.due(now) + self._forgotten_notes(now)
-        notes += self._check_halt()
+        notes += self.rollout.check_halt()
         health = self.health()
         if health and not self._said_slow_reload:
             self._said_slow_reload = True
@@ -5647,7 +5665,7 @@ class Service:
         chosen = self.fleet.select(query, now)
         page = [m.facts(now) for m in chosen[query.offset:query.offset + query.limit]]
         return status_document(self.catalog, summary, page, len(chosen), query, self.started,
-                               list(self.offer_changes), self.rollout_facts(now))
+                               list(self.offer_changes), self.rollout.facts(now))
 
     def machines(self, query: "Query") -> Tuple[List["Machine"], float]:
         """Every machine the query matches (for /machines.csv), and the time it was asked."""
@@ -5661,7 +5679,7 @@ class Service:
         now = self.clock()
         return metrics_text(self.catalog, self.fleet.summary_facts(now),
                             self.fleet.metric_counters(), served, connections, refusals,
-                            self.rollout_facts(now))
+                            self.rollout.facts(now))
 
     def shutdown_summary(self) -> Tuple[str, Dict[str, Any]]:
         """At exit: the fleet's counts and the machines whose update failed, in words and as
@@ -7454,7 +7472,7 @@ def status_line(app: Service) -> str:
     """The one-line state, for systemd's STATUS= (systemctl status shows it)."""
     facts = app.fleet.summary_facts(app.clock())
     catalog = app.catalog
-    rollout, gate = facts["rollout"], app.gate(app.clock())
+    rollout, gate = facts["rollout"], app.rollout.gate(app.clock())
     return "offering %s; %d machine(s): %d complete, %d updating, %d failed%s" % (
         ", ".join("%s for %s" % (catalog.for_board(b).version, b) for b in catalog.boards()),
         facts["machines"], rollout["complete"], rollout["in_progress"], rollout["failed"],
@@ -7578,7 +7596,7 @@ class Reloader:
                 self.app.reload_ended()
             if self.policy is not None:
                 try:
-                    say(self.app.replace_policy(self.policy()))
+                    say(self.app.rollout.replace(self.policy()))
                 except UsageError as exc:
                     log_line(logging.ERROR, "the rollout policy stays as it was: %s" % exc)
             notify("READY=1", "STATUS=" + status_line(self.app))

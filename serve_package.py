@@ -3012,6 +3012,37 @@ class Stages:
                 for (board, version), r in sorted(self.rollouts.items())]
 
 
+class RolloutCounts:
+    """What --max-per-hour and --halt-after count, under the fleet's lock: the times of the new
+    offers of the last hour (as many as the limit), and the machines that failed on each
+    release, by (board, version) (an error event, a rollback, a download past
+    --update-timeout)."""
+
+    def __init__(self) -> None:
+        self.per_hour = 0
+        self.times = collections.deque(maxlen=1)  # type: collections.deque
+        self.failures = collections.defaultdict(set)  # type: Dict[Tuple[str, str], set]
+
+    def limit(self, per_hour: int) -> None:
+        self.per_hour = per_hour
+        self.times = collections.deque(self.times, maxlen=max(1, per_hour))
+
+    def offered(self, now: float) -> None:
+        if self.per_hour:
+            self.times.append(now)
+
+    def recent(self, now: float) -> int:
+        while self.times and now - self.times[0] >= 3600:
+            self.times.popleft()
+        return len(self.times) if self.per_hour else 0
+
+    def failed(self, board: str, version: str, key: str) -> None:
+        self.failures[board, version].add(key)
+
+    def by_release(self) -> Dict[Tuple[str, str], int]:
+        return {release: len(keys) for release, keys in self.failures.items()}
+
+
 class Fleet:
     """Every machine seen (by machine_key), the state its requests and downloads put it in, and
     the --max-concurrent slots. Each method takes the fleet's lock, is given the time, and
@@ -3043,49 +3074,34 @@ class Fleet:
         self.dirty = set()  # type: set
         self.changes = self.touches = 0
         self.forgotten = 0  # machines forgotten to stay within max_machines
-        self.recent = collections.deque()  # type: collections.deque  # new offers' times
         self.stages = Stages()
-        self.max_per_hour = 0  # --max-per-hour: `recent` keeps that many
-        # machines that failed, by the (board, version) they were offered: what --halt-after
-        # counts (a machine's error event, a rollback, a download past --update-timeout)
-        self.failures = collections.defaultdict(set)  # type: Dict[Tuple[str, str], set]
+        self.counts = RolloutCounts()
 
     def limit(self, policy: Policy) -> None:
         """The rollout's limits and stages, at the start and when a reload changes them."""
         with self.lock:
             self.max_concurrent = policy.max_concurrent
             self.limited = policy.max_concurrent > 0
-            self.max_per_hour, self.update_timeout = policy.max_per_hour, policy.update_timeout
-            self.recent = collections.deque(self.recent, maxlen=max(1, policy.max_per_hour))
+            self.update_timeout = policy.update_timeout
+            self.counts.limit(policy.max_per_hour)
             self.stages.configure(policy, self.machines.values())
 
-    def recent_offers(self, now: float) -> int:
+    def rollout_facts(self, now: float) -> Dict[str, Any]:
+        """The offers of the last hour, the failures by release, each staged rollout."""
         with self.lock:
-            return self._recent_offers(now)
-
-    def stage_facts(self) -> List[Dict[str, Any]]:
-        with self.lock:
-            return self.stages.facts()
-
-    def failure_counts(self) -> Dict[Tuple[str, str], int]:
-        with self.lock:
-            return {key: len(keys) for key, keys in self.failures.items()}
-
-    def _recent_offers(self, now: float) -> int:
-        while self.recent and now - self.recent[0] >= 3600:
-            self.recent.popleft()
-        return len(self.recent)
+            return {"offers_last_hour": self.counts.recent(now),
+                    "failures": self.counts.by_release(), "stages": self.stages.facts()}
 
     def failed_on(self, board: str, version: str) -> List[str]:
         """A few of the machines that failed on a release, by name."""
         with self.lock:
-            keys = list(self.failures.get((board, version), ()))[:5]
+            keys = list(self.counts.failures.get((board, version), ()))[:5]
             return [self.machines[k].name() for k in keys if k in self.machines]
 
     def forgive(self) -> None:
         """A halt is over: the failures count afresh."""
         with self.lock:
-            self.failures.clear()
+            self.counts.failures.clear()
 
     def request(self, app: AppRequest, address: str, now: float,
                 choose: Callable[[Standing], Decision], version: str = "") -> Taken:
@@ -3115,8 +3131,8 @@ class Fleet:
             decision = choose(Standing(
                 held, in_use, machine.installed_instead,
                 held and machine.state in (INSTALLED, COMPLETE),
-                self._recent_offers(now) if self.max_per_hour else 0,
-                "" if held else self.stages.gate(self.machines, self.failures, key,
+                self.counts.recent(now),
+                "" if held else self.stages.gate(self.machines, self.counts.failures, key,
                                                  machine.board, version, now)))
             checked = decision if app.updatecheck else None
             count_request(self.counters, app, checked)
@@ -3152,7 +3168,7 @@ class Fleet:
             instead = happening.state == COMPLETE and machine.came_back_on_another(
                 event, app, self.served.versions.get(app.machine_board, frozenset()))
             if happening.state in (FAILED, ROLLED_BACK) and offered_as:
-                self.failures[machine.board, offered_as].add(machine.key)
+                self.counts.failed(machine.board, offered_as, machine.key)
             if machine.happened(happening, event, now):
                 if instead:
                     machine.installed_other(offered_as, app.version)
@@ -3167,7 +3183,7 @@ class Fleet:
             if not machine.holds_slot(now, self.update_timeout):
                 del self.holders[key]
                 if machine.state in (DOWNLOADING, DOWNLOADED):
-                    self.failures[machine.board, machine.target].add(key)
+                    self.counts.failed(machine.board, machine.target, key)
         return len(self.holders)
 
     def _changed(self, machine: "Machine", before: Optional[Tuple[str, ...]], now: float) -> None:
@@ -3216,8 +3232,8 @@ class Fleet:
             self.tally.completions.clear()  # they completed before: not "in the last hour"
 
     def _offer(self, machine: "Machine", decision: Decision, now: float) -> None:
-        if self.max_per_hour and machine.state not in UNDER_WAY:
-            self.recent.append(now)
+        if machine.state not in UNDER_WAY:
+            self.counts.offered(now)
         machine.offer(decision.version, decision.final, now, "%s (%s)" % (
             self.offer_words, decision.step) if decision.step else self.offer_words)
         self.stages.admit(machine)
@@ -5337,6 +5353,7 @@ class RolloutGate:
         """The rollout's rules as they stand now: what stops new offers, a halt and its reason,
         the windows, the rate, the failures counted by release."""
         policy, paused = self.policy, self._paused(now)
+        counted = self.fleet.rollout_facts(now)
         window = window_gate(policy.windows, local_time(now, policy.timezone)) \
             if policy.windows else ""
         return {"gate": self.gate(now) or None,
@@ -5344,10 +5361,9 @@ class RolloutGate:
                 else None,
                 "paused": bool(paused), "windows": [w.text for w in policy.windows],
                 "timezone": policy.timezone or None, "window_open": not window,
-                "max_per_hour": policy.max_per_hour,
-                "offers_last_hour": self.fleet.recent_offers(now),
-                "halt_after": policy.halt_after, "stages": self.fleet.stage_facts(),
-                "failures": {"%s %s" % key: n for key, n in self.fleet.failure_counts().items()}}
+                "max_per_hour": policy.max_per_hour, "halt_after": policy.halt_after,
+                **dict(counted, failures={"%s %s" % key: n
+                                          for key, n in counted["failures"].items()})}
 
     def check_halt(self) -> List[Note]:
         """--halt-after: when that many machines failed on one release, new offers stop at once
@@ -5356,7 +5372,8 @@ class RolloutGate:
         limit, pause_file = self.policy.halt_after, self.policy.pause_file
         if not limit or self._paused(self.clock()):
             return []
-        for (board, version), count in self.fleet.failure_counts().items():
+        for (board, version), count in self.fleet.rollout_facts(self.clock())[
+                "failures"].items():
             if count < limit:
                 continue
             names = self.fleet.failed_on(board, version)

@@ -3043,6 +3043,64 @@ class RolloutCounts:
         return {release: len(keys) for release, keys in self.failures.items()}
 
 
+class Registry:
+    """Every machine by machine_key, the one seen last at the end ("not seen since" is a walk
+    from the front that stops at the first machine seen recently), at most `max_machines`; the
+    ones seen only once apart (on probation); and the machine each address asked from last.
+    Kept under the fleet's lock."""
+
+    def __init__(self, max_machines: int) -> None:
+        self.max_machines = max_machines
+        self.machines = collections.OrderedDict()  # type: collections.OrderedDict
+        self.probation = collections.OrderedDict()  # type: collections.OrderedDict
+        self.by_address = {}  # type: Dict[str, str]
+        self.forgotten = 0  # machines forgotten to stay within max_machines
+
+    def seen(self, key: str, address: str, now: float, holders: Dict[str, "Machine"]
+             ) -> Tuple["Machine", bool, Optional["Machine"]]:
+        """The machine of this key, seen now; whether it is new; and the machine forgotten to
+        make room for it, if one was."""
+        machine, gone = self.machines.get(key), None
+        created = machine is None
+        if created:
+            if len(self.machines) >= self.max_machines:
+                gone = self._forget_one(holders)
+            machine = self.machines[key] = self.probation[key] = Machine(key, address, now)
+        else:
+            self.machines.move_to_end(key)
+            self.probation.pop(key, None)  # seen again: a real machine, kept before new ids
+        machine.seen_at(now)
+        self.by_address.pop(address, None)  # to the end: the addresses seen last are kept
+        self.by_address[address] = key
+        if len(self.by_address) > 2 * self.max_machines:
+            del self.by_address[next(iter(self.by_address))]
+        return machine, created, gone
+
+    def _forget_one(self, holders: Dict[str, "Machine"]) -> Optional["Machine"]:
+        """Make room: the machine seen longest ago that holds no slot is forgotten, among the
+        ones seen only once first (on probation, as a cache keeps a probation segment apart
+        from a protected one: a flood of made-up ids, each seen once, churns only those), then
+        among all (the front of each order is the longest unseen)."""
+        for order in (self.probation, self.machines):
+            key = next((key for key in order if key not in holders), None)
+            if key is not None:
+                break
+        else:
+            return None  # every machine holds a slot: none to forget
+        machine = self.machines.pop(key)
+        self.probation.pop(key, None)
+        if self.by_address.get(machine.address) == key:
+            del self.by_address[machine.address]
+        self.forgotten += 1
+        return machine
+
+    def restore(self, machine: "Machine") -> None:
+        self.machines[machine.key] = machine
+        self.by_address[machine.address] = machine.key
+        if machine.last_seen <= machine.first_seen and machine.state in (NEW, IDLE):
+            self.probation[machine.key] = machine  # seen once, and nothing since
+
+
 class Fleet:
     """Every machine seen (by machine_key), the state its requests and downloads put it in, and
     the --max-concurrent slots. Each method takes the fleet's lock, is given the time, and
@@ -3052,18 +3110,13 @@ class Fleet:
                  offer_words: str = "offered", max_concurrent: int = 0,
                  max_machines: int = MAX_MACHINES) -> None:
         self.served = served_facts(catalog)
-        self.max_machines = max_machines  # past it, the longest unseen without a slot goes
+        self.registry = Registry(max_machines)  # past it, the longest unseen without a slot goes
         self.update_timeout = update_timeout
         self.max_concurrent = max_concurrent  # 0: no limit, and no slots are counted
         self.limited = max_concurrent > 0
         self.offer_words = offer_words  # what each offer's line says
         self.lock = threading.Lock()
-        # by machine_key, the one seen last at the end: "not seen since" is a walk from the
-        # front that stops at the first machine seen recently
-        self.machines = collections.OrderedDict()  # type: collections.OrderedDict
-        # the machines seen only once, the one seen longest ago first: forgotten first
-        self.probation = collections.OrderedDict()  # type: collections.OrderedDict
-        self.by_address = {}  # type: Dict[str, str]
+        self.machines = self.registry.machines  # by machine_key, the one seen last at the end
         self.tally = Tally()
         self.holders = {}  # type: Dict[str, Machine]  # of a --max-concurrent slot, if limited
         # (board, extension) the setup reports say their machines enable
@@ -3073,7 +3126,6 @@ class Fleet:
         # moved a count or a slot (saved within seconds) or only a last-seen time (a minute)
         self.dirty = set()  # type: set
         self.changes = self.touches = 0
-        self.forgotten = 0  # machines forgotten to stay within max_machines
         self.stages = Stages()
         self.counts = RolloutCounts()
 
@@ -3217,10 +3269,7 @@ class Fleet:
                 machine.restored(now, self.served.targets)
                 self.stages.place(machine)
             for machine in sorted(machines, key=lambda m: m.last_seen):
-                self.machines[machine.key] = machine
-                if machine.last_seen <= machine.first_seen and machine.state in (NEW, IDLE):
-                    self.probation[machine.key] = machine  # seen once, and nothing since
-                self.by_address[machine.address] = machine.key
+                self.registry.restore(machine)
                 self.tally.change(machine, None, now)
             holding = sorted((m for m in machines if m.holds_slot(now, self.update_timeout)),
                              key=lambda m: m.offered_at)
@@ -3243,45 +3292,14 @@ class Fleet:
     def _machine(self, key: str, address: str, now: float
                  ) -> Tuple["Machine", Optional[Tuple[str, ...]]]:
         """The machine of this key, created on first sight, seen now; and what it was counted
-        under before (None: new)."""
-        machine = self.machines.get(key)
-        before = None if machine is None else machine.tally()
-        if machine is None:
-            if len(self.machines) >= self.max_machines:
-                self._forget_one()
-            machine = self.machines[key] = Machine(key, address, now)
-            self.probation[key] = machine
-        else:
-            self.machines.move_to_end(key)
-            self.probation.pop(key, None)  # seen again: a real machine, kept before new ids
-        machine.seen_at(now)
-        by_address = self.by_address
-        by_address.pop(address, None)  # to the end: the addresses seen last are kept
-        by_address[address] = key
-        if len(by_address) > 2 * self.max_machines:
-            del by_address[next(iter(by_address))]
-        return machine, before
-
-    def _forget_one(self) -> None:
-        """Make room: the machine seen longest ago that holds no slot is forgotten, among the
-        ones seen only once first (on probation, as a cache keeps a probation segment apart
-        from a protected one: a flood of made-up ids, each seen once, churns only those), then
-        among all (the front of each order is the longest unseen)."""
-        for order in (self.probation, self.machines):
-            key = next((key for key in order if key not in self.holders), None)
-            if key is not None:
-                break
-        else:
-            return  # every machine holds a slot: none to forget
-        machine = self.machines.pop(key)
-        self.probation.pop(key, None)
-        self.stages.remove(key)
-        self.tally.forget(machine)
-        self._count_extensions(machine, -1)
-        if self.by_address.get(machine.address) == key:
-            del self.by_address[machine.address]
-        self.dirty.add(key)
-        self.forgotten += 1
+        under before (None: new). A machine forgotten to make room is uncounted."""
+        machine, created, gone = self.registry.seen(key, address, now, self.holders)
+        if gone is not None:
+            self.stages.remove(gone.key)
+            self.tally.forget(gone)
+            self._count_extensions(gone, -1)
+            self.dirty.add(gone.key)
+        return machine, None if created else machine.tally()
 
     def _checked(self, machine: "Machine", decision: Decision, now: float) -> List[Note]:
         if decision.offer:
@@ -3298,7 +3316,7 @@ class Fleet:
         """The machine a download from this address is counted for: the one that asked last
         from it, as the download starts (a machine behind the same NAT may ask meanwhile)."""
         with self.lock:
-            return self.by_address.get(address, address)
+            return self.registry.by_address.get(address, address)
 
     def download(self, key: str, address: str, package: Package, end: int, sent: int,
                  seconds: float, now: float) -> List[Note]:
@@ -3359,7 +3377,7 @@ class Fleet:
     def metric_counters(self) -> Dict[Tuple, int]:
         with self.lock:
             counters = dict(self.counters)
-            counters["forgotten", ] = self.forgotten
+            counters["forgotten", ] = self.registry.forgotten
             return counters
 
     def summary_facts(self, now: float) -> Dict[str, Any]:
@@ -3719,6 +3737,28 @@ def _pages(query: Query, total: int) -> str:
     return '<p class="pages">%s (page %d of %d) %s</p>' % (shown, page, last, " ".join(links))
 
 
+def _paths_html(doc: Dict[str, Any]) -> str:
+    """Each board's path and how its target was chosen, and the last changes of the offer."""
+    esc = html.escape
+    return "".join('<p class="path">%s: %s (the target: %s)</p>' % (
+        esc(board), esc(words), esc(doc["target_rules"][board]))
+        for board, words in doc["paths"].items() if len(doc["releases"]) > 1) + "".join(
+        '<p class="change">The offer changed at %s: %s</p>' % (esc(_clock(c["at"])),
+                                                               esc(c["words"]))
+        for c in doc["offer_changes"][-3:])
+
+
+def _rollout_html(rollout: Dict[str, Any]) -> str:
+    """What stops new offers now, and where each staged rollout stands."""
+    esc = html.escape
+    return ('<p id="rollout" class="change">No new offers now: %s.</p>' % esc(rollout["gate"])
+            if rollout["gate"] else "") + "".join(
+        '<p class="stage">%s %s: stage %d of %d (%d machines): %d offered, %d done, '
+        '%d failed</p>' % (esc(r["board"]), esc(r["version"]), r["stage"], r["stages"],
+                           r["size"], r["offered"], r["done"], r["failed"])
+        for r in rollout.get("stages", ()))
+
+
 def status_page(doc: Dict[str, Any], query: Query) -> str:
     """A self-contained HTML page of a status_document(): the summary, then one page of the
     machines the query asks for. No script, no external asset (air-gapped browsers); the browser
@@ -3766,17 +3806,7 @@ for Prometheus: <a href="/metrics">/metrics</a>.</p>
 %(pages)s
 </body></html>
 """ % {"version": esc(str(doc["offering"])), "payloads": payloads,
-       "paths": "".join('<p class="path">%s: %s (the target: %s)</p>' % (
-           esc(board), esc(words), esc(doc["target_rules"][board]))
-           for board, words in doc["paths"].items() if len(doc["releases"]) > 1) +
-                "".join('<p class="change">The offer changed at %s: %s</p>' % (
-                    esc(_clock(c["at"])), esc(c["words"])) for c in doc["offer_changes"][-3:]),
-       "gate": ('<p id="rollout" class="change">No new offers now: %s.</p>' % esc(
-           doc["rollout"]["gate"]) if doc["rollout"]["gate"] else "") + "".join(
-           '<p class="stage">%s %s: stage %d of %d (%d machines): %d offered, %d done, '
-           '%d failed</p>' % (esc(r["board"]), esc(r["version"]), r["stage"], r["stages"],
-                              r["size"], r["offered"], r["done"], r["failed"])
-           for r in doc["rollout"].get("stages", ())),
+       "paths": _paths_html(doc), "gate": _rollout_html(doc["rollout"]),
        "summary": _summary_html(doc["summary"], query), "form": _filter_form(query),
        "needs": '<div id="needs"><p>%s</p><p>To bring every release and file the fleet needs, '
                 'on a connected machine:</p><pre class="command">%s</pre></div>' % (
@@ -5646,7 +5676,7 @@ class Service:
     def _forgotten_notes(self, now: float) -> List[Note]:
         """A line when machines were forgotten to stay within --max-machines: at once the first
         time, then at most once every WARNING_EVERY."""
-        forgotten = self.fleet.forgotten
+        forgotten = self.fleet.registry.forgotten
         said, when = self._said_forgotten
         if forgotten == said or (said and now - when < WARNING_EVERY):
             return []

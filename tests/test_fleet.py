@@ -356,7 +356,7 @@ def test_past_max_machines_the_longest_unseen_without_a_slot_is_forgotten(releas
     for n in range(2, 6):
         offer_to(fleet, release, n, 100.0 + n, limit=1)
     assert [m.alias for m in fleet.machines.values()] == ["node-1", "node-4", "node-5"]
-    assert fleet.forgotten == 2
+    assert fleet.registry.forgotten == 2
     facts = fleet.summary_facts(200.0)
     assert facts["machines"] == 3 and sum(facts["states"].values()) == 3
     assert sum(facts["versions"].values()) == 3
@@ -403,4 +403,4 @@ def test_a_flood_of_new_ids_never_forgets_a_machine_seen_twice(release):
         fleet.request(sp.parse_request(machine(n)).apps[0], "10.0.0.9", 1000.0 + n, NO_OFFER)
     kept = {m.alias for m in fleet.machines.values()}
     assert {"node-%d" % n for n in range(5)} <= kept and len(fleet.machines) == 20
-    assert fleet.forgotten == 5000 - 15
+    assert fleet.registry.forgotten == 5000 - 15

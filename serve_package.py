@@ -1091,6 +1091,11 @@ def open_payload(spec: "PayloadSpec") -> Opened:
     """Open a payload and check it is a complete update payload; the caller closes the fd."""
     path = spec.path
     try:
+        (path + spec.name).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PayloadError("%s: its name is not UTF-8 (the page, the log and the machines' URLs "
+                           "need it to be); rename it." % ascii(os.fsencode(path))[2:-1]) from None
+    try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise PayloadError("%s does not exist." % path) from None
@@ -1320,6 +1325,7 @@ def plan_payloads(package_file: Optional[str], package_dir: Optional[str],
 
 RELEASE_RECORD = "release.json"  # beside a downloaded release's files: what the service said
 RELEASE_RECORD_FORMAT = "serve-package release"
+FILE_NAME = re.compile(r"[A-Za-z0-9._+-]{1,128}")  # a release's file: one URL segment as is
 MAX_RECORD = 1 << 20
 
 
@@ -1348,7 +1354,7 @@ def read_step(directory: str) -> Optional[Step]:
         record = json.loads(read_regular(path, MAX_RECORD).decode("utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise PayloadError("%s cannot be read (%s); download the release again, or delete the "
                            "file." % (path, getattr(exc, "strerror", None) or exc)) from None
     if not isinstance(record, dict) or record.get("format") != RELEASE_RECORD_FORMAT:
@@ -1373,12 +1379,13 @@ def record_lacks(directory: str, record: Dict[str, Any],
         return []
     if sizes is None:
         sizes = {}
-        for name in files:
+        for name in filter(FILE_NAME.fullmatch, files):
             for each in (name, name + ".sha256"):
                 with contextlib.suppress(OSError, ValueError):
                     sizes[each] = os.stat(os.path.join(directory, each)).st_size
     return [clean(name, 80) for name, kept in sorted(files.items()) if isinstance(kept, dict)
-            and (sizes.get(name) != kept.get("size") or name + ".sha256" not in sizes)]
+            and (not FILE_NAME.fullmatch(name) or sizes.get(name) != kept.get("size")
+                 or name + ".sha256" not in sizes)]
 
 
 def _release_layout(package_dir: str) -> List[ReleasePlan]:
@@ -2422,6 +2429,9 @@ class Machine:
         if isinstance(default, str):
             if not isinstance(value, str) or len(value) > cls.RECORD_TEXT.get(name, 200):
                 raise ValueError("%s is not a text of its length" % name)
+            if _CONTROL.search(value):
+                raise ValueError("%s holds a control character" % name)
+            value.encode("utf-8")  # a lone surrogate is a UnicodeEncodeError: a ValueError
             return intern(value)
         if type(value) not in (int, float) or not 0 <= value < 1e13:
             raise ValueError("%s is not a number in its range" % name)
@@ -4287,7 +4297,7 @@ UPDATE_SERVICE = "https://public.update.flatcar-linux.net/v1/update/"
 BELOW_EVERY_RELEASE = "0.0.0"  # --since's default: the service then reports every floor
 MAX_FLOOR_STEPS = 30  # answers walked, one floor each, before the walk is given up
 MAX_ANSWER = 1 << 20  # bytes of an update service's answer
-REMOTE_NAME = re.compile(r"[A-Za-z0-9._+-]{1,128}")  # a file name that is one URL segment as is
+REMOTE_NAME = FILE_NAME  # the name of a file an answer offers
 # The most a file of a release can be when nothing says its size (--version, before the
 # payload's header tells it): Flatcar's OS payloads are a few hundred MiB.
 MAX_REMOTE_FILE = 8 << 30
@@ -4393,9 +4403,9 @@ def _remote_file(element: ET.Element, first: bool, action_sha256: str) -> Remote
     if first and not (REMOTE_NAME.fullmatch(name) and not name.startswith(".")):
         raise RequestError("the OS payload's name %r is not a file name" % clean(name, 80))
     size = element.get("size", "")
-    if plain_number(size) is None:
-        raise RequestError("package %s has no size in plain digits (%r)" % (
-            clean(name, 80), clean(size, 20)))
+    if plain_number(size) is None or plain_number(size) > MAX_REMOTE_FILE:
+        raise RequestError("package %s has no size in plain digits up to %s (%r)" % (
+            clean(name, 80), format_size(MAX_REMOTE_FILE), clean(size, 20)))
     sha256 = element.get("hash_sha256", "") or (action_sha256 if first else "")
     if not sha256:
         raise RequestError("package %s has no SHA-256 (hash_sha256, or the postinstall "
@@ -4566,7 +4576,20 @@ def network_failure(url: str, exc: BaseException) -> str:
     if isinstance(reason, (socket.timeout, TimeoutError)):
         return "cannot reach %s: no answer in %d s; check the network or the proxy" % (
             url, FETCH_TIMEOUT)
-    return "cannot reach %s: %s" % (url, getattr(reason, "strerror", None) or reason)
+    return "cannot reach %s: %s" % (clean(url, 200), clean(str(
+        getattr(reason, "strerror", None) or reason), 200))
+
+
+class HTTPRefused(DownloadError):
+    """An HTTP answer that is no success, with its status code."""
+
+    def __init__(self, words: str, code: int) -> None:
+        super().__init__(words)
+        self.code = code
+
+
+class StartAfresh(Exception):
+    """A partial file the server cannot resume: the download starts again from byte 0."""
 
 
 class SafeRedirects(urllib.request.HTTPRedirectHandler):
@@ -4619,10 +4642,14 @@ class Fetcher:
             except urllib.error.HTTPError as exc:
                 exc.close()
                 if exc.code not in RETRY_STATUSES or attempt == self.retries:
-                    raise DownloadError(http_failure(url, exc.code, exc.reason)) from None
-            except (urllib.error.URLError, OSError) as exc:
+                    raise HTTPRefused(http_failure(url, exc.code, clean(str(exc.reason), 80)),
+                                      exc.code) from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 if not retried_failure(exc) or attempt == self.retries:
                     raise DownloadError(network_failure(url, exc)) from None
+            except ValueError as exc:  # a URL that is none (an answer's codebase, a redirect)
+                raise DownloadError("%s is not a URL this client can follow (%s)" % (
+                    clean(url, 200), clean(str(exc), 80))) from None
             self.wait(min(RETRY_WAIT_MAX, 2.0 ** attempt))
         raise AssertionError("unreachable")
 
@@ -4676,7 +4703,7 @@ def _receive(fetcher: Fetcher, url: str, fd: int, have: int, hasher: Hasher,
         return 0
     with fetcher.open(url, headers=headers) as response:
         if have and response.status != 206:
-            raise ConnectionResetError("the server ignored Range")  # afresh, on the next try
+            raise StartAfresh("the server ignored Range")
         size = _answered_size(url, response.headers.get("Content-Length"), have, expected)
         limit = size if size >= 0 else MAX_REMOTE_FILE  # never more than this on disk
         os.lseek(fd, have, os.SEEK_SET)
@@ -4689,6 +4716,11 @@ def _receive(fetcher: Fetcher, url: str, fd: int, have: int, hasher: Hasher,
                 if mark is None:  # the signed range's end, before the chunk passing it is fed
                     mark = payload_mark(fd, done + n)
                     hasher.mark = mark if mark is not None and mark >= 0 else None
+                    if mark == -1:  # every file of a release is a CrAU payload
+                        head = os.pread(fd, 16, 0)
+                        os.ftruncate(fd, have)
+                        raise DownloadError("%s is not an update payload: %s; check --from and "
+                                            "--release-server" % (url, describe_foreign_file(head)))
                     if mark is not None and mark >= 0:
                         try:
                             limit = _payload_size(url, fd, limit, size)
@@ -4757,10 +4789,13 @@ def open_partial(partial: str) -> int:
             raise DownloadError("%s is a symbolic link: download writes only files of its own; "
                                 "remove it and run again" % partial) from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
         os.close(fd)
-        raise DownloadError("%s is not a regular file (a FIFO, a device or a directory): "
-                            "remove it and run again" % partial)
+        raise DownloadError("%s is %s: download writes only files of its own; remove it and "
+                            "run again" % (partial, "a hard link to another file"
+                                           if stat.S_ISREG(st.st_mode) else
+                                           "not a regular file (a FIFO, a device or a directory)"))
     os.set_blocking(fd, True)
     return fd
 
@@ -4784,6 +4819,14 @@ def fetch_file(fetcher: Fetcher, url: str, partial: str, expected: RemoteFile,
             try:
                 fetched = _receive(fetcher, url, fd, have, hasher, mark, expected, progress)
                 return Transferred(partial, hasher.digests(), fetched)
+            except HTTPRefused as exc:
+                hasher.digests()
+                if exc.code != 416 or not have or attempt == fetcher.retries:
+                    raise
+                os.ftruncate(fd, 0)  # more than the file: what was there is not its start
+            except StartAfresh:
+                hasher.digests()
+                os.ftruncate(fd, 0)  # the server cannot resume: the whole file, afresh
             except (ConnectionError, socket.timeout, http.client.HTTPException) as exc:
                 hasher.digests()
                 if attempt == fetcher.retries:
@@ -4994,11 +5037,10 @@ def record_release(directory: str, release: RemoteRelease, channel: str, source:
             for item in wanted if item.release is release}
     text = release_record(release, channel, source, time.time(), kept)
     try:
-        with open(path, encoding="utf-8") as f:
-            kept = json.load(f)
+        kept = json.loads(read_regular(path, MAX_RECORD).decode("utf-8"))
         if dict(kept, fetched="") == dict(json.loads(text), fetched=""):
             return
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, RecursionError):
         pass
     write_atomically(path, [text.rstrip("\n")])
 
@@ -6787,6 +6829,8 @@ def build_parser() -> argparse.ArgumentParser:
 def read_config(path: str) -> Dict[str, Any]:
     try:
         settings = json.loads(read_regular(path, MAX_RECORD).decode("utf-8"))
+    except RecursionError:
+        raise UsageError("--config %s is nested deeper than any config" % path) from None
     except OSError as exc:
         raise UsageError("--config %s cannot be read: %s" % (path, exc.strerror)) from None
     except ValueError as exc:
@@ -6887,10 +6931,14 @@ def read_lines(flag: str, path: str) -> List[str]:
     """Every line of a small text file (a regular one: a FIFO never hangs the start), without
     its line ending; UsageError in one sentence when it cannot be read."""
     try:
-        return read_regular(path, MAX_LIST_FILE).decode("utf-8").splitlines()
+        text = read_regular(path, MAX_LIST_FILE).decode("utf-8")
     except (OSError, UnicodeError) as exc:
         raise UsageError("%s %s cannot be read: %s" % (flag, path, getattr(exc, "strerror", None)
                                                       or exc)) from None
+    # only a newline ends a line (a password may hold any other character); an editor's
+    # byte-order mark is no part of the first line
+    return [line[:-1] if line.endswith("\r") else line
+            for line in text.lstrip("\ufeff").split("\n")]
 
 
 def read_list_file(flag: str, path: str) -> List[str]:
@@ -6929,6 +6977,8 @@ def tls_context(cert: Optional[str], key: Optional[str]):
     else:
         context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
     try:
+        for path in (cert, key):
+            os.close(open_regular(path))  # a FIFO would hang OpenSSL's read
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise UsageError("cannot use --tls-cert %s with --tls-key %s: %s" % (
@@ -7055,6 +7105,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     version = (_checked_version("--package-version", args.package_version)
                if args.package_version else "")
     state_file = args.state_file or default_state_file()
+    if state_file and not os.path.isdir(os.path.dirname(os.path.abspath(state_file))):
+        raise UsageError("--state-file %s: its directory does not exist; create it, or name "
+                         "another file" % state_file)
     policy = rollout_policy(args, state_file)
     mirrors = tuple(normalise_url("--mirror", url) for url in args.mirror)
     if args.no_local_payload and not mirrors:
@@ -7343,10 +7396,15 @@ def _machine_from_line(line: str, number: int, fields: Sequence[str]) -> Machine
 def _state_header(path: str, line: str) -> Tuple[List[str], int]:
     """The fields a state file's header lists and the machines it says it holds; UsageError
     for a file this version must not read, ValueError for one that is no state file."""
-    header = json.loads(line or "null")
+    try:
+        header = json.loads(line or "null")
+    except RecursionError:
+        raise ValueError("line 1 is nested deeper than any header") from None
     if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
         raise ValueError("line 1 is not a serve-package state file's header")
-    if type(header.get("version")) is not int or header["version"] > STATE_VERSION:
+    if type(header.get("version")) is not int:
+        raise ValueError("its header's version is not a number")
+    if header["version"] > STATE_VERSION:
         raise UsageError("--state-file %s was written by a newer serve-package (state "
                          "format %s; this one reads %d): start that one, or start with "
                          "--reset-state to keep the file as %s.old and start afresh"
@@ -7544,12 +7602,12 @@ def tree_state(directory: str) -> Tuple[Tuple[str, int, int], ...]:
 
 def complete(directory: str, state: Sequence[Tuple[str, int, int]],
              loaded: Sequence[Tuple[str, int, int]]) -> bool:
-    """Whether every version directory a tree_state() has that the loaded one had not holds
+    """Whether every version directory in which a file is new or changed since the load holds
     download's record and every file the record lists, whole, and no file is still
-    downloading: such a change need not settle."""
+    downloading: such a change need not settle (any other waits WATCH_SETTLE)."""
     names = [name for name, _, _ in state]
-    versions = {os.path.dirname(n) for n in names if n.count(os.sep) == 2}
-    versions -= {os.path.dirname(n) for n, _, _ in loaded if n.count(os.sep) == 2}
+    # every version directory with a file that is new or changed since the load
+    versions = {os.path.dirname(n) for n, _, _ in set(state) - set(loaded) if n.count(os.sep) == 2}
     if any(n.endswith(PARTIAL) for n in names):
         return False
     for version in versions:
@@ -7558,7 +7616,7 @@ def complete(directory: str, state: Sequence[Tuple[str, int, int]],
         try:
             record = json.loads(read_regular(os.path.join(directory, version, RELEASE_RECORD),
                                              MAX_RECORD).decode("utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return False  # not there yet, or still being written
         if not isinstance(record, dict) or record_lacks("", record, sizes):
             return False
@@ -7591,7 +7649,12 @@ class Watcher(Background):
         loaded = seen = self.loaded
         since = time.monotonic()
         while not self.stop.wait(WATCH_EVERY):
-            state = tree_state(self.directory) + self._config_state()
+            try:
+                state = tree_state(self.directory) + self._config_state()
+            except (OSError, ValueError, RecursionError) as exc:  # looked at again next round
+                log_line(logging.WARNING, "--watch cannot look at %s: %s" % (
+                    self.directory, clean(str(exc), 200)))
+                continue
             now = time.monotonic()
             done = complete(self.directory, state, loaded)
             if state != seen:
@@ -7732,6 +7795,8 @@ def client_tls_context(ca_file: Optional[str]) -> Any:
     """The TLS context the download checks servers with: the system's CAs, or --ca-file's."""
     import ssl  # here: only HTTPS needs it, and it costs start time
     try:
+        if ca_file:
+            os.close(open_regular(ca_file))  # a FIFO would hang OpenSSL's read
         return ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise UsageError("--ca-file %s cannot be used: %s" % (
@@ -7785,7 +7850,14 @@ def download_main(argv: Sequence[str]) -> int:
         return 2
     except (DownloadError, PayloadError) as exc:
         sys.stdout.flush()
-        sys.stderr.write("%s download: error: %s\n" % (PROG, str(exc).rstrip(".") + "."))
+        sys.stderr.write("%s download: error: %s\n" % (PROG, clean(str(exc), 2000).rstrip(".")
+                                                          + "."))
+        return 1
+    except OSError as exc:  # a file or directory planted where download writes
+        sys.stdout.flush()
+        sys.stderr.write("%s download: error: %s: %s; remove it, or choose another DIR, and run "
+                         "again.\n" % (PROG, clean(str(exc.filename or ""), 300),
+                                        exc.strerror or exc))
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("\n%s download: interrupted; run the same command again: it resumes\n"

@@ -155,3 +155,71 @@ def test_answers_with_odd_sizes_and_names_are_one_sentence(old, new, words):
     assert new in body
     with pytest.raises(sp.RequestError, match=words):
         sp.parse_service_answer(body, "amd64-usr")
+
+
+def test_a_planted_hard_link_partial_is_refused(pyz, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious" * 1000)
+    where = tmp_path / "dir" / "amd64-usr" / V
+    where.mkdir(parents=True)
+    os.link(str(victim), str(where / (OS + ".partial")))
+    running, _ = start_hostile({LAYOUT: {"body": PAYLOAD}, LAYOUT + ".sha256": sha256_file()})
+    try:
+        result, err = download(pyz, tmp_path / "dir", running.url)
+    finally:
+        stop_all(running)
+    one_sentence(result, err, "is a hard link to another file")
+    assert victim.read_bytes() == b"precious" * 1000
+
+
+def test_a_body_that_is_no_payload_stops_at_its_first_bytes(pyz, tmp_path):
+    running, state = start_hostile({LAYOUT: {"body": b"<html>" + b"x" * 65536, "length": None,
+                                             "endless": b"x" * 65536},
+                                    LAYOUT + ".sha256": sha256_file()})
+    try:
+        result, err = download(pyz, tmp_path / "dir", running.url, timeout=30)
+    finally:
+        stop_all(running)
+    one_sentence(result, err, "is not an update payload: it looks like an HTML or XML page")
+    assert state.sent.get(LAYOUT, 0) < 16 << 20 and largest_file(tmp_path / "dir") <= 2 << 20
+
+
+def test_a_server_that_ignores_range_gets_the_whole_file_afresh(pyz, tmp_path):
+    where = tmp_path / "dir" / "amd64-usr" / V
+    where.mkdir(parents=True)
+    (where / (OS + ".partial")).write_bytes(PAYLOAD[:1000])  # an earlier, cut download
+    running, _ = start_hostile({LAYOUT: {"body": PAYLOAD}, LAYOUT + ".sha256": sha256_file()})
+    try:  # the stand-in answers 200 with the whole file whatever the Range
+        result, err = download(pyz, tmp_path / "dir", running.url, "--retries", "1")
+    finally:
+        stop_all(running)
+    assert result.returncode == 0, err
+    assert (where / OS).read_bytes() == PAYLOAD
+
+
+@pytest.mark.parametrize("answer", [b"garbage\r\n\r\n", b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 200
+                                    + b"\r\n", b"HTTP/1.1 302 Found\r\nLocation: http://[::1/\r\n"
+                                    b"Content-Length: 0\r\n\r\n"])
+def test_what_http_client_cannot_read_is_one_sentence(pyz, tmp_path, answer):
+    import socket
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve():
+        for _ in range(4):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(answer)
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        result, err = download(pyz, tmp_path / "dir",
+                               "http://127.0.0.1:%d/" % listener.getsockname()[1])
+    finally:
+        listener.close()
+    one_sentence(result, err)

@@ -171,3 +171,27 @@ def test_a_fifo_given_as_any_file_is_one_sentence(pyz, tmp_path, flag):
     result = run_pyz(pyz, *DEMO_ARGS, "--listen-address", "127.0.0.1:0", flag, str(fifo),
                      timeout=20)
     one_sentence_error(result, "it is a FIFO, not a regular file")
+
+
+def test_a_config_nested_too_deep_is_one_sentence(pyz, tmp_path):
+    config = tmp_path / "deep.json"
+    config.write_text("[" * 200000)
+    one_sentence_error(run_pyz(pyz, "--config", str(config)), "nested deeper than any config")
+
+
+@pytest.mark.parametrize("changes", [{"alias": "x\ud800y"}, {"key": "\u0000\u001b[2J"}])
+def test_a_record_with_a_surrogate_or_a_control_character_is_dropped(tmp_path, changes, caplog):
+    path = tmp_path / "fleet.state"
+    header = {"format": sp.STATE_FORMAT, "version": sp.STATE_VERSION, "machines": 1,
+              "fields": list(sp.Machine.RECORDED)}
+    path.write_text(json.dumps(header) + "\n" + json.dumps(record(**changes)) + "\n")
+    assert sp.read_state(str(path), False) == []
+    assert "1 record(s) that are not a machine's were dropped" in caplog.text
+
+
+def test_auth_lines_end_only_at_a_newline_and_a_bom_is_no_part_of_them(tmp_path):
+    users = tmp_path / "users"
+    users.write_bytes("\ufeffadmin:one\x0btwo\u2028three\r\nops:x\n".encode("utf-8"))
+    allowed = sp.read_credentials(str(users))
+    assert allowed == tuple("Basic " + base64.b64encode(line.encode()).decode()
+                            for line in ("admin:one\x0btwo\u2028three", "ops:x"))

@@ -17,15 +17,23 @@ order data flows through it, every name defined before it is used:
                         PerSecond; the log: Note, log_line(), say(), _BatchingHandler
   2. Versions           parse and compare 3815.2.5 (+build ignored)
   3. Payloads           CrAU and its manifest, one-pass hashing (Hasher), signatures (RSA with
-                        pow) and boards (the kernel); Package; the release layout, Step (floor
-                        or target), Release, and Catalog with each board's path of releases
+                        pow) and boards (the kernel); only regular files read (open_regular);
+                        Package; the release layout, Step (floor or target) and download's
+                        record (record_lacks: a copy is whole), Release, and Catalog with each
+                        board's path (floors, then the target: the newest, or --target-version),
+                        computed once a load
   4. Protocol           what machines send: xml_document() within bounds, parse_request(bytes)
                         -> Request, and the setup script's report; what they are answered:
-                        render_response(), pure
-  5. Policy             decide() what each app is offered under the rollout rules -> Decision
-  6. Fleet              Machine (what one machine is doing), Tally (the counts), Query, and
-                        Fleet: every machine and the --max-concurrent slots, one call per app
-                        request (Fleet.request -> Taken), given the time
+                        render_response() (one manifest, or a syncer's several), pure
+  5. Policy             Window (maintenance windows) and Stage (--stages), rollout_rules();
+                        decide() what each app is offered under the rollout rules -> Decision;
+                        for_syncer(): what a site server's download is answered
+  6. Fleet              Machine (what one machine is doing), Tally (the counts), Query, Served
+                        (what the fleet knows of the releases), Registry (every machine, the
+                        ones on probation first to go), RolloutCounts (offers of the hour,
+                        failures by release), Stages (ranks and open stages), and Fleet: every
+                        machine and the --max-concurrent slots, one call per app request, its
+                        events judged before its offer (Fleet.request -> Taken), given the time
   7. Views              the status page, /status.json, /machines.csv, /metrics, what the fleet
                         needs (fleet_needs) and the shutdown summary, from plain values
   8. Setup script       the sh script each machine runs (GET /setup), made for this server;
@@ -33,19 +41,21 @@ order data flows through it, every name defined before it is used:
   9. Download           the connected side's client: sync_request() and parse_service_answer()
                         (pure), walk_floors(), Fetcher (HTTP, proxies, retries), fetch_file()
                         (Range, hashed as written), verify_download(), place(), run_download()
- 10. Application        Service: what every endpoint needs, as plain calls that return what to
-                        send and the lines to log (no socket); Warnings counted by cause;
-                        InFlight (the files downloads read, kept open across a reload)
+ 10. Application        RolloutGate (the pause file and a halt in it, the windows, the policy in
+                        force); Service: what every endpoint needs, as plain calls that return
+                        what to send and the lines to log (no socket); Warnings counted by
+                        cause; InFlight (the files downloads read, kept open across a reload)
  11. HTTP               FramingHandler (HTTP/1.1 framing) <- FileHandler (payload files, Range,
                         zero-copy) <- Handler (the endpoints, from ROUTES); Server (connections,
                         TLS, the limit, the reaper)
  12. Program            Settings, the flag tables (the server's, download's), settings_from(),
                         loading, the banner, background jobs (StateKeeper: --state-file;
-                        Watcher: --watch; Reloader: SIGHUP), systemd's notify(), main()
+                        Watcher: --watch; Reloader: SIGHUP, the releases and the rollout
+                        policy), systemd's notify(), main()
 
 One Omaha request: Handler.omaha() reads the body -> parse_request() -> Service.update_check()
--> for each app Fleet.request() (decide() under the fleet's lock, events, the check) ->
-render_response() -> the lines to log -> the answer sent.
+-> for each app Fleet.request() (its events, then decide() under the fleet's lock, then the
+offer recorded) -> render_response() -> the lines to log -> the answer sent.
 
 Standard library only; runs on Python 3.6 and newer.
 """

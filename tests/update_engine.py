@@ -120,9 +120,7 @@ class UpdateEngine:
             return False
         if not self.received:
             net.post(self.event_body(13, 1))
-        data = net.get(self.offer.urls[0], len(self.received))
-        if cut_after is not None:
-            data = data[:cut_after]
+        data = net.get(self.offer.urls[0], len(self.received), cut_after)
         self.received += data
         return len(self.received) >= self.offer.size
 
@@ -194,7 +192,7 @@ class AppNet:
                                                      self.server_url).body
         return self.last_answer
 
-    def get(self, url: str, start: int) -> bytes:
+    def get(self, url: str, start: int, limit: Optional[int] = None) -> bytes:
         import serve_package as sp
         path = urllib.parse.urlsplit(url).path
         assert path.startswith(sp.PACKAGES_PREFIX), url
@@ -203,7 +201,7 @@ class AppNet:
             raise Rejected("404 for %s (error 2404)" % url)
         try:
             size = transfer.package.size
-            data = os.pread(transfer.package.fd, size - start, start)
+            data = os.pread(transfer.package.fd, min(size - start, limit or size), start)
             self.service.download_progress(transfer, len(data), start + len(data), len(data))
             return data
         finally:
@@ -233,9 +231,17 @@ class HttpNet:
         self.last_answer = answer
         return answer
 
-    def get(self, url: str, start: int) -> bytes:
+    def get(self, url: str, start: int, limit: Optional[int] = None) -> bytes:
+        """The payload from `start` (Range, as update_engine resumes); with `limit`, the
+        connection is cut after that many bytes."""
         path = urllib.parse.urlsplit(url).path
-        status, data = self._request("GET", path, headers={"Range": "bytes=%d-" % start})
-        if status not in (200, 206) or (start and status != 206):
-            raise Rejected("HTTP %d for %s with Range bytes=%d-" % (status, url, start))
-        return data
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            conn.request("GET", path, headers={"Range": "bytes=%d-" % start})
+            response = conn.getresponse()
+            if response.status not in (200, 206) or (start and response.status != 206):
+                raise Rejected("HTTP %d for %s with Range bytes=%d-" % (
+                    response.status, url, start))
+            return response.read(limit) if limit is not None else response.read()
+        finally:
+            conn.close()

@@ -274,6 +274,12 @@ def clean(text: str, limit: int = 120) -> str:
 FIELD_LIMITS = {"machineid": 40, "alias": 64, "oem": 32, "group": 64, "version": 40, "board": 16}
 
 
+def error_code(code: Optional[int]) -> Optional[int]:
+    """An event's error code as the fleet keeps it: update_engine's are 32 bits unsigned; any
+    other number a request makes up is no code."""
+    return code if code is None or 0 <= code < 1 << 32 else None
+
+
 def kept(text: str, limit: int) -> str:
     """A field as the fleet keeps it: cut to its limit, control and bidirectional-override
     characters escaped as clean() escapes them (so the log, the page and the CSV show them
@@ -2358,6 +2364,33 @@ def _checked_setup(value: Any) -> Optional[Dict[str, object]]:
     return checked
 
 
+# How long each text a record holds may be: what a request could have put there, and the
+# words made of it (the state's detail, the setup report's kept as its own bounds allow).
+RECORD_TEXT = dict(FIELD_LIMITS, key=64, address=64, target=40, final=40, from_version=40,
+                   installed_instead=40, state=16, detail=2000)
+
+
+def record_value(name: str, value: Any, default: Any) -> Any:
+    """One field of a record, as its default's type says; ValueError otherwise."""
+    if name == "error":
+        if value is not None and (type(value) is not int or not 0 <= value < 1 << 32):
+            raise ValueError("error is not an error code")
+        return value
+    if name == "setup":
+        return _checked_setup(value)
+    if isinstance(default, str):
+        # kept() cuts a text to its limit and marks the cut with "..."
+        if not isinstance(value, str) or len(value) > RECORD_TEXT.get(name, 200) + 3:
+            raise ValueError("%s is not a text of its length" % name)
+        if _CONTROL.search(value):
+            raise ValueError("%s holds a control character" % name)
+        value.encode("utf-8")  # a lone surrogate is a UnicodeEncodeError: a ValueError
+        return intern(value)
+    if type(value) not in (int, float) or not 0 <= value < 1e13:
+        raise ValueError("%s is not a number in its range" % name)
+    return type(default)(value)
+
+
 class Machine:
     """What one machine is doing, as far as its requests tell; changed only under Fleet.lock,
     through its own methods."""
@@ -2398,11 +2431,6 @@ class Machine:
         (offered_at)."""
         return [getattr(self, name) for name in self.RECORDED]
 
-    # How long each text a record holds may be: what a request could have put there, and the
-    # words made of it (the state's detail, the setup report's kept as its own bounds allow).
-    RECORD_TEXT = dict(FIELD_LIMITS, key=64, address=64, target=40, final=40, from_version=40,
-                       installed_instead=40, state=16, detail=2000)
-
     @classmethod
     def from_record(cls, values: List[Any], fields: Sequence[str] = RECORDED) -> "Machine":
         """A machine as a state file kept it, read by the field names of the file's header: a
@@ -2417,8 +2445,7 @@ class Machine:
         machine = cls(record["key"], "", 0.0)
         for name in cls.RECORDED:
             if name in record:
-                setattr(machine, name, cls._checked_value(name, record[name],
-                                                          getattr(machine, name)))
+                setattr(machine, name, record_value(name, record[name], getattr(machine, name)))
         if machine.state not in STATES:
             raise ValueError("state %r is not one of this server's" % machine.state)
         if machine.installed_instead or machine.state == OTHER_VERSION:
@@ -2426,26 +2453,6 @@ class Machine:
             machine.installed_instead = ""
             machine.state, machine.detail, machine.target = IDLE, "", ""
         return machine
-
-    @classmethod
-    def _checked_value(cls, name: str, value: Any, default: Any) -> Any:
-        """One field of a record, as its default's type says; ValueError otherwise."""
-        if name == "error":
-            if value is not None and (type(value) is not int or not 0 <= value < 1 << 32):
-                raise ValueError("error is not an error code")
-            return value
-        if name == "setup":
-            return _checked_setup(value)
-        if isinstance(default, str):
-            if not isinstance(value, str) or len(value) > cls.RECORD_TEXT.get(name, 200):
-                raise ValueError("%s is not a text of its length" % name)
-            if _CONTROL.search(value):
-                raise ValueError("%s holds a control character" % name)
-            value.encode("utf-8")  # a lone surrogate is a UnicodeEncodeError: a ValueError
-            return intern(value)
-        if type(value) not in (int, float) or not 0 <= value < 1e13:
-            raise ValueError("%s is not a number in its range" % name)
-        return type(default)(value)
 
     def introduce(self, app: AppRequest, address: str) -> None:
         """What a request says of the machine that sent it. The words a fleet shares (an
@@ -2461,11 +2468,12 @@ class Machine:
     def set_up(self, report: "SetupReport", address: str, now: float) -> None:
         """What the setup script found on it; the facts it reports stand until a request says
         otherwise."""
+        limits = FIELD_LIMITS
         self.address = address
-        self.machineid = self.machineid or report.machineid
-        self.version = self.version or report.version
-        self.board = self.board or report.board
-        self.oem = self.oem or report.oem
+        self.machineid = self.machineid or kept(report.machineid, limits["machineid"])
+        self.version = self.version or kept(report.version, limits["version"])
+        self.board = self.board or kept(report.board, limits["board"])
+        self.oem = self.oem or kept(report.oem, limits["oem"])
         self.setup = {"reported": iso_time(now), "mode": report.mode,
                       "extensions": " ".join(report.extensions),
                       "missing": " ".join(report.missing), "problems": report.problems}
@@ -2506,17 +2514,25 @@ class Machine:
         ends at its board's target as it is now."""
         for name in ("first_seen", "last_seen", "offered_at", "progressed_at", "completed_at"):
             setattr(self, name, min(getattr(self, name), now))
-        if self.final:
-            self.final = targets.get(self.board, "")
+        self._walk_to(targets)
 
     def served_anew(self, targets: Dict[str, str], changed: Iterable[str]) -> None:
         """A reload: the path ends at its board's target as it is now; an other-version verdict
         is judged again when its board's releases changed."""
-        if self.final:
-            self.final = targets.get(self.board, "")
+        self._walk_to(targets)
         if self.state == OTHER_VERSION and self.board in changed:
             self.installed_instead, self.target = "", ""
             self.change(IDLE, "judged again at its next check: the releases changed")
+
+    def _walk_to(self, targets: Dict[str, str]) -> None:
+        """A machine half-way along a path walks to its board's target as it is now; one that
+        reached the end of its path has no path left."""
+        if not self.final:
+            return
+        reached = self.target if self.state == INSTALLED else self.version
+        at_end = self.state in (INSTALLED, COMPLETE) and parse_version(reached) == parse_version(
+            self.final)
+        self.final = "" if at_end else targets.get(self.board, "")
 
     def rebooted_unreported(self, app: AppRequest) -> bool:
         """A check from a machine that installed an update and now runs it, without the report
@@ -2584,20 +2600,24 @@ class Machine:
         if happening.state == COMPLETE and self.installed_instead:
             return False  # still on the version it came back on: that is what it is
         if happening.state == COMPLETE:
-            self.from_version, self.target, self.error = event.previousversion, "", None
+            self.from_version = intern(kept(event.previousversion, FIELD_LIMITS["version"]))
+            self.target, self.error = "", None
             self.size, self.completed_at = 0, now
         elif happening.state == ROLLED_BACK:
-            self.error, self.target = event.errorcode, ""
+            self.error, self.target = error_code(event.errorcode), ""
         elif happening.state == DOWNLOADING:
             self.downloaded, self.size, self.logged_percent = 0, 0, NO_PROGRESS_LOGGED
             self.progressed_at = now
         elif happening.state in (FAILED, DEFERRED):
-            self.error = event.errorcode
+            self.error = error_code(event.errorcode)
         return self.change(happening.state, happening.words) if happening.state else False
 
     def progress(self, size: int, end: int, sent: int, seconds: float, now: float) -> bool:
         """A download's progress; True when it is time for a progress line (every 10% or
-        10 seconds, and at the end)."""
+        10 seconds, and at the end). A report that comes after the machine said it finished
+        (the last chunk's, late) changes nothing."""
+        if self.state in (DOWNLOADED, INSTALLED, COMPLETE):
+            return False
         self.size = size
         if end > self.downloaded or self.state != DOWNLOADING:
             self.progressed_at = now
@@ -2915,52 +2935,67 @@ class Rollout(NamedTuple):
     """Where the staged rollout of one release on one board stands, as last reckoned."""
     at: float  # when it was reckoned
     stage: int  # the open stage, from 0
-    sizes: Tuple[int, ...]  # each stage's machines, cumulative
-    last: Tuple[int, str]  # the rank of the last machine the open stage takes
-    done: int  # of the machines of the stage before the open one (or of the open one, at the
-    #            end), how many run the release and kept checking in for --stage-wait
-    failed: int  # of those, how many failed on it
-    members: int  # how many the stage before the open one holds
+    sizes: Tuple[int, ...]  # each stage's machines, counting the stages before it
+    last: Tuple[Tuple[int, str], str]  # the rank and key of the last machine it takes
+    done: int  # of its machines, how many run the release and kept checking in for
+    #            --stage-wait since
+    failed: int  # of its machines, how many failed on the release
 
 
 class Stages:
     """--stages: the machines of each board ranked by a hash of their id (the canaries of
     --machine-id first), so the same machines lead every release and after every restart; and
-    for each release on each board, the open stage: the next opens once every machine of the
-    current one runs the release and has kept checking in for --stage-wait, none failed. Kept
-    under the fleet's lock; a rollout is reckoned at most every STAGE_LOOK seconds."""
+    for each release served on each board, the open stage: the next opens once every machine of
+    the current one runs the release and has kept checking in for --stage-wait, none failed.
+    Kept under the fleet's lock, and only while --stages is set; a rollout is reckoned at most
+    every STAGE_LOOK seconds, by a walk of its open stage's machines."""
 
     def __init__(self) -> None:
         self.ranked = {}  # type: Dict[str, List[Tuple[Tuple[int, str], str]]]  # by board
         self.where = {}  # type: Dict[str, Tuple[str, Tuple[int, str]]]  # key -> board, rank
         self.policy = Policy()
         self.rollouts = {}  # type: Dict[Tuple[str, str], Rollout]
-        # by (board, version): the machines offered it, so that a stage never takes more than
-        # its size (the ranks move as machines appear)
+        # by (board, version) served: the machines offered it, so that a stage never takes
+        # more than its size (the ranks move as machines appear)
         self.admitted = collections.defaultdict(set)  # type: Dict[Tuple[str, str], set]
 
-    def configure(self, policy: Policy, machines: Iterable["Machine"]) -> None:
-        canaries_changed = policy.machine_ids != self.policy.machine_ids
+    def configure(self, policy: Policy, machines: Iterable["Machine"], served: "Served") -> None:
+        """A policy (at the start, and at each reload): the ranks built anew when the stages
+        come or go or the canaries change."""
+        anew = (bool(policy.stages) != bool(self.policy.stages)
+                or policy.machine_ids != self.policy.machine_ids)
         self.policy, self.rollouts = policy, {}
-        if canaries_changed:
-            self.ranked, self.where = {}, {}
+        if anew:
+            self.ranked, self.where, self.admitted = {}, {}, collections.defaultdict(set)
             for machine in machines:
-                self.place(machine)
+                self.place(machine, served)
+
+    def served_anew(self, served: "Served") -> None:
+        """A reload: the rollouts of releases no longer served are gone."""
+        self.rollouts = {}
+        for board, version in list(self.admitted):
+            if version not in served.versions.get(board, ()):
+                del self.admitted[board, version]
 
     def _rank(self, key: str) -> Tuple[int, str]:
         digest = hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:16]
         return (0 if key in self.policy.machine_ids else 1, digest)
 
     def admit(self, machine: "Machine") -> None:
-        """An offer made: the machine is one of its release's rollout's."""
-        self.admitted[machine.board, machine.target].add(machine.key)
-
-    def place(self, machine: "Machine") -> None:
-        """The machine in its board's ranks (again, when its board changed); one under way, or
-        that completed an update, as one of its release's rollout's (a restart keeps them)."""
-        if machine.state in UNDER_WAY and machine.target:
+        """An offer made (of a release served): the machine is one of its rollout's."""
+        if self.policy.stages:
             self.admitted[machine.board, machine.target].add(machine.key)
-        elif machine.completed_at:
+
+    def place(self, machine: "Machine", served: "Served") -> None:
+        """The machine in its board's ranks (again, when its board changed); one under way to a
+        release served, or that completed one, as one of that rollout's (a restart keeps
+        them)."""
+        if not self.policy.stages:
+            return
+        versions = served.versions.get(machine.board, ())
+        if machine.state in UNDER_WAY and machine.target in versions:
+            self.admitted[machine.board, machine.target].add(machine.key)
+        elif machine.completed_at and machine.version in versions:
             self.admitted[machine.board, machine.version].add(machine.key)
         where = self.where.get(machine.key)
         if where is not None and where[0] == machine.board:
@@ -2971,12 +3006,14 @@ class Stages:
         self.where[machine.key] = (machine.board, rank)
 
     def remove(self, key: str) -> None:
-        for admitted in self.admitted.values():
+        for admitted in self.admitted.values():  # one set a release served
             admitted.discard(key)
         where = self.where.pop(key, None)
         if where is not None:
             ranked = self.ranked[where[0]]
             del ranked[bisect.bisect_left(ranked, (where[1], key))]
+            if not ranked:
+                del self.ranked[where[0]]
 
     def gate(self, machines: Dict[str, "Machine"], failures: Dict[Tuple[str, str], set],
              key: str, board: str, version: str, now: float) -> str:
@@ -2987,49 +3024,60 @@ class Stages:
         if rollout is None or not 0 <= now - rollout.at < STAGE_LOOK:
             rollout = self.rollouts[board, version] = self._reckon(
                 machines, failures.get((board, version), set()), board, version, now)
-        admitted = self.admitted[board, version]
+        admitted, size = self.admitted[board, version], rollout.sizes[rollout.stage]
         if key in admitted or ((self.where[key][1], key) <= rollout.last
-                               and len(admitted) < rollout.members):
+                               and len(admitted) < size):
             return ""
+        if rollout.stage + 1 == len(rollout.sizes):
+            return "the rollout ends with its last stage of %d machines (--stages)" % size
         return "waiting for stage %d: %d of %d machines of stage %d are done%s" % (
-            rollout.stage + 2, rollout.done, rollout.members, rollout.stage + 1,
+            rollout.stage + 2, rollout.done, size, rollout.stage + 1,
             " (%d failed)" % rollout.failed if rollout.failed else "")
 
     def _reckon(self, machines: Dict[str, "Machine"], failed: set, board: str, version: str,
                 now: float) -> Rollout:
         """The open stage: the first whose machines are not all done (the last, once they all
-        are). Machines outside --group are not counted; --machine-id's canaries are a stage of
-        their own before the others."""
+        are), its machines walked once. Machines outside --group are not counted;
+        --machine-id's canaries are a stage of their own before the others."""
         policy, target = self.policy, parse_version(version)
-        members = [(rank, key) for rank, key in self.ranked.get(board, ())
-                   if not policy.groups or machines[key].group in policy.groups]
-        canaries = sum(1 for rank, _ in members if rank[0] == 0)
+        members = self.ranked.get(board, [])
+        if policy.groups:
+            members = [m for m in members if machines[m[1]].group in policy.groups]
+        canaries = bisect.bisect_left(members, ((1, ""), ""))  # they rank first
         stages = ((Stage(canaries, False),) if canaries else ()) + policy.stages
-        # each stage's size counts the stages before it: 2,10%,100% is 2 machines, then a
-        # tenth of the board's (the 2 among them), then all
         sizes = tuple(min(len(members), size) for size in itertools.accumulate(
             (stage.machines(len(members)) for stage in stages), max))
+        done = failed_here = walked = stage = 0
         for stage, size in enumerate(sizes):
-            done = failed_here = 0
-            for _, key in members[:size]:
+            for _, key in members[walked:size]:
                 machine = machines[key]
                 failed_here += key in failed
                 done += (key not in failed and target is not None
                          and (parse_version(machine.version) or ()) >= target
                          and (not machine.completed_at
                               or machine.last_seen - machine.completed_at >= policy.stage_wait))
-            if done < size or stage + 1 == len(sizes):
+            walked = size
+            if done < size:
                 break
-        last = members[size - 1] if size else ((-1, ""), "")
-        return Rollout(now, stage, sizes, last, done, failed_here, size)
+        last = members[sizes[stage] - 1] if sizes[stage] else ((-1, ""), "")
+        return Rollout(now, stage, sizes, last, done, failed_here)
 
     def facts(self) -> List[Dict[str, Any]]:
         """Each staged rollout, as last reckoned, for the views."""
         return [{"board": board, "version": version, "stage": r.stage + 1,
-                 "stages": len(r.sizes), "size": r.sizes[r.stage] if r.sizes else 0,
+                 "stages": len(r.sizes), "size": r.sizes[r.stage],
                  "done": r.done, "failed": r.failed,
                  "offered": len(self.admitted.get((board, version), ()))}
                 for (board, version), r in sorted(self.rollouts.items())]
+
+
+def count_extensions(counter: collections.Counter, machine: "Machine", sign: int) -> None:
+    """The (board, extension) pairs a machine's setup report enables, counted in (1) or out
+    (-1); at most MAX_DISTINCT pairs apart, whatever the reports say."""
+    for name in machine.setup_names("extensions"):
+        pair = (machine.board, name)
+        if pair in counter or len(counter) < MAX_DISTINCT or sign < 0:
+            counter[pair] += sign
 
 
 class RolloutCounts:
@@ -3040,12 +3088,15 @@ class RolloutCounts:
 
     def __init__(self) -> None:
         self.per_hour = 0
+        self.halt_after = 0  # failures are counted only when a halt may come of them
         self.times = collections.deque(maxlen=1)  # type: collections.deque
         self.failures = collections.defaultdict(set)  # type: Dict[Tuple[str, str], set]
 
-    def limit(self, per_hour: int) -> None:
-        self.per_hour = per_hour
+    def limit(self, per_hour: int, halt_after: int) -> None:
+        self.per_hour, self.halt_after = per_hour, halt_after
         self.times = collections.deque(self.times, maxlen=max(1, per_hour))
+        if not halt_after:
+            self.failures.clear()
 
     def offered(self, now: float) -> None:
         if self.per_hour:
@@ -3057,7 +3108,12 @@ class RolloutCounts:
         return len(self.times) if self.per_hour else 0
 
     def failed(self, board: str, version: str, key: str) -> None:
-        self.failures[board, version].add(key)
+        if self.halt_after:
+            self.failures[board, version].add(key)
+
+    def forget(self, key: str) -> None:
+        for keys in self.failures.values():
+            keys.discard(key)
 
     def by_release(self) -> Dict[Tuple[str, str], int]:
         return {release: len(keys) for release, keys in self.failures.items()}
@@ -3114,6 +3170,16 @@ class Registry:
         self.forgotten += 1
         return machine
 
+    def not_seen(self, now: float) -> int:
+        """The machines not seen for long: a walk from the front, the longest unseen, that
+        stops at the first seen recently."""
+        count = 0
+        for machine in self.machines.values():
+            if not machine.lost(now):
+                break
+            count += 1
+        return count
+
     def restore(self, machine: "Machine") -> None:
         self.machines[machine.key] = machine
         self.by_address[machine.address] = machine.key
@@ -3149,14 +3215,18 @@ class Fleet:
         self.stages = Stages()
         self.counts = RolloutCounts()
 
-    def limit(self, policy: Policy) -> None:
-        """The rollout's limits and stages, at the start and when a reload changes them."""
+    def limit(self, policy: Policy, now: float) -> None:
+        """The rollout's limits and stages, at the start and when a reload changes them (a
+        --max-concurrent set by a reload counts the machines mid-update as its holders)."""
         with self.lock:
+            if policy.max_concurrent and not self.limited:
+                self.holders = {m.key: m for m in self.machines.values()
+                                if m.holds_slot(now, policy.update_timeout)}
             self.max_concurrent = policy.max_concurrent
             self.limited = policy.max_concurrent > 0
             self.update_timeout = policy.update_timeout
-            self.counts.limit(policy.max_per_hour)
-            self.stages.configure(policy, self.machines.values())
+            self.counts.limit(policy.max_per_hour, policy.halt_after)
+            self.stages.configure(policy, self.machines.values(), self.served)
 
     def rollout_facts(self, now: float) -> Dict[str, Any]:
         """The offers of the last hour, the failures by release, each staged rollout."""
@@ -3193,7 +3263,7 @@ class Fleet:
         with self.lock:
             machine, before = self._machine(key, address, now)
             machine.introduce(app, address)
-            self.stages.place(machine)
+            self.stages.place(machine, self.served)
             notes = self._events(machine, app, happenings, now)
             in_use = self._slots_in_use(now) if self.limited else 0
             # under --max-concurrent, a machine holds a slot only while it is the slot's holder
@@ -3204,8 +3274,9 @@ class Fleet:
                 held, in_use, machine.installed_instead,
                 held and machine.state in (INSTALLED, COMPLETE),
                 self.counts.recent(now),
-                "" if held else self.stages.gate(self.machines, self.counts.failures, key,
-                                                 machine.board, version, now)))
+                "" if held or version not in self.served.versions.get(machine.board, ())
+                else self.stages.gate(self.machines, self.counts.failures, key, machine.board,
+                                      version, now)))
             checked = decision if app.updatecheck else None
             count_request(self.counters, app, checked)
             # A failure reported with an update check (a rollback is) stays what this request
@@ -3225,6 +3296,7 @@ class Fleet:
         walks to the board's target as it is now."""
         with self.lock:
             old, self.served = self.served, served_facts(catalog)
+            self.stages.served_anew(self.served)
             changed = {board for board in set(old.payloads) | set(self.served.payloads)
                        if old.payloads.get(board) != self.served.payloads.get(board)}
             for machine in list(self.machines.values()):
@@ -3243,7 +3315,7 @@ class Fleet:
                 self.counts.failed(machine.board, offered_as, machine.key)
             if machine.happened(happening, event, now):
                 if instead:
-                    machine.installed_other(offered_as, app.version)
+                    machine.installed_other(offered_as, machine.version)
                 notes.append(machine.note(logging.WARNING if machine.state in (
                     FAILED, ROLLED_BACK, OTHER_VERSION) else logging.INFO, "state"))
         return notes
@@ -3287,7 +3359,7 @@ class Fleet:
         with self.lock:
             for machine in machines:
                 machine.restored(now, self.served.targets)
-                self.stages.place(machine)
+                self.stages.place(machine, self.served)
             for machine in sorted(machines, key=lambda m: m.last_seen):
                 self.registry.restore(machine)
                 self.tally.change(machine, None, now)
@@ -3296,7 +3368,7 @@ class Fleet:
             if self.limited:  # as many as there are slots, the earliest offers first
                 self.holders.update((m.key, m) for m in holding[:self.max_concurrent])
             for machine in machines:
-                self._count_extensions(machine, 1)
+                count_extensions(self.extensions, machine, 1)
             self.dirty.update(machine.key for machine in machines)  # the first save writes all
             self.tally.completions.clear()  # they completed before: not "in the last hour"
 
@@ -3316,8 +3388,9 @@ class Fleet:
         machine, created, gone = self.registry.seen(key, address, now, self.holders)
         if gone is not None:
             self.stages.remove(gone.key)
+            self.counts.forget(gone.key)
             self.tally.forget(gone)
-            self._count_extensions(gone, -1)
+            count_extensions(self.extensions, gone, -1)
             self.dirty.add(gone.key)
         return machine, None if created else machine.tally()
 
@@ -3352,20 +3425,14 @@ class Fleet:
             self._changed(machine, before, now)
             return [machine.note(logging.INFO, "progress")] if said else []
 
-    def _count_extensions(self, machine: "Machine", sign: int) -> None:
-        for name in machine.setup_names("extensions"):
-            pair = (machine.board, name)
-            if pair in self.extensions or len(self.extensions) < MAX_DISTINCT or sign < 0:
-                self.extensions[pair] += sign
-
     def set_up(self, report: "SetupReport", address: str, now: float) -> List[Note]:
         """A setup script's report: the machine's needs, before it downloads a byte."""
         with self.lock:
             machine, before = self._machine(machine_key(report.machineid, address), address, now)
-            self._count_extensions(machine, -1)
+            count_extensions(self.extensions, machine, -1)
             machine.set_up(report, address, now)
-            self.stages.place(machine)
-            self._count_extensions(machine, 1)
+            self.stages.place(machine, self.served)
+            count_extensions(self.extensions, machine, 1)
             self.extensions += collections.Counter()  # drops the names no machine enables
             self._changed(machine, before, now)
             found = "enabled extensions: %s" % (" ".join(report.extensions) or "none")
@@ -3407,11 +3474,7 @@ class Fleet:
             tally = self.tally
             counts = {name: dict(tally.counts[name]) for name in TALLIED}
             stalled = sum(1 for m in tally.downloading.values() if m.stalled(now))
-            not_seen = 0
-            for machine in self.machines.values():
-                if not machine.lost(now):
-                    break
-                not_seen += 1
+            not_seen = self.registry.not_seen(now)
             examples = {cause: [self.machines[key].name() for key in keys]
                         for cause, keys in tally.examples.items()}
             return summary_of(counts, len(self.machines), dict(self.extensions), examples,
@@ -4837,6 +4900,9 @@ def fetch_file(fetcher: Fetcher, url: str, partial: str, expected: RemoteFile,
             except StartAfresh:
                 hasher.digests()
                 os.ftruncate(fd, 0)  # the server cannot resume: the whole file, afresh
+                if attempt == fetcher.retries:
+                    raise DownloadError("%s ignores Range, so the file starts afresh, and no try "
+                                        "was left; run the same command again" % url) from None
             except (ConnectionError, socket.timeout, http.client.HTTPException) as exc:
                 hasher.digests()
                 if attempt == fetcher.retries:
@@ -5400,6 +5466,7 @@ class RolloutGate:
 
     def __init__(self, policy: Policy, fleet: "Fleet", clock: Callable[[], float]) -> None:
         self.policy, self.fleet, self.clock = policy, fleet, clock
+        self.lock = threading.Lock()  # one halt at a time, and its line said once
         # the pause file is looked at no more than once a second: checks come by the thousand
         self._paused = PerSecond(self._look_paused, "")
         self._said_paused = ""
@@ -5424,7 +5491,7 @@ class RolloutGate:
         if policy == old:
             return []
         self.policy = policy
-        self.fleet.limit(policy)
+        self.fleet.limit(policy, self.clock())
         self._paused = PerSecond(self._look_paused, "")
         before, after = rollout_rules(old), rollout_rules(policy)
         return [Note(logging.INFO, "the rollout policy changed: %s" % "; ".join(
@@ -5451,6 +5518,10 @@ class RolloutGate:
         """--halt-after: when that many machines failed on one release, new offers stop at once
         and the halt is written to the pause file, with its reason; removing the file resumes,
         as after a manual pause (and the failures count afresh)."""
+        with self.lock:
+            return self._halt_if_due()
+
+    def _halt_if_due(self) -> List[Note]:
         limit, pause_file = self.policy.halt_after, self.policy.pause_file
         if not limit or self._paused(self.clock()):
             return []
@@ -5467,14 +5538,20 @@ class RolloutGate:
                 reason += " (%s could not be written: %s; the halt lasts until a restart)" % (
                     pause_file, exc.strerror)
                 self._halted = reason  # kept here, as the file could not keep it
-            self._paused = PerSecond(self._look_paused, "")
+            self._paused = PerSecond(self._look_paused, "rollout " + reason)
             self._said_paused = "rollout " + reason
             return [Note(logging.ERROR, "rollout " + reason)]
         return []
 
-    def _look_paused(self, _previous: str, _second: int) -> str:
+    def _look_paused(self, previous: str, _second: int) -> str:
         """The pause file's words: "" when there is none; its first line when a halt wrote
-        it."""
+        it. A halt is over once its file is gone: the failures count afresh from then."""
+        words = self._pause_words()
+        if previous.startswith("rollout halted") and not words:
+            self.fleet.forgive()
+        return words
+
+    def _pause_words(self) -> str:
         pause_file = self.policy.pause_file
         if self._halted:
             return "rollout " + self._halted
@@ -5491,13 +5568,12 @@ class RolloutGate:
     def pause_notes(self, paused: str) -> List[Note]:
         """A line when --pause-file came or went since the last look; a resume after a halt
         counts the failures afresh."""
-        if paused == self._said_paused:
-            return []
-        said, self._said_paused = self._said_paused, paused
+        with self.lock:
+            if paused == self._said_paused:
+                return []
+            self._said_paused = paused
         if paused:
             return [Note(logging.WARNING, paused)]
-        if said.startswith("rollout halted"):
-            self.fleet.forgive()
         return [Note(logging.INFO, "rollout resumed: %s is gone" % (
             self.policy.pause_file))]
 
@@ -5519,7 +5595,7 @@ class Service:
                            if settings.skip_signature_check else "offered",
                            max_concurrent=policy.max_concurrent,
                            max_machines=settings.max_machines)
-        self.fleet.limit(policy)
+        self.fleet.limit(policy, self.clock())
         self.warnings = Warnings()
         self.started = clock()
         # Looked at no more than once a second: each look is a syscall, checks come by the

@@ -404,3 +404,13 @@ def test_a_flood_of_new_ids_never_forgets_a_machine_seen_twice(release):
     kept = {m.alias for m in fleet.machines.values()}
     assert {"node-%d" % n for n in range(5)} <= kept and len(fleet.machines) == 20
     assert fleet.registry.forgotten == 5000 - 15
+
+
+def test_a_late_progress_report_never_moves_a_machine_back(fleet, release):
+    offer_to(fleet, release, 1, 100.0)
+    for body in (machine_event(1, 13, 1), machine_event(1, 14, 1), machine_event(1, 3, 1)):
+        report(fleet, 1, body, 101.0)
+    package = release.packages[0]
+    fleet.download(fleet.downloader("10.0.0.1"), "10.0.0.1", package, package.size,
+                   package.size, 1.0, 102.0)  # the last chunk's report, after the events
+    assert fleet.machines["%032x" % 2].state == sp.INSTALLED

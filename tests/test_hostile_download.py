@@ -223,3 +223,15 @@ def test_what_http_client_cannot_read_is_one_sentence(pyz, tmp_path, answer):
     finally:
         listener.close()
     one_sentence(result, err)
+
+
+def test_a_server_that_ignores_range_with_no_try_left_is_one_sentence(pyz, tmp_path):
+    where = tmp_path / "dir" / "amd64-usr" / V
+    where.mkdir(parents=True)
+    (where / (OS + ".partial")).write_bytes(PAYLOAD[:1000])
+    running, _ = start_hostile({LAYOUT: {"body": PAYLOAD}, LAYOUT + ".sha256": sha256_file()})
+    try:
+        result, err = download(pyz, tmp_path / "dir", running.url)  # --retries 0
+    finally:
+        stop_all(running)
+    one_sentence(result, err, "ignores Range, so the file starts afresh")

@@ -273,3 +273,35 @@ def test_stages_never_hold_more_than_their_size_and_a_halt_offers_nothing_new(
         rollout = site.app.fleet.stages.rollouts.get(("amd64-usr", "3815.2.5"))
         if rollout is not None:  # those offered are among the leaders of the open stage
             assert offered <= set(leaders[:max(rollout.sizes[:rollout.stage + 1])])
+
+
+def test_a_halt_ends_when_its_file_is_gone_even_with_no_request_meanwhile(tmp_path):
+    """The clock's job looks for a halt every second: once the operator removes the file, it
+    does not write the same halt again from the old failures."""
+    site = Site(tmp_path, halt_after=1)
+    machine = fleet_machine(1)
+    machine.check(site.net)
+    machine.download(site.net)
+    machine.install(site.net, postinstall_error=True)
+    pause = tmp_path / "rollout.paused"
+    assert pause.exists()
+    pause.unlink()
+    for _ in range(3):
+        site.clock.advance(1.5)
+        site.app.tick()
+    assert not pause.exists()
+    assert fleet_machine(2).check(site.net) == "3815.2.5"
+
+
+def test_what_a_request_stores_loads_back_from_the_state_file(tmp_path):
+    """A previousversion of 70 characters and error codes outside 32 bits are kept as the
+    state file's load accepts them: a restart restores the machine."""
+    site = Site(tmp_path)
+    machine = fleet_machine(1)
+    machine.check(site.net)
+    site.net.post(machine.event_body(3, 0, -5))
+    site.net.post(machine.event_body(3, 0, 1 << 33))
+    machine.prefs["previous-version"] = "9" * 70
+    machine.check(site.net)
+    site.restart()
+    assert machine.machineid in site.app.fleet.machines

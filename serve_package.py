@@ -1346,9 +1346,10 @@ MAX_RECORD = 1 << 20
 
 
 class Step(NamedTuple):
-    """Where a release stands on its board's path (flatcar/nebraska: docs "multi-step updates"):
-    a floor every machine below it installs before going further (with the service's reason),
-    the target, or neither (an older release kept in the directory: served, never offered)."""
+    """What the service said of a release (flatcar/nebraska: docs "multi-step updates"): a
+    floor every machine below it installs before going further (with the service's reason),
+    and whether it was the channel's target then. The server's own target is the newest
+    release of a board (or --target-version's): see Catalog."""
     floor: bool = False
     reason: str = ""
     target: bool = False
@@ -2123,7 +2124,7 @@ def window_gate(windows: Sequence[Window], local: Any) -> str:
 class Policy(NamedTuple):
     """The operator's rollout rules (the flags --force, --group, --machine-id, --min-version,
     --max-concurrent, --update-timeout, --pause-file, --window, --timezone, --max-per-hour,
-    --halt-after)."""
+    --halt-after, --stages, --stage-wait)."""
     force: bool = False
     groups: FrozenSet[str] = frozenset()
     machine_ids: FrozenSet[str] = frozenset()
@@ -2175,7 +2176,7 @@ class Standing(NamedTuple):
     installed_instead: str = ""
     between_steps: bool = False  # holds its slot between two steps of a path: not mid-update
     recent_offers: int = 0  # new offers in the last hour (counted under --max-per-hour)
-    stage: str = ""  # why the open stage of the release's rollout does not take it yet
+    stage_refusal: str = ""  # why the open stage of the release's rollout does not take it
 
 
 def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release, policy: Policy,
@@ -2199,8 +2200,8 @@ def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release,
     if gate and (not standing.held or standing.between_steps):
         return Decision(False, gate)
     if not standing.held:
-        if standing.stage:
-            return Decision(False, standing.stage)
+        if standing.stage_refusal:
+            return Decision(False, standing.stage_refusal)
         if policy.max_per_hour and standing.recent_offers >= policy.max_per_hour:
             return Decision(False, "the rate limit: %d offers in the last hour "
                             "(--max-per-hour)" % policy.max_per_hour)
@@ -3246,7 +3247,7 @@ class Fleet:
             self.counts.failures.clear()
 
     def request(self, app: AppRequest, address: str, now: float,
-                choose: Callable[[Standing], Decision], version: str = "") -> Taken:
+                choose: Callable[[Standing], Decision], release_version: str = "") -> Taken:
         """One app's Omaha request, under one hold of the lock, so that --max-concurrent holds
         however many machines ask at once. First what the machine did since its last request
         (its events: update_engine's first check after a reboot reports the update it completed,
@@ -3274,9 +3275,9 @@ class Fleet:
                 held, in_use, machine.installed_instead,
                 held and machine.state in (INSTALLED, COMPLETE),
                 self.counts.recent(now),
-                "" if held or version not in self.served.versions.get(machine.board, ())
+                "" if held or release_version not in self.served.versions.get(machine.board, ())
                 else self.stages.gate(self.machines, self.counts.failures, key, machine.board,
-                                      version, now)))
+                                      release_version, now)))
             checked = decision if app.updatecheck else None
             count_request(self.counters, app, checked)
             # A failure reported with an update check (a rollback is) stays what this request
@@ -5179,12 +5180,12 @@ def fetch_one(fetcher: Fetcher, item: Wanted, directory: str, keys: Optional[Seq
     came over the network."""
     path = item.path(directory)
     partial = path + PARTIAL
+    inside(directory, os.path.dirname(path))
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         start = os.lstat(partial).st_size if os.path.lexists(partial) else 0
     except OSError as exc:
         raise DownloadError("cannot write in %s: %s" % (os.path.dirname(path), exc.strerror))
-    inside(directory, os.path.dirname(path))
     progress.begin("%s %s %s" % (item.release.board, item.release.version, item.file.name), start)
     failure = None  # type: Optional[DownloadError]
     for url in item.urls:
@@ -5598,11 +5599,11 @@ class Service:
         self.fleet.limit(policy, self.clock())
         self.warnings = Warnings()
         self.started = clock()
-        # Looked at no more than once a second: each look is a syscall, checks come by the
-        # thousand; downloads look at their payload between every chunk they send.
         self.rollout = RolloutGate(policy, self.fleet, clock)
         self._said_missing = []  # type: List[str]
         self._said_forgotten = (0, 0.0)  # machines forgotten, as of the last line, and when
+        # Looked at no more than once a second: each look is a syscall, checks come by the
+        # thousand; downloads look at their payload between every chunk they send.
         self._changed = PerSecond(self._look_changed, ())
         self._served_lock = threading.Lock()
         self._served = collections.Counter()  # type: collections.Counter  # bytes, by file
@@ -6796,7 +6797,8 @@ _ROLLOUT_FLAGS = (
          "system's zoneinfo (default: the host's local time)", "ZONE"),
     Flag("max-per-hour", "value", "at most N new offers in any hour; 0: no limit", "N", 0, int),
     Flag("halt-after", "value", "when N machines fail on the release being rolled out (error "
-         "events, rollbacks, downloads past --update-timeout), stop offering it and write the "
+         "events, rollbacks; with --max-concurrent, downloads past --update-timeout), stop "
+         "offering it and write the "
          "reason to the pause file: removing it resumes; 0: never", "N", 0, int),
     Flag("state-file", "value", "keep every machine's state, history and rollout slot in "
          "FILE, so that a restart loses nothing", "FILE"),

@@ -12,8 +12,8 @@ import pytest
 import serve_package as sp
 
 from update_engine import HttpNet, UpdateEngine
-from conftest import (DEMO_MACHINE_ID, DEMO_PAYLOAD, FIXTURES, NON_PRODUCTION, PING, Running, as_machine, check, event,
-                      machine, machine_event)
+from conftest import (DEMO_MACHINE_ID, DEMO_PAYLOAD, FIXTURES, NON_PRODUCTION, Running, check,
+                      event, machine, machine_event)
 
 
 class Walk:

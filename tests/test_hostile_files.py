@@ -11,8 +11,8 @@ import pytest
 
 import serve_package as sp
 
-from conftest import DEMO_ARGS, DEMO_PAYLOAD, PyzProcess, Running, copy_demo, get, machine, \
-    one_sentence_error, post, run_pyz
+from conftest import DEMO_ARGS, Running, copy_demo, get, machine, one_sentence_error, post, \
+    run_pyz
 
 RECORD = sp.Machine("a" * 32, "10.0.0.1", 1700000000.0)
 

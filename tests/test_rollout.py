@@ -21,9 +21,10 @@ import pytest
 import serve_package as sp
 
 from clients import update_engine_reads
+from update_engine import AppNet
 from conftest import (CHECK, DEMO_ARGS, DEMO_PAYLOAD, DEMO_VERSION, Clock, PyzProcess, Running,
-                      machine, machine_event, one_sentence_error, post, read_until_closed,
-                      run_pyz)
+                      fleet_machine, machine, one_sentence_error, post,
+                      read_until_closed, run_pyz)
 
 
 def offered(running, body) -> bool:
@@ -82,22 +83,27 @@ def test_min_version_warns_once(demo_release, caplog):
 
 
 def test_max_concurrent_slots_freed_by_install_failure_and_timeout(demo_release):
+    """Machines played by the update_engine model: a slot goes when its machine installs,
+    fails, or passes --update-timeout."""
     clock = Clock()
     with policy_server(demo_release, clock, max_concurrent=2, update_timeout=1.5) as running:
-        assert offered(running, machine(1)) and offered(running, machine(2))
-        assert not offered(running, machine(3))  # both slots taken
-        assert offered(running, machine(1))  # a machine with a slot keeps its offer
-        running.post(machine_event(1, 3, 1))  # installed: slot freed
-        assert offered(running, machine(3))
-        assert not offered(running, machine(4))
-        running.post(machine_event(2, 3, 0, 9 | 1 << 28))  # failed: slot freed
-        assert offered(running, machine(4))
-        assert not offered(running, machine(5))
-        clock.advance(1.6)  # machines 3 and 4 never finish: --update-timeout frees their slots
-        assert offered(running, machine(5))
-        status = json.loads(running.request("GET", "/status.json")[2])
-        waiting = [m for m in status["machines"] if m["alias"] == "node-5"][0]
-        assert waiting["state"] == "offered"
+        net = AppNet(running.app)
+        nodes = [fleet_machine(n) for n in range(6)]
+        assert [n.check(net) for n in nodes[1:4]] == [DEMO_VERSION, DEMO_VERSION, None]
+        assert nodes[1].check(net) == DEMO_VERSION  # a machine with a slot keeps its offer
+        nodes[1].download(net)
+        assert nodes[1].install(net) is None  # installed: slot freed
+        assert nodes[3].check(net) == DEMO_VERSION
+        assert nodes[4].check(net) is None
+        nodes[2].download(net)
+        assert nodes[2].install(net, postinstall_error=True) == 5 | 1 << 28  # failed: freed
+        assert nodes[4].check(net) == DEMO_VERSION
+        assert nodes[5].check(net) is None
+        nodes[3].download(net)  # machines 3 and 4 never finish: --update-timeout frees them
+        clock.advance(1.6)
+        assert nodes[5].check(net) == DEMO_VERSION
+        m = running.app.fleet.machines[nodes[5].machineid]
+        assert m.state == "offered"
 
 
 def test_max_concurrent_holds_under_a_burst(demo_release):
@@ -116,16 +122,18 @@ def test_pause_file_mid_rollout(demo_release, tmp_path):
     pause = tmp_path / "pause"
     clock = Clock()
     with policy_server(demo_release, clock, pause_file=str(pause)) as running:
-        assert offered(running, machine(1))
+        net = AppNet(running.app)
+        nodes = [fleet_machine(n) for n in range(4)]
+        assert nodes[1].check(net) == DEMO_VERSION
         pause.write_text("")
-        assert offered(running, machine(2))  # looked at once a second: not yet seen
+        assert nodes[2].check(net) == DEMO_VERSION  # looked at once a second: not yet seen
         clock.advance(1)
-        assert not offered(running, machine(3))  # no new offers
-        assert offered(running, machine(1))  # mid-update: continues
+        assert nodes[3].check(net) is None  # no new offers
+        assert nodes[1].download(net) and nodes[1].install(net) is None  # mid-update: goes on
         pause.unlink()
-        assert not offered(running, machine(3))  # still the same second
+        assert nodes[3].check(net) is None  # still the same second
         clock.advance(1)
-        assert offered(running, machine(3))
+        assert nodes[3].check(net) == DEMO_VERSION
 
 
 # --- addresses and mirrors --------------------------------------------------------------------

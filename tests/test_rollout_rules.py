@@ -126,7 +126,7 @@ def test_sighup_and_watch_read_the_rollout_policy_again(pyz, tmp_path):
     import json
     import shutil
     import signal
-    from conftest import PyzProcess, post
+    from conftest import PyzProcess
     from update_engine import HttpNet
     where = tmp_path / "releases" / "amd64-usr" / "3815.2.5"
     where.mkdir(parents=True)

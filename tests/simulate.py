@@ -96,7 +96,7 @@ class Operator:
         self.server = subprocess.Popen(
             [sys.executable, self.pyz, "--package-dir", self.dir, "--watch", "--state-file",
              self.state, "--pause-file", self.pause, "--max-concurrent", str(MAX_CONCURRENT),
-             "--update-timeout", "60", "--listen-address", "127.0.0.1:0"],
+             "--update-timeout", "10", "--listen-address", "127.0.0.1:0"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
         log.close()
         deadline = time.monotonic() + 30

@@ -1363,18 +1363,31 @@ class ReleasePlan(NamedTuple):
     step: Step = Step()  # floor or target, from release.json or --floor
 
 
+def read_record(directory: str) -> Dict[str, Any]:
+    """A release directory's release.json, as a JSON object: OSError when it cannot be read
+    (FileNotFoundError when there is none), ValueError when it is no JSON object."""
+    try:
+        record = json.loads(read_regular(os.path.join(directory, RELEASE_RECORD),
+                                         MAX_RECORD).decode("utf-8"))
+    except RecursionError:
+        raise ValueError("it is nested deeper than any record") from None
+    if not isinstance(record, dict):
+        raise ValueError("it is not a JSON object")
+    return record
+
+
 def read_step(directory: str) -> Optional[Step]:
     """What the release.json that download wrote says of the release; None without one. A
     record that cannot be read is a PayloadError: the operator should hear of it."""
     path = os.path.join(directory, RELEASE_RECORD)
     try:
-        record = json.loads(read_regular(path, MAX_RECORD).decode("utf-8"))
+        record = read_record(directory)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, RecursionError) as exc:
+    except (OSError, ValueError) as exc:
         raise PayloadError("%s cannot be read (%s); download the release again, or delete the "
                            "file." % (path, getattr(exc, "strerror", None) or exc)) from None
-    if not isinstance(record, dict) or record.get("format") != RELEASE_RECORD_FORMAT:
+    if record.get("format") != RELEASE_RECORD_FORMAT:
         raise PayloadError("%s is not a record written by serve-package download." % path)
     lacking = record_lacks(directory, record)
     if lacking:
@@ -4988,11 +5001,10 @@ def recorded_step(directory: str, release: RemoteRelease) -> RemoteRelease:
     """--version V into a DIR whose V the service already described: what it said (a floor and
     why) stays, the layout knows none of it."""
     try:
-        record = json.loads(read_regular(os.path.join(
-            directory, release.board, release.version, RELEASE_RECORD), MAX_RECORD).decode())
+        record = read_record(os.path.join(directory, release.board, release.version))
     except (OSError, ValueError):
         return release
-    if not isinstance(record, dict) or record.get("floor") is not True:
+    if record.get("floor") is not True:
         return release
     return release._replace(floor=True, floor_reason=clean(str(record.get("floor_reason", "")),
                                                            300),
@@ -5109,17 +5121,16 @@ class Progress:
 def record_release(directory: str, release: RemoteRelease, channel: str, source: str,
                    wanted: Sequence["Wanted"]) -> None:
     """DIR/<board>/<version>/release.json, unless it already says the same of the release."""
-    path = os.path.join(directory, release.board, release.version, RELEASE_RECORD)
-    kept = {item.file.name: (item.file.sha256_hex, os.stat(item.path(directory)).st_size)
-            for item in wanted if item.release is release}
-    text = release_record(release, channel, source, time.time(), kept)
+    where = os.path.join(directory, release.board, release.version)
+    files = {item.file.name: (item.file.sha256_hex, os.stat(item.path(directory)).st_size)
+             for item in wanted if item.release is release}
+    text = release_record(release, channel, source, time.time(), files)
     try:
-        kept = json.loads(read_regular(path, MAX_RECORD).decode("utf-8"))
-        if dict(kept, fetched="") == dict(json.loads(text), fetched=""):
+        if dict(read_record(where), fetched="") == dict(json.loads(text), fetched=""):
             return
-    except (OSError, ValueError, TypeError, RecursionError):
+    except (OSError, ValueError):
         pass
-    write_atomically(path, [text.rstrip("\n")])
+    write_atomically(os.path.join(where, RELEASE_RECORD), [text.rstrip("\n")])
 
 
 def plan_lines(releases: Sequence[RemoteRelease], wanted: Sequence[Wanted],
@@ -7702,11 +7713,10 @@ def complete(directory: str, state: Sequence[Tuple[str, int, int]],
         sizes = {os.path.basename(n): size for n, size, _ in state
                  if os.path.dirname(n) == version}
         try:
-            record = json.loads(read_regular(os.path.join(directory, version, RELEASE_RECORD),
-                                             MAX_RECORD).decode("utf-8"))
-        except (OSError, ValueError, RecursionError):
+            record = read_record(os.path.join(directory, version))
+        except (OSError, ValueError):
             return False  # not there yet, or still being written
-        if not isinstance(record, dict) or record_lacks("", record, sizes):
+        if record_lacks("", record, sizes):
             return False
     return True
 

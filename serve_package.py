@@ -2067,7 +2067,12 @@ def parse_stages(text: str) -> Tuple[Stage, ...]:
         if not match or int(match.group(1)) < 1 or (match.group(2) and int(match.group(1)) > 100):
             raise ValueError("%r is not a number of machines or a percentage from 1%% to 100%%"
                              % clean(part, 20))
-        stages.append(Stage(int(match.group(1)), bool(match.group(2))))
+        stage = Stage(int(match.group(1)), bool(match.group(2)))
+        before = [s.size for s in stages if s.percent == stage.percent]
+        if before and stage.size <= before[-1]:
+            raise ValueError("%r is no larger than the stage before it: each size counts the "
+                             "stages before it (2,10%%,100%%)" % clean(part, 20))
+        stages.append(stage)
     return tuple(stages)
 
 
@@ -2108,6 +2113,9 @@ def parse_window(text: str) -> Window:
     end = int(match.group(4)) * 60 + int(match.group(5))
     if start >= 24 * 60 or end > 24 * 60:
         raise ValueError("%r has a time past 24:00" % clean(text, 60))
+    if start == end:
+        raise ValueError("%r starts when it ends: write 00:00-24:00 for a whole day"
+                         % clean(text, 60))
     return Window(_days(match.group(1)), start, end, " ".join(text.split()))
 
 
@@ -2954,6 +2962,8 @@ class Rollout(NamedTuple):
     done: int  # of its machines, how many run the release and kept checking in for
     #            --stage-wait since
     failed: int  # of its machines, how many failed on the release
+    outside: int  # machines offered it that rank after its last (offered while the server knew
+    #               fewer machines): they count for no stage
 
 
 class Stages:
@@ -3040,7 +3050,7 @@ class Stages:
                 machines, failures.get((board, version), set()), board, version, now)
         admitted, size = self.admitted[board, version], rollout.sizes[rollout.stage]
         if key in admitted or ((self.where[key][1], key) <= rollout.last
-                               and len(admitted) < size):
+                               and len(admitted) - rollout.outside < size):
             return ""
         if rollout.stage + 1 == len(rollout.sizes):
             return "the rollout ends with its last stage of %d machines (--stages)" % size
@@ -3074,7 +3084,9 @@ class Stages:
             if done < size:
                 break
         last = members[sizes[stage] - 1] if sizes[stage] else ((-1, ""), "")
-        return Rollout(now, stage, sizes, last, done, failed_here)
+        outside = sum(1 for k in self.admitted[board, version]
+                      if k in self.where and (self.where[k][1], k) > last)
+        return Rollout(now, stage, sizes, last, done, failed_here, outside)
 
     def facts(self) -> List[Dict[str, Any]]:
         """Each staged rollout, as last reckoned, for the views."""

@@ -305,3 +305,37 @@ def test_what_a_request_stores_loads_back_from_the_state_file(tmp_path):
     machine.check(site.net)
     site.restart()
     assert machine.machineid in site.app.fleet.machines
+
+
+def test_machines_that_come_one_by_one_never_stall_a_stage(tmp_path):
+    """The first machine is offered while the server knows only it (a stage of one); once the
+    fleet is known it ranks outside stage one, which still takes its own machines."""
+    site = Site(tmp_path, stages=sp.parse_stages("3,100%"), stage_wait=0.0)
+    fleet = [fleet_machine(n) for n in range(10)]
+    assert fleet[0].check(site.net) == "3815.2.5"  # alone: the whole fleet it knows
+    for m in fleet[1:]:
+        m.check(site.net)
+    site.clock.advance(sp.STAGE_LOOK)
+    leaders = [m for m in lead(site, fleet) if m is not fleet[0]][:3]
+    offered = [m.check(site.net) for m in leaders]
+    assert offered.count("3815.2.5") >= 3 - (fleet[0] in lead(site, fleet)[:3])
+    for m in fleet:
+        if m.status == "downloading":
+            m.download(site.net) and m.install(site.net)
+            m.reboot()
+            m.check(site.net)
+    site.clock.advance(sp.STAGE_LOOK)
+    assert all(m.check(site.net) == "3815.2.5" for m in fleet if m.version != "3815.2.5")
+
+
+@pytest.mark.parametrize("flag, words", [("Sun 23:00-23:00", "starts when it ends"),
+                                         ("daily 00:00-00:00", "starts when it ends")])
+def test_a_window_of_no_length_is_refused(flag, words):
+    with pytest.raises(ValueError, match=words):
+        sp.parse_window(flag)
+
+
+@pytest.mark.parametrize("text", ["5,2", "10%,5%", "2,100%,100%"])
+def test_stages_that_do_not_grow_are_refused(text):
+    with pytest.raises(ValueError, match="no larger than the stage before it"):
+        sp.parse_stages(text)

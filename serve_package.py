@@ -2388,8 +2388,9 @@ def _checked_setup(value: Any) -> Optional[Dict[str, object]]:
 
 # How long each text a record holds may be: what a request could have put there, and the
 # words made of it (the state's detail, the setup report's kept as its own bounds allow).
-RECORD_TEXT = dict(FIELD_LIMITS, key=64, address=64, target=40, final=40, from_version=40,
-                   installed_instead=40, state=16, detail=2000)
+RECORD_TEXT = dict(FIELD_LIMITS, key=64, address=64, state=16, detail=2000, **{
+    name: FIELD_LIMITS["version"] for name in ("target", "final", "from_version",
+                                               "installed_instead")})
 
 
 def record_value(name: str, value: Any, default: Any) -> Any:
@@ -2521,10 +2522,14 @@ class Machine:
         if self.state == OFFERED:
             return now - self.offered_at < min(OFFER_HOLD, timeout)
         if self.state in (INSTALLED, COMPLETE):
-            reached = self.target if self.state == INSTALLED else self.version
-            between = bool(self.final) and parse_version(reached) != parse_version(self.final)
-            return between and now - self.offered_at < timeout
+            return self._between_steps() and now - self.offered_at < timeout
         return self.state in HOLDS_SLOT and now - self.offered_at < timeout
+
+    def _between_steps(self) -> bool:
+        """Installed (or rebooted into) a step of its path that is not the path's end."""
+        reached = self.target if self.state == INSTALLED else self.version
+        return (bool(self.final) and self.state in (INSTALLED, COMPLETE)
+                and parse_version(reached) != parse_version(self.final))
 
     def offer(self, version: str, final: str, now: float, words: str = "offered") -> None:
         self.target, self.final, self.error, self.offered_at = version, final, None, now
@@ -2551,9 +2556,7 @@ class Machine:
         reached the end of its path has no path left."""
         if not self.final:
             return
-        reached = self.target if self.state == INSTALLED else self.version
-        at_end = self.state in (INSTALLED, COMPLETE) and parse_version(reached) == parse_version(
-            self.final)
+        at_end = self.state in (INSTALLED, COMPLETE) and not self._between_steps()
         self.final = "" if at_end else targets.get(self.board, "")
 
     def rebooted_unreported(self, app: AppRequest) -> bool:
@@ -3245,14 +3248,20 @@ class Fleet:
         """The rollout's limits and stages, at the start and when a reload changes them (a
         --max-concurrent set by a reload counts the machines mid-update as its holders)."""
         with self.lock:
-            if policy.max_concurrent and not self.limited:
-                self.holders = {m.key: m for m in self.machines.values()
-                                if m.holds_slot(now, policy.update_timeout)}
-            self.max_concurrent = policy.max_concurrent
-            self.limited = policy.max_concurrent > 0
+            turned_on = policy.max_concurrent and not self.limited
+            self.max_concurrent, self.limited = policy.max_concurrent, policy.max_concurrent > 0
             self.update_timeout = policy.update_timeout
+            if turned_on:
+                self.holders = self._slot_holders(self.machines.values(), now)
             self.counts.limit(policy.max_per_hour, policy.halt_after)
             self.stages.configure(policy, self.machines.values(), self.served)
+
+    def _slot_holders(self, machines: Iterable["Machine"], now: float) -> Dict[str, "Machine"]:
+        """The machines mid-update as --max-concurrent's holders (a restart, or a limit a reload
+        sets): as many as there are slots, the earliest offers first."""
+        holding = sorted((m for m in machines if m.holds_slot(now, self.update_timeout)),
+                         key=lambda m: m.offered_at)
+        return {m.key: m for m in holding[:self.max_concurrent]}
 
     def rollout_facts(self, now: float) -> Dict[str, Any]:
         """The offers of the last hour, the failures by release, each staged rollout."""
@@ -3389,10 +3398,8 @@ class Fleet:
             for machine in sorted(machines, key=lambda m: m.last_seen):
                 self.registry.restore(machine)
                 self.tally.change(machine, None, now)
-            holding = sorted((m for m in machines if m.holds_slot(now, self.update_timeout)),
-                             key=lambda m: m.offered_at)
-            if self.limited:  # as many as there are slots, the earliest offers first
-                self.holders.update((m.key, m) for m in holding[:self.max_concurrent])
+            if self.limited:
+                self.holders.update(self._slot_holders(machines, now))
             for machine in machines:
                 count_extensions(self.extensions, machine, 1)
             self.dirty.update(machine.key for machine in machines)  # the first save writes all
@@ -4502,14 +4509,15 @@ def _remote_file(element: ET.Element, first: bool, action_sha256: str) -> Remote
     if first and not (REMOTE_NAME.fullmatch(name) and not name.startswith(".")):
         raise RequestError("the OS payload's name %r is not a file name" % clean(name, 80))
     size = element.get("size", "")
-    if plain_number(size) is None or plain_number(size) > MAX_REMOTE_FILE:
+    number = plain_number(size)
+    if number is None or number > MAX_REMOTE_FILE:
         raise RequestError("package %s has no size in plain digits up to %s (%r)" % (
             clean(name, 80), format_size(MAX_REMOTE_FILE), clean(size, 20)))
     sha256 = element.get("hash_sha256", "") or (action_sha256 if first else "")
     if not sha256:
         raise RequestError("package %s has no SHA-256 (hash_sha256, or the postinstall "
                            "action's sha256)" % name)
-    return RemoteFile(OS_PAYLOAD_FILE if first else name, name, int(size),
+    return RemoteFile(OS_PAYLOAD_FILE if first else name, name, number,
                       element.get("hash", ""), _sha256_hex(sha256))
 
 
@@ -5529,7 +5537,7 @@ class RolloutGate:
         counted = self.fleet.rollout_facts(now)
         window = window_gate(policy.windows, local_time(now, policy.timezone)) \
             if policy.windows else ""
-        return {"gate": self.gate(now) or None,
+        return {"gate": paused or window or None,
                 "halted": paused[len("rollout "):] if paused.startswith("rollout halted")
                 else None,
                 "paused": bool(paused), "windows": [w.text for w in policy.windows],
@@ -5590,8 +5598,8 @@ class RolloutGate:
         return "rollout paused: %s exists" % pause_file
 
     def pause_notes(self, paused: str) -> List[Note]:
-        """A line when --pause-file came or went since the last look; a resume after a halt
-        counts the failures afresh."""
+        """A line when --pause-file came or went since the last look (the failures count
+        afresh once a halt's file is gone: _look_paused)."""
         with self.lock:
             if paused == self._said_paused:
                 return []

@@ -2044,6 +2044,7 @@ class Decision(NamedTuple):
     state: str = IDLE  # where a "no" leaves the machine: idle, wrong-board, other-version
     step: str = ""  # an offer of a floor, in words: "floor: <its reason>"
     final: str = ""  # with an offer: the board's target, the end of the path it walks
+    settled: bool = False  # a "no" because it runs the target or newer: a failure is over
 
 
 STAGE_WAIT = 1800.0  # --stage-wait's default
@@ -2210,9 +2211,9 @@ def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release,
         return Decision(False, "not one of the machines named by --machine-id")
     if not policy.force:
         if client == release.key:
-            return Decision(False, "up to date")
+            return Decision(False, "up to date", settled=True)
         if client > release.key:
-            return Decision(False, "newer than %s" % release.version)
+            return Decision(False, "newer than %s" % release.version, settled=True)
     if policy.min_version and client < parse_version(policy.min_version):
         return Decision(False, "it runs %s, older than --min-version %s: update it to an "
                         "intermediate version first" % (clean(app.version, 40),
@@ -2220,9 +2221,9 @@ def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release,
                             warning="min-version")
     if gate and (not standing.held or standing.between_steps):
         return Decision(False, gate)
+    if standing.stage_refusal:  # a slot held from one step to the next is no stage's pass
+        return Decision(False, standing.stage_refusal)
     if not standing.held:
-        if standing.stage_refusal:
-            return Decision(False, standing.stage_refusal)
         if policy.max_per_hour and standing.recent_offers >= policy.max_per_hour:
             return Decision(False, "the rate limit: %d offers in the last hour "
                             "(--max-per-hour)" % policy.max_per_hour)
@@ -2421,7 +2422,8 @@ class Machine:
     __slots__ = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
                  "first_seen", "last_seen", "state", "detail", "error", "from_version",
                  "downloaded", "size", "rate", "logged_percent", "logged_at", "offered_at",
-                 "installed_instead", "board", "setup", "progressed_at", "final", "completed_at")
+                 "installed_instead", "board", "setup", "progressed_at", "final", "completed_at",
+                 "answer")
 
     def __init__(self, key: str, address: str, now: float) -> None:
         self.key, self.address = key, address
@@ -2443,6 +2445,7 @@ class Machine:
         self.setup = None  # type: Optional[Dict[str, object]]
         self.progressed_at = now  # the last time its download moved
         self.completed_at = 0.0  # when it last reported an update complete (--stage-wait)
+        self.answer = ""  # why its last update check was answered as it was (not kept)
 
     RECORDED = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
                 "first_seen", "last_seen", "state", "detail", "error", "from_version",
@@ -2543,10 +2546,16 @@ class Machine:
             setattr(self, name, min(getattr(self, name), now))
         self._walk_to(targets)
 
-    def served_anew(self, targets: Dict[str, str], changed: Iterable[str]) -> None:
-        """A reload: the path ends at its board's target as it is now; an other-version verdict
-        is judged again when its board's releases changed."""
+    def served_anew(self, targets: Dict[str, str], changed: Iterable[str],
+                    versions: FrozenSet[str]) -> None:
+        """A reload: the path ends at its board's target as it is now; an update to a release
+        no longer served (withdrawn) is over, failed or not; an other-version verdict is
+        judged again when its board's releases changed."""
         self._walk_to(targets)
+        if self.target and self.target not in versions and self.state in (
+                OFFERED, DOWNLOADING, DOWNLOADED, FAILED, ROLLED_BACK, DEFERRED):
+            self.change(IDLE, "its update to %s ended: %s is no longer served" % (
+                self.target, self.target), target="")
         if self.state == OTHER_VERSION and self.board in changed:
             self.installed_instead, self.target = "", ""
             self.change(IDLE, "judged again at its next check: the releases changed")
@@ -2561,16 +2570,21 @@ class Machine:
 
     def rebooted_unreported(self, app: AppRequest) -> bool:
         """A check from a machine that installed an update and now runs it, without the report
-        of its reboot (update_engine sends previousversion once; that request was lost): it is
-        complete. True when that changed its state."""
-        if self.state != INSTALLED or app.events and any(
+        of its reboot (update_engine sends previousversion once; that request was lost), or
+        one under way that runs a newer version than it was updating to (a state file from
+        before its last steps): it is complete. True when that changed its state."""
+        if self.state not in UNDER_WAY or app.events and any(
                 e.previousversion not in NO_PREVIOUS_VERSION for e in app.events):
             return False
-        if parse_version(app.version) != parse_version(self.target):
+        running, target = parse_version(app.version), parse_version(self.target)
+        if running is None or target is None or running < target or (
+                running == target and self.state != INSTALLED):
             return False
+        words = ("the report of its reboot did not arrive" if running == target else
+                 "past the %s it was updating to: its last steps were not seen here" % self.target)
         self.target, self.error, self.size, self.completed_at = "", None, 0, self.last_seen
-        return self.change(COMPLETE, "update complete: runs %s (the report of its reboot did "
-                           "not arrive)" % clean(app.version, 40))
+        return self.change(COMPLETE, "update complete: runs %s (%s)" % (
+            clean(app.version, 40), words))
 
     def came_back_on_another(self, event: Event, app: AppRequest,
                              served: FrozenSet[str]) -> bool:
@@ -2696,7 +2710,7 @@ class Machine:
                 "download": download, "error": error, "setup": self.setup_facts(),
                 "stalled_since": iso_time(self.progressed_at)
                 if now is not None and self.stalled(now) else None,
-                "not_seen": now is not None and self.lost(now)}
+                "not_seen": now is not None and self.lost(now), "answer": self.answer}
 
 
 TALLIED = ("state", "version", "board", "group", "oem", "board_oem", "cause")
@@ -2710,10 +2724,12 @@ class Tally:
     """The fleet's counts (machines by state, version, board, group, OEM and failure cause),
     the downloads under way and the updates completed in the last hour: kept up to date as each
     machine changes, so that no request walks the fleet. Each count keeps at most MAX_DISTINCT
-    values apart, whatever machines send; each machine's labels are remembered, so that it is
-    uncounted under the same ones."""
+    values apart, whatever machines send, but for the versions served (a flood of made-up
+    versions never hides how many machines run the target); each machine's labels are
+    remembered, so that it is uncounted under the same ones."""
 
-    def __init__(self) -> None:
+    def __init__(self, served: "Served") -> None:
+        self.served = served  # what the fleet serves now: its versions are always apart
         self.counts = {name: collections.Counter() for name in TALLIED}
         self.placed = {}  # type: Dict[str, Tuple[Any, ...]]  # machine -> its labels, counted
         self.examples = {}  # type: Dict[str, List[str]]  # cause -> the first few machines
@@ -2756,7 +2772,8 @@ class Tally:
             counter[old] -= 1
             if counter[old] <= 0:
                 del counter[old]
-        if new not in counter and len(counter) >= MAX_DISTINCT:
+        if new not in counter and len(counter) >= MAX_DISTINCT and not (
+                name == "version" and {new[0], new[1] or new[0]} <= self.served.all_versions):
             new = OTHER_LABELS.get(name, OTHER)
         if new or name != "cause":
             counter[new] += 1
@@ -2928,13 +2945,15 @@ class Served(NamedTuple):
     versions: Dict[str, FrozenSet[str]]
     payloads: Dict[str, FrozenSet[Tuple[str, str]]]
     targets: Dict[str, str]
+    all_versions: FrozenSet[str]  # of every board
 
 
 def served_facts(catalog: Catalog) -> Served:
     payloads = catalog_payloads(catalog)
     return Served(catalog.os_payloads(),
                   {board: frozenset(v for v, _ in pairs) for board, pairs in payloads.items()},
-                  payloads, {board: path[-1].version for board, path in catalog.paths.items()})
+                  payloads, {board: path[-1].version for board, path in catalog.paths.items()},
+                  frozenset(r.version for r in catalog.releases))
 
 
 def machine_key(machineid: str, address: str) -> str:
@@ -2967,6 +2986,10 @@ class Rollout(NamedTuple):
     failed: int  # of its machines, how many failed on the release
     outside: int  # machines offered it that rank after its last (offered while the server knew
     #               fewer machines): they count for no stage
+    members: int = 0  # the machines it counts (the whole rollout's size)
+    ranked: int = 0  # the machines ranked on the board: reckoned again when it moves by 1 %
+    away: int = 0  # of its machines, how many were not seen for long: none holds a stage back
+    waiting_on: Tuple[str, ...] = ()  # the first few machines of the open stage not done
 
 
 class Stages:
@@ -3044,28 +3067,40 @@ class Stages:
 
     def gate(self, machines: Dict[str, "Machine"], failures: Dict[Tuple[str, str], set],
              key: str, board: str, version: str, now: float) -> str:
-        """"" when the open stage of this release's rollout takes the machine; else why not."""
-        if not self.policy.stages or key not in self.where:
+        """"" when the open stage of this release's rollout takes the machine; else why not. A
+        machine not ranked (seen once: new, or a made-up id) is taken once the rollout is open
+        to every machine ranked on the board (and one is)."""
+        if not self.policy.stages:
             return ""
-        rollout = self.rollouts.get((board, version))
-        if rollout is None or not 0 <= now - rollout.at < STAGE_LOOK:
+        rollout, ranked = self.rollouts.get((board, version)), len(self.ranked.get(board, ()))
+        look = min(STAGE_LOOK, self.policy.stage_wait)  # a short wait is not drawn out
+        if rollout is None or not 0 <= now - rollout.at < look or abs(
+                ranked - rollout.ranked) > ranked // 100:
             rollout = self.rollouts[board, version] = self._reckon(
                 machines, failures.get((board, version), set()), board, version, now)
         admitted, size = self.admitted[board, version], rollout.sizes[rollout.stage]
-        if key in admitted or ((self.where[key][1], key) <= rollout.last
-                               and len(admitted) - rollout.outside < size):
+        if key in admitted:
+            return ""
+        if key not in self.where:
+            if rollout.stage + 1 == len(rollout.sizes) and size >= rollout.members > 0:
+                return ""
+            return ("new here: a staged rollout takes it once it has checked in twice, or "
+                    "once open to all (--stages)")
+        if (self.where[key][1], key) <= rollout.last and len(admitted) - rollout.outside < size:
             return ""
         if rollout.stage + 1 == len(rollout.sizes):
             return "the rollout ends with its last stage of %d machines (--stages)" % size
-        return "waiting for stage %d: %d of %d machines of stage %d are done%s" % (
+        return "waiting for stage %d: %d of %d machines of stage %d are done%s%s" % (
             rollout.stage + 2, rollout.done, size, rollout.stage + 1,
-            " (%d failed)" % rollout.failed if rollout.failed else "")
+            " (%d failed)" % rollout.failed if rollout.failed else "",
+            " (%d not seen for long, not waited for)" % rollout.away if rollout.away else "")
 
     def _reckon(self, machines: Dict[str, "Machine"], failed: set, board: str, version: str,
                 now: float) -> Rollout:
         """The open stage: the first whose machines are not all done (the last, once they all
-        are), its machines walked once. Machines outside --group are not counted;
-        --machine-id's canaries are a stage of their own before the others."""
+        are), its machines walked once; a machine not seen for long (lost) holds no stage
+        back. Machines outside --group are not counted; --machine-id's canaries are a stage
+        of their own before the others."""
         policy, target = self.policy, parse_version(version)
         members = self.ranked.get(board, [])
         if policy.groups:
@@ -3074,28 +3109,35 @@ class Stages:
         stages = ((Stage(canaries, False),) if canaries else ()) + policy.stages
         sizes = tuple(min(len(members), size) for size in itertools.accumulate(
             (stage.machines(len(members)) for stage in stages), max))
-        done = failed_here = walked = stage = 0
+        done = failed_here = walked = stage = away = 0
+        waiting_on = []  # type: List[str]
         for stage, size in enumerate(sizes):
+            waiting_on = []
             for _, key in members[walked:size]:
                 machine = machines[key]
-                failed_here += key in failed
-                done += (key not in failed and target is not None
-                         and (parse_version(machine.version) or ()) >= target
-                         and (not machine.completed_at
-                              or machine.last_seen - machine.completed_at >= policy.stage_wait))
+                # a machine that failed and then installed it after all (a retry) is done
+                runs = target is not None and (parse_version(machine.version) or ()) >= target
+                failed_here += key in failed and not runs
+                ran = runs and (not machine.completed_at or
+                                machine.last_seen - machine.completed_at >= policy.stage_wait)
+                done += ran
+                away += not runs and key not in failed and machine.lost(now)
+                if not ran and len(waiting_on) < CAUSE_EXAMPLES:
+                    waiting_on.append(machine.name())
             walked = size
-            if done < size:
+            if done + away < size:
                 break
         last = members[sizes[stage] - 1] if sizes[stage] else ((-1, ""), "")
         outside = sum(1 for k in self.admitted[board, version]
                       if k in self.where and (self.where[k][1], k) > last)
-        return Rollout(now, stage, sizes, last, done, failed_here, outside)
+        return Rollout(now, stage, sizes, last, done, failed_here, outside, len(members),
+                       len(self.ranked.get(board, ())), away, tuple(waiting_on))
 
     def facts(self) -> List[Dict[str, Any]]:
         """Each staged rollout, as last reckoned, for the views."""
         return [{"board": board, "version": version, "stage": r.stage + 1,
                  "stages": len(r.sizes), "size": r.sizes[r.stage],
-                 "done": r.done, "failed": r.failed,
+                 "done": r.done, "failed": r.failed, "waiting_on": list(r.waiting_on),
                  "offered": len(self.admitted.get((board, version), ()))}
                 for (board, version), r in sorted(self.rollouts.items())]
 
@@ -3212,8 +3254,8 @@ class Registry:
     def restore(self, machine: "Machine") -> None:
         self.machines[machine.key] = machine
         self.by_address[machine.address] = machine.key
-        if machine.last_seen <= machine.first_seen and machine.state in (NEW, IDLE):
-            self.probation[machine.key] = machine  # seen once, and nothing since
+        if machine.last_seen <= machine.first_seen:  # seen once, whatever that request said
+            self.probation[machine.key] = machine
 
 
 class Fleet:
@@ -3232,7 +3274,7 @@ class Fleet:
         self.offer_words = offer_words  # what each offer's line says
         self.lock = threading.Lock()
         self.machines = self.registry.machines  # by machine_key, the one seen last at the end
-        self.tally = Tally()
+        self.tally = Tally(self.served)
         self.holders = {}  # type: Dict[str, Machine]  # of a --max-concurrent slot, if limited
         # (board, extension) the setup reports say their machines enable
         self.extensions = collections.Counter()  # type: collections.Counter
@@ -3264,10 +3306,13 @@ class Fleet:
         return {m.key: m for m in holding[:self.max_concurrent]}
 
     def rollout_facts(self, now: float) -> Dict[str, Any]:
-        """The offers of the last hour, the failures by release, each staged rollout."""
+        """The offers of the last hour, the failures by release, each staged rollout, the
+        --max-concurrent slots held (None without a limit)."""
         with self.lock:
             return {"offers_last_hour": self.counts.recent(now),
-                    "failures": self.counts.by_release(), "stages": self.stages.facts()}
+                    "failures": self.counts.by_release(), "stages": self.stages.facts(),
+                    "slots_in_use": self._slots_in_use(now) if self.limited else None,
+                    "max_concurrent": self.max_concurrent}
 
     def failed_on(self, board: str, version: str) -> List[str]:
         """A few of the machines that failed on a release, by name."""
@@ -3298,7 +3343,7 @@ class Fleet:
         with self.lock:
             machine, before = self._machine(key, address, now)
             machine.introduce(app, address)
-            self.stages.place(machine, self.served)
+            self._rank(machine)
             notes = self._events(machine, app, happenings, now)
             in_use = self._slots_in_use(now) if self.limited else 0
             # under --max-concurrent, a machine holds a slot only while it is the slot's holder
@@ -3309,7 +3354,7 @@ class Fleet:
                 held, in_use, machine.installed_instead,
                 held and machine.state in (INSTALLED, COMPLETE),
                 self.counts.recent(now),
-                "" if held or release_version not in self.served.versions.get(machine.board, ())
+                "" if release_version not in self.served.versions.get(machine.board, ())
                 else self.stages.gate(self.machines, self.counts.failures, key, machine.board,
                                       release_version, now)))
             checked = decision if app.updatecheck else None
@@ -3331,12 +3376,14 @@ class Fleet:
         walks to the board's target as it is now."""
         with self.lock:
             old, self.served = self.served, served_facts(catalog)
+            self.tally.served = self.served
             self.stages.served_anew(self.served)
             changed = {board for board in set(old.payloads) | set(self.served.payloads)
                        if old.payloads.get(board) != self.served.payloads.get(board)}
             for machine in list(self.machines.values()):
                 before = machine.tally()
-                machine.served_anew(self.served.targets, changed)
+                machine.served_anew(self.served.targets, changed,
+                                    self.served.versions.get(machine.board, frozenset()))
                 self._changed(machine, before, now)
 
     def _events(self, machine: "Machine", app: AppRequest, happenings: Sequence[Happening],
@@ -3394,9 +3441,9 @@ class Fleet:
         with self.lock:
             for machine in machines:
                 machine.restored(now, self.served.targets)
-                self.stages.place(machine, self.served)
             for machine in sorted(machines, key=lambda m: m.last_seen):
                 self.registry.restore(machine)
+                self._rank(machine)
                 self.tally.change(machine, None, now)
             if self.limited:
                 self.holders.update(self._slot_holders(machines, now))
@@ -3427,13 +3474,20 @@ class Fleet:
             self.dirty.add(gone.key)
         return machine, None if created else machine.tally()
 
+    def _rank(self, machine: "Machine") -> None:
+        """Only a machine that proved real (seen again, not on probation) ranks in --stages: a
+        flood of made-up ids, each seen once, never fills a stage nor holds one back."""
+        if machine.key not in self.registry.probation:
+            self.stages.place(machine, self.served)
+
     def _checked(self, machine: "Machine", decision: Decision, now: float) -> List[Note]:
+        machine.answer = sys.intern(decision.reason)  # the same few words for many machines
         if decision.offer:
             # an offer of another version than the one under way is the one it installs now
             if machine.state not in UNDER_WAY or machine.target != decision.version:
                 self._offer(machine, decision, now)
                 return [machine.note(logging.INFO, "state")]
-        elif machine.state in REFUSED:
+        elif machine.state in REFUSED or decision.settled and machine.state in UNHAPPY:
             if machine.change(decision.state, decision.reason, target=""):
                 return [machine.note(logging.INFO, "state")]
         return []
@@ -3464,7 +3518,7 @@ class Fleet:
             machine, before = self._machine(machine_key(report.machineid, address), address, now)
             count_extensions(self.extensions, machine, -1)
             machine.set_up(report, address, now)
-            self.stages.place(machine, self.served)
+            self._rank(machine)
             count_extensions(self.extensions, machine, 1)
             self.extensions += collections.Counter()  # drops the names no machine enables
             self._changed(machine, before, now)
@@ -3985,6 +4039,9 @@ def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple
            "window).", [({}, 0 if rollout["gate"] else 1)])
     family("rollout_halted", "gauge", "1 while --halt-after has halted the rollout.",
            [({}, 1 if rollout["halted"] else 0)])
+    if rollout.get("slots_in_use") is not None:
+        family("slots_in_use", "gauge", "Machines holding a --max-concurrent slot.",
+               [({}, rollout["slots_in_use"])])
     family("connections_open", "gauge", "Connections open now.", [({}, connections)])
     family("connections_refused_total", "counter", "Connections refused at the limit.",
            [({}, refusals)])
@@ -5567,9 +5624,9 @@ class RolloutGate:
             try:
                 write_atomically(pause_file, [reason])
             except OSError as exc:
-                reason += " (%s could not be written: %s; the halt lasts until a restart)" % (
+                self._halted = reason  # kept here until the file can keep it
+                reason += " (%s cannot be written now: %s; it is, once it can be)" % (
                     pause_file, exc.strerror)
-                self._halted = reason  # kept here, as the file could not keep it
             self._paused = PerSecond(self._look_paused, "rollout " + reason)
             self._said_paused = "rollout " + reason
             return [Note(logging.ERROR, "rollout " + reason)]
@@ -5585,8 +5642,14 @@ class RolloutGate:
 
     def _pause_words(self) -> str:
         pause_file = self.policy.pause_file
-        if self._halted:
-            return "rollout " + self._halted
+        if self._halted:  # a halt the pause file could not take: it is tried again
+            try:
+                write_atomically(pause_file, [self._halted])
+            except OSError as exc:
+                return "rollout %s (%s cannot be written now: %s)" % (
+                    self._halted, pause_file, exc.strerror)
+            log_line(logging.WARNING, "the halt is written to %s now" % pause_file)
+            self._halted = ""
         try:
             first = read_regular(pause_file, 4096, cut=True).decode("utf-8", "replace")
         except OSError as exc:
@@ -7651,6 +7714,9 @@ class StateKeeper(Background):
             self.failed = exc.strerror or str(exc)
             self.fleet.unsaved(records)
             return False
+        if self.failed:
+            log_line(logging.WARNING, "the fleet is saved to %s again (%d machines)" % (
+                self.path, len(self.lines)))
         self.failed, self.saved, self.saved_at = "", (changes, touches), time.monotonic()
         return True
 

@@ -199,7 +199,7 @@ def test_status_json_fields(walk, demo_bytes):
         "id", "alias", "address", "oem", "group", "board", "version", "target", "from_version",
         "state",
         "state_words", "first_seen", "last_seen", "download", "error", "setup",
-        "stalled_since", "not_seen", "ahead"}
+        "stalled_since", "not_seen", "answer", "ahead"}
 
 
 def test_html_status_page(walk):

@@ -19,8 +19,10 @@ def app(n=1, version="3760.2.0", group="stable"):
 def test_older_is_offered_equal_and_newer_are_not(release):
     assert sp.decide(app(), release) == sp.Decision(True, "older than 3815.2.5",
                                                     version="3815.2.5", final="3815.2.5")
-    assert sp.decide(app(version="3815.2.5"), release) == sp.Decision(False, "up to date")
-    assert sp.decide(app(version="3815.2.6"), release) == sp.Decision(False, "newer than 3815.2.5")
+    assert sp.decide(app(version="3815.2.5"), release) == sp.Decision(False, "up to date",
+                                                                      settled=True)
+    assert sp.decide(app(version="3815.2.6"), release) == sp.Decision(False, "newer than 3815.2.5",
+                                                                          settled=True)
     assert sp.decide(app(version="3815.2.5+dev"), release).reason == "up to date"
 
 

@@ -209,14 +209,21 @@ class AppNet:
 
 
 class HttpNet:
-    """A real socket to a server on 127.0.0.1: POST to /v1/update, GET with Range."""
+    """A real socket to a server on 127.0.0.1: POST to /v1/update, GET with Range. `source`:
+    the loopback address it comes from (127.x.y.z), so that a fleet's machines come from
+    addresses of their own as real machines do (downloads are told apart by address)."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int, host: str = "127.0.0.1", source: str = "") -> None:
         self.port, self.host = port, host
+        self.source = (source, 0) if source else None
         self.last_answer = b""
 
+    def _connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=30,
+                                          source_address=self.source)
+
     def _request(self, method: str, path: str, body: bytes = None, headers: dict = None):
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        conn = self._connection()
         try:
             conn.request(method, path, body=body, headers=headers or {})
             response = conn.getresponse()
@@ -235,7 +242,7 @@ class HttpNet:
         """The payload from `start` (Range, as update_engine resumes); with `limit`, the
         connection is cut after that many bytes."""
         path = urllib.parse.urlsplit(url).path
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        conn = self._connection()
         try:
             conn.request("GET", path, headers={"Range": "bytes=%d-" % start})
             response = conn.getresponse()

@@ -2534,6 +2534,13 @@ class Machine:
         return (bool(self.final) and self.state in (INSTALLED, COMPLETE)
                 and parse_version(reached) != parse_version(self.final))
 
+    def held_on_floor(self) -> None:
+        """Held back on a floor by a rule (a stage, the pause, a window): off its path until
+        offered the next step, so that its --max-concurrent slot goes to a machine that can
+        move (a slot held while waiting would keep the very stage it waits for from filling)."""
+        if self.state == COMPLETE and self._between_steps():
+            self.final = ""
+
     def offer(self, version: str, final: str, now: float, words: str = "offered") -> None:
         self.target, self.final, self.error, self.offered_at = version, final, None, now
         self.state, self.detail = OFFERED, words
@@ -3487,7 +3494,9 @@ class Fleet:
             if machine.state not in UNDER_WAY or machine.target != decision.version:
                 self._offer(machine, decision, now)
                 return [machine.note(logging.INFO, "state")]
-        elif machine.state in REFUSED or decision.settled and machine.state in UNHAPPY:
+            return []
+        machine.held_on_floor()
+        if machine.state in REFUSED or decision.settled and machine.state in UNHAPPY:
             if machine.change(decision.state, decision.reason, target=""):
                 return [machine.note(logging.INFO, "state")]
         return []

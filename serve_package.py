@@ -2694,30 +2694,31 @@ class Machine:
 
     def note(self, level: int, event: str) -> Note:
         return Note(level, "%s: %s" % (self.label(), self.detail),
-                    {"event": event, "machine": self.facts()})
+                    {"event": event, "machine": machine_facts(self)})
 
-    def facts(self, now: Optional[float] = None) -> Dict[str, object]:
-        """The stable fields of /status.json and of JSON log lines; with the time, also whether
-        its download stalled and whether it has not been seen for long."""
-        download = None
-        if self.size:
-            download = {"bytes": self.downloaded, "size": self.size,
-                        "percent": round(self.downloaded * 100.0 / self.size, 1),
-                        "rate_bytes_per_second": round(self.rate)}
-        error = None
-        if self.error is not None:
-            error = {"code": self.error, "base": self.error & ERROR_BASE_MASK,
-                     "words": describe_error(self.error), "hint": error_hint(self.error)}
-        return {"id": self.machineid, "alias": self.alias, "address": self.address,
-                "oem": self.oem, "group": self.group, "board": self.board,
-                "version": self.version,
-                "target": self.target, "from_version": self.from_version,
-                "state": self.state, "state_words": self.detail,
-                "first_seen": iso_time(self.first_seen), "last_seen": iso_time(self.last_seen),
-                "download": download, "error": error, "setup": self.setup_facts(),
-                "stalled_since": iso_time(self.progressed_at)
-                if now is not None and self.stalled(now) else None,
-                "not_seen": now is not None and self.lost(now), "answer": self.answer}
+
+def machine_facts(m: Machine, now: Optional[float] = None) -> Dict[str, object]:
+    """A machine's stable fields in /status.json and JSON log lines; with the time, also
+    whether its download stalled and whether it has not been seen for long."""
+    download = None
+    if m.size:
+        download = {"bytes": m.downloaded, "size": m.size,
+                    "percent": round(m.downloaded * 100.0 / m.size, 1),
+                    "rate_bytes_per_second": round(m.rate)}
+    error = None
+    if m.error is not None:
+        error = {"code": m.error, "base": m.error & ERROR_BASE_MASK,
+                 "words": describe_error(m.error), "hint": error_hint(m.error)}
+    return {"id": m.machineid, "alias": m.alias, "address": m.address,
+            "oem": m.oem, "group": m.group, "board": m.board,
+            "version": m.version,
+            "target": m.target, "from_version": m.from_version,
+            "state": m.state, "state_words": m.detail,
+            "first_seen": iso_time(m.first_seen), "last_seen": iso_time(m.last_seen),
+            "download": download, "error": error, "setup": m.setup_facts(),
+            "stalled_since": iso_time(m.progressed_at)
+            if now is not None and m.stalled(now) else None,
+            "not_seen": now is not None and m.lost(now), "answer": m.answer}
 
 
 TALLIED = ("state", "version", "board", "group", "oem", "board_oem", "cause")
@@ -3265,6 +3266,54 @@ class Registry:
             self.probation[machine.key] = machine
 
 
+class Slots:
+    """--max-concurrent: the machines holding a slot (its holders), at most the limit; a holder
+    past --update-timeout lets its slot go, and a download it never finished counts as a
+    failure of its release. Kept under the fleet's lock."""
+
+    def __init__(self, limit: int, timeout: float) -> None:
+        self.limit, self.timeout = limit, timeout  # limit 0: none, and no slots are counted
+        self.holders = {}  # type: Dict[str, Machine]
+
+    def configure(self, limit: int, timeout: float, machines: Iterable["Machine"],
+                  now: float) -> None:
+        """A limit a reload sets counts the machines mid-update as its holders."""
+        turned_on = limit and not self.limit
+        self.limit, self.timeout = limit, timeout
+        if turned_on:
+            self.holders = self.among(machines, now)
+
+    def among(self, machines: Iterable["Machine"], now: float) -> Dict[str, "Machine"]:
+        """The machines mid-update as holders (a restart, or a limit a reload sets): as many as
+        there are slots, the earliest offers first."""
+        holding = sorted((m for m in machines if m.holds_slot(now, self.timeout)),
+                         key=lambda m: m.offered_at)
+        return {m.key: m for m in holding[:self.limit]}
+
+    def in_use(self, now: float, counts: "RolloutCounts") -> int:
+        for key, machine in list(self.holders.items()):
+            if not machine.holds_slot(now, self.timeout):
+                del self.holders[key]
+                if machine.state in (DOWNLOADING, DOWNLOADED):
+                    counts.failed(machine.board, machine.target, key)
+        return len(self.holders)
+
+    def held_by(self, machine: "Machine", now: float) -> bool:
+        """Whether it holds a slot: only while it is a holder (an offer it let lapse is no
+        slot, whatever it does next); without a limit, while it is mid-update."""
+        return machine.holds_slot(now, self.timeout) and (
+            not self.limit or machine.key in self.holders)
+
+    def take(self, machine: "Machine") -> None:
+        if self.limit:
+            self.holders[machine.key] = machine
+
+    def look(self, machine: "Machine", now: float) -> None:
+        """A machine changed: it lets its slot go once it no longer holds one."""
+        if not machine.holds_slot(now, self.timeout):
+            self.holders.pop(machine.key, None)
+
+
 class Fleet:
     """Every machine seen (by machine_key), the state its requests and downloads put it in, and
     the --max-concurrent slots. Each method takes the fleet's lock, is given the time, and
@@ -3275,14 +3324,11 @@ class Fleet:
                  max_machines: int = MAX_MACHINES) -> None:
         self.served = served_facts(catalog)
         self.registry = Registry(max_machines)  # past it, the longest unseen without a slot goes
-        self.update_timeout = update_timeout
-        self.max_concurrent = max_concurrent  # 0: no limit, and no slots are counted
-        self.limited = max_concurrent > 0
+        self.slots = Slots(max_concurrent, update_timeout)
         self.offer_words = offer_words  # what each offer's line says
         self.lock = threading.Lock()
         self.machines = self.registry.machines  # by machine_key, the one seen last at the end
         self.tally = Tally(self.served)
-        self.holders = {}  # type: Dict[str, Machine]  # of a --max-concurrent slot, if limited
         # (board, extension) the setup reports say their machines enable
         self.extensions = collections.Counter()  # type: collections.Counter
         self.counters = collections.Counter()  # type: collections.Counter  # for /metrics
@@ -3297,20 +3343,10 @@ class Fleet:
         """The rollout's limits and stages, at the start and when a reload changes them (a
         --max-concurrent set by a reload counts the machines mid-update as its holders)."""
         with self.lock:
-            turned_on = policy.max_concurrent and not self.limited
-            self.max_concurrent, self.limited = policy.max_concurrent, policy.max_concurrent > 0
-            self.update_timeout = policy.update_timeout
-            if turned_on:
-                self.holders = self._slot_holders(self.machines.values(), now)
+            self.slots.configure(policy.max_concurrent, policy.update_timeout,
+                                 self.machines.values(), now)
             self.counts.limit(policy.max_per_hour, policy.halt_after)
             self.stages.configure(policy, self.machines.values(), self.served)
-
-    def _slot_holders(self, machines: Iterable["Machine"], now: float) -> Dict[str, "Machine"]:
-        """The machines mid-update as --max-concurrent's holders (a restart, or a limit a reload
-        sets): as many as there are slots, the earliest offers first."""
-        holding = sorted((m for m in machines if m.holds_slot(now, self.update_timeout)),
-                         key=lambda m: m.offered_at)
-        return {m.key: m for m in holding[:self.max_concurrent]}
 
     def rollout_facts(self, now: float) -> Dict[str, Any]:
         """The offers of the last hour, the failures by release, each staged rollout, the
@@ -3318,8 +3354,8 @@ class Fleet:
         with self.lock:
             return {"offers_last_hour": self.counts.recent(now),
                     "failures": self.counts.by_release(), "stages": self.stages.facts(),
-                    "slots_in_use": self._slots_in_use(now) if self.limited else None,
-                    "max_concurrent": self.max_concurrent}
+                    "slots_in_use": self.slots.in_use(now, self.counts)
+                    if self.slots.limit else None, "max_concurrent": self.slots.limit}
 
     def failed_on(self, board: str, version: str) -> List[str]:
         """A few of the machines that failed on a release, by name."""
@@ -3345,18 +3381,15 @@ class Fleet:
         happenings = tuple(classify_event(event, app) for event in app.events)
         if app.appid != FLATCAR_APP_ID:  # answered as any app is, but no machine of ours
             with self.lock:
-                in_use = self._slots_in_use(now) if self.limited else 0
+                in_use = self.slots.in_use(now, self.counts)
             return Taken(choose(Standing(False, in_use, "")), happenings, key, [])
         with self.lock:
             machine, before = self._machine(key, address, now)
             machine.introduce(app, address)
             self._rank(machine)
             notes = self._events(machine, app, happenings, now)
-            in_use = self._slots_in_use(now) if self.limited else 0
-            # under --max-concurrent, a machine holds a slot only while it is the slot's holder
-            # (an offer it let lapse is no slot, whatever it does next)
-            held = machine.holds_slot(now, self.update_timeout) and (
-                not self.limited or key in self.holders)
+            in_use = self.slots.in_use(now, self.counts)
+            held = self.slots.held_by(machine, now)
             decision = choose(Standing(
                 held, in_use, machine.installed_instead,
                 held and machine.state in (INSTALLED, COMPLETE),
@@ -3409,21 +3442,10 @@ class Fleet:
                     FAILED, ROLLED_BACK, OTHER_VERSION) else logging.INFO, "state"))
         return notes
 
-    def _slots_in_use(self, now: float) -> int:
-        """Slots held now; a holder past --update-timeout lets its slot go (a download that
-        never finished counts as a failure of its release)."""
-        for key, machine in list(self.holders.items()):
-            if not machine.holds_slot(now, self.update_timeout):
-                del self.holders[key]
-                if machine.state in (DOWNLOADING, DOWNLOADED):
-                    self.counts.failed(machine.board, machine.target, key)
-        return len(self.holders)
-
     def _changed(self, machine: "Machine", before: Optional[Tuple[str, ...]], now: float) -> None:
         self.dirty.add(machine.key)
         self.touches += 1
-        if not machine.holds_slot(now, self.update_timeout):
-            self.holders.pop(machine.key, None)
+        self.slots.look(machine, now)
         if self.tally.change(machine, before, now):
             self.changes += 1
 
@@ -3452,8 +3474,8 @@ class Fleet:
                 self.registry.restore(machine)
                 self._rank(machine)
                 self.tally.change(machine, None, now)
-            if self.limited:
-                self.holders.update(self._slot_holders(machines, now))
+            if self.slots.limit:
+                self.slots.holders.update(self.slots.among(machines, now))
             for machine in machines:
                 count_extensions(self.extensions, machine, 1)
             self.dirty.update(machine.key for machine in machines)  # the first save writes all
@@ -3465,14 +3487,13 @@ class Fleet:
         machine.offer(decision.version, decision.final, now, "%s (%s)" % (
             self.offer_words, decision.step) if decision.step else self.offer_words)
         self.stages.admit(machine)
-        if self.limited:
-            self.holders[machine.key] = machine
+        self.slots.take(machine)
 
     def _machine(self, key: str, address: str, now: float
                  ) -> Tuple["Machine", Optional[Tuple[str, ...]]]:
         """The machine of this key, created on first sight, seen now; and what it was counted
         under before (None: new). A machine forgotten to make room is uncounted."""
-        machine, created, gone = self.registry.seen(key, address, now, self.holders)
+        machine, created, gone = self.registry.seen(key, address, now, self.slots.holders)
         if gone is not None:
             self.stages.remove(gone.key)
             self.counts.forget(gone.key)
@@ -5942,7 +5963,7 @@ class Service:
         now = self.clock()
         summary = self.fleet.summary_facts(now)
         chosen = self.fleet.select(query, now)
-        page = [m.facts(now) for m in chosen[query.offset:query.offset + query.limit]]
+        page = [machine_facts(m, now) for m in chosen[query.offset:query.offset + query.limit]]
         return status_document(self.catalog, summary, page, len(chosen), query, self.started,
                                list(self.offer_changes), self.rollout.facts(now))
 
@@ -5969,7 +5990,7 @@ class Service:
         every = self.fleet.select(Query(), now) if facts["machines"] <= SUMMARY_FAILED else []
         return summary_text(facts, failed, every[::-1]), {
             "event": "summary", "summary": summary_json(facts),
-            "failed": [m.facts(now) for m in failed[:SUMMARY_FAILED]],
+            "failed": [machine_facts(m, now) for m in failed[:SUMMARY_FAILED]],
             "more_failed": max(0, len(failed) - SUMMARY_FAILED)}
 
 

@@ -4,12 +4,16 @@ crashes, a full disk and floods: every machine arrives.
     python3 tests/simulate.py [--machines 40] [--seed 7] [--flood-seconds 0] [--pyz FILE]
 
 The server is the built .pyz, a separate process on 127.0.0.1, run with short timeouts by its
-own flags (--update-timeout 10, --stage-wait 1s). Releases reach its --package-dir through
+own flags (--update-timeout 30 s, longer for a larger fleet; --stage-wait 1s; stages
+2,25%,100% after the canaries; --halt-after 2; --max-concurrent a fifth of the fleet, at least
+8; --max-machines the fleet and 150, so that floods churn). Releases reach its --package-dir through
 `download` from the update-service stand-in (tests/standins.py), as an operator brings them.
 The machines are the update_engine model (tests/update_engine.py): both boards, OEMs (azure and
 vmware with their payloads, none), two groups, canaries, and two flaky machines whose first
 install fails (error 5) and is retried; each keeps its prefs, and its downloads are sometimes cut
-and resumed with Range.
+and resumed with Range. Each machine comes from a loopback address of its own (127.1.x.y).
+Time is compressed: each round every machine makes its next moves (with --workers, several at
+once); an idle machine checks once a round.
 
 Meanwhile an operator, on a schedule the seed draws:
 - a release cycle: a new floor and a new target, downloaded while the server runs (--watch);
@@ -25,13 +29,18 @@ Checked at every step:
 - a machine is offered only the next step of its board's path above its own version;
 - a machine below its board's target that hears "no update" is held by a rule the server names
   (the pause, a halt, a slot, a stage) and no other reason;
-- no check fails; the slots in use never exceed --max-concurrent; no machine is ever judged to
-  have installed another version;
-- after each kill -9 the server knows every machine of the state file it was killed with.
+- no check fails; the slots in use never exceed --max-concurrent, as the server counts them
+  and as the machines live them (downloading, or waiting for the reboot into a floor; but for
+  the updates under way at a kill -9); no machine is ever judged to have installed another
+  version; the bad release reaches no machine beyond the canaries;
+- after each kill -9 the server knows every machine of the state file it was killed with;
+- a full state directory is said in the log, and so is the first save after it;
+- no machine of the fleet is forgotten for a flood (each keeps its first sighting).
 And at the end: every machine runs its board's target, having installed every floor above where
 it started, in order; the machine counts of the page, /status.json and /metrics agree with each
-other and with the fleet's own; no machine of the fleet was forgotten for the floods (each kept
-its first sighting); the server's RSS stayed flat through the floods. A failure names the seed
+other and with the fleet's own; the server's RSS stayed flat through the floods.
+`--flood-seconds N` then floods made-up ids at full speed for N seconds while the fleet keeps
+checking in. A failure names the seed
 and the schedule so that it replays. Every connection goes to 127.0.0.1; every loop is bounded.
 tests/test_simulate.py runs a short form in CI; the long form prints the README's table.
 """
@@ -108,6 +117,9 @@ class Operator:
         self.pause = os.path.join(self.state_dir, "paused")
         self.ballast = os.path.join(self.state_dir, "ballast")
         self.max_concurrent = max(8, machines // 5)
+        # longer than a machine's update takes here (a round is longer for a larger fleet),
+        # short enough that the slots made-up ids are offered come back within the run
+        self.update_timeout = max(30, machines // 25)
         self.max_machines = machines + 150  # the floods go past it: they churn probation
         self.canaries = canaries
         self.channels = {("stable", board): [self.release(board, "3760.2.0", True, REASON),
@@ -180,7 +192,8 @@ class Operator:
         self.log_from = log.seek(0, os.SEEK_END)
         command = [sys.executable, self.pyz, "--package-dir", self.dir, "--watch",
                    "--state-file", self.state, "--pause-file", self.pause,
-                   "--max-concurrent", str(self.max_concurrent), "--update-timeout", "30",
+                   "--max-concurrent", str(self.max_concurrent),
+                   "--update-timeout", str(self.update_timeout),
                    "--stages", "2,25%,100%", "--stage-wait", "1s", "--halt-after", "2",
                    "--max-machines", str(self.max_machines), "--listen-address", "127.0.0.1:0"]
         command += ["--machine-id=" + m.machineid for m in self.canaries]
@@ -334,7 +347,7 @@ class Run:
         self.paths = [operator.paths()]  # the path now, and the one before the last change
         self.offered_bad = set()
         self.flaky = {m.machineid for n, m in enumerate(fleet) if n in (2, 11)}
-        self.checks = self.held = self.slots_high = 0
+        self.checks = self.held = self.slots_high = self.rounds = 0
         self.nets = {}
         self.carried = {}  # the updates under way at the last kill -9
         self.pool = None  # a thread pool when machines move several at once
@@ -537,6 +550,10 @@ def simulate(pyz, machines=40, seed=7, rounds=30, where=None, verify=1.0, flood_
             elif what:
                 net = operate(run, what, net)
             one_round(run, net)
+            run.rounds = n + 1
+            if os.environ.get("SIMULATE_VERBOSE"):
+                sys.stderr.write("round %d at %.1f s: %d arrived, %d checks\n" % (
+                    n, time.monotonic() - started, run.arrived(), run.checks))
             if n >= rounds and run.arrived() == machines:
                 break
             assert time.monotonic() < deadline, "%d of %d machines arrived in %d s" % (
@@ -555,7 +572,8 @@ def simulate(pyz, machines=40, seed=7, rounds=30, where=None, verify=1.0, flood_
         if run.pool is not None:
             run.pool.shutdown()
         operator.stop()
-    return {"machines": machines, "arrived": run.arrived(), "checks": run.checks,
+    return {"machines": machines, "arrived": run.arrived(), "rounds": run.rounds,
+            "checks": run.checks,
             "failed checks": 0, "held and said why": run.held,
             "restarts survived": sum(1 for _, w in operator.schedule if w.endswith("kill")),
             "slots high-water": run.slots_high, "max concurrent": operator.max_concurrent,

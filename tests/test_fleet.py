@@ -289,14 +289,14 @@ def test_fleet_walks_an_update_and_says_each_change_once(fleet, release):
                           lambda standing: sp.decide(complete, release, standing=standing)).notes
     assert [n.text for n in notes] == [
         "node-1 (10.0.0.1, azure) 3815.2.5: update complete: rebooted from 3760.2.0 into 3815.2.5"]
-    assert fleet.machines[machine_id].facts()["from_version"] == "3760.2.0"
+    assert sp.machine_facts(fleet.machines[machine_id])["from_version"] == "3760.2.0"
 
 
 def test_failure_is_a_warning_and_keeps_the_error(fleet, release):
     offer_to(fleet, release, 1, 100.0)
     notes = report(fleet, 1, machine_event(1, 3, 0, 10 | NON_PRODUCTION), 101.0)
     assert [n.level for n in notes] == [logging.WARNING]
-    assert fleet.machines["%032x" % 2].facts()["error"]["base"] == 10
+    assert sp.machine_facts(fleet.machines["%032x" % 2])["error"]["base"] == 10
 
 
 def test_slots_are_held_until_the_update_timeout_of_the_given_clock(fleet, release):
@@ -338,7 +338,7 @@ def test_restored_machines_are_counted_but_not_as_updated_in_the_last_hour(fleet
     facts = again.summary_facts(500.0)
     assert facts["states"] == {"complete": 1, "offered": 1} and facts["updates_last_hour"] == 0
     assert list(again.machines) == list(fleet.machines)  # in the order they were seen
-    assert again.holders.keys() == {"%032x" % 3}  # machine 2 still holds its slot
+    assert again.slots.holders.keys() == {"%032x" % 3}  # machine 2 still holds its slot
 
 
 def test_an_offer_without_a_download_lets_its_slot_go_soon(fleet, release):
@@ -389,7 +389,7 @@ def test_a_state_file_of_an_earlier_format_loads_every_machine(release):
     fleet = sp.Fleet(sp.Catalog((release,)), 7200.0, max_concurrent=1)
     fleet.restore(machines, 1700000010.0)
     assert fleet.summary_facts(1700000010.0)["machines"] == 4
-    assert list(fleet.holders) == ["1" * 32]  # the earliest offer holds the one slot
+    assert list(fleet.slots.holders) == ["1" * 32]  # the earliest offer holds the one slot
 
 
 def test_a_flood_of_new_ids_never_forgets_a_machine_seen_twice(release):

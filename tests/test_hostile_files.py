@@ -58,9 +58,9 @@ def test_an_offer_in_the_future_holds_no_slot_forever(tmp_path, demo_release):
     path = state_file(tmp_path, [record(state=sp.DOWNLOADING, offered_at=4e9, target="9999.9.9")])
     fleet = sp.Fleet(sp.Catalog((demo_release,)), 600.0, max_concurrent=1)
     fleet.restore(sp.read_state(path, False), 1700000000.0)
-    assert list(fleet.holders) == ["a" * 32]
+    assert list(fleet.slots.holders) == ["a" * 32]
     with fleet.lock:
-        assert fleet._slots_in_use(1700000000.0 + 601) == 0
+        assert fleet.slots.in_use(1700000000.0 + 601, fleet.counts) == 0
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "garbage", "newer"])

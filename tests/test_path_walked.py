@@ -104,7 +104,7 @@ class Watched(AppNet):
                 m.detail)
         if self.site.policy.max_concurrent:
             with fleet.lock:
-                assert fleet._slots_in_use(self.site.clock()) <= self.site.policy.max_concurrent
+                assert fleet.slots.in_use(self.site.clock(), fleet.counts) <= self.site.policy.max_concurrent
         return answer
 
 

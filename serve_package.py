@@ -13,8 +13,8 @@ needs something particular says which client and why. The file reads top to bott
 order data flows through it, every name defined before it is used:
 
   1. Codes and names    event types, results, error codes and machine states as words;
-                        clean() and the format_* words; classify_event() -> Happening;
-                        PerSecond; the log: Note, log_line(), say(), _BatchingHandler
+                        clean() and the format_* words; PerSecond; the log: Note,
+                        log_line(), say(), _BatchingHandler
   2. Versions           parse and compare 3815.2.5 (+build ignored)
   3. Payloads           CrAU and its manifest, one-pass hashing (Hasher), signatures (RSA with
                         pow) and boards (the kernel); only regular files read (open_regular);
@@ -24,16 +24,18 @@ order data flows through it, every name defined before it is used:
                         computed once a load
   4. Protocol           what machines send: xml_document() within bounds, parse_request(bytes)
                         -> Request, and the setup script's report; what they are answered:
-                        render_response() (one manifest, or a syncer's several), pure
+                        render_response() (one manifest, or a syncer's several), pure; what
+                        an event says a machine did: classify_event() -> Happening
   5. Policy             Window (maintenance windows) and Stage (--stages), rollout_rules();
                         decide() what each app is offered under the rollout rules -> Decision;
                         for_syncer(): what a site server's download is answered
   6. Fleet              Machine (what one machine is doing), Tally (the counts), Query, Served
                         (what the fleet knows of the releases), Registry (every machine, the
                         ones on probation first to go), RolloutCounts (offers of the hour,
-                        failures by release), Stages (ranks and open stages), and Fleet: every
-                        machine and the --max-concurrent slots, one call per app request, its
-                        events judged before its offer (Fleet.request -> Taken), given the time
+                        failures by release), Stages (ranks and open stages; only machines
+                        seen twice rank), Slots (--max-concurrent's holders), and Fleet: every
+                        machine, one call per app request, its events judged before its offer
+                        (Fleet.request -> Taken), given the time
   7. Views              the status page, /status.json, /machines.csv, /metrics, what the fleet
                         needs (fleet_needs) and the shutdown summary, from plain values
   8. Setup script       the sh script each machine runs (GET /setup), made for this server;
@@ -42,13 +44,15 @@ order data flows through it, every name defined before it is used:
                         (pure), walk_floors(), Fetcher (HTTP, proxies, retries), fetch_file()
                         (Range, hashed as written), verify_download(), place(), run_download()
  10. Application        RolloutGate (the pause file and a halt in it, the windows, the policy in
-                        force); Service: what every endpoint needs, as plain calls that return
-                        what to send and the lines to log (no socket); Warnings counted by
-                        cause; InFlight (the files downloads read, kept open across a reload)
+                        force); AppSettings; Service: what every endpoint needs, as plain
+                        calls that return what to send and the lines to log (no socket);
+                        Warnings counted by cause; InFlight (the files downloads read, kept
+                        open across a reload)
  11. HTTP               FramingHandler (HTTP/1.1 framing) <- FileHandler (payload files, Range,
-                        zero-copy) <- Handler (the endpoints, from ROUTES); Server (connections,
-                        TLS, the limit, the reaper)
- 12. Program            Settings, the flag tables (the server's, download's), settings_from(),
+                        zero-copy) <- Handler (the endpoints, from ROUTES); HttpSettings;
+                        Server (connections, TLS, the limit, the reaper)
+ 12. Program            Settings (every flag's value; .app() and .http(), what each part
+                        takes), the flag tables (the server's, download's), settings_from(),
                         loading, the banner, background jobs (StateKeeper: --state-file;
                         Watcher: --watch; Reloader: SIGHUP, the releases and the rollout
                         policy), systemd's notify(), main()
@@ -329,59 +333,6 @@ def iso_time(timestamp: float) -> str:
 # rebooted into an update (flatcar/update_engine: src/update_engine/omaha_request_action.cc,
 # which sends the version it updated from once, on its first check after the reboot).
 NO_PREVIOUS_VERSION = ("", "0.0.0.0")
-
-
-class Happening(NamedTuple):
-    """What one event says a machine did: the state it is in now (None: no change), in words."""
-    state: Optional[str]
-    words: str
-    routine: bool = False  # the event every update check carries: nothing happened
-
-
-# The events whose meaning needs nothing but their type and result.
-_PLAIN_EVENTS = {
-    (EVENT_DOWNLOAD_STARTED, RESULT_SUCCESS): Happening(DOWNLOADING, "download started"),
-    (EVENT_DOWNLOAD_FINISHED, RESULT_SUCCESS):
-        Happening(DOWNLOADED, "download finished, payload verified"),
-    (EVENT_UPDATE_COMPLETE, RESULT_SUCCESS): Happening(INSTALLED, "installed, waiting for reboot"),
-}
-
-
-def classify_event(event: "Event", app: "AppRequest") -> Happening:
-    """One event in words, and the state it puts the machine in (the table of requests and
-    meanings is update_engine's: omaha_request_action.cc and update_attempter.cc)."""
-    kind, result, code = event.type, event.result, event.errorcode
-    plain = _PLAIN_EVENTS.get((kind, result))
-    if plain is not None:
-        return plain
-    if kind == EVENT_UPDATE_COMPLETE and result == RESULT_SUCCESS_REBOOT:
-        if event.previousversion in NO_PREVIOUS_VERSION:
-            if app.updatecheck:
-                return Happening(None, "routine check", routine=True)
-            return Happening(None, "update complete: rebooted from ? into %s"
-                             % clean(app.version, 40))
-        return Happening(COMPLETE, "update complete: rebooted from %s into %s" % (
-            clean(event.previousversion, 40), clean(app.version, 40)))
-    if kind == EVENT_UPDATE_COMPLETE and result == RESULT_ERROR:
-        if code is not None and code & ERROR_BASE_MASK == ERROR_ROLLBACK:
-            return Happening(ROLLED_BACK, "rolled back: still on %s" % clean(app.version, 40))
-        hint = error_hint(code) if code is not None else None
-        return Happening(FAILED, "update failed: %s%s" % (
-            describe_error(code) if code is not None else "no error code",
-            " -- " + hint if hint else ""))
-    if kind == EVENT_UPDATE_COMPLETE and result == RESULT_DEFERRED:
-        return Happening(DEFERRED, "update deferred" + (
-            ": " + describe_error(code) if code is not None else ""))
-    words = "event %s (%d), result %s (%d)" % (
-        EVENT_TYPES.get(kind, "unknown"), kind, EVENT_RESULTS.get(result, "unknown"), result)
-    return Happening(None, words + (", " + describe_error(code) if code is not None else ""))
-
-
-def is_postinstall_failure(event: "Event", happening: Happening) -> bool:
-    """Error 5 (an event and what classify_event() made of it): on Flatcar >= 3760 the usual
-    sign of a missing OEM or extension payload."""
-    return (happening.state == FAILED and event.errorcode is not None
-            and event.errorcode & ERROR_BASE_MASK == ERROR_POSTINSTALL)
 
 
 class PerSecond:
@@ -2026,6 +1977,61 @@ def render_response(answers: Sequence[AppAnswer], server: str = PROG) -> bytes:
         lines.append("  </app>")
     lines.append("</response>\n")
     return "\n".join(lines).encode("utf-8")
+
+
+# -- what an event says a machine did ------------------------------------------------------
+
+class Happening(NamedTuple):
+    """What one event says a machine did: the state it is in now (None: no change), in words."""
+    state: Optional[str]
+    words: str
+    routine: bool = False  # the event every update check carries: nothing happened
+
+
+# The events whose meaning needs nothing but their type and result.
+_PLAIN_EVENTS = {
+    (EVENT_DOWNLOAD_STARTED, RESULT_SUCCESS): Happening(DOWNLOADING, "download started"),
+    (EVENT_DOWNLOAD_FINISHED, RESULT_SUCCESS):
+        Happening(DOWNLOADED, "download finished, payload verified"),
+    (EVENT_UPDATE_COMPLETE, RESULT_SUCCESS): Happening(INSTALLED, "installed, waiting for reboot"),
+}
+
+
+def classify_event(event: "Event", app: "AppRequest") -> Happening:
+    """One event in words, and the state it puts the machine in (the table of requests and
+    meanings is update_engine's: omaha_request_action.cc and update_attempter.cc)."""
+    kind, result, code = event.type, event.result, event.errorcode
+    plain = _PLAIN_EVENTS.get((kind, result))
+    if plain is not None:
+        return plain
+    if kind == EVENT_UPDATE_COMPLETE and result == RESULT_SUCCESS_REBOOT:
+        if event.previousversion in NO_PREVIOUS_VERSION:
+            if app.updatecheck:
+                return Happening(None, "routine check", routine=True)
+            return Happening(None, "update complete: rebooted from ? into %s"
+                             % clean(app.version, 40))
+        return Happening(COMPLETE, "update complete: rebooted from %s into %s" % (
+            clean(event.previousversion, 40), clean(app.version, 40)))
+    if kind == EVENT_UPDATE_COMPLETE and result == RESULT_ERROR:
+        if code is not None and code & ERROR_BASE_MASK == ERROR_ROLLBACK:
+            return Happening(ROLLED_BACK, "rolled back: still on %s" % clean(app.version, 40))
+        hint = error_hint(code) if code is not None else None
+        return Happening(FAILED, "update failed: %s%s" % (
+            describe_error(code) if code is not None else "no error code",
+            " -- " + hint if hint else ""))
+    if kind == EVENT_UPDATE_COMPLETE and result == RESULT_DEFERRED:
+        return Happening(DEFERRED, "update deferred" + (
+            ": " + describe_error(code) if code is not None else ""))
+    words = "event %s (%d), result %s (%d)" % (
+        EVENT_TYPES.get(kind, "unknown"), kind, EVENT_RESULTS.get(result, "unknown"), result)
+    return Happening(None, words + (", " + describe_error(code) if code is not None else ""))
+
+
+def is_postinstall_failure(event: "Event", happening: Happening) -> bool:
+    """Error 5 (an event and what classify_event() made of it): on Flatcar >= 3760 the usual
+    sign of a missing OEM or extension payload."""
+    return (happening.state == FAILED and event.errorcode is not None
+            and event.errorcode & ERROR_BASE_MASK == ERROR_POSTINSTALL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4086,7 +4092,7 @@ def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. The setup script: one command on each machine
+# 8. Setup script: one command on each machine
 # ---------------------------------------------------------------------------------------------
 
 
@@ -5702,6 +5708,17 @@ class RolloutGate:
         return [Note(logging.INFO, "rollout resumed: %s is gone" % (
             self.policy.pause_file))]
 
+class AppSettings(NamedTuple):
+    """What the application is run with (Settings.app() makes it from the flags)."""
+    policy: Policy = Policy()
+    skip_signature_check: bool = False  # said in each offer's line
+    base_url: str = ""  # with local_payload: advertised instead of <scheme>://<Host>/packages/
+    mirrors: Tuple[str, ...] = ()
+    local_payload: bool = True  # False: Omaha only, the bytes come from the mirrors
+    max_machines: int = MAX_MACHINES
+    reload_bound: float = RELOAD_BOUND  # a reload running longer is said, and /healthz fails
+
+
 class Service:
     """The application: the catalog on offer, the rollout policy, the fleet, the warnings and the
     clock, and what every endpoint needs of them as plain calls that return what to send and the
@@ -5710,7 +5727,7 @@ class Service:
     directly. Each piece of state keeps its own lock: the fleet's, the warnings', the bytes
     served, the catalog's (a reload swaps it whole) and the files downloads are reading."""
 
-    def __init__(self, catalog: Catalog, settings: "Settings",
+    def __init__(self, catalog: Catalog, settings: AppSettings,
                  clock: Optional[Callable[[], float]] = None) -> None:
         clock = clock or steady_clock()
         self.catalog, self.settings, self.clock = catalog, settings, clock
@@ -6014,6 +6031,21 @@ MAX_HEADER_FIELDS = 64
 # send errors that mean the client went away or stalled, not that the payload could not be read
 CLIENT_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN,
                          errno.ETIMEDOUT, errno.EAGAIN, errno.EWOULDBLOCK, errno.ESHUTDOWN))
+
+
+class HttpSettings(NamedTuple):
+    """What the HTTP server is run with (Settings.http() makes it from the flags)."""
+    tls: Any = None  # an ssl.SSLContext: HTTPS
+    credentials: Tuple[str, ...] = ()  # Authorization header values allowed to download
+    status_credentials: Tuple[str, ...] = ()  # ... allowed to see the status pages
+    idle_timeout: int = IDLE_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    grace: float = SHUTDOWN_GRACE
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
 
 
 def parse_range(header: Optional[str], size: int) -> Optional[List[Tuple[int, int]]]:
@@ -6669,7 +6701,7 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     request_queue_size = 1024  # the default backlog of 5 overflows under a burst of checks
 
     def __init__(self, address: Tuple, family: int, app: Service,
-                 settings: "Settings") -> None:
+                 settings: HttpSettings) -> None:
         self.address_family = family
         self.app = app
         self.settings = settings
@@ -6830,7 +6862,15 @@ class Settings(NamedTuple):
 
     @property
     def scheme(self) -> str:
-        return "https" if self.tls is not None else "http"
+        return self.http().scheme
+
+    def app(self) -> AppSettings:
+        """What the application needs of them."""
+        return AppSettings(**{name: getattr(self, name) for name in AppSettings._fields})
+
+    def http(self) -> HttpSettings:
+        """What the HTTP server needs of them."""
+        return HttpSettings(**{name: getattr(self, name) for name in HttpSettings._fields})
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -7417,7 +7457,7 @@ def make_server(app: Service, settings: Settings) -> Server:
     shown = url_host(host, port)
     if host == "" and socket.has_ipv6:
         try:
-            return Server(("::", port), socket.AF_INET6, app, settings)
+            return Server(("::", port), socket.AF_INET6, app, settings.http())
         except OSError as exc:
             if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
                 raise UsageError(_bind_failure(shown, exc)) from None
@@ -7433,7 +7473,7 @@ def make_server(app: Service, settings: Settings) -> Server:
                       if info[0] in (socket.AF_INET, socket.AF_INET6)]
     for family, address in candidates:
         try:
-            return Server(address, family, app, settings)
+            return Server(address, family, app, settings.http())
         except OSError as exc:
             failure = _bind_failure(shown, exc)
     raise UsageError(failure)
@@ -7503,9 +7543,9 @@ def _release_lines(release: Release, catalog: Catalog) -> List[str]:
     return lines
 
 
-def _where_to_point(server: Server) -> List[str]:
+def _where_to_point(server: Server, settings: Settings) -> List[str]:
     """Where the server listens, and the update.conf line for each address of this host."""
-    settings, port = server.settings, server.server_port
+    port = server.server_port
     scheme = settings.scheme
     if settings.host == "":
         lines = ["listening on %s://%s/ (all interfaces)" % (scheme, url_host(
@@ -7534,10 +7574,10 @@ def _where_to_point(server: Server) -> List[str]:
                     "Stop the server with Ctrl-C.", ""]
 
 
-def banner(server: Server) -> str:
+def banner(server: Server, settings: Settings) -> str:
     """What the operator reads at start: what is served for each board, under which rules, and
     the line to put on each machine."""
-    settings, catalog = server.settings, server.app.catalog
+    catalog = server.app.catalog
     boards = catalog.boards()
     lines = ["%s %s: offering version %s" % (
         PROG, __version__, ", ".join("%s for %s" % (catalog.path_words(board), board)
@@ -7563,7 +7603,7 @@ def banner(server: Server) -> str:
     elif settings.policy.max_concurrent:
         lines.append("fleet state: in memory only: a restart frees every --max-concurrent slot "
                      "(--state-file FILE keeps them)")
-    return "\n".join(lines + _where_to_point(server))
+    return "\n".join(lines + _where_to_point(server, settings))
 
 
 # -- the fleet across restarts: --state-file -----------------------------------------------------
@@ -8092,7 +8132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         setup_logging(settings.verbose, settings.log_format == "json")
         loaded = tree_state(settings.package_dir) if settings.watch and settings.package_dir \
             else ()  # before the load: a release added meanwhile is one --watch takes
-        app = Service(load_catalog_for(settings), settings)
+        app = Service(load_catalog_for(settings), settings.app())
         app.fleet.restore(read_state(settings.state_file, settings.reset_state,
                                      settings.max_machines), app.clock())
         server = make_server(app, settings)
@@ -8103,7 +8143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write("\n%s: interrupted\n" % PROG)
         return 130
     signals = catch_signals()  # before the banner: a stop right after it is a clean stop
-    sys.stdout.write(banner(server))
+    sys.stdout.write(banner(server, settings))
     sys.stdout.flush()
     keeper = StateKeeper(settings.state_file, app.fleet).start() if settings.state_file else None
     watcher = Watcher(str(settings.package_dir), signals, loaded,

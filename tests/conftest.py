@@ -51,7 +51,7 @@ class Running:
         """`release`: a Release, or a Catalog of several."""
         settings = (settings or sp.Settings())._replace(host="127.0.0.1", port=0, **changes)
         catalog = release if isinstance(release, sp.Catalog) else sp.Catalog((release,))
-        self.app = sp.Service(catalog, settings, clock)
+        self.app = sp.Service(catalog, settings.app(), clock)
         self.server = sp.make_server(self.app, settings)
         self.port = self.server.server_port
         self.release = release

@@ -347,10 +347,11 @@ class Run:
         self.paths = [operator.paths()]  # the path now, and the one before the last change
         self.offered_bad = set()
         self.flaky = {m.machineid for n, m in enumerate(fleet) if n in (2, 11)}
-        self.checks = self.held = self.slots_high = self.rounds = 0
+        self.checks = self.held = self.slots_high = self.rounds = self.forgotten = 0
         self.nets = {}
         self.carried = {}  # the updates under way at the last kill -9
         self.pool = None  # a thread pool when machines move several at once
+        self.flood_rss = []  # the server's RSS (MiB) each round of --flood-seconds
 
     def expected(self, machine):
         """The versions a machine may be offered next: the next step above its version on its
@@ -578,6 +579,9 @@ def simulate(pyz, machines=40, seed=7, rounds=30, where=None, verify=1.0, flood_
             "restarts survived": sum(1 for _, w in operator.schedule if w.endswith("kill")),
             "slots high-water": run.slots_high, "max concurrent": operator.max_concurrent,
             "flood ids": operator.flood_ids, "peak RSS MiB": max(operator.rss or [0]),
+            "RSS MiB through --flood-seconds (first, min, max, last)": run.flood_rss and [
+                run.flood_rss[0], min(run.flood_rss), max(run.flood_rss), run.flood_rss[-1]],
+            "machines forgotten (made-up ids)": run.forgotten,
             "full disk": "yes" if operator.tmpfs else "left out (mounting a tmpfs needs root)",
             "seconds": round(time.monotonic() - started, 1), "schedule": operator.schedule}
 
@@ -593,13 +597,13 @@ def flood_for(run, net, seconds):
     threads = [threading.Thread(target=flood) for _ in range(2)]
     for thread in threads:
         thread.start()
-    before = run.first_seen()
+    before, first = run.first_seen(), len(operator.rss)
     while time.monotonic() < stop:
         one_round(run, net)
-        operator.measure_rss()
     for thread in threads:
         thread.join()
     run.kept(before)
+    run.flood_rss = operator.rss[first:]
 
 
 def end_checks(run):
@@ -629,6 +633,8 @@ def end_checks(run):
         r"^serve_package_machines\{state=\"[^\"]*\"\} (\S+)$", metrics, re.M))
     assert by_state == total == status["total"], (by_state, total, status["total"])
     assert total <= operator.max_machines, (total, operator.max_machines)
+    run.forgotten = int(re.search(r"^serve_package_machines_forgotten_total (\d+)$", metrics,
+                                  re.M).group(1))
     on_target = {}
     for machine in run.fleet:
         target = run.paths[-1][machine.board][-1]

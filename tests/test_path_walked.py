@@ -53,7 +53,7 @@ class Site:
 
     def start(self) -> None:
         """A (re)start: the releases in the directory, the fleet from the last save."""
-        self.app = sp.Service(sp.Catalog(self.directory), self.settings(), self.clock)
+        self.app = sp.Service(sp.Catalog(self.directory), self.settings().app(), self.clock)
         self.app.fleet.restore(sp.read_state(self.state_file, False), self.clock())
         self.keeper = sp.StateKeeper(self.state_file, self.app.fleet)
 

@@ -49,8 +49,8 @@ class Site:
         self.start()
 
     def start(self):
-        self.app = sp.Service(sp.Catalog((self.release,)), sp.Settings(
-            policy=self.policy, state_file=self.state_file), self.clock)
+        self.app = sp.Service(sp.Catalog((self.release,)), sp.AppSettings(policy=self.policy),
+                              self.clock)
         self.app.fleet.restore(sp.read_state(self.state_file, False), self.clock())
         self.net = AppNet(self.app)
 

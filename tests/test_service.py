@@ -27,7 +27,7 @@ def clock():
 
 @pytest.fixture
 def app(catalog, clock):
-    return sp.Service(catalog, sp.Settings(), clock)
+    return sp.Service(catalog, sp.AppSettings(), clock)
 
 
 def check(app, n, client="10.0.0.7"):
@@ -71,7 +71,7 @@ def test_a_failure_is_a_warning_with_the_advice_once(app, clock):
 
 
 def test_max_concurrent_holds_across_one_fleet_call_per_app(catalog, clock):
-    app = sp.Service(catalog, sp.Settings(policy=sp.Policy(max_concurrent=1)), clock)
+    app = sp.Service(catalog, sp.AppSettings(policy=sp.Policy(max_concurrent=1)), clock)
     assert b'status="ok"' in check(app, 1).body
     waiting = check(app, 2)
     assert b"noupdate" in waiting.body
@@ -81,8 +81,8 @@ def test_max_concurrent_holds_across_one_fleet_call_per_app(catalog, clock):
 
 
 def test_codebases_follow_base_url_and_mirrors(catalog, clock):
-    settings = sp.Settings(base_url="https://cdn.example/flatcar/",
-                           mirrors=("http://mirror.example/",))
+    settings = sp.AppSettings(base_url="https://cdn.example/flatcar/",
+                              mirrors=("http://mirror.example/",))
     body = sp.Service(catalog, settings, clock).update_check(
         sp.parse_request(machine(1)), "10.0.0.7", SERVER_URL).body
     assert b'<url codebase="https://cdn.example/flatcar/"></url>\n' \
@@ -136,7 +136,7 @@ def test_metrics_count_bytes_by_file_for_the_machine_that_asked(app, catalog):
 
 def test_a_pause_file_is_said_once_when_it_comes_and_goes(catalog, clock, tmp_path):
     pause = tmp_path / "pause"
-    app = sp.Service(catalog, sp.Settings(policy=sp.Policy(pause_file=str(pause))), clock)
+    app = sp.Service(catalog, sp.AppSettings(policy=sp.Policy(pause_file=str(pause))), clock)
     assert b'status="ok"' in check(app, 1).body
     pause.write_text("")
     clock.advance(1)
@@ -149,7 +149,7 @@ def test_a_pause_file_is_said_once_when_it_comes_and_goes(catalog, clock, tmp_pa
 
 
 def test_warnings_due_come_from_the_clock_job(catalog, clock):
-    app = sp.Service(catalog, sp.Settings(), clock)
+    app = sp.Service(catalog, sp.AppSettings(), clock)
     for n in range(3):
         app.update_check(sp.parse_request(machine(n).replace(b'board="amd64-usr"',
                                                              b'board="arm64-usr"')),
@@ -171,7 +171,7 @@ def test_rollout_rules_apply_to_each_step(tmp_path, clock):
         shutil.copyfile(DEMO_PAYLOAD, str(where / "flatcar_production_update.gz"))
     settings = sp.Settings(package_dir=str(tmp_path), floors=("3760.2.0",),
                            policy=sp.Policy(max_concurrent=1, groups=frozenset(["stable"])))
-    app = sp.Service(sp.load_catalog_for(settings), settings, clock)
+    app = sp.Service(sp.load_catalog_for(settings), settings.app(), clock)
     old = sp.parse_request(machine(1, version="3510.2.2"))
     assert b'<manifest version="3760.2.0">' in app.update_check(old, "10.0.0.1", SERVER_URL).body
     second = sp.parse_request(machine(2, version="3510.2.2"))

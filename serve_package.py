@@ -3238,12 +3238,14 @@ class Registry:
         return machine, created, gone
 
     def _forget_one(self, holders: Dict[str, "Machine"]) -> Optional["Machine"]:
-        """Make room: the machine seen longest ago that holds no slot is forgotten, among the
-        ones seen only once first (on probation, as a cache keeps a probation segment apart
-        from a protected one: a flood of made-up ids, each seen once, churns only those), then
-        among all (the front of each order is the longest unseen)."""
-        for order in (self.probation, self.machines):
-            key = next((key for key in order if key not in holders), None)
+        """Make room: the machine seen longest ago is forgotten, among the ones seen only once
+        first (on probation, as a cache keeps a probation segment apart from a protected one:
+        a flood of made-up ids, each seen once, churns only those), one holding no slot
+        before one offered a slot it never came back for; then among all, one holding no slot
+        (the front of each order is the longest unseen)."""
+        for order, skip in ((self.probation, holders), (self.probation, {}),
+                            (self.machines, holders)):
+            key = next((key for key in order if key not in skip), None)
             if key is not None:
                 break
         else:
@@ -3501,6 +3503,7 @@ class Fleet:
         under before (None: new). A machine forgotten to make room is uncounted."""
         machine, created, gone = self.registry.seen(key, address, now, self.slots.holders)
         if gone is not None:
+            self.slots.holders.pop(gone.key, None)
             self.stages.remove(gone.key)
             self.counts.forget(gone.key)
             self.tally.forget(gone)

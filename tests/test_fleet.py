@@ -407,6 +407,24 @@ def test_a_flood_of_new_ids_never_forgets_a_machine_seen_twice(release):
     assert fleet.registry.forgotten == 5000 - 15
 
 
+def test_a_flood_of_ids_that_are_offered_slots_still_forgets_none_seen_twice(release):
+    """Made-up ids that are offered the update (the rollout is open to all) hold
+    --max-concurrent slots they never use: past --max-machines, the one of them seen longest
+    ago is forgotten (its slot with it), never a machine that checked in twice. The simulated
+    fleet found it: 5,000 machines, a flood of 200 offered ids."""
+    fleet = sp.Fleet(sp.Catalog((release,)), 600.0, max_concurrent=1000, max_machines=20)
+    for n in range(15):
+        for now in (100.0, 200.0):
+            fleet.request(sp.parse_request(machine(n)).apps[0], "10.0.0.1", now + n, NO_OFFER)
+    for n in range(1000, 1200):  # made-up ids, each offered, each seen once
+        app = sp.parse_request(machine(n)).apps[0]
+        fleet.request(app, "10.0.0.9", 1000.0 + n,
+                      lambda standing, app=app: sp.decide(app, release, standing=standing))
+    kept = {m.alias for m in fleet.machines.values()}
+    assert {"node-%d" % n for n in range(15)} <= kept and len(fleet.machines) == 20
+    assert fleet.slots.in_use(2300.0, fleet.counts) == 5  # the ones still known
+
+
 def test_a_late_progress_report_never_moves_a_machine_back(fleet, release):
     offer_to(fleet, release, 1, 100.0)
     for body in (machine_event(1, 13, 1), machine_event(1, 14, 1), machine_event(1, 3, 1)):

@@ -2429,7 +2429,7 @@ class Machine:
                  "first_seen", "last_seen", "state", "detail", "error", "from_version",
                  "downloaded", "size", "rate", "logged_percent", "logged_at", "offered_at",
                  "installed_instead", "board", "setup", "progressed_at", "final", "completed_at",
-                 "answer")
+                 "answer", "offered_from")
 
     def __init__(self, key: str, address: str, now: float) -> None:
         self.key, self.address = key, address
@@ -2452,6 +2452,7 @@ class Machine:
         self.progressed_at = now  # the last time its download moved
         self.completed_at = 0.0  # when it last reported an update complete (--stage-wait)
         self.answer = ""  # why its last update check was answered as it was (not kept)
+        self.offered_from = ""  # the version it ran when offered its target (not kept)
 
     RECORDED = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
                 "first_seen", "last_seen", "state", "detail", "error", "from_version",
@@ -2548,6 +2549,7 @@ class Machine:
             self.final = ""
 
     def offer(self, version: str, final: str, now: float, words: str = "offered") -> None:
+        self.offered_from = self.version
         self.target, self.final, self.error, self.offered_at = version, final, None, now
         self.state, self.detail = OFFERED, words
 
@@ -2593,6 +2595,8 @@ class Machine:
         if running is None or target is None or running < target or (
                 running == target and self.state != INSTALLED):
             return False
+        if running > target and (parse_version(self.offered_from) or ()) > target:
+            return False  # offered an older version (--force): it runs the newer till then
         words = ("the report of its reboot did not arrive" if running == target else
                  "past the %s it was updating to: its last steps were not seen here" % self.target)
         self.target, self.error, self.size, self.completed_at = "", None, 0, self.last_seen
@@ -2608,9 +2612,9 @@ class Machine:
         build). A version those releases hold is no such sign: the offer changed (a reload,
         a state file older than the offer) between its install and its reboot."""
         running = parse_version(app.version)
-        if not self.target or self.state not in UNDER_WAY or running == parse_version(
-                self.target):
-            return False
+        if not self.target or self.state not in UNDER_WAY or parse_version(self.target) in (
+                running, parse_version(event.previousversion)):
+            return False  # it came back on it, or ran it before: a later offer, not kept here
         return (running == parse_version(event.previousversion)
                 or app.version not in served)
 
@@ -3002,7 +3006,8 @@ class Rollout(NamedTuple):
     #               fewer machines): they count for no stage
     members: int = 0  # the machines it counts (the whole rollout's size)
     ranked: int = 0  # the machines ranked on the board: reckoned again when it moves by 1 %
-    away: int = 0  # of its machines, how many were not seen for long: none holds a stage back
+    away: int = 0  # of its machines, how many were not seen for long or are never offered an
+    #                update (--min-version, no version): none holds a stage back
     waiting_on: Tuple[str, ...] = ()  # the first few machines of the open stage not done
 
 
@@ -3107,7 +3112,8 @@ class Stages:
         return "waiting for stage %d: %d of %d machines of stage %d are done%s%s" % (
             rollout.stage + 2, rollout.done, size, rollout.stage + 1,
             " (%d failed)" % rollout.failed if rollout.failed else "",
-            " (%d not seen for long, not waited for)" % rollout.away if rollout.away else "")
+            " (%d not waited for: not seen for long, or never offered)" % rollout.away
+            if rollout.away else "")
 
     def _reckon(self, machines: Dict[str, "Machine"], failed: set, board: str, version: str,
                 now: float) -> Rollout:
@@ -3135,17 +3141,26 @@ class Stages:
                 ran = runs and (not machine.completed_at or
                                 machine.last_seen - machine.completed_at >= policy.stage_wait)
                 done += ran
-                away += not runs and key not in failed and machine.lost(now)
-                if not ran and len(waiting_on) < CAUSE_EXAMPLES:
+                gone = not ran and key not in failed and (
+                    machine.lost(now) or not self._may_be_offered(machine))
+                away += gone
+                if not ran and not gone and len(waiting_on) < CAUSE_EXAMPLES:
                     waiting_on.append(machine.name())
             walked = size
             if done + away < size:
                 break
         last = members[sizes[stage] - 1] if sizes[stage] else ((-1, ""), "")
-        outside = sum(1 for k in self.admitted[board, version]
-                      if k in self.where and (self.where[k][1], k) > last)
+        outside = sum(1 for k in self.admitted[board, version]  # unranked ones too
+                      if k not in self.where or (self.where[k][1], k) > last)
         return Rollout(now, stage, sizes, last, done, failed_here, outside, len(members),
                        len(self.ranked.get(board, ())), away, tuple(waiting_on))
+
+    def _may_be_offered(self, machine: "Machine") -> bool:
+        """False for a machine the rules never offer an update: a version that is none, or
+        older than --min-version (a stage does not wait for it)."""
+        running = parse_version(machine.version)
+        floor = self.policy.min_version
+        return running is not None and not (floor and running < parse_version(floor))
 
     def facts(self) -> List[Dict[str, Any]]:
         """Each staged rollout, as last reckoned, for the views."""
@@ -3354,7 +3369,8 @@ class Fleet:
             self.slots.configure(policy.max_concurrent, policy.update_timeout,
                                  self.machines.values(), now)
             self.counts.limit(policy.max_per_hour, policy.halt_after)
-            self.stages.configure(policy, self.machines.values(), self.served)
+            self.stages.configure(policy, [m for m in self.machines.values()
+                                           if m.key not in self.registry.probation], self.served)
 
     def rollout_facts(self, now: float) -> Dict[str, Any]:
         """The offers of the last hour, the failures by release, each staged rollout, the
@@ -3478,6 +3494,8 @@ class Fleet:
         with self.lock:
             for machine in machines:
                 machine.restored(now, self.served.targets)
+                if machine.state in (FAILED, ROLLED_BACK) and machine.target:
+                    self.counts.failed(machine.board, machine.target, machine.key)  # --halt-after
             for machine in sorted(machines, key=lambda m: m.last_seen):
                 self.registry.restore(machine)
                 self._rank(machine)

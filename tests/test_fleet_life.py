@@ -227,3 +227,98 @@ def test_a_save_that_failed_says_so_when_it_succeeds_again(tmp_path, payloads, c
         assert keeper.save()
     assert "cannot save the fleet to %s" % path in caplog.text
     assert "the fleet is saved to %s again (1 machines)" % path in caplog.text
+
+
+# --- what a fresh eye found in the built .pyz ---------------------------------------------------
+
+def test_made_up_ids_offered_once_the_rollout_is_open_to_all_take_no_real_machines_place(
+        tmp_path, payloads):
+    site = Site(tmp_path, [release(payloads, "amd64-usr", "1.0.0")],
+                sp.Policy(stages=sp.parse_stages("2,100%"), stage_wait=0.0))
+    fleet = machines(6)
+    known(site, fleet)
+    first = leaders(site, fleet)[:2]
+    assert [m.update(site.net()) for m in first] == ["1.0.0"] * 2
+    [m.check(site.net()) for m in first]
+    site.clock.advance(sp.STAGE_LOOK)
+    for n in range(30):  # open to all: each is offered, and takes no real machine's place
+        assert UpdateEngine("f%031x" % n, "0.9.0").check(site.net()) == "1.0.0"
+    site.clock.advance(sp.STAGE_LOOK)
+    assert [m.check(site.net()) for m in fleet if m not in first] == ["1.0.0"] * 4
+
+
+def test_a_reload_that_names_canaries_ranks_no_machine_seen_once(tmp_path, payloads):
+    site = Site(tmp_path, [release(payloads, "amd64-usr", "1.0.0")],
+                sp.Policy(stages=sp.parse_stages("2,100%"), stage_wait=0.0))
+    fleet = machines(4)
+    known(site, fleet)
+    for n in range(60):
+        UpdateEngine("f%031x" % n, "0.9.0").check(site.net())
+    site.app.rollout.replace(site.policy._replace(machine_ids=frozenset([fleet[3].machineid])))
+    assert len(site.app.fleet.stages.where) == 4
+
+
+def test_a_machine_gone_after_its_update_or_never_to_be_offered_holds_no_stage(
+        tmp_path, payloads):
+    site = Site(tmp_path, [release(payloads, "amd64-usr", "1.0.0")],
+                sp.Policy(stages=sp.parse_stages("2,100%"), stage_wait=600.0,
+                          min_version="0.5.0"))
+    fleet = machines(3) + [UpdateEngine("%032x" % 99, "0.1.0", alias="ancient")]
+    known(site, fleet)
+    leading = leaders(site, fleet)[:2]
+    for m in leading:  # installed and reported; then one of them is never heard of again
+        if m.version != "0.1.0":
+            m.update(site.net())
+            m.check(site.net())
+    site.clock.advance(sp.NOT_SEEN_AFTER + 1)
+    for m in fleet:
+        if m not in leading[:1]:
+            m.check(site.net())
+    site.clock.advance(sp.STAGE_LOOK)
+    rest = [m for m in fleet if m not in leading and m.version == "0.9.0"]
+    assert [m.check(site.net()) for m in rest] == ["1.0.0"] * len(rest)
+
+
+def test_the_failures_of_a_release_survive_a_restart_and_halt_it(tmp_path, payloads):
+    site = Site(tmp_path, [release(payloads, "amd64-usr", "1.0.0")], sp.Policy(halt_after=2))
+    first, second, third = machines(3)
+    for m in (first, second):
+        assert m.check(site.net()) == "1.0.0"
+        m.download(site.net())
+    first.install(site.net(), postinstall_error=True)
+    site.restart()
+    second.install(site.net(), postinstall_error=True)
+    assert third.check(site.net()) is None
+    assert answer(site, third).startswith("rollout halted: 2 machine(s) failed")
+
+
+def test_a_reboot_report_to_a_server_that_forgot_the_later_offer_is_no_other_version(
+        tmp_path, payloads):
+    """Saved while offered the floor 1.0.0; it walked on to 2.0.0, and the server was killed
+    and given 3.0.0 instead of 2.0.0: the report of the reboot into 2.0.0 (from 1.0.0, which it
+    was offered) is a step the server did not keep, not a wrong payload."""
+    one, two = release(payloads, "amd64-usr", "1.0.0", True), release(payloads, "amd64-usr", "2.0.0")
+    site = Site(tmp_path, [one, two], sp.Policy())
+    machine = machines(1)[0]
+    assert machine.check(site.net()) == "1.0.0"
+    site.save()
+    machine.download(site.net()) and machine.install(site.net())
+    machine.reboot()
+    assert machine.check(site.net()) == "2.0.0"
+    machine.download(site.net()) and machine.install(site.net())
+    machine.reboot()  # into 2.0.0; its report goes to the restarted server
+    site.directory[1:] = [release(payloads, "amd64-usr", "3.0.0")]
+    site.kill()
+    assert machine.check(site.net()) == "3.0.0"
+    assert site.app.fleet.machines[machine.machineid].state != sp.OTHER_VERSION
+
+
+def test_a_forced_older_version_under_way_is_not_taken_for_complete(tmp_path, payloads):
+    site = Site(tmp_path, [release(payloads, "amd64-usr", "1.0.0")], sp.Policy(force=True))
+    machine = UpdateEngine("%032x" % 1, "2.0.0")
+    assert machine.check(site.net()) == "1.0.0"
+    machine.status = "idle"  # it asks again before it downloads
+    assert machine.check(site.net()) == "1.0.0"
+    record = site.app.fleet.machines[machine.machineid]
+    assert (record.state, record.target) == ("offered", "1.0.0")
+    assert record.completed_at == 0.0  # never taken for complete in between

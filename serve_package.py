@@ -6849,7 +6849,7 @@ class UsageError(Exception):
 
 
 class Settings(NamedTuple):
-    """How the server runs: every flag's value, checked (made by settings_from() in section 8,
+    """How the server runs: every flag's value, checked (made by settings_from() below,
     or directly by tests), read-only once the server has it."""
     package_files: Tuple[str, ...] = ()
     package_dir: Optional[str] = None
@@ -7190,7 +7190,7 @@ def parse_duration(flag: str, text: str) -> float:
 
 
 def normalise_url(flag: str, text: str) -> str:
-    """An http(s) URL that ends in '/', as every codebase must (see Handler.codebases)."""
+    """An http(s) URL that ends in '/', as every codebase must (see Service.codebases)."""
     parts = urllib.parse.urlsplit(text.strip())
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise UsageError("%s %r is not an http:// or https:// URL" % (flag, text))
@@ -7629,8 +7629,9 @@ def banner(server: Server, settings: Settings) -> str:
 
 # -- the fleet across restarts: --state-file -----------------------------------------------------
 # JSON Lines: a header line {"format": "serve-package fleet state", "version": 1, "fields": [...],
-# ...}, then one JSON array a machine, its values in the order of the header's fields. Written whole to FILE.tmp, fsync'ed, renamed over
-# FILE: a kill at any moment leaves the last complete file. Only the changed machines are
+# ...}, then one JSON array a machine, its values in the order of the header's fields. Written
+# whole to a temporary file beside FILE (write_atomically), fsync'ed, renamed over FILE: a kill
+# at any moment leaves the last complete file. Only the changed machines are
 # encoded again at each save; the others' lines are kept from the last one.
 
 STATE_FORMAT = "serve-package fleet state"

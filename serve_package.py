@@ -212,15 +212,29 @@ ERROR_FLAGS = (
 ERROR_BASE_MASK = 0x0FFFFFFF
 
 
+# update_engine's code for an HTTP status S answering its update check is 2000 + S
+# (flatcar/update_engine: kActionCodeOmahaRequestHTTPResponseBase).
+UPDATE_CHECK_HTTP = range(2000, 3000)
+
+
+def error_name(base: int, short: bool = False) -> str:
+    """An error code's name, its flags masked: 'payload hash mismatch', 'HTTP 404 from the
+    update check' ('HTTP 404', short), 'unknown error'."""
+    if base in UPDATE_CHECK_HTTP:
+        return "HTTP %d%s" % (base - UPDATE_CHECK_HTTP.start, "" if short else
+                              " from the update check")
+    return ERROR_NAMES.get(base, "unknown error")
+
+
+def known_error(base: int) -> bool:
+    return base in ERROR_NAMES or base in UPDATE_CHECK_HTTP
+
+
 def describe_error(code: int) -> str:
     """Turn an update_engine error code into words: 'payload hash mismatch (error 10; flags: ...)'."""
     base = code & ERROR_BASE_MASK
     flags = [name for bit, name in ERROR_FLAGS if code & bit]
-    if 2000 <= base < 3000:
-        name = "HTTP %d from the update check" % (base - 2000)
-    else:
-        name = ERROR_NAMES.get(base, "unknown error")
-    text = "%s (error %d" % (name, base)
+    text = "%s (error %d" % (error_name(base), base)
     if flags:
         text += "; flags: " + ", ".join(flags)
     return text + ")"
@@ -228,9 +242,7 @@ def describe_error(code: int) -> str:
 
 def error_hint(code: int) -> Optional[str]:
     base = code & ERROR_BASE_MASK
-    if 2000 <= base < 3000:
-        return ERROR_HINTS[37]
-    return ERROR_HINTS.get(base)
+    return ERROR_HINTS[37] if base in UPDATE_CHECK_HTTP else ERROR_HINTS.get(base)
 
 
 # What a machine is doing, as far as its requests tell. An update goes: new -> idle (up to
@@ -2918,8 +2930,7 @@ def count_request(counters: collections.Counter, app: AppRequest,
                  str(event.result) if event.result in EVENT_RESULTS else OTHER] += 1
         if event.result == RESULT_ERROR and event.errorcode is not None:
             base = event.errorcode & ERROR_BASE_MASK
-            counters["failures", str(base) if base in ERROR_NAMES or 2000 <= base < 3000
-                     else OTHER] += 1
+            counters["failures", str(base) if known_error(base) else OTHER] += 1
 
 
 def summary_of(counts: Dict[str, Dict[Any, int]], total: int, extensions: Dict[Any, int],
@@ -4082,8 +4093,7 @@ def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple
            [({"type": k[1], "result": k[2]}, v) for k, v in sorted(counters.items())
             if k[0] == "events"])
     family("failures_total", "counter", "Failed updates reported, by update_engine error code.",
-           [({"code": k[1], "error": ERROR_NAMES.get(int(k[1]), "HTTP %s" % (int(k[1]) - 2000)
-                                                      if int(k[1]) >= 2000 else "unknown error")
+           [({"code": k[1], "error": error_name(int(k[1]), short=True)
               if k[1] != OTHER else OTHER}, v)
             for k, v in sorted(counters.items()) if k[0] == "failures"])
     family("payload_bytes_served_total", "counter", "Payload bytes sent, by file.",

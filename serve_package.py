@@ -6949,11 +6949,13 @@ _PAYLOAD_FLAGS = (
     Flag("listen-address", "value", "where to listen: :PORT (all interfaces), HOST:PORT or "
          "[IPv6]:PORT; port 0 picks a free port (default :8000)", "ADDR", ":8000"),
 )
-_SIGNATURE_FLAGS = (
+_KEY_FLAGS = (  # the server's and download's alike
     Flag("payload-key", "list", "a public key (PEM) that may have signed the payloads, beside "
          "Flatcar's release and developer keys and CoreOS's; repeatable", "FILE", []),
-    Flag("skip-signature-check", "switch", "serve payloads that no known key verifies (the "
+    Flag("skip-signature-check", "switch", "take payloads that no known key verifies (the "
          "machines still check them, after the download)", default=False),
+)
+_SIGNATURE_FLAGS = _KEY_FLAGS + (
     Flag("board", "value", "the OS payload's board, whatever its kernel says (a payload "
          "without a kernel counts as amd64-usr)", default="", choices=BOARDS),
 )
@@ -7047,10 +7049,7 @@ DOWNLOAD_FLAGS = (
     Flag("release-server", "value", "where --version's files are, and where a floor's are when "
          "the service names no place for them (default %s/)" % RELEASE_SERVER, "URL",
          RELEASE_SERVER + "/"),
-    Flag("payload-key", "list", "a public key (PEM) that may have signed the OS payloads, beside "
-         "the built-in ones; repeatable", "FILE", []),
-    Flag("skip-signature-check", "switch", "keep OS payloads that no known key verifies",
-         default=False),
+    *_KEY_FLAGS,
     Flag("ca-file", "value", "the CA certificates (PEM) to check TLS with, instead of the "
          "system's (a proxy that re-signs, your own mirror)", "FILE"),
     Flag("retries", "value", "tries again after a cut connection or a 5xx answer, waiting 1, 2, "

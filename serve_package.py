@@ -1227,20 +1227,26 @@ def read_regular(path: str, limit: int, cut: bool = False) -> bytes:
     return data
 
 
+def checksum_in(text: bytes) -> Optional[str]:
+    """The SHA-256 a .sha256 file gives (its first word, 64 hex digits; a file name may
+    follow), lower case; None when it starts with no such digest."""
+    words = text.decode("ascii", "replace").split()
+    return words[0].lower() if words and SHA256_HEX.fullmatch(words[0]) else None
+
+
 def read_checksum_file(path: str) -> Optional[str]:
     """The hex SHA-256 in PATH.sha256 (as the release server publishes: the digest, optionally
     followed by a file name), lower case; None when there is no such file."""
     sidecar = path + ".sha256"
     try:
-        text = read_regular(sidecar, 4096, cut=True).decode("ascii", "replace")
+        digest = checksum_in(read_regular(sidecar, 4096, cut=True))
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise PayloadError("%s cannot be read: %s." % (sidecar, exc.strerror)) from None
-    words = text.split()
-    if not words or not SHA256_HEX.fullmatch(words[0]):
+    if digest is None:
         raise PayloadError("%s does not start with a SHA-256 (64 hex digits)." % sidecar)
-    return words[0].lower()
+    return digest
 
 
 def _checked_spec(path: str, name: str) -> PayloadSpec:
@@ -5163,11 +5169,11 @@ def release_from_layout(fetcher: Fetcher, options: DownloadOptions, board: str
     files = []
     for name in names:
         url = layout_url(options.release_server, board, options.version, name)
-        text = fetcher.read(url + ".sha256", 4096).decode("ascii", "replace").split()
-        if not text or not SHA256_HEX.fullmatch(text[0]):
+        digest = checksum_in(fetcher.read(url + ".sha256", 4096))
+        if digest is None:
             raise DownloadError("%s.sha256 does not start with a SHA-256 (64 hex digits): "
                                 "check --release-server" % url)
-        files.append(RemoteFile(name, name, None, "", text[0].lower()))
+        files.append(RemoteFile(name, name, None, "", digest))
     return RemoteRelease(board, options.version, tuple(files), (), target=True)
 
 

@@ -34,6 +34,17 @@ def leaders(site, fleet):
     return sorted(fleet, key=lambda m: ranked.index(m.machineid))
 
 
+def saved_then_walked_on(site, machine):
+    """Offered the floor 1.0.0, saved; then it installs it and 2.0.0, unsaved."""
+    assert machine.check(site.net()) == "1.0.0"
+    site.save()
+    machine.download(site.net()) and machine.install(site.net())
+    machine.reboot()
+    assert machine.check(site.net()) == "2.0.0"
+    machine.download(site.net()) and machine.install(site.net())
+    machine.reboot()
+
+
 def answer(site, machine):
     return site.app.fleet.machines[machine.machineid].answer
 
@@ -152,13 +163,7 @@ def test_a_restart_from_an_older_save_learns_from_the_version_a_machine_runs(tmp
     site = Site(tmp_path, [release(payloads, "amd64-usr", "1.0.0", floor=True),
                            release(payloads, "amd64-usr", "2.0.0")], sp.Policy(max_concurrent=1))
     machine, other = machines(2)
-    assert machine.check(site.net()) == "1.0.0"
-    site.save()
-    machine.download(site.net()) and machine.install(site.net())
-    machine.reboot()
-    assert machine.check(site.net()) == "2.0.0"
-    machine.download(site.net()) and machine.install(site.net())
-    machine.reboot()
+    saved_then_walked_on(site, machine)
     machine.check(site.net())  # its report, to the server about to be killed
     site.kill()
     assert machine.check(site.net()) is None
@@ -300,13 +305,7 @@ def test_a_reboot_report_to_a_server_that_forgot_the_later_offer_is_no_other_ver
     one, two = release(payloads, "amd64-usr", "1.0.0", True), release(payloads, "amd64-usr", "2.0.0")
     site = Site(tmp_path, [one, two], sp.Policy())
     machine = machines(1)[0]
-    assert machine.check(site.net()) == "1.0.0"
-    site.save()
-    machine.download(site.net()) and machine.install(site.net())
-    machine.reboot()
-    assert machine.check(site.net()) == "2.0.0"
-    machine.download(site.net()) and machine.install(site.net())
-    machine.reboot()  # into 2.0.0; its report goes to the restarted server
+    saved_then_walked_on(site, machine)  # its report of 2.0.0 goes to the restarted server
     site.directory[1:] = [release(payloads, "amd64-usr", "3.0.0")]
     site.kill()
     assert machine.check(site.net()) == "3.0.0"

@@ -1172,6 +1172,16 @@ TEST_BUILD_PREFIX = "flatcar_test_update-"  # developer builds carry it; machine
 OS_PAYLOAD_FILES = ("flatcar_production_update.gz", "update.gz")  # what --package-dir looks for
 
 
+def oem_payload(oem: str) -> str:
+    """The payload file an OEM's machines need: oem-<ID>.gz."""
+    return "oem-%s.gz" % oem
+
+
+def extension_payload(extension: str) -> str:
+    """The payload file of an extension: flatcar-<NAME>.gz."""
+    return "flatcar-%s.gz" % extension
+
+
 class PayloadSpec(NamedTuple):
     """A file to serve, before it is read: where it is, its name on the wire, and the SHA-256
     it must have, if one is known (hex) with where that came from."""
@@ -2362,7 +2372,7 @@ def missing_oem_payload(app: AppRequest, release: Release) -> Optional[str]:
     """The OEM payload name this machine may need and is not served, if any."""
     if not app.oem or release.key < SYSEXT_OEM_SINCE:
         return None
-    name = "oem-%s.gz" % app.oem
+    name = oem_payload(app.oem)
     if release.find(name) is not None or not EXTENSION_NAME.fullmatch(name):
         return None
     return name
@@ -3772,17 +3782,17 @@ def fleet_needs(catalog: Catalog, summary: Dict[str, Any]) -> Dict[str, Any]:
     release, and on each release its machines will be offered the OEM payloads of the OEMs
     they run (missing_oem_payload's rule) and the extension payloads their setup reports
     enable; with the one download command that brings every release and file they need."""
-    needed = {}  # type: Dict[str, List[str]]  # board -> the payload names its machines need
-    for (board, oem), _ in summary["board_oems"].items():
-        if oem and EXTENSION_NAME.fullmatch("oem-%s.gz" % oem):
-            needed.setdefault(board, []).append("oem-%s.gz" % oem)
-    for (board, name), _ in summary["extensions"].items():
-        if EXTENSION_NAME.fullmatch("flatcar-%s.gz" % name):
-            needed.setdefault(board, []).append("flatcar-%s.gz" % name)
-    names = {board: sorted(set(found))[:2 * MAX_NEEDED_NAMES] for board, found in needed.items()}
-    every = sorted(set(n for found in names.values() for n in found))
-    oems = [n[4:-3] for n in every if n.startswith("oem-")][:MAX_NEEDED_NAMES]
-    extensions = [n[8:-3] for n in every if n.startswith("flatcar-")][:MAX_NEEDED_NAMES]
+    # board -> each payload name its machines need, with its kind ("oem", "extension") and id
+    needed = {}  # type: Dict[str, Dict[str, Tuple[str, str]]]
+    for kind, pairs, name_of in (("oem", summary["board_oems"], oem_payload),
+                                 ("extension", summary["extensions"], extension_payload)):
+        for (board, which), _ in pairs.items():
+            if which and EXTENSION_NAME.fullmatch(name_of(which)):
+                needed.setdefault(board, {})[name_of(which)] = (kind, which)
+    names = {board: sorted(found)[:2 * MAX_NEEDED_NAMES] for board, found in needed.items()}
+    kept = set(needed[board][n] for board, found in names.items() for n in found)
+    oems = sorted(which for kind, which in kept if kind == "oem")[:MAX_NEEDED_NAMES]
+    extensions = sorted(which for kind, which in kept if kind == "extension")[:MAX_NEEDED_NAMES]
     boards = sorted((set(summary["boards"]) & set(BOARDS)) | set(catalog.boards()))
     missing = []
     for board in boards:
@@ -4744,7 +4754,7 @@ def chosen_files(release: RemoteRelease, oems: Sequence[str], extensions: Sequen
     release that offers none at all (before Flatcar 3760 moved OEMs into system extensions)
     needs none: only its OS payload."""
     offered = {f.name: f for f in release.files[1:]}
-    wanted = ["oem-%s.gz" % oem for oem in oems] + ["flatcar-%s.gz" % e for e in extensions]
+    wanted = [oem_payload(oem) for oem in oems] + [extension_payload(e) for e in extensions]
     if all_extensions:
         wanted += [name for name in offered if name.startswith("flatcar-")]
     if not offered:
@@ -5164,8 +5174,8 @@ def recorded_step(directory: str, release: RemoteRelease) -> RemoteRelease:
 def release_from_layout(fetcher: Fetcher, options: DownloadOptions, board: str
                         ) -> RemoteRelease:
     """--version V: the release server's files of that version, each with its .sha256."""
-    names = [OS_PAYLOAD_FILE] + ["oem-%s.gz" % o for o in options.oems] + [
-        "flatcar-%s.gz" % e for e in options.extensions]
+    names = [OS_PAYLOAD_FILE] + [oem_payload(o) for o in options.oems] + [
+        extension_payload(e) for e in options.extensions]
     files = []
     for name in names:
         url = layout_url(options.release_server, board, options.version, name)
@@ -5521,7 +5531,7 @@ def oem_advice(who: str, app: AppRequest, release: Release, payload: str) -> str
             "--version %s --oem %s; then bring DIR/%s/%s/ into --package-dir and reload (GET "
             "/needs gives one command for everything the fleet needs)" % (
                 who, clean(app.oem, 40), payload, release.version, board, release.version,
-                shlex.quote(payload[4:-3]), board, release.version))
+                shlex.quote(app.oem), board, release.version))
 
 
 def postinstall_advice(who: str, release: Release) -> str:

@@ -3396,8 +3396,8 @@ class Fleet:
             self.slots.configure(policy.max_concurrent, policy.update_timeout,
                                  self.machines.values(), now)
             self.counts.limit(policy.max_per_hour, policy.halt_after)
-            self.stages.configure(policy, [m for m in self.machines.values()
-                                           if m.key not in self.registry.probation], self.served)
+            self.stages.configure(policy, (m for m in self.machines.values()  # walked if needed
+                                           if m.key not in self.registry.probation), self.served)
 
     def rollout_facts(self, now: float) -> Dict[str, Any]:
         """The offers of the last hour, the failures by release, each staged rollout, the
@@ -5755,6 +5755,7 @@ class RolloutGate:
         return [Note(logging.INFO, "rollout resumed: %s is gone" % (
             self.policy.pause_file))]
 
+
 class AppSettings(NamedTuple):
     """What the application is run with (Settings.app() makes it from the flags)."""
     policy: Policy = Policy()
@@ -6092,7 +6093,6 @@ class HttpSettings(NamedTuple):
     @property
     def scheme(self) -> str:
         return "https" if self.tls is not None else "http"
-
 
 
 def parse_range(header: Optional[str], size: int) -> Optional[List[Tuple[int, int]]]:

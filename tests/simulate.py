@@ -68,8 +68,8 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
 
 from standins import Files, Published, start_files, start_service, stop_all  # noqa: E402
-from update_engine import (DOWNLOADING, ERROR_POSTINSTALL, IDLE, WAITING_FOR_REBOOT,  # noqa: E402
-                           HttpNet, Rejected, UpdateEngine)
+from update_engine import (DOWNLOADING, IDLE, WAITING_FOR_REBOOT, HttpNet, Rejected,  # noqa: E402
+                           UpdateEngine)
 
 REASON = "OEM software moved into system extensions"
 BOARDS = ("amd64-usr", "arm64-usr")
@@ -206,7 +206,7 @@ class Operator:
             if line.startswith("listening on http://"):
                 self.port = int(line.split("/")[2].rsplit(":", 1)[1])
                 threading.Thread(target=self.server.stdout.read, daemon=True).start()
-                return HttpNet(self.port)
+                return
             assert line or self.server.poll() is None, "the server did not start"
         raise AssertionError("no banner in 60 s")
 
@@ -229,11 +229,10 @@ class Operator:
                 self.free_disk(wait=False)  # room first: the upgrade rewrites the file
             self.write_previous_format()
         saved = self.saved_ids()
-        net = self.start()
+        self.start()
         lost = saved - self.known_ids()
         assert not lost, "the restart forgot %d saved machine(s), e.g. %s" % (
             len(lost), sorted(lost)[:3])
-        return net
 
     def write_previous_format(self):
         with open(self.state) as f:
@@ -361,15 +360,16 @@ class Run:
             versions.update([v for v in path[machine.board] if key(v) > key(machine.version)][:1])
         return versions
 
-    def step(self, machine, net):
+    def step(self, machine):
         """The machine's next moves this round: a reboot into what it installed, a check, and
         when offered, the download (sometimes cut; resumed next round) and the install; from
-        its own loopback address."""
-        net = self.nets.get((machine.machineid, net.port))
+        its own loopback address, to the server as it runs now."""
+        port = self.operator.port
+        net = self.nets.get((machine.machineid, port))
         if net is None:
             n = int(machine.machineid, 16)
-            net = self.nets[machine.machineid, self.operator.port] = HttpNet(
-                self.operator.port, source="127.1.%d.%d" % (n // 250, n % 250 + 1))
+            net = self.nets[machine.machineid, port] = HttpNet(
+                port, source="127.1.%d.%d" % (n // 250, n % 250 + 1))
         if machine.status == WAITING_FOR_REBOOT:
             machine.reboot()
         if machine.status == IDLE:
@@ -442,12 +442,12 @@ class Run:
         return sum(m.version == self.paths[-1][m.board][-1] for m in self.fleet)
 
 
-def operate(run, what, net):
+def operate(run, what):
     """One operator action of the schedule."""
     operator = run.operator
     if what.endswith("kill"):
         run.carried = {m.machineid: m.offered_version for m in run.fleet if m.status != IDLE}
-        return operator.kill(old_format=what == "old-format-kill")
+        operator.kill(old_format=what == "old-format-kill")
     if what == "sighup":
         for _ in range(5):
             operator.server.send_signal(signal.SIGHUP)
@@ -461,7 +461,6 @@ def operate(run, what, net):
         operator.flood(what[len("flood-"):], 200)
         operator.measure_rss()
         run.kept(before)
-    return net
 
 
 def release_cycle(run):
@@ -471,7 +470,7 @@ def release_cycle(run):
     run.paths.append(run.operator.paths())
 
 
-def bad_release(run, net, deadline):
+def bad_release(run, deadline):
     """A release that fails wherever it is installed: the halt must stop it at the canaries;
     then the operator withdraws it and resumes."""
     operator = run.operator
@@ -481,7 +480,7 @@ def bad_release(run, net, deadline):
     run.paths.append(operator.paths())
     rollout, until = None, min(deadline, time.monotonic() + 60)
     while time.monotonic() < until:
-        one_round(run, net)
+        one_round(run)
         rollout = operator.status("limit=1")["rollout"]
         if rollout["halted"]:
             break
@@ -501,15 +500,15 @@ def bad_release(run, net, deadline):
     os.remove(operator.pause)
 
 
-def one_round(run, net):
+def one_round(run):
     """Every machine's moves, in an order the seed draws; with workers, that many machines at
     once (each machine's own moves stay in order)."""
     order = run.rng.sample(run.fleet, len(run.fleet))
     if run.pool is None:
         for machine in order:
-            run.step(machine, net)
+            run.step(machine)
     else:
-        for future in [run.pool.submit(run.step, machine, net) for machine in order]:
+        for future in [run.pool.submit(run.step, machine) for machine in order]:
             future.result()
     run.operator.measure_rss()
     return run.look()
@@ -534,7 +533,7 @@ def simulate(pyz, machines=40, seed=7, rounds=30, where=None, verify=1.0, flood_
         events[at] = what
     try:
         operator.download()
-        net = operator.start()
+        operator.start()
         deadline = time.monotonic() + seconds
         for n in itertools.count():
             if events.get(n - 3) == "pause" and os.path.exists(operator.pause):
@@ -547,10 +546,10 @@ def simulate(pyz, machines=40, seed=7, rounds=30, where=None, verify=1.0, flood_
             if what == "release":
                 release_cycle(run)
             elif what == "bad":
-                bad_release(run, net, deadline)
+                bad_release(run, deadline)
             elif what:
-                net = operate(run, what, net)
-            one_round(run, net)
+                operate(run, what)
+            one_round(run)
             run.rounds = n + 1
             if os.environ.get("SIMULATE_VERBOSE"):
                 sys.stderr.write("round %d at %.1f s: %d arrived, %d checks\n" % (
@@ -563,7 +562,7 @@ def simulate(pyz, machines=40, seed=7, rounds=30, where=None, verify=1.0, flood_
         if operator.full_since:
             operator.free_disk()
         if flood_seconds:
-            flood_for(run, net, flood_seconds)
+            flood_for(run, flood_seconds)
         end_checks(run)
     except BaseException:
         sys.stderr.write("simulate: failed with --seed %d --machines %d; schedule %s\n" % (
@@ -575,7 +574,8 @@ def simulate(pyz, machines=40, seed=7, rounds=30, where=None, verify=1.0, flood_
         operator.stop()
     return {"machines": machines, "arrived": run.arrived(), "rounds": run.rounds,
             "checks": run.checks,
-            "failed checks": 0, "held and said why": run.held,
+            "failed checks": 0,  # a failed check raises: a run that returns had none
+            "held and said why": run.held,
             "restarts survived": sum(1 for _, w in operator.schedule if w.endswith("kill")),
             "slots high-water": run.slots_high, "max concurrent": operator.max_concurrent,
             "flood ids": operator.flood_ids, "peak RSS MiB": max(operator.rss or [0]),
@@ -586,7 +586,7 @@ def simulate(pyz, machines=40, seed=7, rounds=30, where=None, verify=1.0, flood_
             "seconds": round(time.monotonic() - started, 1), "schedule": operator.schedule}
 
 
-def flood_for(run, net, seconds):
+def flood_for(run, seconds):
     """Made-up ids at full speed from two threads for `seconds`, the fleet checking meanwhile;
     RSS is sampled each round."""
     operator, stop = run.operator, time.monotonic() + seconds
@@ -599,7 +599,7 @@ def flood_for(run, net, seconds):
         thread.start()
     before, first = run.first_seen(), len(operator.rss)
     while time.monotonic() < stop:
-        one_round(run, net)
+        one_round(run)
     for thread in threads:
         thread.join()
     run.kept(before)

@@ -47,19 +47,24 @@ order data flows through it, every name defined before it is used:
                         force); AppSettings; Service: what every endpoint needs, as plain
                         calls that return what to send and the lines to log (no socket);
                         Warnings counted by cause; InFlight (the files downloads read, kept
-                        open across a reload)
- 11. HTTP               FramingHandler (HTTP/1.1 framing) <- FileHandler (payload files, Range,
-                        zero-copy) <- Handler (the endpoints, from ROUTES); HttpSettings;
-                        Server (connections, TLS, the limit, the reaper)
+                        open across a reload); the endpoints as values: an HttpRequest in,
+                        respond() through one table (ROUTES, with path parameters), a
+                        Response out (a payload's as a FilePart: payload_response() answers
+                        Range, If-Range and If-Modified-Since)
+ 11. HTTP               FramingHandler (HTTP/1.1 framing, a body read within bounds) <-
+                        FileHandler (a FilePart sent zero-copy) <- Handler (a request to
+                        respond(), its Response written and logged); HttpSettings; Server
+                        (connections, TLS, the limit, the reaper)
  12. Program            Settings (every flag's value; .app() and .http(), what each part
                         takes), the flag tables (the server's, download's), settings_from(),
                         loading, the banner, background jobs (StateKeeper: --state-file;
                         Watcher: --watch; Reloader: SIGHUP, the releases and the rollout
                         policy), systemd's notify(), main()
 
-One Omaha request: Handler.omaha() reads the body -> parse_request() -> Service.update_check()
--> for each app Fleet.request() (its events, then decide() under the fleet's lock, then the
-offer recorded) -> render_response() -> the lines to log -> the answer sent.
+One Omaha request: Handler.route() reads the body -> respond() -> post_update() ->
+parse_request() -> Service.update_check() -> for each app Fleet.request() (its events, then
+decide() under the fleet's lock, then the offer recorded) -> render_response() -> a Response
+with the lines to log -> the lines written, then the answer sent.
 
 Standard library only; runs on Python 3.6 and newer.
 """
@@ -5765,6 +5770,8 @@ class AppSettings(NamedTuple):
     local_payload: bool = True  # False: Omaha only, the bytes come from the mirrors
     max_machines: int = MAX_MACHINES
     reload_bound: float = RELOAD_BOUND  # a reload running longer is said, and /healthz fails
+    credentials: Tuple[str, ...] = ()  # Authorization header values allowed to download
+    status_credentials: Tuple[str, ...] = ()  # ... allowed to see the status pages
 
 
 class Service:
@@ -5801,6 +5808,8 @@ class Service:
         self.offer_changes = collections.deque(maxlen=5)  # type: collections.deque
         self.reloading_since = None  # type: Optional[float]  # time.monotonic(), while one runs
         self._said_slow_reload = False
+        # connections open now, and refused so far: the HTTP server's, once it carries requests
+        self.connection_counts = lambda: (0, 0)  # type: Callable[[], Tuple[int, int]]
 
     # -- the Omaha endpoint ----------------------------------------------------------------
 
@@ -6037,8 +6046,9 @@ class Service:
         now = self.clock()
         return self.fleet.select(query, now), now
 
-    def metrics(self, connections: int, refusals: int) -> str:
-        """/metrics, with the server's connection counts given by the server."""
+    def metrics(self) -> str:
+        """/metrics, with the connection counts of the server that carries the requests."""
+        connections, refusals = self.connection_counts()
         with self._served_lock:
             served = dict(self._served)
         now = self.clock()
@@ -6059,40 +6069,140 @@ class Service:
             "more_failed": max(0, len(failed) - SUMMARY_FAILED)}
 
 
-# ---------------------------------------------------------------------------------------------
-# 11. HTTP: a framing handler, the endpoints on top through one route table, the server
-# ---------------------------------------------------------------------------------------------
+# -- the endpoints, as values: a request in, an answer out ------------------------------------
 
-IDLE_TIMEOUT = 60  # seconds a connection may sit idle or stalled; any progress resets it
-MAX_CONNECTIONS = 256  # beyond it, 503 with Retry-After: update_engine tries again later
-RETRY_AFTER = 60
-SHUTDOWN_GRACE = 10  # seconds downloads in flight may take to finish after SIGTERM
-SEND_CHUNK = 2 << 20  # the payload is checked for changes between chunks
-TLS_CHUNK = 256 << 10  # bytes read and encrypted at a time when sendfile cannot be used
-METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")  # others: 501
-_HOST_HEADER = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
 _RANGE_SPEC = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")
 MAX_RANGES = 64
-MAX_REQUEST_LINE = 65536
-MAX_HEADER_LINE = 8192
-MAX_HEADER_FIELDS = 64
-# send errors that mean the client went away or stalled, not that the payload could not be read
-CLIENT_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN,
-                         errno.ETIMEDOUT, errno.EAGAIN, errno.EWOULDBLOCK, errno.ESHUTDOWN))
+PLAIN = "text/plain; charset=utf-8"
 
 
-class HttpSettings(NamedTuple):
-    """What the HTTP server is run with (Settings.http() makes it from the flags)."""
-    tls: Any = None  # an ssl.SSLContext: HTTPS
-    credentials: Tuple[str, ...] = ()  # Authorization header values allowed to download
-    status_credentials: Tuple[str, ...] = ()  # ... allowed to see the status pages
-    idle_timeout: int = IDLE_TIMEOUT
-    max_connections: int = MAX_CONNECTIONS
-    grace: float = SHUTDOWN_GRACE
+class Headers:
+    """Request header fields by case-insensitive name, for `in`, get() and [] alike; a repeated
+    field's values are joined with ', ' (RFC 9110 section 5.3), so a doubled Content-Length
+    no longer parses as a number."""
+
+    def __init__(self, fields: Iterable[Tuple[str, str]] = ()) -> None:
+        self._fields = {}  # type: Dict[str, str]
+        for name, value in fields:
+            self.add(name, value)
+
+    def add(self, name: str, value: str) -> None:
+        key = name.lower()
+        previous = self._fields.get(key)
+        self._fields[key] = value if previous is None else previous + ", " + value
+
+    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        return self._fields.get(name.lower(), default)
+
+    def __getitem__(self, name: str) -> str:
+        return self._fields[name.lower()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._fields
+
+
+def request_path(target: str) -> str:
+    """The path of a request target: absolute-form accepted, query dropped, %-escapes decoded,
+    runs of slashes folded (old post-install scripts ask for codebase + "/" + name)."""
+    if not target.startswith("/"):
+        target = urllib.parse.urlsplit(target).path or "/"
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    path = urllib.parse.unquote(path, errors="replace")
+    return re.sub(r"/{2,}", "/", path)
+
+
+class HttpRequest(NamedTuple):
+    """A request as the application is given it, its body already read within bounds: what
+    the HTTP section makes of the bytes on a connection, and what tests build directly."""
+    method: str
+    target: str  # as the request line has it: the path, and maybe a query
+    headers: Headers = Headers()
+    client: str = "127.0.0.1"  # the peer's address
+    server_url: str = "http://127.0.0.1"  # <scheme>://<Host>, as the client reached us
+    body: bytes = b""
+    params: Tuple[Tuple[str, str], ...] = ()  # the route's path parameters, once routed
 
     @property
-    def scheme(self) -> str:
-        return "https" if self.tls is not None else "http"
+    def path(self) -> str:
+        return request_path(self.target)
+
+    @property
+    def query(self) -> str:
+        return urllib.parse.urlsplit(self.target).query
+
+    def param(self, name: str) -> str:
+        return dict(self.params)[name]
+
+
+class FilePart(NamedTuple):
+    """The bytes of a payload an answer sends from its file: from `start`, `count` of them."""
+    transfer: Transfer
+    start: int
+    count: int
+
+
+class Response(NamedTuple):
+    """An endpoint's answer as a value: its status, header fields and body; the lines to log
+    before it is sent (`notes`), and the access line's words and level (no line when the level
+    is None). A payload's body is a FilePart that the HTTP section sends zero-copy; a body
+    made as it is sent (chunks) ends with the connection."""
+    status: int
+    headers: Tuple[Tuple[str, str], ...] = ()
+    body: bytes = b""
+    words: str = ""
+    level: Optional[int] = logging.DEBUG
+    notes: Tuple[Note, ...] = ()
+    file: Optional[FilePart] = None
+    chunks: Optional[Iterable[bytes]] = None
+
+
+def text_response(text: str, content_type: str = PLAIN, status: int = 200,
+                  **fields: Any) -> Response:
+    """A body made anew for each request: never cached."""
+    return Response(status, (("Content-Type", content_type), ("Cache-Control", "no-store")),
+                    text.encode("utf-8"), **fields)
+
+
+class Refused(Exception):
+    """A request refused, raised from where the reason is found: respond() answers it with the
+    reason, to the client and in the log."""
+
+    def __init__(self, status: int, reason: str, headers: Sequence[Tuple[str, str]] = ()) -> None:
+        super().__init__(reason)
+        self.response = Response(status, (("Content-Type", PLAIN),) + tuple(headers),
+                                 (reason + "\n").encode("utf-8"), reason, logging.WARNING)
+
+
+def parsed(parse: Callable[..., Any], *args: Any) -> Any:
+    """What `parse` makes of its arguments; its ValueError's words refused with a 400."""
+    try:
+        return parse(*args)
+    except ValueError as exc:
+        raise Refused(400, str(exc)) from None
+
+
+def authorised(request: HttpRequest, credentials: Sequence[str]) -> bool:
+    """Whether the request carries one of these Authorization values (any, when there are
+    none): --basic-auth-file's for downloads (the Omaha endpoint needs none: update_engine
+    sends none there), --status-auth-file's for the status pages."""
+    if not credentials:
+        return True
+    scheme, _, token = (request.headers.get("Authorization") or "").strip().partition(" ")
+    if scheme.lower() != "basic":  # the scheme's name is case-insensitive (RFC 9110 11.1)
+        return False
+    given = "Basic " + token.strip()
+    return any(hmac.compare_digest(given.encode(), allowed.encode()) for allowed in credentials)
+
+
+def body_of(request: HttpRequest, content_types: bool = True) -> bytes:
+    """A POST's body, which must come with Content-Length, and (unless content_types is False)
+    a Content-Type update_engine could send."""
+    if "Content-Length" not in request.headers:
+        raise Refused(411, "Content-Length is required")
+    problem = content_type_problem(request.headers.get("Content-Type") or "")
+    if content_types and problem:
+        raise Refused(415, problem)
+    return request.body
 
 
 def parse_range(header: Optional[str], size: int) -> Optional[List[Tuple[int, int]]]:
@@ -6134,50 +6244,249 @@ def http_date(timestamp: float) -> str:
     return email.utils.formatdate(timestamp, usegmt=True)
 
 
-_date_header = PerSecond(lambda _previous, second: http_date(second))
-
-
 def _parse_http_date(text: str) -> Optional[float]:
     try:
-        parsed = email.utils.parsedate_to_datetime(text)
+        parsed_date = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
         return None
-    if parsed is None or parsed.tzinfo is None:
+    if parsed_date is None or parsed_date.tzinfo is None:
         return None
-    return parsed.timestamp()
+    return parsed_date.timestamp()
 
 
-class Headers:
-    """Request header fields by case-insensitive name, for `in`, get() and [] alike; a repeated
-    field's values are joined with ', ' (RFC 9110 section 5.3), so a doubled Content-Length
-    no longer parses as a number."""
+def payload_response(request: HttpRequest, transfer: Transfer) -> Response:
+    """GET and HEAD of one payload, as RFC 9110 says: the same headers for both; Range and
+    If-Range; If-Modified-Since. update_engine resumes with Range and accepts any 2xx, so a
+    satisfiable single range is always 206 (a 200 would be written at the wrong offset and
+    corrupt the update). Several ranges, or an invalid one, get the whole file (RFC 9110
+    allows it; update_engine only ever asks for one)."""
+    package, headers = transfer.package, request.headers
+    validators = (("Last-Modified", http_date(package.mtime)),
+                  ("ETag", '"%s"' % package.sha256_hex))
+    since = headers.get("If-Modified-Since")
+    when = _parse_http_date(since) if since and "If-None-Match" not in headers else None
+    if when is not None and int(package.mtime) <= when:
+        return Response(304, validators, words="not modified")
+    size, range_header = package.size, headers.get("Range")
+    if_range = headers.get("If-Range")
+    if range_header is not None and if_range is not None and if_range.strip() not in [
+            value for _, value in validators]:
+        range_header = None  # the client's copy is stale: send the whole file
+    ranges = parse_range(range_header, size)
+    if ranges == []:
+        return Response(416, (("Content-Range", "bytes */%d" % size),),
+                        words="unsatisfiable range %s" % clean(range_header or "", 60))
+    single = ranges is not None and len(ranges) == 1
+    start, end = ranges[0] if single else (0, size - 1)
+    status = 206 if single else 200
+    part = (("Content-Range", "bytes %d-%d/%d" % (start, end, size)),) if status == 206 else ()
+    return Response(status, part + (  # never Content-Encoding: the payload is not gzip
+        ("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes")) + validators,
+        file=FilePart(transfer, start, end - start + 1))
 
-    def __init__(self) -> None:
-        self._fields = {}  # type: Dict[str, str]
 
-    def add(self, name: str, value: str) -> None:
-        key = name.lower()
-        previous = self._fields.get(key)
-        self._fields[key] = value if previous is None else previous + ", " + value
-
-    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
-        return self._fields.get(name.lower(), default)
-
-    def __getitem__(self, name: str) -> str:
-        return self._fields[name.lower()]
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._fields
+def post_update(app: Service, request: HttpRequest) -> Response:
+    """POST /v1/update: an Omaha request's answer; its lines are written before it is sent
+    (once a machine has it, they are)."""
+    answered = app.update_check(parsed(parse_request, body_of(request)), request.client,
+                                request.server_url)
+    return Response(200, (("Content-Type", "text/xml; charset=utf-8"),), answered.body,
+                    level=None, notes=tuple(answered.notes))
 
 
-def request_path(target: str) -> str:
-    """The path of a request target: absolute-form accepted, query dropped, %-escapes decoded,
-    runs of slashes folded (old post-install scripts ask for codebase + "/" + name)."""
-    if not target.startswith("/"):
-        target = urllib.parse.urlsplit(target).path or "/"
-    path = target.split("?", 1)[0].split("#", 1)[0]
-    path = urllib.parse.unquote(path, errors="replace")
-    return re.sub(r"/{2,}", "/", path)
+def get_package(app: Service, request: HttpRequest) -> Response:
+    """GET /packages/NAME: a payload file, with --basic-auth-file's credentials if any. The
+    answer holds the file open for its download (a FilePart): whoever sends it calls
+    app.download_finished() once it is sent."""
+    name = request.param("name")
+    found = app.find_package(name)
+    if found is None:
+        raise Refused(404, "no such package")
+    if not authorised(request, app.settings.credentials):
+        raise Refused(401, "credentials are required to download (DOWNLOAD_USER and "
+                      "DOWNLOAD_PASSWORD in update.conf)",
+                      [("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % PROG)])
+    if found.changed_on_disk():
+        refused = Refused(503, "the payload changed on disk; the server must be restarted",
+                          [("Retry-After", "300")]).response
+        return refused._replace(notes=tuple(app.package_changed(found)))
+    transfer = app.download_started(request.client, name)
+    if transfer is None:  # a reload took it away meanwhile
+        raise Refused(404, "no such package")
+    response = payload_response(request, transfer)
+    if response.file is None:
+        app.download_finished(transfer)
+    return response
+
+
+def get_healthz(app: Service, request: HttpRequest) -> Response:
+    """GET /healthz: ok, or what keeps the server from being healthy (503)."""
+    problem = app.health()
+    return text_response(problem + "\n", status=503) if problem else text_response("ok\n")
+
+
+def get_needs(app: Service, request: HttpRequest) -> Response:
+    """What the fleet needs and is not served, and the download command that brings it."""
+    return text_response(app.needs())
+
+
+def get_metrics(app: Service, request: HttpRequest) -> Response:
+    return text_response(app.metrics(), "text/plain; version=0.0.4; charset=utf-8")
+
+
+def get_page(app: Service, request: HttpRequest) -> Response:
+    """The HTML status page at /."""
+    query = parsed(parse_query, request.query, PAGE_ROWS)
+    return text_response(status_page(app.status_document(query), query),
+                         "text/html; charset=utf-8")
+
+
+def get_status_json(app: Service, request: HttpRequest) -> Response:
+    """/status.json: the summary and a page of machines, as JSON."""
+    query = parsed(parse_query, request.query, JSON_LIMIT)
+    return text_response(status_json(app.status_document(query)), "application/json")
+
+
+def get_machines_csv(app: Service, request: HttpRequest) -> Response:
+    """/machines.csv: every machine the query matches, one row each, written as it is made: a
+    spreadsheet of 100,000 machines never sits in memory whole."""
+    machines, now = app.machines(parsed(parse_query, request.query, PAGE_ROWS))
+    return Response(200, (("Content-Type", "text/csv; charset=utf-8"),
+                          ("Cache-Control", "no-store"),
+                          ("Content-Disposition", 'attachment; filename="machines.csv"')),
+                    words="%d machines" % len(machines), chunks=csv_chunks(machines, now))
+
+
+def get_setup(app: Service, request: HttpRequest) -> Response:
+    """GET /setup: the script; ?check: the script that only checks."""
+    check_only = "check" in urllib.parse.parse_qs(request.query, keep_blank_values=True)
+    return text_response(app.setup_script(request.server_url, check_only),
+                         "text/x-shellscript; charset=utf-8", level=logging.INFO,
+                         words="the setup script%s" % (" (check only)" if check_only else ""))
+
+
+def post_setup_report(app: Service, request: HttpRequest) -> Response:
+    """POST /setup/report: what the script found on the machine."""
+    report = parsed(parse_setup_report, body_of(request, content_types=False))
+    return text_response("thank you\n", level=None,
+                         notes=tuple(app.setup_report(report, request.client)))
+
+
+def get_setup_state(app: Service, request: HttpRequest) -> Response:
+    """GET /setup/state?id=: where that machine's update stands, in one line."""
+    query = urllib.parse.parse_qs(request.query, keep_blank_values=True)
+    return text_response(app.setup_state(query.get("id", [""])[0]) + "\n")
+
+
+def get_ignition(app: Service, request: HttpRequest) -> Response:
+    """GET /ignition (?group=NAME&extension=NAME...): a new machine's Ignition config that
+    points it at this server as the machine would reach it."""
+    provision = parsed(parse_provision, request.server_url, request.query)
+    return text_response(ignition_config(provision), "application/json")
+
+
+def get_butane(app: Service, request: HttpRequest) -> Response:
+    """GET /butane: the same, as a Butane config."""
+    provision = parsed(parse_provision, request.server_url, request.query)
+    return text_response(butane_config(provision), "application/yaml; charset=utf-8")
+
+
+class Route(NamedTuple):
+    """An endpoint: the methods it answers (HEAD wherever GET), the function that answers it,
+    its name in a 405's sentence, and whether it shows the fleet (--status-auth-file protects
+    it)."""
+    methods: Tuple[str, ...]
+    call: Callable[[Service, HttpRequest], Response]
+    what: str = ""
+    fleet: bool = False
+
+    def allowed(self) -> Tuple[str, ...]:
+        return self.methods + ("HEAD",) if "GET" in self.methods else self.methods
+
+
+ROUTES = {  # a path, or a prefix and one parameter for the rest: "/packages/{name}"
+    "/v1/update": Route(("POST",), post_update, "the Omaha endpoint"),
+    "/v1/update/": Route(("POST",), post_update, "the Omaha endpoint"),
+    PACKAGES_PREFIX + "{name}": Route(("GET",), get_package, "a package"),
+    "/": Route(("GET",), get_page, fleet=True),
+    "/status.json": Route(("GET",), get_status_json, fleet=True),
+    "/machines.csv": Route(("GET",), get_machines_csv, fleet=True),
+    "/metrics": Route(("GET",), get_metrics, fleet=True),
+    "/healthz": Route(("GET",), get_healthz),
+    "/needs": Route(("GET",), get_needs, fleet=True),
+    "/setup": Route(("GET",), get_setup),
+    "/setup/report": Route(("POST",), post_setup_report),
+    "/setup/state": Route(("GET",), get_setup_state, fleet=True),
+    "/ignition": Route(("GET",), get_ignition),
+    "/butane": Route(("GET",), get_butane),
+}
+_PREFIX_ROUTES = [(path.split("{")[0], path.split("{")[1].rstrip("}"), route)
+                  for path, route in ROUTES.items() if "{" in path]
+
+
+def find_route(target: str) -> Tuple[str, Optional[Route], Tuple[Tuple[str, str], ...]]:
+    """The path a target names, its route (None: none) and the route's path parameters."""
+    path = target if target in ROUTES else request_path(target)
+    if path in ROUTES:
+        return path, ROUTES[path], ()
+    for prefix, name, route in _PREFIX_ROUTES:
+        if path.startswith(prefix):
+            return path, route, ((name, path[len(prefix):]),)
+    return path, None, ()
+
+
+def respond(app: Service, request: HttpRequest) -> Response:
+    """The answer to any request, from the route table; a wrong method is answered the same
+    way everywhere (405 with Allow), as are the status pages' credentials (401)."""
+    path, route, params = find_route(request.target)
+    try:
+        if route is None:
+            raise Refused(404, "not found")
+        if request.method not in route.allowed():
+            allowed = route.allowed()
+            raise Refused(405, "%s expects a %s" % (route.what or path, " or ".join(allowed)),
+                          [("Allow", ", ".join(allowed))])
+        if route.fleet and not authorised(request, app.settings.status_credentials):
+            raise Refused(401, "the status pages need the credentials of --status-auth-file",
+                          [("WWW-Authenticate", 'Basic realm="%s status", charset="UTF-8"' % PROG)])
+        return route.call(app, request._replace(params=params))
+    except Refused as refused:
+        return refused.response
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. HTTP: a framing handler, the endpoints on top through one route table, the server
+# ---------------------------------------------------------------------------------------------
+
+IDLE_TIMEOUT = 60  # seconds a connection may sit idle or stalled; any progress resets it
+MAX_CONNECTIONS = 256  # beyond it, 503 with Retry-After: update_engine tries again later
+RETRY_AFTER = 60
+SHUTDOWN_GRACE = 10  # seconds downloads in flight may take to finish after SIGTERM
+SEND_CHUNK = 2 << 20  # the payload is checked for changes between chunks
+TLS_CHUNK = 256 << 10  # bytes read and encrypted at a time when sendfile cannot be used
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")  # others: 501
+_HOST_HEADER = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
+MAX_REQUEST_LINE = 65536
+MAX_HEADER_LINE = 8192
+MAX_HEADER_FIELDS = 64
+# send errors that mean the client went away or stalled, not that the payload could not be read
+CLIENT_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN,
+                         errno.ETIMEDOUT, errno.EAGAIN, errno.EWOULDBLOCK, errno.ESHUTDOWN))
+
+
+class HttpSettings(NamedTuple):
+    """What the HTTP server is run with (Settings.http() makes it from the flags)."""
+    tls: Any = None  # an ssl.SSLContext: HTTPS
+    idle_timeout: int = IDLE_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    grace: float = SHUTDOWN_GRACE
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+
+_date_header = PerSecond(lambda _previous, second: http_date(second))
 
 
 def url_host(address: str, port: int) -> str:
@@ -6293,13 +6602,9 @@ class FramingHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = "close" in connection or self.request_version == "HTTP/1.0"
         return True
 
-    def has_body(self) -> bool:
-        return bool((self.headers.get("Content-Length") or "0").strip() not in ("", "0")
-                    or "Transfer-Encoding" in self.headers)
-
-    def read_body(self, content_types: bool = True) -> Optional[bytes]:
-        """The request body, or None when it was refused (answered) or cut short; its
-        Content-Type is checked as update_engine's unless content_types is False."""
+    def read_body(self) -> Optional[bytes]:
+        """The request's body (b"" when it has none), read within MAX_BODY; None when it was
+        refused (answered) or cut short."""
         if "Transfer-Encoding" in self.headers:
             # update_engine always sends Content-Length; refusing chunked bodies keeps the cap
             # simple to enforce before anything is read.
@@ -6308,8 +6613,7 @@ class FramingHandler(http.server.BaseHTTPRequestHandler):
             return None
         length_text = self.headers.get("Content-Length")
         if length_text is None:
-            self.reject(411, "Content-Length is required", close=True)
-            return None
+            return b""
         length = plain_number(length_text)
         if length is None:
             self.reject(400, "Content-Length is not a number", close=True)
@@ -6317,33 +6621,17 @@ class FramingHandler(http.server.BaseHTTPRequestHandler):
         if length > MAX_BODY:
             self.reject(413, "request body is over %d bytes" % MAX_BODY, close=True)
             return None
-        problem = content_type_problem(self.headers.get("Content-Type") or "") if content_types else None
-        if problem:
-            self.reject(415, problem, close=True)
-            return None
-        if (self.headers.get("Expect") or "").lower() == "100-continue":
+        if length and (self.headers.get("Expect") or "").lower() == "100-continue":
             # libcurl asks before sending a larger body, and waits a second for this
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self.rfile.read(length)
         self.deadline = None
         if len(body) < length:
-            log_line(logging.WARNING, "%s POST %s: client closed after %d of %d body bytes" % (
-                self.client(), clean(self.path, 200), len(body), length))
+            log_line(logging.WARNING, "%s %s %s: client closed after %d of %d body bytes" % (
+                self.client(), self.command, clean(self.path, 200), len(body), length))
             self.close_connection = True
             return None
         return body
-
-    def parsed_body(self, parse: Callable[[bytes], Any], content_types: bool = True) -> Any:
-        """The request body as `parse` reads it; None when it was refused (a 400 with the
-        ValueError's words, e.g. a RequestError's) or cut short."""
-        body = self.read_body(content_types)
-        if body is None:
-            return None
-        try:
-            return parse(body)
-        except ValueError as exc:
-            self.reject(400, str(exc))
-            return None
 
     def send(self, status: int, headers: Sequence[Tuple[str, str]], body: bytes = b"") -> None:
         """Status line, header fields and body in one write: a small answer is one packet.
@@ -6363,12 +6651,6 @@ class FramingHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         self.send(code, [("Content-Type", "text/plain; charset=utf-8"),
                          ("Content-Length", str(len(body)))] + list(headers), body)
-
-    def send_plain(self, text: str, content_type: str = "text/plain; charset=utf-8") -> None:
-        """200 with a body that is made anew each time: never cached."""
-        body = text.encode("utf-8")
-        self.send(200, [("Content-Type", content_type), ("Content-Length", str(len(body))),
-                        ("Cache-Control", "no-store")], body)
 
     def send_error(self, code: int, message: Optional[str] = None,
                    explain: Optional[str] = None) -> None:
@@ -6402,10 +6684,11 @@ class FramingHandler(http.server.BaseHTTPRequestHandler):
 
 
 class FileHandler(FramingHandler):
-    """Payload files, as SimpleHTTPRequestHandler is http.server's file layer: GET and HEAD
-    with the same headers, Range and If-Range as RFC 9110 says, conditional GET, and the bytes
-    sent zero-copy. The layer above says when a file changed on disk and hears of each chunk
-    sent (file_changed, file_progress)."""
+    """Payload files, as SimpleHTTPRequestHandler is http.server's file layer: a Response's
+    FilePart (payload_response() chose its status, range and headers) sent zero-copy, or
+    through TLS, its progress told and the file looked at between chunks. The layer above
+    says when a file changed on disk and hears of each chunk sent (file_changed,
+    file_progress)."""
 
     def file_changed(self, package: Package) -> bool:
         return package.changed_on_disk()
@@ -6413,71 +6696,29 @@ class FileHandler(FramingHandler):
     def file_progress(self, chunk: int, end: int, sent: int) -> None:
         """`chunk` bytes sent, up to offset `end` of the file, `sent` in this transfer."""
 
-    def send_payload(self, package: Package) -> None:
-        """GET and HEAD of one payload: the same headers for both, Range as RFC 9110 says.
-
-        update_engine resumes with Range and accepts any 2xx, so a satisfiable single range is
-        always 206 (a 200 would be written at the wrong offset and corrupt the update).
-        """
+    def send_file_part(self, response: Response) -> None:
+        """A payload's answer: its head, then (but for HEAD) its FilePart's bytes, and the
+        access line once they are sent, with how long they took."""
+        part = response.file
+        assert part is not None
         self.deadline = None  # from here on, only a stall ends the transfer
-        if self.file_changed(package):
-            self.reject(503, "the payload changed on disk; the server must be restarted",
-                        [("Retry-After", "300")])
-            return
-        validators = [("Last-Modified", http_date(package.mtime)),
-                      ("ETag", '"%s"' % package.sha256_hex)]
-        since = self.headers.get("If-Modified-Since")
-        if since and "If-None-Match" not in self.headers:
-            when = _parse_http_date(since)
-            if when is not None and int(package.mtime) <= when:
-                self.send(304, validators)
-                self.log_request(304, "not modified", target=package.name)
-                return
-        part = self.requested_part(package, [value for _, value in validators])
-        if part is None:
-            return
-        status, start, end, headers = part
-        count = end - start + 1
-        self.send(status, headers + [
-            ("Content-Type", "application/octet-stream"),  # never Content-Encoding: not gzip
-            ("Content-Length", str(count)), ("Accept-Ranges", "bytes")] + validators)
+        self.send(response.status, list(response.headers) + [("Content-Length", str(part.count))])
+        name = part.transfer.package.name
         if self.command == "HEAD":
-            self.log_request(status, "headers only", target=package.name)
+            self.log_request(response.status, "headers only", target=name)
             return
         began = time.monotonic()
         with self.server.downloading():
-            sent = self.send_file(package, start, count)
-        what = ("bytes %d-%d" % (start, end)) if status == 206 else "whole file"
+            sent = self.send_file(part.transfer.package, part.start, part.count)
+        what = ("bytes %d-%d" % (part.start, part.start + part.count - 1)
+                if response.status == 206 else "whole file")
         seconds = time.monotonic() - began
-        if sent == count:
-            self.log_request(status, "%s in %.1f s (%s)" % (what, seconds,
-                                                           format_rate(sent, seconds)),
-                             target=package.name)
+        if sent == part.count:
+            self.log_request(response.status, "%s in %.1f s (%s)" % (
+                what, seconds, format_rate(sent, seconds)), target=name)
         else:
-            self.log_request(status, "%s: client went away after %s of %s" % (
-                what, format_size(sent), format_size(count)), logging.WARNING, package.name)
-
-    def requested_part(self, package: Package, validators: Sequence[str]
-                       ) -> Optional[Tuple[int, int, int, List[Tuple[str, str]]]]:
-        """(status, first byte, last byte, extra headers) for the Range and If-Range asked
-        for; None when 416 was answered."""
-        size = package.size
-        range_header = self.headers.get("Range")
-        if_range = self.headers.get("If-Range")
-        if range_header is not None and if_range is not None and if_range.strip() not in validators:
-            range_header = None  # the client's copy is stale: send the whole file
-        ranges = parse_range(range_header, size)
-        if ranges == []:
-            self.send(416, [("Content-Range", "bytes */%d" % size), ("Content-Length", "0")])
-            self.log_request(416, "unsatisfiable range %s" % clean(range_header or "", 60),
-                             target=package.name)
-            return None
-        if ranges is not None and len(ranges) == 1:
-            start, end = ranges[0]
-            return 206, start, end, [("Content-Range", "bytes %d-%d/%d" % (start, end, size))]
-        # No Range, an invalid one, or several: the whole file (several ranges are allowed to be
-        # answered this way; update_engine only ever asks for one).
-        return 200, 0, size - 1, []
+            self.log_request(response.status, "%s: client went away after %s of %s" % (
+                what, format_size(sent), format_size(part.count)), logging.WARNING, name)
 
     def send_file(self, package: Package, offset: int, count: int) -> int:
         """Zero-copy send of count bytes from offset; returns the bytes sent. SO_SNDTIMEO bounds
@@ -6516,92 +6757,37 @@ class FileHandler(FramingHandler):
         return len(data)
 
 
-class Route(NamedTuple):
-    """An endpoint: the methods it answers (HEAD wherever GET), the Handler method, its name in
-    a 405's sentence, and whether it shows the fleet (--status-auth-file protects it)."""
-    methods: Tuple[str, ...]
-    call: str
-    what: str = ""
-    fleet: bool = False
-
-    def allowed(self) -> Tuple[str, ...]:
-        return self.methods + ("HEAD",) if "GET" in self.methods else self.methods
-
-
-ROUTES = {
-    "/v1/update": Route(("POST",), "omaha", "the Omaha endpoint"),
-    "/v1/update/": Route(("POST",), "omaha", "the Omaha endpoint"),
-    "/": Route(("GET",), "status_page", fleet=True),
-    "/status.json": Route(("GET",), "status_json", fleet=True),
-    "/machines.csv": Route(("GET",), "machines_csv", fleet=True),
-    "/metrics": Route(("GET",), "metrics", fleet=True),
-    "/healthz": Route(("GET",), "healthz"),
-    "/needs": Route(("GET",), "needs", fleet=True),
-    "/setup": Route(("GET",), "setup_script"),
-    "/setup/report": Route(("POST",), "setup_report"),
-    "/setup/state": Route(("GET",), "setup_state", fleet=True),
-    "/ignition": Route(("GET",), "provisioning"),
-    "/butane": Route(("GET",), "provisioning"),
-}
-PACKAGES_ROUTE = Route(("GET",), "package", "a package")  # every path under PACKAGES_PREFIX
-
-
 class Handler(FileHandler):
-    """The endpoints, each routed from ROUTES to one method here that carries the request to
-    the application (Server.app, a Service) and its answer back. A wrong method is answered the
-    same way everywhere: 405 with Allow."""
+    """Carries each request to the application (respond(): the endpoints, from ROUTES) and its
+    Response back, framed and written, with its lines logged; it holds no endpoint's logic."""
 
     def route(self) -> None:
-        path = self.path if self.path in ROUTES else request_path(self.path)
-        route = ROUTES.get(path)
-        if route is None and path.startswith(PACKAGES_PREFIX):
-            route = PACKAGES_ROUTE
-        if route is None:
-            self.reject(404, "not found", close=self.has_body())
-        elif self.command not in route.allowed():
-            allowed = route.allowed()
-            self.reject(405, "%s expects a %s" % (route.what or path, " or ".join(allowed)),
-                        [("Allow", ", ".join(allowed))], close=self.has_body())
-        elif route.fleet and not self.authorised(self.server.settings.status_credentials):
-            self.reject(401, "the status pages need the credentials of --status-auth-file",
-                        [("WWW-Authenticate", 'Basic realm="%s status", charset="UTF-8"' % PROG)])
-        else:
-            getattr(self, route.call)(path)
-
-    def query(self) -> str:
-        return urllib.parse.urlsplit(self.path).query
-
-    # -- Omaha and the payloads ------------------------------------------------------------
-
-    def omaha(self, _path: str) -> None:
-        """An Omaha request's body, read within bounds, and the application's answer."""
-        request = self.parsed_body(parse_request)
-        if request is None:
+        body = self.read_body()
+        if body is None:
             return
-        answered = self.server.app.update_check(request, self.client(), self.server_url())
-        say(answered.notes)  # before the answer: once a machine has it, its lines are written
-        self.send(200, [("Content-Type", "text/xml; charset=utf-8"),
-                        ("Content-Length", str(len(answered.body)))], answered.body)
-
-    def package(self, path: str) -> None:
-        package = self.server.app.find_package(path[len(PACKAGES_PREFIX):])
-        if package is None:
-            self.reject(404, "no such package", close=self.has_body())
-        elif not self.authorised(self.server.settings.credentials):
-            self.reject(401, "credentials are required to download (DOWNLOAD_USER and "
-                        "DOWNLOAD_PASSWORD in update.conf)",
-                        [("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % PROG)])
-        else:
-            transfer = self.server.app.download_started(self.client(),
-                                                        path[len(PACKAGES_PREFIX):])
-            if transfer is None:  # a reload took it away meanwhile
-                self.reject(404, "no such package", close=self.has_body())
-                return
-            self.transfer = transfer
+        app = self.server.app
+        response = respond(app, HttpRequest(self.command, self.path, self.headers, self.client(),
+                                            self.server_url(), body))
+        say(response.notes)  # before the answer: once a machine has it, its lines are written
+        if response.file is not None:
+            self.transfer = response.file.transfer
             try:
-                self.send_payload(transfer.package)
+                self.send_file_part(response)
             finally:
-                self.server.app.download_finished(transfer)
+                app.download_finished(self.transfer)
+            return
+        if response.level is not None:
+            self.log_request(response.status, response.words, response.level)
+        if response.chunks is None:
+            length = [] if response.status == 304 else [("Content-Length",
+                                                           str(len(response.body)))]
+            self.send(response.status, list(response.headers) + length, response.body)
+            return
+        self.close_connection = True  # a body made as it is sent ends with the connection
+        self.send(response.status, response.headers)
+        if self.command != "HEAD":
+            for chunk in response.chunks:
+                self.wfile.write(chunk)
 
     def file_changed(self, package: Package) -> bool:
         if not package.changed_on_disk():
@@ -6611,117 +6797,6 @@ class Handler(FileHandler):
 
     def file_progress(self, chunk: int, end: int, sent: int) -> None:
         say(self.server.app.download_progress(self.transfer, chunk, end, sent))
-
-    def authorised(self, credentials: Sequence[str]) -> bool:
-        """Whether the request carries one of these Authorization values (any, when there are
-        none): --basic-auth-file's for downloads (the Omaha endpoint needs none: update_engine
-        sends none there), --status-auth-file's for the status pages."""
-        if not credentials:
-            return True
-        scheme, _, token = (self.headers.get("Authorization") or "").strip().partition(" ")
-        if scheme.lower() != "basic":  # the scheme's name is case-insensitive (RFC 9110 11.1)
-            return False
-        given = "Basic " + token.strip()
-        return any(hmac.compare_digest(given.encode(), allowed.encode()) for allowed in credentials)
-
-    # -- the status views ------------------------------------------------------------------
-
-    def healthz(self, path: str) -> None:
-        problem = self.server.app.health()
-        if problem:
-            body = (problem + "\n").encode("utf-8")
-            self.send(503, [("Content-Type", "text/plain; charset=utf-8"),
-                            ("Content-Length", str(len(body))), ("Cache-Control", "no-store")],
-                      body)
-            self.log_request(503)
-            return
-        self.send_plain("ok\n")
-        self.log_request(200)
-
-    def needs(self, path: str) -> None:
-        """What the fleet needs and is not served, and the download command that brings it."""
-        self.send_plain(self.server.app.needs())
-        self.log_request(200)
-
-    def metrics(self, path: str) -> None:
-        self.send_plain(self.server.app.metrics(*self.server.connection_counts()),
-                        "text/plain; version=0.0.4; charset=utf-8")
-        self.log_request(200)
-
-    def status_page(self, path: str) -> None:
-        """The HTML status page at /."""
-        query = self.parsed_query(PAGE_ROWS)
-        if query is not None:
-            self.send_plain(status_page(self.server.app.status_document(query), query),
-                            "text/html; charset=utf-8")
-            self.log_request(200)
-
-    def status_json(self, path: str) -> None:
-        query = self.parsed_query(JSON_LIMIT)
-        if query is not None:
-            self.send_plain(status_json(self.server.app.status_document(query)),
-                            "application/json")
-            self.log_request(200)
-
-    def parsed_query(self, limit: int) -> Optional["Query"]:
-        """The query string as a Query; None when it was refused (400)."""
-        try:
-            return parse_query(self.query(), limit)
-        except ValueError as exc:
-            self.reject(400, str(exc))
-            return None
-
-    def machines_csv(self, path: str) -> None:
-        """Every machine the query matches, one row each, written as it is made: a spreadsheet
-        of 100,000 machines never sits in memory whole. The end of the body is the connection's."""
-        query = self.parsed_query(PAGE_ROWS)
-        if query is None:
-            return
-        machines, now = self.server.app.machines(query)
-        self.close_connection = True
-        self.send(200, [("Content-Type", "text/csv; charset=utf-8"), ("Cache-Control", "no-store"),
-                        ("Content-Disposition", 'attachment; filename="machines.csv"')])
-        if self.command != "HEAD":
-            for chunk in csv_chunks(machines, now):
-                self.wfile.write(chunk)
-        self.log_request(200, "%d machines" % len(machines))
-
-    # -- the setup script and its reports -------------------------------------------------
-
-    def setup_script(self, path: str) -> None:
-        """GET /setup: the script; ?check: the script that only checks."""
-        check_only = "check" in urllib.parse.parse_qs(self.query(), keep_blank_values=True)
-        script = self.server.app.setup_script(self.server_url(), check_only)
-        self.log_request(200, "the setup script%s" % (" (check only)" if check_only else ""),
-                         logging.INFO)  # before the answer, as every line a machine causes
-        self.send_plain(script, "text/x-shellscript; charset=utf-8")
-
-    def setup_report(self, path: str) -> None:
-        """POST /setup/report: what the script found on the machine."""
-        report = self.parsed_body(parse_setup_report, content_types=False)
-        if report is not None:
-            say(self.server.app.setup_report(report, self.client()))
-            self.send_plain("thank you\n")
-
-    def provisioning(self, path: str) -> None:
-        """GET /ignition, GET /butane (?group=NAME&extension=NAME...): a new machine's config
-        that points it at this server as the machine would reach it."""
-        try:
-            provision = parse_provision(self.server_url(), self.query())
-        except ValueError as exc:
-            self.reject(400, str(exc))
-            return
-        if path == "/ignition":
-            self.send_plain(ignition_config(provision), "application/json")
-        else:
-            self.send_plain(butane_config(provision), "application/yaml; charset=utf-8")
-        self.log_request(200)
-
-    def setup_state(self, path: str) -> None:
-        """GET /setup/state?id=: where that machine's update stands, in one line."""
-        query = urllib.parse.parse_qs(self.query(), keep_blank_values=True)
-        self.send_plain(self.server.app.setup_state(query.get("id", [""])[0]) + "\n")
-        self.log_request(200)
 
 
 _REFUSAL_TEXT = "too many connections; retry later\n"
@@ -6751,6 +6826,7 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
                  settings: HttpSettings) -> None:
         self.address_family = family
         self.app = app
+        app.connection_counts = self.connection_counts
         self.settings = settings
         self._connections_lock = threading.Lock()  # connections and refusals
         self.connections = self.refusals = 0

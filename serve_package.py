@@ -6952,12 +6952,13 @@ class UsageError(Exception):
 
 class Settings(NamedTuple):
     """How the server runs: every flag's value, checked (made by settings_from() below,
-    or directly by tests), read-only once the server has it."""
+    or directly by tests), read-only once the server has it. What the application and the
+    HTTP server are given is theirs (`app`, `http`), declared there; the rest is the
+    program's: what it loads, where it listens, its log and its state file."""
     package_files: Tuple[str, ...] = ()
     package_dir: Optional[str] = None
     board: str = ""  # --board: the OS payload's board, whatever its kernel says
     payload_keys: Tuple[PayloadKey, ...] = ()  # from --payload-key, beside the built-in keys
-    skip_signature_check: bool = False
     extensions: Tuple[str, ...] = ()
     sha256: Optional[str] = None
     package_version: str = ""
@@ -6966,34 +6967,12 @@ class Settings(NamedTuple):
     watch: bool = False  # --watch: reload when --package-dir gains a complete release
     host: str = "127.0.0.1"
     port: int = 0
-    policy: Policy = Policy()
-    base_url: str = ""  # with local_payload: advertised instead of <scheme>://<Host>/packages/
-    mirrors: Tuple[str, ...] = ()
-    local_payload: bool = True  # False: Omaha only, the bytes come from the mirrors
-    tls: Any = None  # an ssl.SSLContext: HTTPS
-    credentials: Tuple[str, ...] = ()  # Authorization header values allowed to download
-    status_credentials: Tuple[str, ...] = ()  # ... allowed to see the status pages
-    idle_timeout: int = IDLE_TIMEOUT
-    max_connections: int = MAX_CONNECTIONS
-    grace: float = SHUTDOWN_GRACE
     verbose: bool = False
     log_format: str = "text"
     state_file: str = ""  # where the fleet is kept across restarts
-    max_machines: int = MAX_MACHINES
     reset_state: bool = False
-    reload_bound: float = RELOAD_BOUND  # a reload running longer is said, and /healthz fails
-
-    @property
-    def scheme(self) -> str:
-        return self.http().scheme
-
-    def app(self) -> AppSettings:
-        """What the application needs of them."""
-        return AppSettings(**{name: getattr(self, name) for name in AppSettings._fields})
-
-    def http(self) -> HttpSettings:
-        """What the HTTP server needs of them."""
-        return HttpSettings(**{name: getattr(self, name) for name in HttpSettings._fields})
+    app: AppSettings = AppSettings()  # the rollout policy, the places to download from, ...
+    http: HttpSettings = HttpSettings()  # TLS, the connections' limits
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -7499,18 +7478,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         package_files=tuple(args.package_file), package_dir=args.package_dir,
         board=args.board, payload_keys=tuple(read_payload_key(path) for path in args.payload_key),
-        skip_signature_check=args.skip_signature_check,
         extensions=tuple(args.extension), sha256=args.sha256, package_version=version,
         floors=tuple(_checked_version("--floor", floor) for floor in args.floor),
         targets=tuple(_checked_version("--target-version", v) for v in args.target_version),
-        watch=_watchable(args),
-        host=host, port=port, policy=policy,
-        base_url=normalise_url("--base-url", args.base_url) if args.base_url else "",
-        mirrors=mirrors, local_payload=not args.no_local_payload, tls=tls,
-        credentials=credentials, status_credentials=status_credentials,
-        verbose=args.verbose, log_format=args.log_format,
-        state_file=state_file, reset_state=args.reset_state,
-        max_machines=_at_least("--max-machines", args.max_machines, 1))
+        watch=_watchable(args), host=host, port=port, verbose=args.verbose,
+        log_format=args.log_format, state_file=state_file, reset_state=args.reset_state,
+        app=AppSettings(
+            policy=policy, skip_signature_check=args.skip_signature_check,
+            base_url=normalise_url("--base-url", args.base_url) if args.base_url else "",
+            mirrors=mirrors, local_payload=not args.no_local_payload,
+            max_machines=_at_least("--max-machines", args.max_machines, 1),
+            credentials=credentials, status_credentials=status_credentials),
+        http=HttpSettings(tls=tls))
 
 
 # -- starting: payloads, the socket, the banner ------------------------------------------------
@@ -7542,7 +7521,8 @@ def load_catalog_for(settings: Settings, known: Sequence[Package] = ()) -> Catal
     label = "%d files" % sum(len(plan.specs) for plan in plans)
     if len(plans) == 1 and len(plans[0].specs) == 1:
         label = os.path.basename(plans[0].specs[0].path)
-    keys = None if settings.skip_signature_check else built_in_keys() + list(settings.payload_keys)
+    keys = None if settings.app.skip_signature_check else built_in_keys() + list(
+        settings.payload_keys)
     catalog = load_catalog(plans, settings.package_version, settings.board, keys,
                            _progress_printer(label), settings.floors, known, settings.targets)
     for release in catalog.releases:
@@ -7579,7 +7559,7 @@ def make_server(app: Service, settings: Settings) -> Server:
     shown = url_host(host, port)
     if host == "" and socket.has_ipv6:
         try:
-            return Server(("::", port), socket.AF_INET6, app, settings.http())
+            return Server(("::", port), socket.AF_INET6, app, settings.http)
         except OSError as exc:
             if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
                 raise UsageError(_bind_failure(shown, exc)) from None
@@ -7595,7 +7575,7 @@ def make_server(app: Service, settings: Settings) -> Server:
                       if info[0] in (socket.AF_INET, socket.AF_INET6)]
     for family, address in candidates:
         try:
-            return Server(address, family, app, settings.http())
+            return Server(address, family, app, settings.http)
         except OSError as exc:
             failure = _bind_failure(shown, exc)
     raise UsageError(failure)
@@ -7668,7 +7648,7 @@ def _release_lines(release: Release, catalog: Catalog) -> List[str]:
 def _where_to_point(server: Server, settings: Settings) -> List[str]:
     """Where the server listens, and the update.conf line for each address of this host."""
     port = server.server_port
-    scheme = settings.scheme
+    scheme = settings.http.scheme
     if settings.host == "":
         lines = ["listening on %s://%s/ (all interfaces)" % (scheme, url_host(
             "0.0.0.0" if server.address_family == socket.AF_INET else "::", port))]
@@ -7687,7 +7667,7 @@ def _where_to_point(server: Server, settings: Settings) -> List[str]:
               "(CoreOS: /etc/coreos/update.conf),"]
     lines += ["    SERVER=%s://%s/v1/update" % (scheme, url_host(address, port))
               for address in addresses]
-    if settings.credentials:
+    if settings.app.credentials:
         lines.append("and DOWNLOAD_USER=... and DOWNLOAD_PASSWORD=... from --basic-auth-file")
     return lines + ["then run:",
                     "    update_engine_client -check_for_update",
@@ -7710,19 +7690,20 @@ def banner(server: Server, settings: Settings) -> str:
                                                   catalog.target_rules[board]) for board in boards]
     for release in catalog.releases:
         lines += _release_lines(release, catalog)
-    if not settings.local_payload:
+    offer = settings.app
+    if not offer.local_payload:
         lines.append("payloads are not served here: machines download them from %s"
-                     % ", ".join(settings.mirrors))
-    elif settings.base_url or settings.mirrors:
+                     % ", ".join(offer.mirrors))
+    elif offer.base_url or offer.mirrors:
         lines.append("machines download from %s" % ", ".join(
-            ((settings.base_url,) if settings.base_url else ("this server",)) + settings.mirrors))
-    rules = rollout_rules(settings.policy)
+            ((offer.base_url,) if offer.base_url else ("this server",)) + offer.mirrors))
+    rules = rollout_rules(offer.policy)
     if rules:
         lines.append("rollout: " + "; ".join(rules))
     if settings.state_file:
         lines.append("fleet state: kept in %s (%d machine(s) loaded)" % (
             settings.state_file, len(server.app.fleet.machines)))
-    elif settings.policy.max_concurrent:
+    elif offer.policy.max_concurrent:
         lines.append("fleet state: in memory only: a restart frees every --max-concurrent slot "
                      "(--state-file FILE keeps them)")
     return "\n".join(lines + _where_to_point(server, settings))
@@ -8255,9 +8236,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         setup_logging(settings.verbose, settings.log_format == "json")
         loaded = tree_state(settings.package_dir) if settings.watch and settings.package_dir \
             else ()  # before the load: a release added meanwhile is one --watch takes
-        app = Service(load_catalog_for(settings), settings.app())
+        app = Service(load_catalog_for(settings), settings.app)
         app.fleet.restore(read_state(settings.state_file, settings.reset_state,
-                                     settings.max_machines), app.clock())
+                                     settings.app.max_machines), app.clock())
         server = make_server(app, settings)
     except (UsageError, PayloadError) as exc:
         sys.stderr.write("%s: error: %s\n" % (PROG, str(exc).rstrip(".") + "."))

@@ -42,6 +42,16 @@ class Clock:
         self.now += seconds
 
 
+def settings_with(settings: "sp.Settings", **changes) -> "sp.Settings":
+    """Settings with these fields changed, wherever they are declared: the program's own, the
+    application's (AppSettings) or the HTTP server's (HttpSettings)."""
+    parts = {"app": sp.AppSettings._fields, "http": sp.HttpSettings._fields}
+    for part, fields in parts.items():
+        mine = {name: changes.pop(name) for name in list(changes) if name in fields}
+        settings = settings._replace(**{part: getattr(settings, part)._replace(**mine)})
+    return settings._replace(**changes)
+
+
 class Running:
     """A server running in a thread of the test process, on a real socket (127.0.0.1, port 0),
     with the settings a test gives it, and its clock (time.time unless a test passes a Clock)."""
@@ -49,9 +59,9 @@ class Running:
     def __init__(self, release, settings: "sp.Settings" = None, clock=time.time,
                  **changes) -> None:
         """`release`: a Release, or a Catalog of several."""
-        settings = (settings or sp.Settings())._replace(host="127.0.0.1", port=0, **changes)
+        settings = settings_with(settings or sp.Settings(), host="127.0.0.1", port=0, **changes)
         catalog = release if isinstance(release, sp.Catalog) else sp.Catalog((release,))
-        self.app = sp.Service(catalog, settings.app(), clock)
+        self.app = sp.Service(catalog, settings.app, clock)
         self.server = sp.make_server(self.app, settings)
         self.port = self.server.server_port
         self.release = release

@@ -21,8 +21,9 @@ ARM_PAYLOAD = os.path.join(FIXTURES, "payloads", "arm64-devkey.gz")
 @pytest.fixture(scope="module")
 def payloads():
     amd = sp.load_release(DEMO_PAYLOAD, "1.0.0")
+    unchecked = sp.AppSettings(skip_signature_check=True)
     arm = sp.load_catalog_for(sp.Settings(package_files=(ARM_PAYLOAD,), package_version="1.0.0",
-                                          skip_signature_check=True)).releases[0]
+                                          app=unchecked)).releases[0]
     assert (amd.board, arm.board) == ("amd64-usr", "arm64-usr")
     return {"amd64-usr": amd, "arm64-usr": arm}
 
@@ -49,11 +50,11 @@ class Site:
         self.start()
 
     def settings(self) -> sp.Settings:
-        return sp.Settings(policy=self.policy, state_file=self.state_file)
+        return sp.Settings(state_file=self.state_file, app=sp.AppSettings(policy=self.policy))
 
     def start(self) -> None:
         """A (re)start: the releases in the directory, the fleet from the last save."""
-        self.app = sp.Service(sp.Catalog(self.directory), self.settings().app(), self.clock)
+        self.app = sp.Service(sp.Catalog(self.directory), self.settings().app, self.clock)
         self.app.fleet.restore(sp.read_state(self.state_file, False), self.clock())
         self.keeper = sp.StateKeeper(self.state_file, self.app.fleet)
 
@@ -273,7 +274,8 @@ def test_a_payload_of_the_wrong_version_is_still_named(tmp_path):
         in m.detail
     right = sp.load_catalog_for(sp.Settings(package_files=(ARM_PAYLOAD,), board="amd64-usr",
                                             package_version="3815.2.5",
-                                            skip_signature_check=True)).releases[0]
+                                            app=sp.AppSettings(skip_signature_check=True)))
+    right = right.releases[0]
     site.directory[:] = [right]
     site.reload()
     assert site.app.fleet.machines[machine.machineid].state == sp.IDLE

@@ -170,9 +170,9 @@ def test_rollout_rules_apply_to_each_step(tmp_path, clock):
         where = tmp_path / "amd64-usr" / version
         where.mkdir(parents=True)
         shutil.copyfile(DEMO_PAYLOAD, str(where / "flatcar_production_update.gz"))
-    settings = sp.Settings(package_dir=str(tmp_path), floors=("3760.2.0",),
-                           policy=sp.Policy(max_concurrent=1, groups=frozenset(["stable"])))
-    app = sp.Service(sp.load_catalog_for(settings), settings.app(), clock)
+    settings = sp.Settings(package_dir=str(tmp_path), floors=("3760.2.0",), app=sp.AppSettings(
+        policy=sp.Policy(max_concurrent=1, groups=frozenset(["stable"]))))
+    app = sp.Service(sp.load_catalog_for(settings), settings.app, clock)
     old = sp.parse_request(machine(1, version="3510.2.2"))
     assert b'<manifest version="3760.2.0">' in app.update_check(old, "10.0.0.1", SERVER_URL).body
     second = sp.parse_request(machine(2, version="3510.2.2"))

@@ -16,34 +16,35 @@ order data flows through it, every name defined before it is used:
                         clean() and the format_* words; PerSecond; the log: Note,
                         log_line(), say(), _BatchingHandler
   2. Versions           parse and compare 3815.2.5 (+build ignored)
-  3. Payloads           CrAU and its manifest, one-pass hashing (Hasher), signatures (RSA with
-                        pow) and boards (the kernel); only regular files read (open_regular);
-                        Package; the release layout, Step (floor or target) and download's
-                        record (record_lacks: a copy is whole), Release, and Catalog with each
-                        board's path (floors, then the target: the newest, or --target-version),
-                        computed once a load
-  4. Protocol           what machines send: xml_document() within bounds, parse_request(bytes)
+  3. Payload format     CrAU and its manifest, signatures (RSA with pow), boards (the
+                        kernel), one-pass hashing (Hasher), FileGuard; Package: a file served
+  4. Releases           a payload file planned (PayloadSpec), opened (only regular files:
+                        open_regular), hashed and checked; the release layout, Step (floor or
+                        target) and download's record (record_lacks: a copy is whole),
+                        Release, and Catalog with each board's path (floors, then the target:
+                        the newest, or --target-version), computed once a load
+  5. Protocol           what machines send: xml_document() within bounds, parse_request(bytes)
                         -> Request, and the setup script's report; what they are answered:
                         render_response() (one manifest, or a syncer's several), pure; what
                         an event says a machine did: classify_event() -> Happening
-  5. Policy             Window (maintenance windows) and Stage (--stages), rollout_rules();
+  6. Policy             Window (maintenance windows) and Stage (--stages), rollout_rules();
                         decide() what each app is offered under the rollout rules -> Decision;
                         for_syncer(): what a site server's download is answered
-  6. Fleet              Machine (what one machine is doing), Tally (the counts), Query, Served
+  7. Fleet              Machine (what one machine is doing), Tally (the counts), Query, Served
                         (what the fleet knows of the releases), Registry (every machine, the
                         ones on probation first to go), RolloutCounts (offers of the hour,
                         failures by release), Stages (ranks and open stages; only machines
                         seen twice rank), Slots (--max-concurrent's holders), and Fleet: every
                         machine, one call per app request, its events judged before its offer
                         (Fleet.request -> Taken), given the time
-  7. Views              the status page, /status.json, /machines.csv, /metrics, what the fleet
+  8. Views              the status page, /status.json, /machines.csv, /metrics, what the fleet
                         needs (fleet_needs) and the shutdown summary, from plain values
-  8. Setup script       the sh script each machine runs (GET /setup), made for this server;
+  9. Setup script       the sh script each machine runs (GET /setup), made for this server;
                         provisioning: the Ignition and Butane configs of a new machine
-  9. Download           the connected side's client: sync_request() and parse_service_answer()
+ 10. Download           the connected side's client: sync_request() and parse_service_answer()
                         (pure), walk_floors(), Fetcher (HTTP, proxies, retries), fetch_file()
                         (Range, hashed as written), verify_download(), place(), run_download()
- 10. Application        RolloutGate (the pause file and a halt in it, the windows, the policy in
+ 11. Application        RolloutGate (the pause file and a halt in it, the windows, the policy in
                         force); AppSettings; Service: what every endpoint needs, as plain
                         calls that return what to send and the lines to log (no socket);
                         Warnings counted by cause; InFlight (the files downloads read, kept
@@ -51,15 +52,18 @@ order data flows through it, every name defined before it is used:
                         respond() through one table (ROUTES, with path parameters), a
                         Response out (a payload's as a FilePart: payload_response() answers
                         Range, If-Range and If-Modified-Since)
- 11. HTTP               FramingHandler (HTTP/1.1 framing, a body read within bounds) <-
+ 12. HTTP               FramingHandler (HTTP/1.1 framing, a body read within bounds) <-
                         FileHandler (a FilePart sent zero-copy) <- Handler (a request to
                         respond(), its Response written and logged); HttpSettings; Server
                         (connections, TLS, the limit, the reaper)
- 12. Program            Settings (every flag's value; .app() and .http(), what each part
-                        takes), the flag tables (the server's, download's), settings_from(),
-                        loading, the banner, background jobs (StateKeeper: --state-file;
-                        Watcher: --watch; Reloader: SIGHUP, the releases and the rollout
-                        policy), systemd's notify(), main()
+ 13. Program            Settings (the program's flags, and the application's and the HTTP
+                        server's settings), the flag tables (the server's, download's),
+                        settings_from(), loading, the banner
+ 14. Lifecycle          the fleet across restarts (read_state; StateKeeper: --state-file), the
+                        background jobs (Ticker: the application's clock job; Watcher:
+                        --watch; Reloader: SIGHUP, the releases and the rollout policy),
+                        signals, systemd's notify(), serve()
+ 15. Main               the server's command (main()) and download's (download_main())
 
 One Omaha request: Handler.route() reads the body -> respond() -> post_update() ->
 parse_request() -> Service.update_check() -> for each app Fleet.request() (its events, then
@@ -532,7 +536,7 @@ def parse_release_version(text: str) -> Tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Payloads
+# 3. Payload format: CrAU, its manifest, signatures, boards, hashing; a file served
 # ---------------------------------------------------------------------------------------------
 
 CRAU_MAGIC = b"CrAU"
@@ -1063,6 +1067,120 @@ class Package(NamedTuple):
         return not self.guard.intact()
 
 
+def checksum_words(package: Package) -> str:
+    """How the file's SHA-256 was checked, for the banner and the status page."""
+    if not package.checked_against:
+        return "no .sha256 found: compare the SHA-256 above with the release's"
+    return "verified against " + package.checked_against
+
+
+def signature_words(package: Package) -> str:
+    """What the file's signature means for the machines, for the banner and the status page."""
+    if package.signer is None:
+        return ("signature not checked (--skip-signature-check): machines check it after the "
+                "download and fail with error 18 unless they hold its key")
+    return "signed by %s: %s" % (package.signer.name, package.signer.meaning)
+
+
+# Extension payloads: Flatcar's post-install finds them by name, with the globs *oem-<ID>.gz and
+# *flatcar-<NAME>.gz (flatcar/init: flatcar-postinst; flatcar/ue-rs: src/bin/download_sysext.rs).
+EXTENSION_NAME = re.compile(r"(?:oem|flatcar)-[A-Za-z0-9][A-Za-z0-9._+-]*\.gz")
+TEST_BUILD_PREFIX = "flatcar_test_update-"  # developer builds carry it; machines ask without
+OS_PAYLOAD_FILES = ("flatcar_production_update.gz", "update.gz")  # what --package-dir looks for
+
+
+def oem_payload(oem: str) -> str:
+    """The payload file an OEM's machines need: oem-<ID>.gz."""
+    return "oem-%s.gz" % oem
+
+
+def extension_payload(extension: str) -> str:
+    """The payload file of an extension: flatcar-<NAME>.gz."""
+    return "flatcar-%s.gz" % extension
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Releases: the files planned, opened, hashed and checked; the layout; each board's path
+# ---------------------------------------------------------------------------------------------
+
+
+class PayloadSpec(NamedTuple):
+    """A file to serve, before it is read: where it is, its name on the wire, and the SHA-256
+    it must have, if one is known (hex) with where that came from."""
+    path: str
+    name: str
+    expected: Optional[str]
+    source: str
+
+
+def _served_name(file_name: str) -> str:
+    return file_name[len(TEST_BUILD_PREFIX):] if file_name.startswith(TEST_BUILD_PREFIX) else file_name
+
+
+def extension_name(path: str) -> str:
+    """The name an extension payload is served under: its file name, test-build prefix off."""
+    name = _served_name(os.path.basename(path))
+    if not EXTENSION_NAME.fullmatch(name):
+        raise PayloadError(
+            "%s is not an OEM or extension payload name: it must be oem-<ID>.gz or "
+            "flatcar-<NAME>.gz, as the release server names them (e.g. oem-azure.gz, "
+            "flatcar-python.gz)." % path)
+    return name
+
+
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def open_regular(path: str) -> int:
+    """A file opened for reading, only when it is a regular file: opened without blocking (a
+    FIFO would hang the open, and every read after it), then looked at. OSError otherwise, its
+    strerror saying what the file is."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "it is %s, not a regular file" % (
+            "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"))
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_regular(path: str, limit: int, cut: bool = False) -> bytes:
+    """A regular file's bytes (open_regular()), at most `limit` of them: OSError for a longer
+    one, or with `cut`, its first `limit` bytes."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        if not cut:
+            raise OSError(errno.EFBIG, "it is larger than %s, which such a file never is"
+                          % format_size(limit))
+        data = data[:limit]
+    return data
+
+
+def checksum_in(text: bytes) -> Optional[str]:
+    """The SHA-256 a .sha256 file gives (its first word, 64 hex digits; a file name may
+    follow), lower case; None when it starts with no such digest."""
+    words = text.decode("ascii", "replace").split()
+    return words[0].lower() if words and SHA256_HEX.fullmatch(words[0]) else None
+
+
+def read_checksum_file(path: str) -> Optional[str]:
+    """The hex SHA-256 in PATH.sha256 (as the release server publishes: the digest, optionally
+    followed by a file name), lower case; None when there is no such file."""
+    sidecar = path + ".sha256"
+    try:
+        digest = checksum_in(read_regular(sidecar, 4096, cut=True))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PayloadError("%s cannot be read: %s." % (sidecar, exc.strerror)) from None
+    if digest is None:
+        raise PayloadError("%s does not start with a SHA-256 (64 hex digits)." % sidecar)
+    return digest
+
+
 class Opened(NamedTuple):
     """A payload file opened and checked, before it is hashed."""
     spec: "PayloadSpec"
@@ -1153,115 +1271,6 @@ def signed_by(opened: Opened, signed_sha256: Optional[bytes],
         "tried: %s); if your own key signed it, add --payload-key FILE with its public half, or "
         "serve it anyway with --skip-signature-check" % (
             path, problem, ", ".join(key.name for key in keys)))
-
-
-def checksum_words(package: Package) -> str:
-    """How the file's SHA-256 was checked, for the banner and the status page."""
-    if not package.checked_against:
-        return "no .sha256 found: compare the SHA-256 above with the release's"
-    return "verified against " + package.checked_against
-
-
-def signature_words(package: Package) -> str:
-    """What the file's signature means for the machines, for the banner and the status page."""
-    if package.signer is None:
-        return ("signature not checked (--skip-signature-check): machines check it after the "
-                "download and fail with error 18 unless they hold its key")
-    return "signed by %s: %s" % (package.signer.name, package.signer.meaning)
-
-
-# Extension payloads: Flatcar's post-install finds them by name, with the globs *oem-<ID>.gz and
-# *flatcar-<NAME>.gz (flatcar/init: flatcar-postinst; flatcar/ue-rs: src/bin/download_sysext.rs).
-EXTENSION_NAME = re.compile(r"(?:oem|flatcar)-[A-Za-z0-9][A-Za-z0-9._+-]*\.gz")
-TEST_BUILD_PREFIX = "flatcar_test_update-"  # developer builds carry it; machines ask without
-OS_PAYLOAD_FILES = ("flatcar_production_update.gz", "update.gz")  # what --package-dir looks for
-
-
-def oem_payload(oem: str) -> str:
-    """The payload file an OEM's machines need: oem-<ID>.gz."""
-    return "oem-%s.gz" % oem
-
-
-def extension_payload(extension: str) -> str:
-    """The payload file of an extension: flatcar-<NAME>.gz."""
-    return "flatcar-%s.gz" % extension
-
-
-class PayloadSpec(NamedTuple):
-    """A file to serve, before it is read: where it is, its name on the wire, and the SHA-256
-    it must have, if one is known (hex) with where that came from."""
-    path: str
-    name: str
-    expected: Optional[str]
-    source: str
-
-
-def _served_name(file_name: str) -> str:
-    return file_name[len(TEST_BUILD_PREFIX):] if file_name.startswith(TEST_BUILD_PREFIX) else file_name
-
-
-def extension_name(path: str) -> str:
-    """The name an extension payload is served under: its file name, test-build prefix off."""
-    name = _served_name(os.path.basename(path))
-    if not EXTENSION_NAME.fullmatch(name):
-        raise PayloadError(
-            "%s is not an OEM or extension payload name: it must be oem-<ID>.gz or "
-            "flatcar-<NAME>.gz, as the release server names them (e.g. oem-azure.gz, "
-            "flatcar-python.gz)." % path)
-    return name
-
-
-SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
-
-
-def open_regular(path: str) -> int:
-    """A file opened for reading, only when it is a regular file: opened without blocking (a
-    FIFO would hang the open, and every read after it), then looked at. OSError otherwise, its
-    strerror saying what the file is."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "it is %s, not a regular file" % (
-            "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"))
-    os.set_blocking(fd, True)
-    return fd
-
-
-def read_regular(path: str, limit: int, cut: bool = False) -> bytes:
-    """A regular file's bytes (open_regular()), at most `limit` of them: OSError for a longer
-    one, or with `cut`, its first `limit` bytes."""
-    with os.fdopen(open_regular(path), "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        if not cut:
-            raise OSError(errno.EFBIG, "it is larger than %s, which such a file never is"
-                          % format_size(limit))
-        data = data[:limit]
-    return data
-
-
-def checksum_in(text: bytes) -> Optional[str]:
-    """The SHA-256 a .sha256 file gives (its first word, 64 hex digits; a file name may
-    follow), lower case; None when it starts with no such digest."""
-    words = text.decode("ascii", "replace").split()
-    return words[0].lower() if words and SHA256_HEX.fullmatch(words[0]) else None
-
-
-def read_checksum_file(path: str) -> Optional[str]:
-    """The hex SHA-256 in PATH.sha256 (as the release server publishes: the digest, optionally
-    followed by a file name), lower case; None when there is no such file."""
-    sidecar = path + ".sha256"
-    try:
-        digest = checksum_in(read_regular(sidecar, 4096, cut=True))
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise PayloadError("%s cannot be read: %s." % (sidecar, exc.strerror)) from None
-    if digest is None:
-        raise PayloadError("%s does not start with a SHA-256 (64 hex digits)." % sidecar)
-    return digest
 
 
 def _checked_spec(path: str, name: str) -> PayloadSpec:
@@ -1718,7 +1727,7 @@ def load_catalog(plans: Sequence[ReleasePlan], version: str = "", board: str = "
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Protocol
+# 5. Protocol
 # ---------------------------------------------------------------------------------------------
 
 MAX_BODY = 1 << 20  # as go-omaha; update_engine's requests are under 2 KiB
@@ -2068,7 +2077,7 @@ def is_postinstall_failure(event: "Event", happening: Happening) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Policy
+# 6. Policy
 # ---------------------------------------------------------------------------------------------
 
 UPDATE_TIMEOUT = 7200.0  # seconds an offered machine may hold a --max-concurrent slot
@@ -2384,7 +2393,7 @@ def missing_oem_payload(app: AppRequest, release: Release) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Fleet: what each machine is doing, given the time
+# 7. Fleet: what each machine is doing, given the time
 # ---------------------------------------------------------------------------------------------
 
 
@@ -3662,7 +3671,7 @@ class Fleet:
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Views: the page, /status.json, /machines.csv and /metrics, from the fleet's plain values
+# 8. Views: the page, /status.json, /machines.csv and /metrics, from the fleet's plain values
 # ---------------------------------------------------------------------------------------------
 
 FINDING_HINTS = {  # the causes the server finds itself, with no error code
@@ -4144,7 +4153,7 @@ def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Setup script: one command on each machine
+# 9. Setup script: one command on each machine
 # ---------------------------------------------------------------------------------------------
 
 
@@ -4536,7 +4545,7 @@ def butane_config(provision: Provision) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Download: the client that fetches releases from an update service into the release layout
+# 10. Download: the client that fetches releases from an update service into the release layout
 # ---------------------------------------------------------------------------------------------
 # On the connected side, `download DIR` asks an Omaha update service what a machine of each
 # board and channel would install, as Flatcar's own syncer does (flatcar/nebraska:
@@ -4774,17 +4783,17 @@ def chosen_files(release: RemoteRelease, oems: Sequence[str], extensions: Sequen
 
 
 def release_record(release: RemoteRelease, channel: str, source: str, now: float,
-                   kept: Dict[str, Tuple[str, int]]) -> str:
+                   kept: Dict[str, Tuple[str, int]]) -> Dict[str, Any]:
     """What DIR/<board>/<version>/release.json keeps of what the service said, and the files
     downloaded (name -> SHA-256 and size): a copy of the directory is complete once each is
     there whole (read_step, and --watch)."""
-    return json.dumps({
+    return {
         "format": RELEASE_RECORD_FORMAT, "version": release.version, "board": release.board,
         "channel": channel, "role": release.role(), "floor": release.floor,
         "floor_reason": release.floor_reason, "target": release.target, "source": source,
         "fetched": iso_time(now), "offered": [f.name for f in release.files],
         "files": {name: {"sha256": sha256, "size": size}
-                  for name, (sha256, size) in sorted(kept.items())}}, indent=1) + "\n"
+                  for name, (sha256, size) in sorted(kept.items())}}
 
 
 RETRY_STATUSES = (500, 502, 503, 504)
@@ -5289,13 +5298,13 @@ def record_release(directory: str, release: RemoteRelease, channel: str, source:
     where = os.path.join(directory, release.board, release.version)
     files = {item.file.name: (item.file.sha256_hex, os.stat(item.path(directory)).st_size)
              for item in wanted if item.release is release}
-    text = release_record(release, channel, source, time.time(), files)
+    record = release_record(release, channel, source, time.time(), files)
     try:
-        if dict(read_record(where), fetched="") == dict(json.loads(text), fetched=""):
+        if dict(read_record(where), fetched="") == dict(record, fetched=""):
             return
     except (OSError, ValueError):
         pass
-    write_atomically(os.path.join(where, RELEASE_RECORD), [text.rstrip("\n")])
+    write_atomically(os.path.join(where, RELEASE_RECORD), [json.dumps(record, indent=1)])
 
 
 def plan_lines(releases: Sequence[RemoteRelease], wanted: Sequence[Wanted],
@@ -5431,7 +5440,7 @@ def run_download(options: DownloadOptions, fetcher: Fetcher, out: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. Application: what the endpoints need, as plain calls, with no socket in sight
+# 11. Application: what the endpoints need, as plain calls, with no socket in sight
 # ---------------------------------------------------------------------------------------------
 
 # What "N more machines ..." says of each kind of warning that many machines can hit.
@@ -6455,7 +6464,7 @@ def respond(app: Service, request: HttpRequest) -> Response:
 
 
 # ---------------------------------------------------------------------------------------------
-# 11. HTTP: a framing handler, the endpoints on top through one route table, the server
+# 12. HTTP: a framing handler, the endpoints on top through one route table, the server
 # ---------------------------------------------------------------------------------------------
 
 IDLE_TIMEOUT = 60  # seconds a connection may sit idle or stalled; any progress resets it
@@ -6809,8 +6818,7 @@ _REFUSAL = ("HTTP/1.1 503 Service Unavailable\r\nServer: %s\r\nRetry-After: %d\r
 class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """The connections: a thread for each, at most max_connections of them (beyond it, 503 from
     the accepting thread), TLS, and a reaper thread that once a second ends requests past their
-    deadline and runs the application's clock job (Service.tick). What requests mean is the
-    application's (`app`).
+    deadline. What requests mean is the application's (`app`).
 
     The reaper enforces a deadline on every request: its head and body must arrive within
     idle_timeout of the moment the server starts waiting for it. Kernel receive timeouts alone
@@ -6907,7 +6915,6 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def _reap(self) -> None:
         while not self.closing.wait(min(1.0, self.settings.idle_timeout / 4)):
-            say(self.app.tick())
             now = time.monotonic()
             with self._handlers_lock:
                 handlers = list(self.handlers)
@@ -6942,7 +6949,7 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 # ---------------------------------------------------------------------------------------------
-# 12. Program: flags, settings, loading, the banner, the state file, signals, main()
+# 13. Program: flags, settings, loading, the banner
 # ---------------------------------------------------------------------------------------------
 
 
@@ -7709,6 +7716,10 @@ def banner(server: Server, settings: Settings) -> str:
     return "\n".join(lines + _where_to_point(server, settings))
 
 
+# ---------------------------------------------------------------------------------------------
+# 14. Lifecycle: the fleet kept across restarts, the clock's job, watching, reloading, serving
+# ---------------------------------------------------------------------------------------------
+
 # -- the fleet across restarts: --state-file -----------------------------------------------------
 # JSON Lines: a header line {"format": "serve-package fleet state", "version": 1, "fields": [...],
 # ...}, then one JSON array a machine, its values in the order of the header's fields. Written
@@ -7832,6 +7843,20 @@ class Background:
 
     def _run(self) -> None:
         raise NotImplementedError
+
+
+class Ticker(Background):
+    """The application's clock job (Service.tick), once a second: the lines that are due."""
+
+    name = "tick"
+
+    def __init__(self, app: Service, every: float = 1.0) -> None:
+        super().__init__()
+        self.app, self.every = app, every
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            say(self.app.tick())
 
 
 class StateKeeper(Background):
@@ -7959,8 +7984,8 @@ def tree_state(directory: str) -> Tuple[Tuple[str, int, int], ...]:
     return tuple(sorted(found))
 
 
-def complete(directory: str, state: Sequence[Tuple[str, int, int]],
-             loaded: Sequence[Tuple[str, int, int]]) -> bool:
+def changes_whole(directory: str, state: Sequence[Tuple[str, int, int]],
+                  loaded: Sequence[Tuple[str, int, int]]) -> bool:
     """Whether every version directory in which a file is new or changed since the load holds
     download's record and every file the record lists, whole, and no file is still
     downloading: such a change need not settle (any other waits WATCH_SETTLE)."""
@@ -7989,12 +8014,14 @@ class Watcher(Background):
     name = "watch"
 
     def __init__(self, directory: str, signals: queue.Queue,
-                 loaded: Sequence[Tuple[str, int, int]], config: str = "") -> None:
+                 loaded: Sequence[Tuple[str, int, int]], config: str = "",
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """`loaded`: the directory's tree_state() as it was just before it was loaded;
         `config`: the --config file, whose change is a reload of the rollout policy."""
         super().__init__()
-        self.directory, self.signals, self.config = directory, signals, config
-        self.loaded = tuple(loaded) + self._config_state()
+        self.directory, self.signals, self.config, self.clock = directory, signals, config, clock
+        self.loaded = self.seen = tuple(loaded) + self._config_state()
+        self.since = clock()  # when the tree was last seen to change
 
     def _config_state(self) -> Tuple[Tuple[str, int, int], ...]:
         try:
@@ -8003,24 +8030,32 @@ class Watcher(Background):
             return ()
         return (("--config", st.st_size, st.st_mtime_ns),) if self.config else ()
 
+    def look(self) -> Tuple[Tuple[str, int, int], ...]:
+        """The tree and the --config file as they are now."""
+        return tree_state(self.directory) + self._config_state()
+
+    def reload_due(self, state: Tuple[Tuple[str, int, int], ...], now: float) -> bool:
+        """Whether this look asks for a reload: what changed since the load is whole (download's
+        records), or has not changed for WATCH_SETTLE seconds."""
+        whole = changes_whole(self.directory, state, self.loaded)
+        if state != self.seen:
+            self.seen, self.since = state, now
+            if not whole:
+                return False
+        if state != self.loaded and (whole or now - self.since >= WATCH_SETTLE):
+            self.loaded = state
+            return True
+        return False
+
     def _run(self) -> None:
-        loaded = seen = self.loaded
-        since = time.monotonic()
         while not self.stop.wait(WATCH_EVERY):
             try:
-                state = tree_state(self.directory) + self._config_state()
+                state = self.look()
             except (OSError, ValueError, RecursionError) as exc:  # looked at again next round
                 log_line(logging.WARNING, "--watch cannot look at %s: %s" % (
                     self.directory, clean(str(exc), 200)))
                 continue
-            now = time.monotonic()
-            done = complete(self.directory, state, loaded)
-            if state != seen:
-                seen, since = state, now
-                if not done:
-                    continue
-            if state != loaded and (done or now - since >= WATCH_SETTLE):
-                loaded = state
+            if self.reload_due(state, self.clock()):
                 self.signals.put("watch")
 
 
@@ -8032,9 +8067,11 @@ class Reloader:
     flags and --config: `policy`), and replaces the current one when it parses; else the
     current one stays and one sentence says which setting and why."""
 
-    def __init__(self, app: Service, settings: Settings,
+    def __init__(self, app: Service, load: Callable[[Sequence[Package]], Catalog],
                  policy: Optional[Callable[[], Policy]] = None) -> None:
-        self.app, self.settings, self.policy = app, settings, policy
+        """`load`: the releases read anew, but the files given (unchanged since they were
+        loaded); `policy`: the rollout policy read anew (a UsageError says why it cannot)."""
+        self.app, self.load, self.policy = app, load, policy
         self.lock = threading.Lock()
         self.thread = None  # type: Optional[threading.Thread]
         self.again = False
@@ -8055,8 +8092,7 @@ class Reloader:
                      "meanwhile" % why)
             self.app.reload_began()
             try:
-                say(self.app.replace_catalog(load_catalog_for(
-                    self.settings, self.app.catalog.packages())))
+                say(self.app.replace_catalog(self.load(self.app.catalog.packages())))
             except PayloadError as exc:
                 log_line(logging.ERROR, "reload failed, the releases stay as they were: %s"
                          % str(exc).rstrip("."))
@@ -8109,6 +8145,11 @@ def serve(server: Server, signals: queue.Queue, reloader: Reloader) -> str:
         log_line(logging.WARNING, "%d download(s) cut short; the machines resume them from where "
                  "they stopped" % server.downloads)
     return name
+
+
+# ---------------------------------------------------------------------------------------------
+# 15. Main: the server's command and download's
+# ---------------------------------------------------------------------------------------------
 
 
 def print_config(args: argparse.Namespace) -> None:
@@ -8253,10 +8294,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     watcher = Watcher(str(settings.package_dir), signals, loaded,
                       args.config or "").start() if settings.watch else None
     notify("READY=1", "STATUS=" + status_line(app))
-    name = serve(server, signals, Reloader(app, settings, lambda: rollout_policy(
-        build_parser().parse_args(config_arguments(argv) + argv), settings.state_file)))
-    if watcher is not None:
-        watcher.stop.set()
+    ticker = Ticker(app).start()
+    name = serve(server, signals, Reloader(
+        app, functools.partial(load_catalog_for, settings), lambda: rollout_policy(
+            build_parser().parse_args(config_arguments(argv) + argv), settings.state_file)))
+    for job in (ticker, watcher):
+        if job is not None:
+            job.stop.set()
     saved = keeper is None or keeper.close()
     log_line(logging.INFO, "received %s, stopped" % name)
     say_summary(app, settings.log_format == "json")

@@ -68,6 +68,7 @@ class Running:
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
+        self.ticker = sp.Ticker(self.app).start()  # the clock's job, as main() runs it
 
     def connect(self, timeout: float = 10) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
@@ -88,6 +89,7 @@ class Running:
         return self.request("POST", path, body, headers)
 
     def stop(self) -> None:
+        self.ticker.stop.set()
         self.server.shutdown()
         self.server.server_close()
 

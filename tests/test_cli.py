@@ -1,4 +1,4 @@
-"""Section 8: the built serve-package.pyz, run as a subprocess exactly as a user runs it."""
+"""Main: the built serve-package.pyz, run as a subprocess exactly as a user runs it."""
 
 import os
 import shutil

@@ -1,4 +1,4 @@
-"""Section 1: codes, events and machine states in words."""
+"""Codes and names: codes, events and machine states in words."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Issue: carry a release into the air gap. The download client (section 9) pure, then over real
+"""Issue: carry a release into the air gap. The download client (the Download section) pure, then over real
 sockets against the stand-ins in tests/standins.py (an update service, a release server with
 faults, a proxy), always as a user runs it: the built .pyz as a subprocess. Then the .pyz serves
 what it downloaded, and machines walk floor -> target over real sockets."""

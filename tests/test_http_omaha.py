@@ -1,4 +1,4 @@
-"""Section 7: the Omaha endpoint over real sockets on 127.0.0.1."""
+"""HTTP: the Omaha endpoint over real sockets on 127.0.0.1."""
 
 import logging
 import socket

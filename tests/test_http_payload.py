@@ -1,4 +1,4 @@
-"""Section 7: payload serving over real sockets: GET/HEAD, Range, validators, containment."""
+"""HTTP: payload serving over real sockets: GET/HEAD, Range, validators, containment."""
 
 import email.utils
 import hashlib

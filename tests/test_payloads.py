@@ -1,4 +1,4 @@
-"""Section 3: CrAU inspection and one-pass hashing."""
+"""Payload format: CrAU inspection and one-pass hashing."""
 
 import base64
 import hashlib

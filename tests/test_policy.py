@@ -1,4 +1,4 @@
-"""Section 5, pure: decide() under every rollout rule, and their order, without a server."""
+"""Policy, pure: decide() under every rollout rule, and their order, without a server."""
 
 import pytest
 

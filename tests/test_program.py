@@ -1,4 +1,4 @@
-"""Section 8 pieces that need no subprocess: listen addresses, progress, banner addresses."""
+"""Program pieces that need no subprocess: listen addresses, progress, banner addresses."""
 
 import io
 import ipaddress

@@ -1,4 +1,4 @@
-"""Section 4 and 5: parsing requests and rendering responses, without sockets."""
+"""Protocol and Policy: parsing requests and rendering responses, without sockets."""
 
 import base64
 import hashlib

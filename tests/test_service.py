@@ -1,4 +1,4 @@
-"""Section 9: the application (Service) driven directly, with no socket: an update check
+"""Application: the application (Service) driven directly, with no socket: an update check
 answered with the golden response, events walking a machine's state, a setup report, the
 status document and the metrics, each with the time given by the test."""
 

@@ -1,4 +1,4 @@
-"""Section 3: what a payload says about itself, its signature and its board. Checked three
+"""Payload format: what a payload says about itself, its signature and its board. Checked three
 ways: our reader against fixtures our own signer wrote, the openssl command against the same
 fixtures (so our verifier and our signer cannot agree on a mistake), and our reader against a
 payload written by update_engine's own delta_generator (so our reader and writer cannot share a

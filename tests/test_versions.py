@@ -1,4 +1,4 @@
-"""Section 2: versions, as the offer decision compares them."""
+"""Versions: versions, as the offer decision compares them."""
 
 import pytest
 

@@ -2776,6 +2776,7 @@ def machine_facts(m: Machine, now: Optional[float] = None) -> Dict[str, object]:
 TALLIED = ("state", "version", "board", "group", "oem", "board_oem", "cause")
 MAX_DISTINCT = 64  # values one count keeps apart; past it, a new value counts as "(other)"
 OTHER = "(other)"
+Cause = Optional[Any]  # why a machine cannot update: an error code (int), a finding (its state)
 OTHER_LABELS = {"version": (OTHER, ""), "board_oem": (OTHER, OTHER)}
 CAUSE_EXAMPLES = 5
 
@@ -2792,7 +2793,7 @@ class Tally:
         self.served = served  # what the fleet serves now: its versions are always apart
         self.counts = {name: collections.Counter() for name in TALLIED}
         self.placed = {}  # type: Dict[str, Tuple[Any, ...]]  # machine -> its labels, counted
-        self.examples = {}  # type: Dict[str, List[str]]  # cause -> the first few machines
+        self.examples = {}  # type: Dict[Cause, List[str]]  # cause -> the first few machines
         self.downloading = {}  # type: Dict[str, Machine]
         self.completions = collections.deque()  # type: collections.deque
 
@@ -2800,12 +2801,12 @@ class Tally:
     def labels(key: Tuple[Any, ...]) -> Tuple[str, ...]:
         """A Machine.tally() as the counts name it, in the order of TALLIED: the version is the
         pair (version, target), target "" unless updating; board_oem the pair (board, OEM), for
-        what each board's machines need; the cause is the error code of a failure, or the state
-        of a machine the server itself found it cannot update."""
+        what each board's machines need; the cause (a Cause) is the error code of a failure
+        (an int), or the state of a machine the server itself found it cannot update, or None."""
         state, version, target, board, group, oem, error = key
-        cause = ""
+        cause = None  # type: Cause
         if state in (FAILED, ROLLED_BACK) and error is not None:
-            cause = str(error & ERROR_BASE_MASK)
+            cause = error & ERROR_BASE_MASK
         elif state in (WRONG_BOARD, OTHER_VERSION):
             cause = state
         return (state, (version, target if target != version else ""), board, group, oem,
@@ -2828,14 +2829,14 @@ class Tally:
         if old == new:
             return new
         counter = self.counts[name]
-        if old is not None and (old or name != "cause"):
+        if old is not None:  # None: new here, or no cause
             counter[old] -= 1
             if counter[old] <= 0:
                 del counter[old]
-        if new not in counter and len(counter) >= MAX_DISTINCT and not (
+        if new is not None and new not in counter and len(counter) >= MAX_DISTINCT and not (
                 name == "version" and {new[0], new[1] or new[0]} <= self.served.all_versions):
             new = OTHER_LABELS.get(name, OTHER)
-        if new or name != "cause":
+        if new is not None:
             counter[new] += 1
         return new
 
@@ -2848,9 +2849,9 @@ class Tally:
                 if counter[old] <= 0:
                     del counter[old]
         self.downloading.pop(machine.key, None)
-        self._unlist(machine.key, "")
+        self._unlist(machine.key, None)
 
-    def _unlist(self, key: str, cause: str) -> None:
+    def _unlist(self, key: str, cause: "Cause") -> None:
         """The machine off every cause's first few but its own."""
         for listed, keys in list(self.examples.items()):
             if listed != cause and key in keys:
@@ -2868,7 +2869,7 @@ class Tally:
         if state == COMPLETE and was != COMPLETE:
             self.completions.append(now)
         self._unlist(key, cause)
-        if cause:
+        if cause is not None:
             keys = self.examples.setdefault(cause, [])
             if key not in keys and len(keys) < CAUSE_EXAMPLES:
                 keys.append(key)
@@ -2900,14 +2901,14 @@ class Query(NamedTuple):
     board: str = ""
     group: str = ""
     oem: str = ""
-    cause: str = ""
+    cause: Cause = None  # an error code (?cause=10) or a finding (?cause=wrong-board)
     q: str = ""
     sort: str = "last_seen"
     offset: int = 0
     limit: int = PAGE_ROWS
 
     def filtered(self) -> bool:
-        return any(self[:7])
+        return any(value not in ("", None) for value in self[:7])
 
     def matches(self, m: Machine, now: float) -> bool:
         if self.state and not (m.state == self.state or (self.state == "stalled" and m.stalled(now))
@@ -2917,7 +2918,7 @@ class Query(NamedTuple):
                             (self.group, m.group), (self.oem, m.oem)):
             if value and value != have:
                 return False
-        if self.cause and self.cause != Tally.labels(m.tally())[-1]:
+        if self.cause is not None and self.cause != Tally.labels(m.tally())[-1]:
             return False
         return not self.q or any(field.startswith(self.q)
                                  for field in (m.machineid, m.alias, m.address))
@@ -2926,14 +2927,16 @@ class Query(NamedTuple):
         """The query string of this query with some fields changed (for links and paging)."""
         fields = self._replace(**changes)._asdict()
         return "?" + urllib.parse.urlencode(
-            [(k, v) for k, v in fields.items() if v and (k, v) not in (
-                ("sort", "last_seen"), ("limit", PAGE_ROWS))])
+            [(k, v) for k, v in fields.items() if v != Query._field_defaults[k]])
 
 
 def parse_query(text: str, limit: int = PAGE_ROWS) -> Query:
     """A Query from a query string; ValueError says which field is wrong."""
     fields = {k: v[-1] for k, v in urllib.parse.parse_qs(text, keep_blank_values=True).items()}
     query = Query(**{k: fields.get(k, "")[:200] for k in Query._fields[:7]}, limit=limit)
+    cause = query.cause
+    query = query._replace(cause=plain_number(cause) if cause and cause.isdigit() else
+                           cause or None)
     sort = fields.get("sort") or "last_seen"
     if sort not in SORT_KEYS:
         raise ValueError("sort=%s is not one of %s" % (clean(sort, 20), ", ".join(SORT_KEYS)))
@@ -2956,11 +2959,11 @@ def count_request(counters: collections.Counter, app: AppRequest,
         counters["checks", ] += 1
         counters["offers", ] += decision.offer
     for event in app.events:
-        counters["events", str(event.type) if event.type in EVENT_TYPES else OTHER,
-                 str(event.result) if event.result in EVENT_RESULTS else OTHER] += 1
+        counters["events", event.type if event.type in EVENT_TYPES else OTHER,
+                 event.result if event.result in EVENT_RESULTS else OTHER] += 1
         if event.result == RESULT_ERROR and event.errorcode is not None:
             base = event.errorcode & ERROR_BASE_MASK
-            counters["failures", str(base) if known_error(base) else OTHER] += 1
+            counters["failures", base if known_error(base) else OTHER] += 1
 
 
 def summary_of(counts: Dict[str, Dict[Any, int]], total: int, extensions: Dict[Any, int],
@@ -3686,12 +3689,13 @@ SHORT_STATE_WORDS = {FAILED: "update failed", ROLLED_BACK: "rolled back", DEFERR
                      WRONG_BOARD: "wrong board", OTHER_VERSION: "installed another version"}
 
 
-def _cause_facts(cause: str, machines: int, examples: List[str]) -> Dict[str, Any]:
-    if cause.isdigit():
-        words, hint = describe_error(int(cause)), error_hint(int(cause))
+def _cause_facts(cause: Cause, machines: int, examples: List[str]) -> Dict[str, Any]:
+    """A failure's cause in words (its "cause" as the query string names it: ?cause=10)."""
+    if isinstance(cause, int):
+        words, hint = describe_error(cause), error_hint(cause)
     else:
         words, hint = SHORT_STATE_WORDS.get(cause, cause), FINDING_HINTS.get(cause)
-    return {"cause": cause, "words": words, "hint": hint, "machines": machines,
+    return {"cause": str(cause), "words": words, "hint": hint, "machines": machines,
             "first": examples}
 
 
@@ -4095,6 +4099,11 @@ def _labels(**labels: Any) -> str:
         '"', '\\"').replace("\n", "\\n")) for name, value in sorted(labels.items()))
 
 
+def _counter_order(item: Tuple[Tuple, int]) -> Tuple:
+    """A counter's key as it sorts: numbers before words (a code before "(other)")."""
+    return tuple((isinstance(part, str), part) for part in item[0])
+
+
 def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple, int],
                  served: Dict[str, int], connections: int, refusals: int,
                  rollout: Optional[Dict[str, Any]] = None) -> str:
@@ -4120,12 +4129,12 @@ def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple
     family("offers_total", "counter", "Update checks answered with an update.",
            [({}, counters.get(("offers",), 0))])
     family("events_total", "counter", "Events reported by machines, by type and result.",
-           [({"type": k[1], "result": k[2]}, v) for k, v in sorted(counters.items())
-            if k[0] == "events"])
+           [({"type": str(k[1]), "result": str(k[2])}, v) for k, v in sorted(
+               counters.items(), key=_counter_order) if k[0] == "events"])
     family("failures_total", "counter", "Failed updates reported, by update_engine error code.",
-           [({"code": k[1], "error": error_name(int(k[1]), short=True)
+           [({"code": str(k[1]), "error": error_name(k[1], short=True)
               if k[1] != OTHER else OTHER}, v)
-            for k, v in sorted(counters.items()) if k[0] == "failures"])
+            for k, v in sorted(counters.items(), key=_counter_order) if k[0] == "failures"])
     family("payload_bytes_served_total", "counter", "Payload bytes sent, by file.",
            [({"file": k}, v) for k, v in sorted(served.items())])
     family("machines_forgotten_total", "counter", "Machines forgotten to stay within "

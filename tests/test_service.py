@@ -2,6 +2,7 @@
 answered with the golden response, events walking a machine's state, a setup report, the
 status document and the metrics, each with the time given by the test."""
 
+import json
 import logging
 
 import pytest
@@ -200,3 +201,16 @@ def test_an_extension_enabled_on_two_boards_counts_every_machine(app):
                                                % (n, board.encode())), "10.0.0.%d" % n)
     summary = sp.summary_json(app.status_document(sp.Query())["summary"])
     assert summary["extensions"] == {"python": 3}
+
+
+def test_a_flood_of_error_codes_does_not_count_healthy_machines_as_failed(app):
+    """Each failure's cause is kept as its code until a view words it; past MAX_DISTINCT codes
+    a new one counts as "(other)", but a machine with no failure never does."""
+    for n in range(sp.MAX_DISTINCT + 10):
+        app.update_check(sp.parse_request(machine_event(n, 3, 0, code=1000 + n)), "10.0.0.9",
+                         SERVER_URL)
+    check(app, 999)
+    failures = json.loads(sp.status_json(app.status_document(sp.Query())))["summary"]["failures"]
+    assert sum(f["machines"] for f in failures) == sp.MAX_DISTINCT + 10
+    assert {f["cause"] for f in failures} >= {"1000", "(other)"}
+    assert app.status_document(sp.Query(cause=1000))["total"] == 1

@@ -294,6 +294,16 @@ def clean(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def is_word(text: str, most: int = 64) -> bool:
+    """Whether `text` is one word, as every name here must be (a file, a board, a version, an
+    OEM, an extension, a group, a channel): letters, digits and . _ + -, the first a letter or
+    a digit (never '..', a hidden file or a flag), at most `most` characters."""
+    return 0 < len(text) <= most and _WORD.fullmatch(text) is not None
+
+
 # How much of each field a request gives the fleet keeps (a machine id is 32 hex digits, or a
 # UUID of 36 in braces): enough for every real value, and a bound on what a request can store.
 FIELD_LIMITS = {"machineid": 40, "alias": 64, "oem": 32, "group": 64, "version": 40, "board": 16}
@@ -696,20 +706,42 @@ def describe_foreign_file(head: bytes) -> str:
     return "it does not start with CrAU, as every update payload does" if head else "it is empty"
 
 
-def inspect_payload(fd: int, size: int, label: str) -> Manifest:
-    """Check the CrAU header and, when the manifest says, that the file is complete."""
-    head = os.pread(fd, 64, 0)
-    if not head.startswith(CRAU_MAGIC):
-        raise PayloadError("%s is not an update payload: %s." % (label, describe_foreign_file(head)))
+class NotPayload(Exception):
+    """A file's first bytes are not those of an update payload."""
+
+
+class EndsEarly(Exception):
+    """A payload's bytes end inside its header or its manifest (which: the message)."""
+
+
+def payload_manifest(fd: int, have: int) -> Manifest:
+    """The manifest of the payload whose first `have` bytes are in fd; for a format this file
+    does not read (not version 1, or a manifest over MAX_MANIFEST), one with no fields read.
+    NotPayload without the CrAU magic; EndsEarly when the bytes end inside the header or the
+    manifest."""
+    head = os.pread(fd, min(have, CRAU_HEADER.size), 0)
+    if not head or not (head.startswith(CRAU_MAGIC) or CRAU_MAGIC.startswith(head)):
+        raise NotPayload()
     if len(head) < CRAU_HEADER.size:
-        raise PayloadError("%s is truncated: it ends inside the payload header." % label)
+        raise EndsEarly("header")
     _, format_version, manifest_size = CRAU_HEADER.unpack_from(head)
     if format_version != 1 or manifest_size > MAX_MANIFEST:
         return Manifest(format_version, manifest_size, None, None, None)
-    if CRAU_HEADER.size + manifest_size > size:
-        raise PayloadError("%s is truncated: it ends inside the payload manifest (%d bytes); "
-                           "copy it again." % (label, size))
-    manifest = parse_manifest(format_version, os.pread(fd, manifest_size, CRAU_HEADER.size))
+    if CRAU_HEADER.size + manifest_size > have:
+        raise EndsEarly("manifest (%d bytes)" % have)
+    return parse_manifest(format_version, os.pread(fd, manifest_size, CRAU_HEADER.size))
+
+
+def inspect_payload(fd: int, size: int, label: str) -> Manifest:
+    """Check the CrAU header and, when the manifest says, that the file is complete."""
+    try:
+        manifest = payload_manifest(fd, size)
+    except NotPayload:
+        raise PayloadError("%s is not an update payload: %s." % (
+            label, describe_foreign_file(os.pread(fd, 64, 0)))) from None
+    except EndsEarly as exc:
+        raise PayloadError("%s is truncated: it ends inside the payload %s; copy it again."
+                           % (label, exc)) from None
     expected = manifest.expected_size
     if expected is not None and expected != size:
         raise PayloadError(
@@ -1084,7 +1116,7 @@ def signature_words(package: Package) -> str:
 
 # Extension payloads: Flatcar's post-install finds them by name, with the globs *oem-<ID>.gz and
 # *flatcar-<NAME>.gz (flatcar/init: flatcar-postinst; flatcar/ue-rs: src/bin/download_sysext.rs).
-EXTENSION_NAME = re.compile(r"(?:oem|flatcar)-[A-Za-z0-9][A-Za-z0-9._+-]*\.gz")
+EXTENSION_NAME = re.compile(r"(?:oem|flatcar)-%s\.gz" % _WORD.pattern)
 TEST_BUILD_PREFIX = "flatcar_test_update-"  # developer builds carry it; machines ask without
 OS_PAYLOAD_FILES = ("flatcar_production_update.gz", "update.gz")  # what --package-dir looks for
 
@@ -1334,7 +1366,7 @@ def plan_payloads(package_file: Optional[str], package_dir: Optional[str],
 
 RELEASE_RECORD = "release.json"  # beside a downloaded release's files: what the service said
 RELEASE_RECORD_FORMAT = "serve-package release"
-FILE_NAME = re.compile(r"[A-Za-z0-9._+-]{1,128}")  # a release's file: one URL segment as is
+FILE_NAME_MOST = 128  # a release's file: a word, one URL segment as it is
 MAX_RECORD = 1 << 20
 
 
@@ -1402,12 +1434,12 @@ def record_lacks(directory: str, record: Dict[str, Any],
         return []
     if sizes is None:
         sizes = {}
-        for name in filter(FILE_NAME.fullmatch, files):
+        for name in (name for name in files if is_word(name, FILE_NAME_MOST)):
             for each in (name, name + ".sha256"):
                 with contextlib.suppress(OSError, ValueError):
                     sizes[each] = os.stat(os.path.join(directory, each)).st_size
     return [clean(name, 80) for name, kept in sorted(files.items()) if isinstance(kept, dict)
-            and (not FILE_NAME.fullmatch(name) or sizes.get(name) != kept.get("size")
+            and (not is_word(name, FILE_NAME_MOST) or sizes.get(name) != kept.get("size")
                  or name + ".sha256" not in sizes)]
 
 
@@ -1882,7 +1914,6 @@ def content_type_problem(value: str) -> Optional[str]:
 
 
 MAX_SETUP_REPORT = 16 << 10
-_SETUP_WORD = re.compile(r"[A-Za-z0-9._+-]{1,64}")
 MAX_SETUP_NAMES = 16  # extensions (or missing files) a report may list
 MAX_SETUP_PROBLEMS = 9999
 
@@ -1911,10 +1942,10 @@ def parse_setup_report(body: bytes) -> SetupReport:
             fields[key.strip()] = value.strip()
     words = {key: tuple(fields.get(key, "").split()) for key in ("extensions", "missing")}
     for key in ("board", "version", "oem", "mode", "machine"):
-        if fields.get(key) and not _SETUP_WORD.fullmatch(fields[key]):
+        if fields.get(key) and not is_word(fields[key]):
             raise ValueError("%s=%r is not a word" % (key, clean(fields[key], 40)))
     for key, values in words.items():
-        if len(values) > MAX_SETUP_NAMES or not all(_SETUP_WORD.fullmatch(v) for v in values):
+        if len(values) > MAX_SETUP_NAMES or not all(map(is_word, values)):
             raise ValueError("%s is not a list of up to %d names" % (key, MAX_SETUP_NAMES))
     problems = plain_number(fields.get("problems", "0")) or 0
     return SetupReport(fields.get("machine", ""), fields.get("board", ""),
@@ -4526,7 +4557,7 @@ def parse_provision(server: str, query: str) -> Provision:
     group = fields.get("group", [""])[-1]
     extensions = tuple(dict.fromkeys(fields.get("extension", [])))
     for word in (group,) + extensions:
-        if word and not _SETUP_WORD.fullmatch(word):
+        if word and not is_word(word):
             raise ValueError("%r is not a group or extension name" % clean(word, 40))
     if len(extensions) > MAX_SETUP_NAMES:
         raise ValueError("at most %d extensions" % MAX_SETUP_NAMES)
@@ -4566,7 +4597,6 @@ UPDATE_SERVICE = "https://public.update.flatcar-linux.net/v1/update/"
 BELOW_EVERY_RELEASE = "0.0.0"  # --since's default: the service then reports every floor
 MAX_FLOOR_STEPS = 30  # answers walked, one floor each, before the walk is given up
 MAX_ANSWER = 1 << 20  # bytes of an update service's answer
-REMOTE_NAME = FILE_NAME  # the name of a file an answer offers
 # The most a file of a release can be when nothing says its size (--version, before the
 # payload's header tells it): Flatcar's OS payloads are a few hundred MiB.
 MAX_REMOTE_FILE = 8 << 30
@@ -4669,7 +4699,7 @@ def _remote_file(element: ET.Element, first: bool, action_sha256: str) -> Remote
     name = element.get("name", "")
     if not first and not EXTENSION_NAME.fullmatch(name):
         raise RequestError("package %r is not an OEM or extension payload name" % clean(name, 80))
-    if first and not (REMOTE_NAME.fullmatch(name) and not name.startswith(".")):
+    if first and not is_word(name, FILE_NAME_MOST):
         raise RequestError("the OS payload's name %r is not a file name" % clean(name, 80))
     size = element.get("size", "")
     number = plain_number(size)
@@ -4935,15 +4965,13 @@ class Fetcher:
 
 def payload_mark(fd: int, have: int) -> Optional[int]:
     """Where a payload's signed range ends, once its header and manifest are on disk (the first
-    `have` bytes); None before, or for a file that is no payload (the check after says so)."""
-    if have < CRAU_HEADER.size:
+    `have` bytes); None before, or -1 for a file that is no payload (the check after says so)."""
+    try:
+        manifest = payload_manifest(fd, have)
+    except EndsEarly:
         return None
-    magic, format_version, manifest_size = CRAU_HEADER.unpack_from(os.pread(fd, CRAU_HEADER.size, 0))
-    if magic != CRAU_MAGIC or format_version != 1 or manifest_size > MAX_MANIFEST:
-        return -1  # not a payload: no mark, and no need to look again
-    if have < CRAU_HEADER.size + manifest_size:
-        return None
-    manifest = parse_manifest(format_version, os.pread(fd, manifest_size, CRAU_HEADER.size))
+    except NotPayload:
+        return -1 if have else None  # no mark, and no need to look again
     return -1 if manifest.signed_end is None else manifest.signed_end
 
 
@@ -5264,22 +5292,25 @@ def present(wanted: Wanted, path: str) -> bool:
 
 
 class Progress:
-    """A download's progress: one updating line per file on a terminal, otherwise a line every
-    PROGRESS_EVERY_SECONDS."""
+    """A long job's progress (a download, or hashing at start): one updating line per file on a
+    terminal, otherwise a line every PROGRESS_EVERY_SECONDS; nothing until `quiet_for` seconds
+    have passed, so that a quick job prints nothing."""
 
     def __init__(self, out: Any, terminal: bool) -> None:
         self.out, self.terminal = out, terminal
         self.label, self.began, self.shown, self.start = "", 0.0, 0.0, 0
+        self.said = False
 
-    def begin(self, label: str, start: int) -> None:
-        self.label, self.start = label, start
-        self.began = self.shown = time.monotonic()
+    def begin(self, label: str, start: int, quiet_for: float = 0.0) -> None:
+        self.label, self.start, self.said = label, start, False
+        self.began = time.monotonic()
+        self.shown = self.began + quiet_for
 
     def __call__(self, done: int, size: int) -> None:
         now = time.monotonic()
         if now - self.shown < (0.2 if self.terminal else PROGRESS_EVERY_SECONDS):
             return
-        self.shown = now
+        self.shown, self.said = now, True
         self._say(self._words(done, size, now), final=False)
 
     def end(self, words: str) -> None:
@@ -7511,21 +7542,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
 # -- starting: payloads, the socket, the banner ------------------------------------------------
 
 def _progress_printer(label: str) -> Optional[Callable[[int, int], None]]:
-    """A progress line on a terminal, shown only once hashing has taken over a second."""
+    """Hashing's progress on a terminal, shown only once it has taken over a second."""
     if not sys.stderr.isatty():
         return None
-    began = time.monotonic()
-    shown = [0.0]
+    progress = Progress(sys.stderr, terminal=True)
+    progress.begin("hashing " + label, 0, quiet_for=0.8)
 
     def show(done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - began < 1.0 or (now - shown[0] < 0.2 and done < total):
-            return
-        shown[0] = now
-        sys.stderr.write("\rhashing %s: %3d%% (%s of %s)%s" % (
-            label, done * 100 // total, format_size(done), format_size(total),
-            "\n" if done >= total else ""))
-        sys.stderr.flush()
+        progress(done, total)
+        if done >= total and progress.said:
+            progress.end("%s, hashed" % format_size(total))
     return show
 
 
@@ -8179,9 +8205,6 @@ def say_summary(app: Service, json_lines: bool) -> None:
 
 # -- download: the connected side -------------------------------------------------------------
 
-_NAME_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
-
-
 def build_download_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog=PROG + " download", allow_abbrev=False,
@@ -8215,7 +8238,7 @@ def _payload_word(flag: str, text: str, prefix: str) -> str:
     """An --oem or --extension name, given as 'azure' or as 'oem-azure.gz'."""
     name = text[len(prefix):] if text.startswith(prefix) else text
     name = name[:-3] if name.endswith(".gz") else name
-    if not _NAME_WORD.fullmatch(name):
+    if not is_word(name):
         raise UsageError("%s %r is not a name like azure or python" % (flag, text))
     return name
 
@@ -8225,7 +8248,7 @@ def download_options_from(args: argparse.Namespace) -> DownloadOptions:
     values = vars(args)
     if os.path.exists(args.directory) and not os.path.isdir(args.directory):
         raise UsageError("%s is not a directory" % args.directory)
-    if not _NAME_WORD.fullmatch(args.channel):
+    if not is_word(args.channel):
         raise UsageError("--channel %r is not a channel name like stable" % args.channel)
     if args.version and args.all_extensions:
         raise UsageError("--all-extensions needs the update service's answer, which lists a "

@@ -37,10 +37,10 @@ def test_progress_shows_only_after_a_second_on_a_terminal(monkeypatch):
     assert terminal.getvalue() == ""  # quick files print nothing
     clock[0] += 1.5
     show(50 << 20, 100 << 20)
-    assert terminal.getvalue() == "\rhashing update.gz:  50% (50.0 MiB of 100.0 MiB)"
+    assert terminal.getvalue() == "\r\x1b[Khashing update.gz: 50/100 MiB, 33.3 MiB/s, 1 s left"
     clock[0] += 0.5
     show(100 << 20, 100 << 20)
-    assert terminal.getvalue().endswith("\rhashing update.gz: 100% (100.0 MiB of 100.0 MiB)\n")
+    assert terminal.getvalue().endswith("\r\x1b[Khashing update.gz: 100.0 MiB, hashed\n")
 
 
 def test_no_progress_when_not_a_terminal(monkeypatch):

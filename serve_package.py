@@ -5596,6 +5596,73 @@ def postinstall_advice(who: str, release: Release) -> str:
                 who, release.version, ", ".join(extras) if extras else "none, only the OS payload"))
 
 
+class OperatorLog:
+    """What the log tells the operator beyond the facts of each request, each said once, or
+    counted (Warnings): a warning many machines hit, advice on what a request shows is coming
+    or went wrong, machines forgotten, what the fleet needs and is not served."""
+
+    def __init__(self) -> None:
+        self.warnings = Warnings()
+        self.said_missing = []  # type: List[str]
+        self.said_forgotten = (0, 0.0)  # machines forgotten, as of the last line, and when
+
+    def request_line(self, app: AppRequest, client: str, taken: Taken,
+                       now: float) -> List[Note]:
+        """The request's own line: with -v always; a warning once per machine (and then, for
+        many machines of one cause, a count every ten minutes); every forced offer. Its words
+        are made only when the line is written."""
+        decision = taken.decision if app.updatecheck else None
+
+        def line() -> str:
+            return "%s %s: %s" % (client, describe_machine(app), describe_request(app, decision,
+                                                                                taken.happenings))
+        if decision is not None and decision.warning:
+            return self.warnings.note(decision.warning, taken.key, line, now)
+        level = logging.INFO if decision is not None and decision.forced else logging.DEBUG
+        return [Note(level, line())] if log.isEnabledFor(level) else []
+
+    def advice(self, app: AppRequest, client: str, taken: Taken, release: Release,
+                now: float) -> List[Note]:
+        """What the operator can do about what this request shows is coming or went wrong."""
+        notes = []  # type: List[Note]
+        offered = app.updatecheck and taken.decision.offer
+        if not app.events and not offered:
+            return notes
+
+        def who() -> str:
+            return "%s %s" % (client, describe_machine(app))
+
+        oem_payload = missing_oem_payload(app, release) if offered else None
+        if oem_payload:
+            notes += self.warnings.note(("oem", oem_payload), taken.key,
+                                        lambda: oem_advice(who(), app, release, oem_payload), now)
+        if any(map(is_postinstall_failure, app.events, taken.happenings)):
+            notes += self.warnings.note("postinstall", taken.key,
+                                        lambda: postinstall_advice(who(), release), now)
+        return notes
+
+    def forgotten(self, forgotten: int, max_machines: int, now: float) -> List[Note]:
+        """A line when machines were forgotten to stay within --max-machines: at once the first
+        time, then at most once every WARNING_EVERY."""
+        said, when = self.said_forgotten
+        if forgotten == said or (said and now - when < WARNING_EVERY):
+            return []
+        self.said_forgotten = (forgotten, now)
+        return [Note(logging.WARNING, "%d machine(s) forgotten%s to stay within --max-machines "
+                     "%d (the longest unseen that held no slot); raise it if the fleet is "
+                     "that large" % (forgotten - said, " since %s" % _clock(iso_time(when))
+                                     if said else "", max_machines))]
+
+    def needs(self, missing: List[str]) -> List[Note]:
+        """A line when what the fleet needs and is not served changed."""
+        if missing == self.said_missing:
+            return []
+        self.said_missing = missing
+        return [Note(logging.WARNING, "the fleet needs what is not served: %s; see /needs for "
+                     "the download command that brings it" % clean("; ".join(missing), 600))
+                if missing else Note(logging.INFO, "everything the fleet needs is served")]
+
+
 class Transfer(NamedTuple):
     """A download under way: the machine it is counted for, the file, its path under
     /packages/ (for /metrics), and since when."""
@@ -5842,11 +5909,9 @@ class Service:
                            max_concurrent=policy.max_concurrent,
                            max_machines=settings.max_machines)
         self.fleet.limit(policy, self.clock())
-        self.warnings = Warnings()
+        self.operator_log = OperatorLog()
         self.started = clock()
         self.rollout = RolloutGate(policy, self.fleet, clock)
-        self._said_missing = []  # type: List[str]
-        self._said_forgotten = (0, 0.0)  # machines forgotten, as of the last line, and when
         # Looked at no more than once a second: each look is a syscall, checks come by the
         # thousand; downloads look at their payload between every chunk they send.
         self._changed = PerSecond(self._look_changed, ())
@@ -5887,9 +5952,9 @@ class Service:
                 release.version)
             answers.append(answer_app(app, taken.decision, release,
                                       self.codebases(server_url, release)))
-            notes += self._request_notes(app, client, taken, now)
+            notes += self.operator_log.request_line(app, client, taken, now)
             notes += taken.notes
-            notes += self._advice(app, client, taken, release, now)
+            notes += self.operator_log.advice(app, client, taken, release, now)
             if any(h.state in (FAILED, ROLLED_BACK) for h in taken.happenings):
                 notes += self.rollout.check_halt()
         return Answered(render_response(answers), notes)
@@ -5917,41 +5982,6 @@ class Service:
         if release.prefix:
             return tuple(codebase + release.prefix for codebase in codebases)
         return codebases
-
-    def _request_notes(self, app: AppRequest, client: str, taken: Taken,
-                       now: float) -> List[Note]:
-        """The request's own line: with -v always; a warning once per machine (and then, for
-        many machines of one cause, a count every ten minutes); every forced offer. Its words
-        are made only when the line is written."""
-        decision = taken.decision if app.updatecheck else None
-
-        def line() -> str:
-            return "%s %s: %s" % (client, describe_machine(app), describe_request(app, decision,
-                                                                                taken.happenings))
-        if decision is not None and decision.warning:
-            return self.warnings.note(decision.warning, taken.key, line, now)
-        level = logging.INFO if decision is not None and decision.forced else logging.DEBUG
-        return [Note(level, line())] if log.isEnabledFor(level) else []
-
-    def _advice(self, app: AppRequest, client: str, taken: Taken, release: Release,
-                now: float) -> List[Note]:
-        """What the operator can do about what this request shows is coming or went wrong."""
-        notes = []  # type: List[Note]
-        offered = app.updatecheck and taken.decision.offer
-        if not app.events and not offered:
-            return notes
-
-        def who() -> str:
-            return "%s %s" % (client, describe_machine(app))
-
-        oem_payload = missing_oem_payload(app, release) if offered else None
-        if oem_payload:
-            notes += self.warnings.note(("oem", oem_payload), taken.key,
-                                        lambda: oem_advice(who(), app, release, oem_payload), now)
-        if any(map(is_postinstall_failure, app.events, taken.happenings)):
-            notes += self.warnings.note("postinstall", taken.key,
-                                        lambda: postinstall_advice(who(), release), now)
-        return notes
 
     # -- payloads, the pause file, and the clock's jobs ------------------------------------
 
@@ -6003,7 +6033,7 @@ class Service:
 
     def package_changed(self, package: Package) -> List[Note]:
         """A payload file is no longer the one hashed at start: said once a file."""
-        if not self.warnings.once(("changed", package.path)):
+        if not self.operator_log.warnings.once(("changed", package.path)):
             return []
         return [Note(logging.ERROR, "%s is no longer the file that was hashed at startup (it was "
                      "written to): it is not offered and not served any more; restart %s to "
@@ -6031,36 +6061,19 @@ class Service:
 
     def tick(self) -> List[Note]:
         """The clock's job, once a second: the "N more machines" warning lines now due, a line
-        when what the fleet needs and is not served changed, and one when a reload runs past
-        its bound."""
+        when machines were forgotten, a halt the pause file could not take yet, a line when
+        what the fleet needs and is not served changed, and one when a reload runs past its
+        bound."""
         now = self.clock()
-        missing = fleet_needs(self.catalog, self.fleet.summary_facts(now))["missing"]
-        notes = self.warnings.due(now) + self._forgotten_notes(now)
+        notes = self.operator_log.warnings.due(now) + self.operator_log.forgotten(
+            self.fleet.registry.forgotten, self.settings.max_machines, now)
         notes += self.rollout.check_halt()
         health = self.health()
         if health and not self._said_slow_reload:
             self._said_slow_reload = True
             notes.append(Note(logging.ERROR, health))
-        if missing != self._said_missing:
-            self._said_missing = missing
-            notes.append(Note(logging.WARNING, "the fleet needs what is not served: %s; see "
-                              "/needs for the download command that brings it" % clean(
-                                  "; ".join(missing), 600)) if missing else
-                         Note(logging.INFO, "everything the fleet needs is served"))
-        return notes
-
-    def _forgotten_notes(self, now: float) -> List[Note]:
-        """A line when machines were forgotten to stay within --max-machines: at once the first
-        time, then at most once every WARNING_EVERY."""
-        forgotten = self.fleet.registry.forgotten
-        said, when = self._said_forgotten
-        if forgotten == said or (said and now - when < WARNING_EVERY):
-            return []
-        self._said_forgotten = (forgotten, now)
-        return [Note(logging.WARNING, "%d machine(s) forgotten%s to stay within --max-machines "
-                     "%d (the longest unseen that held no slot); raise it if the fleet is "
-                     "that large" % (forgotten - said, " since %s" % _clock(iso_time(when))
-                                     if said else "", self.settings.max_machines))]
+        return notes + self.operator_log.needs(fleet_needs(
+            self.catalog, self.fleet.summary_facts(now))["missing"])
 
     def needs(self) -> str:
         """GET /needs: what the fleet needs that is not served, and the command that brings it."""

@@ -433,6 +433,8 @@ def under_journald(fd: int) -> bool:
         return (st.st_dev, st.st_ino) == (int(device), int(inode))
     except (OSError, ValueError):
         return False
+
+
 _local_stamp = PerSecond(lambda _previous, second: time.strftime(
     "%Y-%m-%d %H:%M:%S", time.localtime(second)))
 
@@ -2527,39 +2529,6 @@ class Machine:
         self.answer = ""  # why its last update check was answered as it was (not kept)
         self.offered_from = ""  # the version it ran when offered its target (not kept)
 
-    RECORDED = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
-                "first_seen", "last_seen", "state", "detail", "error", "from_version",
-                "downloaded", "size", "offered_at", "installed_instead", "board", "setup",
-                "progressed_at", "final", "completed_at")
-
-    def record(self) -> List[object]:
-        """What --state-file keeps of it, in the order of RECORDED: every fact, and its slot
-        (offered_at)."""
-        return [getattr(self, name) for name in self.RECORDED]
-
-    @classmethod
-    def from_record(cls, values: List[Any], fields: Sequence[str] = RECORDED) -> "Machine":
-        """A machine as a state file kept it, read by the field names of the file's header: a
-        field the file lacks (written before it existed) takes its default, one it has and
-        this version does not know is left. Every value is checked (types, finite numbers in
-        their range, lengths): ValueError when the record is not a machine's."""
-        if not isinstance(values, list) or len(values) != len(fields):
-            raise ValueError("not a machine's record")
-        record = dict(zip(fields, values))
-        if not isinstance(record.get("key"), str) or not record["key"]:
-            raise ValueError("a record without its key")
-        machine = cls(record["key"], "", 0.0)
-        for name in cls.RECORDED:
-            if name in record:
-                setattr(machine, name, record_value(name, record[name], getattr(machine, name)))
-        if machine.state not in STATES:
-            raise ValueError("state %r is not one of this server's" % machine.state)
-        if machine.installed_instead or machine.state == OTHER_VERSION:
-            # "not offered again until a restart": the restart may serve the right version
-            machine.installed_instead = ""
-            machine.state, machine.detail, machine.target = IDLE, "", ""
-        return machine
-
     def introduce(self, app: AppRequest, address: str) -> None:
         """What a request says of the machine that sent it. The words a fleet shares (an
         address behind NAT, versions, groups, OEMs, boards) are kept once, not once a machine."""
@@ -2583,17 +2552,6 @@ class Machine:
         self.setup = {"reported": iso_time(now), "mode": report.mode,
                       "extensions": " ".join(report.extensions),
                       "missing": " ".join(report.missing), "problems": report.problems}
-
-    def setup_facts(self) -> Optional[Dict[str, object]]:
-        """Its last setup report, the lists as lists (a state file of an earlier version kept
-        them so)."""
-        if self.setup is None:
-            return None
-        return dict(self.setup, **{key: _names(self.setup.get(key))
-                                   for key in ("extensions", "missing")})
-
-    def setup_names(self, key: str) -> List[str]:
-        return _names(self.setup.get(key)) if self.setup else []
 
     def holds_slot(self, now: float, timeout: float) -> bool:
         """Whether it holds a --max-concurrent slot: an offer for OFFER_HOLD seconds (update_engine
@@ -2770,14 +2728,53 @@ class Machine:
     def name(self) -> str:
         return short_name(self.alias, self.machineid, self.address)
 
-    def label(self) -> str:
-        """'node-3 (10.0.0.7, azure) 3760.2.0 -> 3815.2.5': who, where, from what to what."""
-        where = ", ".join(x for x in (self.address, self.oem) if x)
-        return clean("%s (%s) %s" % (self.name(), where, self.versions() or "?"), 200)
 
-    def note(self, level: int, event: str) -> Note:
-        return Note(level, "%s: %s" % (self.label(), self.detail),
-                    {"event": event, "machine": machine_facts(self)})
+MACHINE_RECORD = ("key", "machineid", "alias", "address", "oem", "group", "version", "target",
+                  "first_seen", "last_seen", "state", "detail", "error", "from_version",
+                  "downloaded", "size", "offered_at", "installed_instead", "board", "setup",
+                  "progressed_at", "final", "completed_at")  # what --state-file keeps
+
+
+def machine_record(machine: Machine) -> List[object]:
+    """What --state-file keeps of a machine, in the order of MACHINE_RECORD: every fact, and
+    its slot (offered_at)."""
+    return [getattr(machine, name) for name in MACHINE_RECORD]
+
+
+def machine_from_record(values: List[Any], fields: Sequence[str] = MACHINE_RECORD) -> Machine:
+    """A machine as a state file kept it, read by the field names of the file's header: a
+    field the file lacks (written before it existed) takes its default, one it has and
+    this version does not know is left. Every value is checked (types, finite numbers in
+    their range, lengths): ValueError when the record is not a machine's."""
+    if not isinstance(values, list) or len(values) != len(fields):
+        raise ValueError("not a machine's record")
+    record = dict(zip(fields, values))
+    if not isinstance(record.get("key"), str) or not record["key"]:
+        raise ValueError("a record without its key")
+    machine = Machine(record["key"], "", 0.0)
+    for name in MACHINE_RECORD:
+        if name in record:
+            setattr(machine, name, record_value(name, record[name], getattr(machine, name)))
+    if machine.state not in STATES:
+        raise ValueError("state %r is not one of this server's" % machine.state)
+    if machine.installed_instead or machine.state == OTHER_VERSION:
+        # "not offered again until a restart": the restart may serve the right version
+        machine.installed_instead = ""
+        machine.state, machine.detail, machine.target = IDLE, "", ""
+    return machine
+
+
+def setup_facts(machine: Machine) -> Optional[Dict[str, object]]:
+    """A machine's last setup report, the lists as lists (a state file of an earlier version kept
+    them so)."""
+    if machine.setup is None:
+        return None
+    return dict(machine.setup, **{key: _names(machine.setup.get(key))
+                                  for key in ("extensions", "missing")})
+
+
+def setup_names(machine: Machine, key: str) -> List[str]:
+    return _names(machine.setup.get(key)) if machine.setup else []
 
 
 def machine_facts(m: Machine, now: Optional[float] = None) -> Dict[str, object]:
@@ -2798,10 +2795,22 @@ def machine_facts(m: Machine, now: Optional[float] = None) -> Dict[str, object]:
             "target": m.target, "from_version": m.from_version,
             "state": m.state, "state_words": m.detail,
             "first_seen": iso_time(m.first_seen), "last_seen": iso_time(m.last_seen),
-            "download": download, "error": error, "setup": m.setup_facts(),
+            "download": download, "error": error, "setup": setup_facts(m),
             "stalled_since": iso_time(m.progressed_at)
             if now is not None and m.stalled(now) else None,
             "not_seen": now is not None and m.lost(now), "answer": m.answer}
+
+
+def machine_label(machine: Machine) -> str:
+    """'node-3 (10.0.0.7, azure) 3760.2.0 -> 3815.2.5': who, where, from what to what."""
+    where = ", ".join(x for x in (machine.address, machine.oem) if x)
+    return clean("%s (%s) %s" % (machine.name(), where, machine.versions() or "?"), 200)
+
+
+def machine_note(machine: Machine, level: int, event: str) -> Note:
+    """A line for the log on what the machine did, with its facts."""
+    return Note(level, "%s: %s" % (machine_label(machine), machine.detail),
+                {"event": event, "machine": machine_facts(machine)})
 
 
 TALLIED = ("state", "version", "board", "group", "oem", "board_oem", "cause")
@@ -3249,7 +3258,7 @@ class Stages:
 def count_extensions(counter: collections.Counter, machine: "Machine", sign: int) -> None:
     """The (board, extension) pairs a machine's setup report enables, counted in (1) or out
     (-1); at most MAX_DISTINCT pairs apart, whatever the reports say."""
-    for name in machine.setup_names("extensions"):
+    for name in setup_names(machine, "extensions"):
         pair = (machine.board, name)
         if pair in counter or len(counter) < MAX_DISTINCT or sign < 0:
             counter[pair] += sign
@@ -3502,7 +3511,7 @@ class Fleet:
             # says; the offer that comes with it shows on the machine's next check.
             failed_now = bool(notes) and machine.state in UNHAPPY
             if checked is not None and machine.rebooted_unreported(app):
-                notes.append(machine.note(logging.INFO, "state"))
+                notes.append(machine_note(machine, logging.INFO, "state"))
             if checked is not None and not failed_now:
                 notes += self._checked(machine, checked, now)
             self._changed(machine, before, now)
@@ -3537,7 +3546,7 @@ class Fleet:
             if machine.happened(happening, event, now):
                 if instead:
                     machine.installed_other(offered_as, machine.version)
-                notes.append(machine.note(logging.WARNING if machine.state in (
+                notes.append(machine_note(machine, logging.WARNING if machine.state in (
                     FAILED, ROLLED_BACK, OTHER_VERSION) else logging.INFO, "state"))
         return notes
 
@@ -3552,7 +3561,7 @@ class Fleet:
         """The records of the machines changed since the last call (None: forgotten), and the
         change counts."""
         with self.lock:
-            records = {key: self.machines[key].record() if key in self.machines else None
+            records = {key: machine_record(self.machines[key]) if key in self.machines else None
                        for key in self.dirty}
             self.dirty.clear()
             return records, self.changes, self.touches
@@ -3616,12 +3625,12 @@ class Fleet:
             # an offer of another version than the one under way is the one it installs now
             if machine.state not in UNDER_WAY or machine.target != decision.version:
                 self._offer(machine, decision, now)
-                return [machine.note(logging.INFO, "state")]
+                return [machine_note(machine, logging.INFO, "state")]
             return []
         machine.held_on_floor()
         if machine.state in REFUSED or decision.settled and machine.state in UNHAPPY:
             if machine.change(decision.state, decision.reason, target=""):
-                return [machine.note(logging.INFO, "state")]
+                return [machine_note(machine, logging.INFO, "state")]
         return []
 
     def downloader(self, address: str) -> str:
@@ -3642,7 +3651,7 @@ class Fleet:
             machine, before = self._machine(key, address, now)
             said = machine.progress(package.size, end, sent, seconds, now)
             self._changed(machine, before, now)
-            return [machine.note(logging.INFO, "progress")] if said else []
+            return [machine_note(machine, logging.INFO, "progress")] if said else []
 
     def set_up(self, report: "SetupReport", address: str, now: float) -> List[Note]:
         """A setup script's report: the machine's needs, before it downloads a byte."""
@@ -3658,9 +3667,9 @@ class Fleet:
             if report.missing:
                 return [Note(logging.WARNING, "%s: setup found what the update needs and this "
                              "server does not serve: %s (%s)" % (
-                                 machine.label(), " ".join(report.missing), found))]
+                                 machine_label(machine), " ".join(report.missing), found))]
             return [Note(logging.INFO, "%s: setup %s (%s; %d problem(s))" % (
-                machine.label(), "checked" if report.mode == "check" else "ran", found,
+                machine_label(machine), "checked" if report.mode == "check" else "ran", found,
                 report.problems))]
 
     def state_words(self, machineid: str) -> str:
@@ -3793,7 +3802,7 @@ def csv_row(m: Machine, now: float) -> Tuple[object, ...]:
                    round(m.downloaded * 100.0 / m.size, 1) if m.size else "",
                    iso_time(m.progressed_at) if m.stalled(now) else "",
                    "yes" if m.lost(now) else "",
-                   " ".join(m.setup_names("missing")), iso_time(m.first_seen),
+                   " ".join(setup_names(m, "missing")), iso_time(m.first_seen),
                    iso_time(m.last_seen))
 
 
@@ -7803,7 +7812,7 @@ def _machine_from_line(line: str, number: int, fields: Sequence[str]) -> Machine
     if len(line) >= MAX_STATE_LINE:
         raise ValueError("line %d: longer than any machine's record" % number)
     try:
-        return Machine.from_record(json.loads(line), fields)
+        return machine_from_record(json.loads(line), fields)
     except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise ValueError("line %d: %s" % (number, exc)) from None
 
@@ -7824,7 +7833,7 @@ def _state_header(path: str, line: str) -> Tuple[List[str], int]:
                          "format %s; this one reads %d): start that one, or start with "
                          "--reset-state to keep the file as %s.old and start afresh"
                          % (path, clean(str(header.get("version")), 20), STATE_VERSION, path))
-    fields = header.get("fields", list(Machine.RECORDED))
+    fields = header.get("fields", list(MACHINE_RECORD))
     if not isinstance(fields, list) or not all(isinstance(n, str) for n in fields):
         raise ValueError("its header does not list its fields")
     count = header.get("machines")
@@ -7951,7 +7960,7 @@ class StateKeeper(Background):
                 self.lines[key] = json.dumps(record, separators=(",", ":"))
         header = json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION,
                              "saved": iso_time(time.time()), "machines": len(self.lines),
-                             "fields": Machine.RECORDED})
+                             "fields": MACHINE_RECORD})
         try:
             write_atomically(self.path, [header] + list(self.lines.values()))
         except OSError as exc:

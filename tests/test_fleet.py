@@ -332,7 +332,7 @@ def test_restored_machines_are_counted_but_not_as_updated_in_the_last_hour(fleet
                   lambda standing: sp.decide(complete, release, standing=standing))
     offer_to(fleet, release, 2, 300.0)
     assert fleet.summary_facts(400.0)["updates_last_hour"] == 1
-    records = [sp.Machine.from_record(m.record()) for m in fleet.machines.values()]
+    records = [sp.machine_from_record(sp.machine_record(m)) for m in fleet.machines.values()]
     again = sp.Fleet(sp.Catalog((release,)), 600.0, max_concurrent=1)
     again.restore(records, 500.0)
     facts = again.summary_facts(500.0)

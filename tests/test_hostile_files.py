@@ -20,15 +20,15 @@ RECORD = sp.Machine("a" * 32, "10.0.0.1", 1700000000.0)
 def state_file(tmp_path, records, name="fleet.state"):
     path = tmp_path / name
     header = {"format": sp.STATE_FORMAT, "version": sp.STATE_VERSION, "machines": len(records),
-              "fields": list(sp.Machine.RECORDED)}
+              "fields": list(sp.MACHINE_RECORD)}
     path.write_text("\n".join([json.dumps(header)] + [json.dumps(r) for r in records]) + "\n")
     return str(path)
 
 
 def record(**changes):
-    values = dict(zip(sp.Machine.RECORDED, RECORD.record()))
+    values = dict(zip(sp.MACHINE_RECORD, sp.machine_record(RECORD)))
     values.update(changes)
-    return [values[name] for name in sp.Machine.RECORDED]
+    return [values[name] for name in sp.MACHINE_RECORD]
 
 
 @pytest.mark.parametrize("changes", [
@@ -183,7 +183,7 @@ def test_a_config_nested_too_deep_is_one_sentence(pyz, tmp_path):
 def test_a_record_with_a_surrogate_or_a_control_character_is_dropped(tmp_path, changes, caplog):
     path = tmp_path / "fleet.state"
     header = {"format": sp.STATE_FORMAT, "version": sp.STATE_VERSION, "machines": 1,
-              "fields": list(sp.Machine.RECORDED)}
+              "fields": list(sp.MACHINE_RECORD)}
     path.write_text(json.dumps(header) + "\n" + json.dumps(record(**changes)) + "\n")
     assert sp.read_state(str(path), False) == []
     assert "1 record(s) that are not a machine's were dropped" in caplog.text

@@ -2807,6 +2807,18 @@ def machine_label(machine: Machine) -> str:
     return clean("%s (%s) %s" % (machine.name(), where, machine.versions() or "?"), 200)
 
 
+def setup_note(machine: Machine, report: "SetupReport") -> Note:
+    """What a machine's setup report says, for the log."""
+    found = "enabled extensions: %s" % (" ".join(report.extensions) or "none")
+    if report.missing:
+        return Note(logging.WARNING, "%s: setup found what the update needs and this server "
+                    "does not serve: %s (%s)" % (machine_label(machine),
+                                                 " ".join(report.missing), found))
+    return Note(logging.INFO, "%s: setup %s (%s; %d problem(s))" % (
+        machine_label(machine), "checked" if report.mode == "check" else "ran", found,
+        report.problems))
+
+
 def machine_note(machine: Machine, level: int, event: str) -> Note:
     """A line for the log on what the machine did, with its facts."""
     return Note(level, "%s: %s" % (machine_label(machine), machine.detail),
@@ -3009,7 +3021,7 @@ def count_request(counters: collections.Counter, app: AppRequest,
 def summary_of(counts: Dict[str, Dict[Any, int]], total: int, extensions: Dict[Any, int],
                examples: Dict[str, List[str]], updated: int, stalled: int,
                not_seen: int) -> Dict[str, Any]:
-    """The fleet at a glance (Fleet.summary_facts), as the views read it."""
+    """The fleet at a glance (Census.summary), as the views read it."""
     states = counts["state"]
     return {
         "machines": total, "states": states, "versions": counts["version"],
@@ -3421,6 +3433,28 @@ class Slots:
             self.holders.pop(machine.key, None)
 
 
+class Unsaved:
+    """For --state-file: the machines changed since the last save, and how many changes moved
+    a count or a slot (saved within seconds) or only a last-seen time (within a minute)."""
+
+    def __init__(self) -> None:
+        self.keys = set()  # type: set
+        self.changes = self.touches = 0
+
+    def changed(self, key: str, counted: bool) -> None:
+        self.keys.add(key)
+        self.touches += 1
+        self.changes += counted
+
+    def take(self, machines: Dict[str, Machine]
+             ) -> Tuple[Dict[str, Optional[List[object]]], int, int]:
+        """The records of the machines changed (None: forgotten since), and the counts."""
+        records = {key: machine_record(machines[key]) if key in machines else None
+                   for key in self.keys}
+        self.keys.clear()
+        return records, self.changes, self.touches
+
+
 class Fleet:
     """Every machine seen (by machine_key), the state its requests and downloads put it in, and
     the --max-concurrent slots. Each method takes the fleet's lock, is given the time, and
@@ -3439,10 +3473,7 @@ class Fleet:
         # (board, extension) the setup reports say their machines enable
         self.extensions = collections.Counter()  # type: collections.Counter
         self.counters = collections.Counter()  # type: collections.Counter  # for /metrics
-        # for --state-file: the machines changed since the last save, and how many changes
-        # moved a count or a slot (saved within seconds) or only a last-seen time (a minute)
-        self.dirty = set()  # type: set
-        self.changes = self.touches = 0
+        self.unsaved = Unsaved()  # for --state-file
         self.stages = Stages()
         self.counts = RolloutCounts()
 
@@ -3551,25 +3582,19 @@ class Fleet:
         return notes
 
     def _changed(self, machine: "Machine", before: Optional[Tuple[str, ...]], now: float) -> None:
-        self.dirty.add(machine.key)
-        self.touches += 1
         self.slots.look(machine, now)
-        if self.tally.change(machine, before, now):
-            self.changes += 1
+        self.unsaved.changed(machine.key, self.tally.change(machine, before, now))
 
-    def take_dirty(self) -> Tuple[Dict[str, Optional[List[object]]], int, int]:
+    def take_unsaved(self) -> Tuple[Dict[str, Optional[List[object]]], int, int]:
         """The records of the machines changed since the last call (None: forgotten), and the
         change counts."""
         with self.lock:
-            records = {key: machine_record(self.machines[key]) if key in self.machines else None
-                       for key in self.dirty}
-            self.dirty.clear()
-            return records, self.changes, self.touches
+            return self.unsaved.take(self.machines)
 
-    def unsaved(self, keys: Iterable[str]) -> None:
-        """A save failed: these machines are saved next time."""
+    def save_failed(self, keys: Iterable[str]) -> None:
+        """These machines are saved next time."""
         with self.lock:
-            self.dirty.update(keys)
+            self.unsaved.keys.update(keys)
 
     def restore(self, machines: Sequence["Machine"], now: float) -> None:
         """The machines a state file kept, counted and holding their slots as before; a time
@@ -3588,7 +3613,7 @@ class Fleet:
                 self.slots.holders.update(self.slots.among(machines, now))
             for machine in machines:
                 count_extensions(self.extensions, machine, 1)
-            self.dirty.update(machine.key for machine in machines)  # the first save writes all
+            self.unsaved.keys.update(m.key for m in machines)  # the first save writes all
             self.tally.completions.clear()  # they completed before: not "in the last hour"
 
     def _offer(self, machine: "Machine", decision: Decision, now: float) -> None:
@@ -3610,7 +3635,7 @@ class Fleet:
             self.counts.forget(gone.key)
             self.tally.forget(gone)
             count_extensions(self.extensions, gone, -1)
-            self.dirty.add(gone.key)
+            self.unsaved.keys.add(gone.key)
         return machine, None if created else machine.tally()
 
     def _rank(self, machine: "Machine") -> None:
@@ -3663,26 +3688,29 @@ class Fleet:
             count_extensions(self.extensions, machine, 1)
             self.extensions += collections.Counter()  # drops the names no machine enables
             self._changed(machine, before, now)
-            found = "enabled extensions: %s" % (" ".join(report.extensions) or "none")
-            if report.missing:
-                return [Note(logging.WARNING, "%s: setup found what the update needs and this "
-                             "server does not serve: %s (%s)" % (
-                                 machine_label(machine), " ".join(report.missing), found))]
-            return [Note(logging.INFO, "%s: setup %s (%s; %d problem(s))" % (
-                machine_label(machine), "checked" if report.mode == "check" else "ran", found,
-                report.problems))]
+            return [setup_note(machine, report)]
+
+
+
+class Census:
+    """What the views read of a fleet, each under its lock: the summary from the counts kept
+    as machines change, the machines a query selects, the counters /metrics shows, the
+    machines whose update failed, one machine's state in words."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
 
     def state_words(self, machineid: str) -> str:
         """One line for the setup script: where this machine's update stands, and why."""
-        with self.lock:
-            machine = self.machines.get(machineid)
+        with self.fleet.lock:
+            machine = self.fleet.machines.get(machineid)
             return state_words(machine) if machine else "it has not checked in yet"
 
     def select(self, query: "Query", now: float) -> List[Machine]:
         """The machines a query asks for, in its order. Only the copy of the list is taken under
         the lock; the filtering reads the machines as they are."""
-        with self.lock:
-            machines = list(self.machines.values())
+        with self.fleet.lock:
+            machines = list(self.fleet.machines.values())
         machines.reverse()  # the one seen last first
         chosen = [m for m in machines if query.matches(m, now)] if query.filtered() else machines
         if query.sort != "last_seen":
@@ -3690,22 +3718,23 @@ class Fleet:
         return chosen
 
     def metric_counters(self) -> Dict[Tuple, int]:
-        with self.lock:
-            counters = dict(self.counters)
-            counters["forgotten", ] = self.registry.forgotten
+        with self.fleet.lock:
+            counters = dict(self.fleet.counters)
+            counters["forgotten", ] = self.fleet.registry.forgotten
             return counters
 
-    def summary_facts(self, now: float) -> Dict[str, Any]:
+    def summary(self, now: float) -> Dict[str, Any]:
         """The fleet at a glance, from the counts kept as machines change: no walk of the fleet
         but for the downloads under way and the machines not seen for long."""
-        with self.lock:
-            tally = self.tally
+        fleet = self.fleet
+        with fleet.lock:
+            tally = fleet.tally
             counts = {name: dict(tally.counts[name]) for name in TALLIED}
             stalled = sum(1 for m in tally.downloading.values() if m.stalled(now))
-            not_seen = self.registry.not_seen(now)
-            examples = {cause: [self.machines[key].name() for key in keys]
+            not_seen = fleet.registry.not_seen(now)
+            examples = {cause: [fleet.machines[key].name() for key in keys]
                         for cause, keys in tally.examples.items()}
-            return summary_of(counts, len(self.machines), dict(self.extensions), examples,
+            return summary_of(counts, len(fleet.machines), dict(fleet.extensions), examples,
                               tally.updates_last_hour(now), stalled, not_seen)
 
     def failed(self, now: float) -> List[Machine]:
@@ -3740,7 +3769,7 @@ def _cause_facts(cause: Cause, machines: int, examples: List[str]) -> Dict[str, 
 
 
 def summary_json(summary: Dict[str, Any]) -> Dict[str, Any]:
-    """A Fleet.summary_facts() in the words /status.json and the JSON log give it: each version
+    """A Census.summary() in the words /status.json and the JSON log give it: each version
     as '3760.2.0 -> 3815.2.5' while machines update to the target, each failure's cause with its
     words, hint and first machines."""
     versions = collections.Counter()  # type: collections.Counter
@@ -5918,6 +5947,7 @@ class Service:
                            max_concurrent=policy.max_concurrent,
                            max_machines=settings.max_machines)
         self.fleet.limit(policy, self.clock())
+        self.census = Census(self.fleet)
         self.operator_log = OperatorLog()
         self.started = clock()
         self.rollout = RolloutGate(policy, self.fleet, clock)
@@ -6082,11 +6112,11 @@ class Service:
             self._said_slow_reload = True
             notes.append(Note(logging.ERROR, health))
         return notes + self.operator_log.needs(fleet_needs(
-            self.catalog, self.fleet.summary_facts(now))["missing"])
+            self.catalog, self.census.summary(now))["missing"])
 
     def needs(self) -> str:
         """GET /needs: what the fleet needs that is not served, and the command that brings it."""
-        return needs_text(fleet_needs(self.catalog, self.fleet.summary_facts(self.clock())))
+        return needs_text(fleet_needs(self.catalog, self.census.summary(self.clock())))
 
     # -- the setup script and its reports --------------------------------------------------
 
@@ -6099,15 +6129,15 @@ class Service:
 
     def setup_state(self, machineid: str) -> str:
         """One line for the setup script: where this machine's update stands, and why."""
-        return self.fleet.state_words(machineid)
+        return self.census.state_words(machineid)
 
     # -- the status views ------------------------------------------------------------------
 
     def status_document(self, query: "Query") -> Dict[str, Any]:
         """The summary, and the page of machines the query asks for, as plain values."""
         now = self.clock()
-        summary = self.fleet.summary_facts(now)
-        chosen = self.fleet.select(query, now)
+        summary = self.census.summary(now)
+        chosen = self.census.select(query, now)
         page = [machine_facts(m, now) for m in chosen[query.offset:query.offset + query.limit]]
         return status_document(self.catalog, summary, page, len(chosen), query, self.started,
                                list(self.offer_changes), self.rollout.facts(now))
@@ -6115,7 +6145,7 @@ class Service:
     def machines(self, query: "Query") -> Tuple[List["Machine"], float]:
         """Every machine the query matches (for /machines.csv), and the time it was asked."""
         now = self.clock()
-        return self.fleet.select(query, now), now
+        return self.census.select(query, now), now
 
     def metrics(self) -> str:
         """/metrics, with the connection counts of the server that carries the requests."""
@@ -6123,17 +6153,17 @@ class Service:
         with self._served_lock:
             served = dict(self._served)
         now = self.clock()
-        return metrics_text(self.catalog, self.fleet.summary_facts(now),
-                            self.fleet.metric_counters(), served, connections, refusals,
+        return metrics_text(self.catalog, self.census.summary(now),
+                            self.census.metric_counters(), served, connections, refusals,
                             self.rollout.facts(now))
 
     def shutdown_summary(self) -> Tuple[str, Dict[str, Any]]:
         """At exit: the fleet's counts and the machines whose update failed, in words and as
         facts (for --log-format json)."""
         now = self.clock()
-        facts = self.fleet.summary_facts(now)
-        failed = self.fleet.failed(now)
-        every = self.fleet.select(Query(), now) if facts["machines"] <= SUMMARY_FAILED else []
+        facts = self.census.summary(now)
+        failed = self.census.failed(now)
+        every = self.census.select(Query(), now) if facts["machines"] <= SUMMARY_FAILED else []
         return summary_text(facts, failed, every[::-1]), {
             "event": "summary", "summary": summary_json(facts),
             "failed": [machine_facts(m, now) for m in failed[:SUMMARY_FAILED]],
@@ -7932,7 +7962,7 @@ class StateKeeper(Background):
 
     def _run(self) -> None:
         while not self.stop.wait(SAVE_AFTER):
-            changes, touches = self.fleet.changes, self.fleet.touches
+            changes, touches = self.fleet.unsaved.changes, self.fleet.unsaved.touches
             if changes != self.saved[0] or (touches != self.saved[1]
                                             and time.monotonic() - self.saved_at >= SAVE_IDLE):
                 self.save()
@@ -7952,7 +7982,7 @@ class StateKeeper(Background):
         return False
 
     def save(self) -> bool:
-        records, changes, touches = self.fleet.take_dirty()
+        records, changes, touches = self.fleet.take_unsaved()
         for key, record in records.items():
             if record is None:
                 self.lines.pop(key, None)  # forgotten (--max-machines)
@@ -7968,7 +7998,7 @@ class StateKeeper(Background):
                 log_line(logging.ERROR, "cannot save the fleet to %s: %s; trying again" % (
                     self.path, exc.strerror or exc))
             self.failed = exc.strerror or str(exc)
-            self.fleet.unsaved(records)
+            self.fleet.save_failed(records)
             return False
         if self.failed:
             log_line(logging.WARNING, "the fleet is saved to %s again (%d machines)" % (
@@ -8016,7 +8046,7 @@ def notify(*fields: str) -> None:
 
 def status_line(app: Service) -> str:
     """The one-line state, for systemd's STATUS= (systemctl status shows it)."""
-    facts = app.fleet.summary_facts(app.clock())
+    facts = app.census.summary(app.clock())
     catalog = app.catalog
     rollout, gate = facts["rollout"], app.rollout.gate(app.clock())
     return "offering %s; %d machine(s): %d complete, %d updating, %d failed%s" % (

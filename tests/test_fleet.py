@@ -221,7 +221,7 @@ def test_html_status_page(walk):
 def test_summary_counts_then_names_at_most_50_failed_machines():
     fleet = sp.Fleet(sp.Catalog((sp.load_release(DEMO_PAYLOAD, "3815.2.5"),)), sp.UPDATE_TIMEOUT)
     def summary(now):
-        return sp.summary_text(fleet.summary_facts(now), fleet.failed(now))
+        return sp.summary_text(sp.Census(fleet).summary(now), sp.Census(fleet).failed(now))
 
     assert summary(1000.0) == "no machine checked in"
     for n in range(60):
@@ -331,11 +331,11 @@ def test_restored_machines_are_counted_but_not_as_updated_in_the_last_hour(fleet
     fleet.request(complete, "10.0.0.1", 200.0,
                   lambda standing: sp.decide(complete, release, standing=standing))
     offer_to(fleet, release, 2, 300.0)
-    assert fleet.summary_facts(400.0)["updates_last_hour"] == 1
+    assert sp.Census(fleet).summary(400.0)["updates_last_hour"] == 1
     records = [sp.machine_from_record(sp.machine_record(m)) for m in fleet.machines.values()]
     again = sp.Fleet(sp.Catalog((release,)), 600.0, max_concurrent=1)
     again.restore(records, 500.0)
-    facts = again.summary_facts(500.0)
+    facts = sp.Census(again).summary(500.0)
     assert facts["states"] == {"complete": 1, "offered": 1} and facts["updates_last_hour"] == 0
     assert list(again.machines) == list(fleet.machines)  # in the order they were seen
     assert again.slots.holders.keys() == {"%032x" % 3}  # machine 2 still holds its slot
@@ -358,12 +358,12 @@ def test_past_max_machines_the_longest_unseen_without_a_slot_is_forgotten(releas
         offer_to(fleet, release, n, 100.0 + n, limit=1)
     assert [m.alias for m in fleet.machines.values()] == ["node-1", "node-4", "node-5"]
     assert fleet.registry.forgotten == 2
-    facts = fleet.summary_facts(200.0)
+    facts = sp.Census(fleet).summary(200.0)
     assert facts["machines"] == 3 and sum(facts["states"].values()) == 3
     assert sum(facts["versions"].values()) == 3
-    records, _, _ = fleet.take_dirty()
+    records, _, _ = fleet.take_unsaved()
     assert records["%032x" % 3] is None  # the state file drops it too
-    assert fleet.metric_counters()["forgotten", ] == 2
+    assert sp.Census(fleet).metric_counters()["forgotten", ] == 2
 
 
 def test_distinct_values_are_bounded(release):
@@ -372,7 +372,7 @@ def test_distinct_values_are_bounded(release):
         body = machine(n, version="3760.2.%d" % n, group="g%d" % n).replace(
             b'oem="azure"', b'oem="o%d"' % n)
         fleet.request(sp.parse_request(body).apps[0], "10.0.0.1", float(n), NO_OFFER)
-    facts = fleet.summary_facts(1000.0)
+    facts = sp.Census(fleet).summary(1000.0)
     for name in ("versions", "groups", "oems"):  # 64 values apart, and "(other)"
         assert len(facts[name]) == sp.MAX_DISTINCT + 1, name
     assert facts["groups"]["(other)"] == 30
@@ -388,7 +388,7 @@ def test_a_state_file_of_an_earlier_format_loads_every_machine(release):
         ("node-4", "failed", "")]
     fleet = sp.Fleet(sp.Catalog((release,)), 7200.0, max_concurrent=1)
     fleet.restore(machines, 1700000010.0)
-    assert fleet.summary_facts(1700000010.0)["machines"] == 4
+    assert sp.Census(fleet).summary(1700000010.0)["machines"] == 4
     assert list(fleet.slots.holders) == ["1" * 32]  # the earliest offer holds the one slot
 
 

@@ -203,7 +203,7 @@ def test_a_flood_of_versions_never_hides_the_machines_on_the_target(tmp_path, pa
     machine = UpdateEngine("%032x" % 1, "0.9.0")
     assert machine.update(site.net()) == "1.0.0"
     machine.check(site.net())
-    summary = site.app.fleet.summary_facts(site.clock())
+    summary = site.app.census.summary(site.clock())
     assert summary["versions"][("1.0.0", "")] == 1
 
 

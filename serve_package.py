@@ -4100,24 +4100,9 @@ def _rollout_html(rollout: Dict[str, Any]) -> str:
         for r in rollout.get("stages", ()))
 
 
-def status_page(doc: Dict[str, Any], query: Query) -> str:
-    """A self-contained HTML page of a status_document(): the summary, then one page of the
-    machines the query asks for. No script, no external asset (air-gapped browsers); the browser
-    reloads the same URL, filter and page included, every 5 seconds."""
-    esc = html.escape
-    rows = [_status_row(m) for m in doc["machines"]]
-    payloads = "".join(
-        "<li><code>%s</code> %s %s, %s, sha256 <code>%s</code>, %s; "
-        '<span class="signature">%s</span></li>' % (
-            esc(p["url_path"]), esc(p["board"]), esc(p["version"]), esc(format_size(p["size"])),
-            esc(p["sha256"]), esc(p["verified"]), esc(p["signature"]["words"]))
-        for p in doc["payloads"])  # type: ignore[union-attr]
-    return """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
-<title>serve-package: %(version)s</title><link rel="icon" href="data:,">
-<style>
+PAGE_STYLE = """<style>
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#24292f}
-table{border-collapse:collapse} #machines{width:100%%}
+table{border-collapse:collapse} #machines{width:100%}
 th,td{border-bottom:1px solid #d0d7de;padding:.35em .6em;text-align:left;font-size:.92em}
 th{background:#f6f8fa} progress{width:8em} code{font-size:.85em} .version{white-space:nowrap}
 .state{font-weight:600} .error{color:#cf222e}
@@ -4127,7 +4112,36 @@ th{background:#f6f8fa} progress{width:8em} code{font-size:.85em} .version{white-
 .name,.board,.version,#machines td:nth-child(2){white-space:nowrap}
 form{margin:1em 0} label{margin-right:.6em;font-size:.92em}
 pre.command{background:#f6f8fa;padding:.5em;overflow-x:auto}
-</style></head><body>
+</style>"""
+
+
+def _payloads_html(doc: Dict[str, Any]) -> str:
+    esc = html.escape
+    return "".join(
+        "<li><code>%s</code> %s %s, %s, sha256 <code>%s</code>, %s; "
+        '<span class="signature">%s</span></li>' % (
+            esc(p["url_path"]), esc(p["board"]), esc(p["version"]), esc(format_size(p["size"])),
+            esc(p["sha256"]), esc(p["verified"]), esc(p["signature"]["words"]))
+        for p in doc["payloads"])
+
+
+def _needs_html(needs: Dict[str, Any]) -> str:
+    esc = html.escape
+    return ('<div id="needs"><p>%s</p><p>To bring every release and file the fleet needs, on a '
+            'connected machine:</p><pre class="command">%s</pre></div>' % (
+                esc("Missing here: " + "; ".join(needs["missing"]) if needs["missing"]
+                    else "Nothing the fleet needs is missing."), esc(needs["command"])))
+
+
+def status_page(doc: Dict[str, Any], query: Query) -> str:
+    """A self-contained HTML page of a status_document(): the summary, then one page of the
+    machines the query asks for. No script, no external asset (air-gapped browsers); the browser
+    reloads the same URL, filter and page included, every 5 seconds."""
+    esc = html.escape
+    return """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
+<title>serve-package: %(version)s</title><link rel="icon" href="data:,">
+%(style)s</head><body>
 <h1>serve-package: offering <span id="offering">%(version)s</span></h1>
 %(paths)s
 %(gate)s
@@ -4146,15 +4160,11 @@ for Prometheus: <a href="/metrics">/metrics</a>.</p>
 </tbody></table>
 %(pages)s
 </body></html>
-""" % {"version": esc(str(doc["offering"])), "payloads": payloads,
-       "paths": _paths_html(doc), "gate": _rollout_html(doc["rollout"]),
+""" % {"version": esc(str(doc["offering"])), "payloads": _payloads_html(doc),
+       "style": PAGE_STYLE, "paths": _paths_html(doc), "gate": _rollout_html(doc["rollout"]),
        "summary": _summary_html(doc["summary"], query), "form": _filter_form(query),
-       "needs": '<div id="needs"><p>%s</p><p>To bring every release and file the fleet needs, '
-                'on a connected machine:</p><pre class="command">%s</pre></div>' % (
-                    esc("Missing here: " + "; ".join(doc["needs"]["missing"])
-                        if doc["needs"]["missing"] else "Nothing the fleet needs is missing."),
-                    esc(doc["needs"]["command"])),
-       "pages": _pages(query, doc["total"]), "rows": "\n".join(rows),
+       "needs": _needs_html(doc["needs"]), "pages": _pages(query, doc["total"]),
+       "rows": "\n".join(_status_row(m) for m in doc["machines"]),
        "link": esc(query._replace(offset=0, limit=PAGE_ROWS).link()) if query.filtered() else ""}
 
 
@@ -4173,62 +4183,72 @@ def _counter_order(item: Tuple[Tuple, int]) -> Tuple:
     return tuple((isinstance(part, str), part) for part in item[0])
 
 
+class Family(NamedTuple):
+    """One metric: its name (without the program's prefix), type, HELP words and samples."""
+    name: str
+    kind: str
+    words: str
+    samples: List[Tuple[Dict[str, Any], float]]
+
+
+def _fleet_families(summary: Dict[str, Any], counters: Dict[Tuple, int]) -> List[Family]:
+    """The machines by state, version, board and group, and what their requests counted."""
+    worded = summary_json(summary)
+    by = [Family("machines_by_" + label, "gauge", "Machines seen, by %s." % label,
+                 [({label: k}, v) for k, v in sorted(worded[key].items())])
+          for label, key in (("version", "versions"), ("board", "boards"), ("group", "groups"))]
+    ordered = sorted(counters.items(), key=_counter_order)
+    return [Family("machines", "gauge", "Machines seen, by state.",
+                   [({"state": k}, v) for k, v in sorted(summary["states"].items())])] + by + [
+        Family("machines_stalled", "gauge", "Downloads with no progress for 10 minutes.",
+               [({}, summary["stalled"])]),
+        Family("machines_not_seen", "gauge", "Machines not seen for 2.5 hours.",
+               [({}, summary["not_seen"])]),
+        Family("update_checks_total", "counter", "Update checks answered.",
+               [({}, counters.get(("checks",), 0))]),
+        Family("offers_total", "counter", "Update checks answered with an update.",
+               [({}, counters.get(("offers",), 0))]),
+        Family("events_total", "counter", "Events reported by machines, by type and result.",
+               [({"type": str(k[1]), "result": str(k[2])}, v) for k, v in ordered
+                if k[0] == "events"]),
+        Family("failures_total", "counter", "Failed updates reported, by update_engine error "
+               "code.", [({"code": str(k[1]), "error": error_name(k[1], short=True)
+                          if k[1] != OTHER else OTHER}, v)
+                         for k, v in ordered if k[0] == "failures"]),
+        Family("machines_forgotten_total", "counter", "Machines forgotten to stay within "
+               "--max-machines (the longest unseen that held no slot).",
+               [({}, counters.get(("forgotten",), 0))])]
+
+
 def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple, int],
                  served: Dict[str, int], connections: int, refusals: int,
                  rollout: Optional[Dict[str, Any]] = None) -> str:
     """Every metric, with its HELP and TYPE lines; names follow Prometheus' conventions."""
-    families = []  # type: List[Tuple[str, str, str, List[Tuple[Dict[str, Any], float]]]]
-
-    def family(name: str, kind: str, words: str, samples: List[Tuple[Dict[str, Any], float]]):
-        families.append((PROG.replace("-", "_") + "_" + name, kind, words, samples))
-
-    family("machines", "gauge", "Machines seen, by state.",
-           [({"state": k}, v) for k, v in sorted(summary["states"].items())])
-    worded = summary_json(summary)
-    for name, key, label in (("version", "versions", "version"), ("board", "boards", "board"),
-                             ("group", "groups", "group")):
-        family("machines_by_" + name, "gauge", "Machines seen, by %s." % label,
-               [({label: k}, v) for k, v in sorted(worded[key].items())])
-    family("machines_stalled", "gauge", "Downloads with no progress for 10 minutes.",
-           [({}, summary["stalled"])])
-    family("machines_not_seen", "gauge", "Machines not seen for 2.5 hours.",
-           [({}, summary["not_seen"])])
-    family("update_checks_total", "counter", "Update checks answered.",
-           [({}, counters.get(("checks",), 0))])
-    family("offers_total", "counter", "Update checks answered with an update.",
-           [({}, counters.get(("offers",), 0))])
-    family("events_total", "counter", "Events reported by machines, by type and result.",
-           [({"type": str(k[1]), "result": str(k[2])}, v) for k, v in sorted(
-               counters.items(), key=_counter_order) if k[0] == "events"])
-    family("failures_total", "counter", "Failed updates reported, by update_engine error code.",
-           [({"code": str(k[1]), "error": error_name(k[1], short=True)
-              if k[1] != OTHER else OTHER}, v)
-            for k, v in sorted(counters.items(), key=_counter_order) if k[0] == "failures"])
-    family("payload_bytes_served_total", "counter", "Payload bytes sent, by file.",
-           [({"file": k}, v) for k, v in sorted(served.items())])
-    family("machines_forgotten_total", "counter", "Machines forgotten to stay within "
-           "--max-machines (the longest unseen that held no slot).",
-           [({}, counters.get(("forgotten",), 0))])
     rollout = rollout or {"gate": None, "halted": None}
-    family("rollout_open", "gauge", "1 while new offers are made (no pause, halt or closed "
-           "window).", [({}, 0 if rollout["gate"] else 1)])
-    family("rollout_halted", "gauge", "1 while --halt-after has halted the rollout.",
-           [({}, 1 if rollout["halted"] else 0)])
+    families = _fleet_families(summary, counters) + [
+        Family("payload_bytes_served_total", "counter", "Payload bytes sent, by file.",
+               [({"file": k}, v) for k, v in sorted(served.items())]),
+        Family("rollout_open", "gauge", "1 while new offers are made (no pause, halt or closed "
+               "window).", [({}, 0 if rollout["gate"] else 1)]),
+        Family("rollout_halted", "gauge", "1 while --halt-after has halted the rollout.",
+               [({}, 1 if rollout["halted"] else 0)])]
     if rollout.get("slots_in_use") is not None:
-        family("slots_in_use", "gauge", "Machines holding a --max-concurrent slot.",
-               [({}, rollout["slots_in_use"])])
-    family("connections_open", "gauge", "Connections open now.", [({}, connections)])
-    family("connections_refused_total", "counter", "Connections refused at the limit.",
-           [({}, refusals)])
-    family("build_info", "gauge", "This server and what it serves, one series a board.",
-           [({"version": __version__, "served_version": r.version, "board": r.board,
-              "sha256": r.packages[0].sha256_hex}, 1) for r in catalog.releases])
+        families.append(Family("slots_in_use", "gauge", "Machines holding a --max-concurrent "
+                               "slot.", [({}, rollout["slots_in_use"])]))
+    families += [
+        Family("connections_open", "gauge", "Connections open now.", [({}, connections)]),
+        Family("connections_refused_total", "counter", "Connections refused at the limit.",
+               [({}, refusals)]),
+        Family("build_info", "gauge", "This server and what it serves, one series a board.",
+               [({"version": __version__, "served_version": r.version, "board": r.board,
+                  "sha256": r.packages[0].sha256_hex}, 1) for r in catalog.releases])]
     lines = []
-    for name, kind, words, samples in families:
-        lines += ["# HELP %s %s" % (name, words), "# TYPE %s %s" % (name, kind)]
-        lines += ["%s%s %s" % (name, _labels(**labels), int(value)) for labels, value in samples]
+    for family in families:
+        name = PROG.replace("-", "_") + "_" + family.name
+        lines += ["# HELP %s %s" % (name, family.words), "# TYPE %s %s" % (name, family.kind)]
+        lines += ["%s%s %s" % (name, _labels(**labels), int(value))
+                  for labels, value in family.samples]
     return "\n".join(lines) + "\n"
-
 
 # ---------------------------------------------------------------------------------------------
 # 9. Setup script: one command on each machine

@@ -36,14 +36,14 @@ order data flows through it, every name defined before it is used:
                         failures by release), Stages (ranks and open stages; only machines
                         seen twice rank), Slots (--max-concurrent's holders), and Fleet: every
                         machine, one call per app request, its events judged before its offer
-                        (Fleet.request -> Taken), given the time
+                        (Fleet.request -> AppOutcome), given the time
   8. Views              the status page, /status.json, /machines.csv, /metrics, what the fleet
                         needs (fleet_needs) and the shutdown summary, from plain values
   9. Setup script       the sh script each machine runs (GET /setup), made for this server;
                         provisioning: the Ignition and Butane configs of a new machine
  10. Download           the connected side's client: sync_request() and parse_service_answer()
                         (pure), walk_floors(), Fetcher (HTTP, proxies, retries), fetch_file()
-                        (Range, hashed as written), verify_download(), place(), run_download()
+                        (Range, hashed as written), verify_download(), move_into_place(), run_download()
  11. Application        RolloutGate (the pause file and a halt in it, the windows, the policy in
                         force); AppSettings; Service: what every endpoint needs, as plain
                         calls that return what to send and the lines to log (no socket);
@@ -315,7 +315,7 @@ def error_code(code: Optional[int]) -> Optional[int]:
     return code if code is None or 0 <= code < 1 << 32 else None
 
 
-def kept(text: str, limit: int) -> str:
+def bounded_field(text: str, limit: int) -> str:
     """A field as the fleet keeps it: cut to its limit, control and bidirectional-override
     characters escaped as clean() escapes them (so the log, the page and the CSV show them
     as text). Most fields are printable and short: returned as they are, at once."""
@@ -1215,7 +1215,7 @@ def read_checksum_file(path: str) -> Optional[str]:
     return digest
 
 
-class Opened(NamedTuple):
+class OpenedPayload(NamedTuple):
     """A payload file opened and checked, before it is hashed."""
     spec: "PayloadSpec"
     fd: int
@@ -1223,7 +1223,7 @@ class Opened(NamedTuple):
     manifest: Manifest
 
 
-def open_payload(spec: "PayloadSpec") -> Opened:
+def open_payload(spec: "PayloadSpec") -> OpenedPayload:
     """Open a payload and check it is a complete update payload; the caller closes the fd."""
     path = spec.path
     try:
@@ -1257,10 +1257,10 @@ def open_payload(spec: "PayloadSpec") -> Opened:
     except BaseException:
         os.close(fd)
         raise
-    return Opened(spec, fd, st, manifest)
+    return OpenedPayload(spec, fd, st, manifest)
 
 
-def hash_payload(opened: Opened, progress: Optional[Callable[[int], None]] = None
+def hash_payload(opened: OpenedPayload, progress: Optional[Callable[[int], None]] = None
                  ) -> Tuple[Package, Optional[bytes]]:
     """Hash an opened payload into its Package, with the SHA-256 of its signed range; it must
     not change while it is read."""
@@ -1282,7 +1282,7 @@ def hash_payload(opened: Opened, progress: Optional[Callable[[int], None]] = Non
     return package, digests.signed_sha256
 
 
-def signed_by(opened: Opened, signed_sha256: Optional[bytes],
+def signed_by(opened: OpenedPayload, signed_sha256: Optional[bytes],
               keys: Sequence[PayloadKey]) -> PayloadKey:
     """The key whose signature the payload carries, checked as update_engine checks it; else a
     PayloadError that says what was tried and the ways out."""
@@ -1440,8 +1440,8 @@ def record_lacks(directory: str, record: Dict[str, Any],
             for each in (name, name + ".sha256"):
                 with contextlib.suppress(OSError, ValueError):
                     sizes[each] = os.stat(os.path.join(directory, each)).st_size
-    return [clean(name, 80) for name, kept in sorted(files.items()) if isinstance(kept, dict)
-            and (not is_word(name, FILE_NAME_MOST) or sizes.get(name) != kept.get("size")
+    return [clean(name, 80) for name, listed in sorted(files.items()) if isinstance(listed, dict)
+            and (not is_word(name, FILE_NAME_MOST) or sizes.get(name) != listed.get("size")
                  or name + ".sha256" not in sizes)]
 
 
@@ -1611,7 +1611,7 @@ def _release_version(plan: ReleasePlan, given: str) -> Tuple[str, Tuple[int, ...
                            "--package-version." % (plan.specs[0].path, exc)) from None
 
 
-def _boards(plans: Sequence[ReleasePlan], os_payloads: Sequence[Opened],
+def _boards(plans: Sequence[ReleasePlan], os_payloads: Sequence[OpenedPayload],
             given: str) -> List[Tuple[str, str, str]]:
     """Each release's board, how it is known (its kernel, the layout's directory, --board, or
     assumed: CoreOS-era payloads carry no kernel; Container Linux only shipped amd64), and the
@@ -1642,7 +1642,7 @@ def _boards(plans: Sequence[ReleasePlan], os_payloads: Sequence[Opened],
     return found
 
 
-def _hash_all(opened: Sequence[Opened], progress: Optional[Callable[[int, int], None]]
+def _hash_all(opened: Sequence[OpenedPayload], progress: Optional[Callable[[int, int], None]]
               ) -> List[Tuple[Package, Optional[bytes]]]:
     """Hash the opened files, several at once when there are cores to spare (each hash already
     uses two); the first failure is raised in the calling thread."""
@@ -1687,7 +1687,7 @@ def _hash_all(opened: Sequence[Opened], progress: Optional[Callable[[int, int], 
     return [result for result in results if result is not None]
 
 
-def _verified(opened: Opened, package: Package, signed_sha256: Optional[bytes],
+def _verified(opened: OpenedPayload, package: Package, signed_sha256: Optional[bytes],
               keys: Optional[Sequence[PayloadKey]]) -> Package:
     spec = opened.spec
     if spec.expected is not None:
@@ -1728,7 +1728,7 @@ def load_catalog(plans: Sequence[ReleasePlan], version: str = "", board: str = "
     not read twice."""
     versions = [_release_version(plan, version) for plan in plans]
     steps = _steps(plans, [text for text, _ in versions], floors, targets)
-    opened = []  # type: List[Opened]
+    opened = []  # type: List[OpenedPayload]
     try:
         for plan in plans:
             opened += [open_payload(spec) for spec in plan.specs]
@@ -2271,7 +2271,7 @@ def rollout_rules(policy: Policy) -> List[str]:
     return rules
 
 
-class Standing(NamedTuple):
+class FleetContext(NamedTuple):
     """What the fleet knows of a machine as it asks: whether it holds a --max-concurrent slot,
     how many are held, and a version it installed when offered this release's."""
     held: bool = False
@@ -2283,7 +2283,7 @@ class Standing(NamedTuple):
 
 
 def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release, policy: Policy,
-                     gate: str, standing: Standing) -> Optional[Decision]:
+                     gate: str, context: FleetContext) -> Optional[Decision]:
     """The first rollout rule that keeps the release from this machine, if any."""
     if policy.groups and app.track not in policy.groups:
         return Decision(False, "its group %r is not one of --group %s" % (
@@ -2300,15 +2300,15 @@ def _rollout_refusal(app: AppRequest, client: Tuple[int, ...], release: Release,
                         "intermediate version first" % (clean(app.version, 40),
                                                         policy.min_version),
                             warning="min-version")
-    if gate and (not standing.held or standing.between_steps):
+    if gate and (not context.held or context.between_steps):
         return Decision(False, gate)
-    if standing.stage_refusal:  # a slot held from one step to the next is no stage's pass
-        return Decision(False, standing.stage_refusal)
-    if not standing.held:
-        if policy.max_per_hour and standing.recent_offers >= policy.max_per_hour:
+    if context.stage_refusal:  # a slot held from one step to the next is no stage's pass
+        return Decision(False, context.stage_refusal)
+    if not context.held:
+        if policy.max_per_hour and context.recent_offers >= policy.max_per_hour:
             return Decision(False, "the rate limit: %d offers in the last hour "
                             "(--max-per-hour)" % policy.max_per_hour)
-        if policy.max_concurrent and standing.in_use >= policy.max_concurrent:
+        if policy.max_concurrent and context.in_use >= policy.max_concurrent:
             return Decision(False, "waiting for a slot: %d machines are updating "
                             "(--max-concurrent)" % policy.max_concurrent)
     return None
@@ -2326,7 +2326,7 @@ def installed_instead_words(offered: str, running: str) -> str:
 
 def decide(app: AppRequest, release: Release, intact: bool = True,
            policy: Policy = Policy(), gate: str = "",
-           standing: Standing = Standing(), final: Optional[Release] = None) -> Decision:
+           context: FleetContext = FleetContext(), final: Optional[Release] = None) -> Decision:
     """Whether this app is offered the release, its next step on its board's path to `final`
     (the target; the release itself when None). update_engine installs whatever it is offered,
     older or equal included, and never compares boards (flatcar/update_engine:
@@ -2345,14 +2345,14 @@ def decide(app: AppRequest, release: Release, intact: bool = True,
                         "another --package-file)" % (clean(board, 40), release.board,
                                                      clean(board, 40)),
                         warning="wrong-board", state=WRONG_BOARD)
-    if standing.installed_instead:
-        return Decision(False, installed_instead_words(release.version, standing.installed_instead),
+    if context.installed_instead:
+        return Decision(False, installed_instead_words(release.version, context.installed_instead),
                         warning="other-version", state=OTHER_VERSION)
     client = parse_version(app.version)
     if client is None:
         return Decision(False, "its version %r is not a version, so it is not offered %s"
                         % (clean(app.version, 40), release.version), warning="bad-version")
-    refusal = _rollout_refusal(app, client, release, policy, gate, standing)
+    refusal = _rollout_refusal(app, client, release, policy, gate, context)
     if refusal is not None:
         return refusal
     if client >= release.key:
@@ -2484,7 +2484,7 @@ def record_value(name: str, value: Any, default: Any) -> Any:
     if name == "setup":
         return _checked_setup(value)
     if isinstance(default, str):
-        # kept() cuts a text to its limit and marks the cut with "..."
+        # bounded_field() cuts a text to its limit and marks the cut with "..."
         if not isinstance(value, str) or len(value) > RECORD_TEXT.get(name, 200) + 3:
             raise ValueError("%s is not a text of its length" % name)
         if _CONTROL.search(value):
@@ -2533,22 +2533,22 @@ class Machine:
         """What a request says of the machine that sent it. The words a fleet shares (an
         address behind NAT, versions, groups, OEMs, boards) are kept once, not once a machine."""
         limits = FIELD_LIMITS
-        self.machineid = kept(app.machineid, limits["machineid"])
-        self.alias, self.address = kept(app.machinealias, limits["alias"]), intern(address)
-        self.oem = intern(kept(app.oem, limits["oem"]))
-        self.group = intern(kept(app.track, limits["group"]))
-        self.version = intern(kept(app.version, limits["version"]))
-        self.board = intern(kept(app.machine_board, limits["board"]))
+        self.machineid = bounded_field(app.machineid, limits["machineid"])
+        self.alias, self.address = bounded_field(app.machinealias, limits["alias"]), intern(address)
+        self.oem = intern(bounded_field(app.oem, limits["oem"]))
+        self.group = intern(bounded_field(app.track, limits["group"]))
+        self.version = intern(bounded_field(app.version, limits["version"]))
+        self.board = intern(bounded_field(app.machine_board, limits["board"]))
 
     def set_up(self, report: "SetupReport", address: str, now: float) -> None:
         """What the setup script found on it; the facts it reports stand until a request says
         otherwise."""
         limits = FIELD_LIMITS
         self.address = address
-        self.machineid = self.machineid or kept(report.machineid, limits["machineid"])
-        self.version = self.version or kept(report.version, limits["version"])
-        self.board = self.board or kept(report.board, limits["board"])
-        self.oem = self.oem or kept(report.oem, limits["oem"])
+        self.machineid = self.machineid or bounded_field(report.machineid, limits["machineid"])
+        self.version = self.version or bounded_field(report.version, limits["version"])
+        self.board = self.board or bounded_field(report.board, limits["board"])
+        self.oem = self.oem or bounded_field(report.oem, limits["oem"])
         self.setup = {"reported": iso_time(now), "mode": report.mode,
                       "extensions": " ".join(report.extensions),
                       "missing": " ".join(report.missing), "problems": report.problems}
@@ -2687,7 +2687,7 @@ class Machine:
         if happening.state == COMPLETE and self.installed_instead:
             return False  # still on the version it came back on: that is what it is
         if happening.state == COMPLETE:
-            self.from_version = intern(kept(event.previousversion, FIELD_LIMITS["version"]))
+            self.from_version = intern(bounded_field(event.previousversion, FIELD_LIMITS["version"]))
             self.target, self.error = "", None
             self.size, self.completed_at = 0, now
         elif happening.state == ROLLED_BACK:
@@ -3073,10 +3073,10 @@ def served_facts(catalog: Catalog) -> Served:
 def machine_key(machineid: str, address: str) -> str:
     """The one rule for telling machines apart: by /etc/machine-id, else (a request that sends
     none) by the address it comes from."""
-    return kept(machineid, FIELD_LIMITS["machineid"]) or address
+    return bounded_field(machineid, FIELD_LIMITS["machineid"]) or address
 
 
-class Taken(NamedTuple):
+class AppOutcome(NamedTuple):
     """One app's request as the fleet took it: what it is offered (in the answer to its check,
     and to its events and pings too), what its events said, which machine it is, and the lines
     to log."""
@@ -3133,7 +3133,7 @@ class Stages:
         if anew:
             self.ranked, self.where, self.admitted = {}, {}, collections.defaultdict(set)
             for machine in machines:
-                self.place(machine, served)
+                self.rank(machine, served)
 
     def served_anew(self, served: "Served") -> None:
         """A reload: the rollouts of releases no longer served are gone."""
@@ -3151,7 +3151,7 @@ class Stages:
         if self.policy.stages:
             self.admitted[machine.board, machine.target].add(machine.key)
 
-    def place(self, machine: "Machine", served: "Served") -> None:
+    def rank(self, machine: "Machine", served: "Served") -> None:
         """The machine in its board's ranks (again, when its board changed); one under way to a
         release served, or that completed one, as one of that rollout's (a restart keeps
         them)."""
@@ -3508,7 +3508,7 @@ class Fleet:
             self.counts.failures.clear()
 
     def request(self, app: AppRequest, address: str, now: float,
-                choose: Callable[[Standing], Decision], release_version: str = "") -> Taken:
+                choose: Callable[[FleetContext], Decision], release_version: str = "") -> AppOutcome:
         """One app's Omaha request, under one hold of the lock, so that --max-concurrent holds
         however many machines ask at once. First what the machine did since its last request
         (its events: update_engine's first check after a reboot reports the update it completed,
@@ -3521,7 +3521,7 @@ class Fleet:
         if app.appid != FLATCAR_APP_ID:  # answered as any app is, but no machine of ours
             with self.lock:
                 in_use = self.slots.in_use(now, self.counts)
-            return Taken(choose(Standing(False, in_use, "")), happenings, key, [])
+            return AppOutcome(choose(FleetContext(False, in_use, "")), happenings, key, [])
         with self.lock:
             machine, before = self._machine(key, address, now)
             machine.introduce(app, address)
@@ -3529,7 +3529,7 @@ class Fleet:
             notes = self._events(machine, app, happenings, now)
             in_use = self.slots.in_use(now, self.counts)
             held = self.slots.held_by(machine, now)
-            decision = choose(Standing(
+            decision = choose(FleetContext(
                 held, in_use, machine.installed_instead,
                 held and machine.state in (INSTALLED, COMPLETE),
                 self.counts.recent(now),
@@ -3546,9 +3546,9 @@ class Fleet:
             if checked is not None and not failed_now:
                 notes += self._checked(machine, checked, now)
             self._changed(machine, before, now)
-        return Taken(decision, happenings, key, notes)
+        return AppOutcome(decision, happenings, key, notes)
 
-    def serve(self, catalog: Catalog, now: float) -> None:
+    def serve_releases(self, catalog: Catalog, now: float) -> None:
         """A reload's releases. A machine judged to have installed another version is judged
         again on its next check once its board's releases changed (a version or a payload:
         the verdict may have been this very mix-up, now mended); one half-way along a path
@@ -3642,7 +3642,7 @@ class Fleet:
         """Only a machine that proved real (seen again, not on probation) ranks in --stages: a
         flood of made-up ids, each seen once, never fills a stage nor holds one back."""
         if machine.key not in self.registry.probation:
-            self.stages.place(machine, self.served)
+            self.stages.rank(machine, self.served)
 
     def _checked(self, machine: "Machine", decision: Decision, now: float) -> List[Note]:
         machine.answer = sys.intern(decision.reason)  # the same few words for many machines
@@ -3664,7 +3664,7 @@ class Fleet:
         with self.lock:
             return self.registry.by_address.get(address, address)
 
-    def download(self, key: str, address: str, package: Package, end: int, sent: int,
+    def download_progress(self, key: str, address: str, package: Package, end: int, sent: int,
                  seconds: float, now: float) -> List[Note]:
         """Progress of a download of the OS payload by machine `key`: `end` is the offset
         reached in the file, `sent` the bytes of this transfer so far, in `seconds`."""
@@ -5330,7 +5330,7 @@ def verify_download(transferred: Transferred, wanted: Wanted,
                                 "; ".join(problems)))
 
 
-def place(transferred: Transferred, path: str) -> None:
+def move_into_place(transferred: Transferred, path: str) -> None:
     """The verified file into place: its .sha256 beside it first (as the release server has
     it), then the file by rename, so nothing unverified is ever under a name the server reads."""
     sha256 = transferred.digests.sha256.hex()
@@ -5338,7 +5338,7 @@ def place(transferred: Transferred, path: str) -> None:
     os.replace(transferred.partial, path)
 
 
-def present(wanted: Wanted, path: str) -> bool:
+def already_downloaded(wanted: Wanted, path: str) -> bool:
     """Whether the file is in place already, as the service describes it."""
     try:
         size = os.stat(path).st_size
@@ -5417,7 +5417,7 @@ def plan_lines(releases: Sequence[RemoteRelease], wanted: Sequence[Wanted],
         for item in wanted:
             if item.release is not release:
                 continue
-            there = present(item, item.path(directory))
+            there = already_downloaded(item, item.path(directory))
             if not there:
                 missing.append(item)
                 to_fetch += item.file.size or 0
@@ -5483,7 +5483,7 @@ def fetch_one(fetcher: Fetcher, item: Wanted, directory: str, keys: Optional[Seq
     else:
         raise failure or DownloadError("%s has nowhere to come from" % item.file.name)
     verify_download(transferred, item, keys)
-    place(transferred, path)
+    move_into_place(transferred, path)
     progress.end("%s, verified%s" % (format_size(transferred.digests.size), "" if keys is None
                                      or item.file.name != OS_PAYLOAD_FILE else ", signed"))
     return transferred.fetched
@@ -5664,7 +5664,7 @@ class OperatorLog:
         self.said_missing = []  # type: List[str]
         self.said_forgotten = (0, 0.0)  # machines forgotten, as of the last line, and when
 
-    def request_line(self, app: AppRequest, client: str, taken: Taken,
+    def request_line(self, app: AppRequest, client: str, taken: AppOutcome,
                        now: float) -> List[Note]:
         """The request's own line: with -v always; a warning once per machine (and then, for
         many machines of one cause, a count every ten minutes); every forced offer. Its words
@@ -5679,7 +5679,7 @@ class OperatorLog:
         level = logging.INFO if decision is not None and decision.forced else logging.DEBUG
         return [Note(level, line())] if log.isEnabledFor(level) else []
 
-    def advice(self, app: AppRequest, client: str, taken: Taken, release: Release,
+    def advice(self, app: AppRequest, client: str, taken: AppOutcome, release: Release,
                 now: float) -> List[Note]:
         """What the operator can do about what this request shows is coming or went wrong."""
         notes = []  # type: List[Note]
@@ -5782,7 +5782,7 @@ def offer_changes(old: Catalog, new: Catalog) -> List[str]:
     return changes
 
 
-class Answered(NamedTuple):
+class OmahaAnswer(NamedTuple):
     """An Omaha request's answer: the response document, and the lines to log."""
     body: bytes
     notes: List[Note]
@@ -5973,7 +5973,7 @@ class Service:
         self.rollout = RolloutGate(policy, self.fleet, clock)
         # Looked at no more than once a second: each look is a syscall, checks come by the
         # thousand; downloads look at their payload between every chunk they send.
-        self._changed = PerSecond(self._look_changed, ())
+        self._changed_payloads = PerSecond(self._look_changed, ())
         self._served_lock = threading.Lock()
         self._served = collections.Counter()  # type: collections.Counter  # bytes, by file
         self._catalog_lock = threading.Lock()  # a reload's swap, against a download's start
@@ -5986,14 +5986,14 @@ class Service:
 
     # -- the Omaha endpoint ----------------------------------------------------------------
 
-    def update_check(self, request: Request, client: str, server_url: str) -> Answered:
+    def update_check(self, request: Request, client: str, server_url: str) -> OmahaAnswer:
         """An Omaha request's answer, top to bottom: for each app, the fleet decides what it is
         offered from the release for its board and records what it said (one call), then the
         response is rendered, and the lines to log are gathered: each app's request line, the
         machines' changes, and advice on what went or will go wrong."""
         now = self.clock()
         catalog = self.catalog  # one set of releases for the whole request, reload or not
-        changed, gate = self._changed(now), self.rollout.gate(now)
+        changed, gate = self._changed_payloads(now), self.rollout.gate(now)
         notes = self.rollout.pause_notes(self.rollout.paused(now))
         if changed:
             notes += [note for package in changed for note in self.package_changed(package)]
@@ -6016,7 +6016,7 @@ class Service:
             notes += self.operator_log.advice(app, client, taken, release, now)
             if any(h.state in (FAILED, ROLLED_BACK) for h in taken.happenings):
                 notes += self.rollout.check_halt()
-        return Answered(render_response(answers), notes)
+        return OmahaAnswer(render_response(answers), notes)
 
     def _syncer(self, app: AppRequest, client: str, server_url: str, catalog: Catalog,
                 notes: List[Note]) -> AppAnswer:
@@ -6069,8 +6069,8 @@ class Service:
         downloads reading it end."""
         with self._catalog_lock:
             old, self.catalog = self.catalog, catalog
-            self._changed = PerSecond(self._look_changed, ())
-            self.fleet.serve(catalog, self.clock())
+            self._changed_payloads = PerSecond(self._look_changed, ())
+            self.fleet.serve_releases(catalog, self.clock())
             kept = set(map(id, catalog.packages()))
             self._in_flight.retire(p for p in old.packages() if id(p) not in kept)
         changes = offer_changes(old, catalog)
@@ -6087,7 +6087,7 @@ class Service:
         package = transfer.package
         with self._served_lock:
             self._served[transfer.name] += chunk
-        return self.fleet.download(transfer.machine, transfer.client, package, end, sent,
+        return self.fleet.download_progress(transfer.machine, transfer.client, package, end, sent,
                                    time.monotonic() - transfer.began, self.clock())
 
     def package_changed(self, package: Package) -> List[Note]:
@@ -6972,7 +6972,7 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 self.refusals += 1
                 refusals = self.refusals
         if full:
-            # Answered in the accepting thread without reading: a short, non-blocking send.
+            # OmahaAnswer in the accepting thread without reading: a short, non-blocking send.
             if refusals == 1 or refusals % 100 == 0:
                 log_line(logging.WARNING, "%s: refused with 503: %d connections are open (the "
                          "limit); %d refused so far" % (

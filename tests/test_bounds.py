@@ -79,7 +79,7 @@ def test_the_state_file_never_writes_through_a_planted_symlink(demo_release, tmp
     os.symlink(str(target), str(state) + ".tmp")  # what the old FILE.tmp rule would follow
     fleet = sp.Fleet(sp.Catalog((demo_release,)), 600.0)
     fleet.request(sp.parse_request(machine(1)).apps[0], "10.0.0.1", 100.0,
-                  lambda standing: sp.Decision(True, "older", version="9999.9.9"))
+                  lambda context: sp.Decision(True, "older", version="9999.9.9"))
     keeper = sp.StateKeeper(str(state), fleet)
     assert keeper.save()
     assert target.read_text() == "keep me\n"
@@ -92,7 +92,7 @@ def test_a_failed_final_save_is_said_loudly(demo_release, tmp_path, caplog):
     where.mkdir()
     fleet = sp.Fleet(sp.Catalog((demo_release,)), 600.0)
     fleet.request(sp.parse_request(machine(1)).apps[0], "10.0.0.1", 100.0,
-                  lambda standing: sp.Decision(True, "older", version="9999.9.9"))
+                  lambda context: sp.Decision(True, "older", version="9999.9.9"))
     keeper = sp.StateKeeper(str(where / "fleet.state"), fleet).start()
     where.rmdir()
     with caplog.at_level(logging.INFO, logger="serve-package"):

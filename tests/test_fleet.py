@@ -227,7 +227,7 @@ def test_summary_counts_then_names_at_most_50_failed_machines():
     for n in range(60):
         app = sp.parse_request(machine(n)).apps[0]
         fleet.request(app, "10.0.%d.%d" % (n // 200, n % 200 + 1), 1000.0 + n,
-                      lambda standing: sp.Decision(True, "older", version="3815.2.5"))
+                      lambda context: sp.Decision(True, "older", version="3815.2.5"))
         if n < 53:
             fleet.request(sp.parse_request(machine_event(n, 3, 0, 10 | NON_PRODUCTION)).apps[0],
                           "10.0.0.%d" % (n + 1), 1000.0 + n, NO_OFFER)
@@ -257,12 +257,12 @@ def offer_to(fleet, release, n, now, limit=0, body=None):
     app = sp.parse_request(body or machine(n)).apps[0]
     policy = sp.Policy(max_concurrent=limit)
     taken = fleet.request(app, "10.0.0.%d" % n, now,
-                          lambda standing: sp.decide(app, release, policy=policy,
-                                                     standing=standing))
+                          lambda context: sp.decide(app, release, policy=policy,
+                                                     context=context))
     return taken.decision, taken.notes
 
 
-def NO_OFFER(standing):
+def NO_OFFER(context):
     return sp.Decision(False, "no update")
 
 
@@ -286,7 +286,7 @@ def test_fleet_walks_an_update_and_says_each_change_once(fleet, release):
     complete = sp.parse_request(machine(1, version="3815.2.5").replace(
         b'previousversion=""', b'previousversion="3760.2.0"')).apps[0]
     notes = fleet.request(complete, "10.0.0.1", 105.0,
-                          lambda standing: sp.decide(complete, release, standing=standing)).notes
+                          lambda context: sp.decide(complete, release, context=context)).notes
     assert [n.text for n in notes] == [
         "node-1 (10.0.0.1, azure) 3815.2.5: update complete: rebooted from 3760.2.0 into 3815.2.5"]
     assert sp.machine_facts(fleet.machines[machine_id])["from_version"] == "3760.2.0"
@@ -315,7 +315,7 @@ def test_download_progress_is_said_every_ten_percent(fleet, release):
     said = []
     for i in range(1, 21):
         end = package.size if i == 20 else i * step
-        said += fleet.download(fleet.downloader("10.0.0.1"), "10.0.0.1", package, end, end,
+        said += fleet.download_progress(fleet.downloader("10.0.0.1"), "10.0.0.1", package, end, end,
                                1.0, 102.0)
     percents = [n.facts["machine"]["download"]["percent"] for n in said]
     assert len(said) == 11 and percents[-1] == 100.0  # 5%, 15%, ... and the end
@@ -329,7 +329,7 @@ def test_restored_machines_are_counted_but_not_as_updated_in_the_last_hour(fleet
     complete = sp.parse_request(machine(1, version="3815.2.5").replace(
         b'previousversion=""', b'previousversion="3760.2.0"')).apps[0]
     fleet.request(complete, "10.0.0.1", 200.0,
-                  lambda standing: sp.decide(complete, release, standing=standing))
+                  lambda context: sp.decide(complete, release, context=context))
     offer_to(fleet, release, 2, 300.0)
     assert sp.Census(fleet).summary(400.0)["updates_last_hour"] == 1
     records = [sp.machine_from_record(sp.machine_record(m)) for m in fleet.machines.values()]
@@ -419,7 +419,7 @@ def test_a_flood_of_ids_that_are_offered_slots_still_forgets_none_seen_twice(rel
     for n in range(1000, 1200):  # made-up ids, each offered, each seen once
         app = sp.parse_request(machine(n)).apps[0]
         fleet.request(app, "10.0.0.9", 1000.0 + n,
-                      lambda standing, app=app: sp.decide(app, release, standing=standing))
+                      lambda context, app=app: sp.decide(app, release, context=context))
     kept = {m.alias for m in fleet.machines.values()}
     assert {"node-%d" % n for n in range(15)} <= kept and len(fleet.machines) == 20
     assert fleet.slots.in_use(2300.0, fleet.counts) == 5  # the ones still known
@@ -430,6 +430,6 @@ def test_a_late_progress_report_never_moves_a_machine_back(fleet, release):
     for body in (machine_event(1, 13, 1), machine_event(1, 14, 1), machine_event(1, 3, 1)):
         report(fleet, 1, body, 101.0)
     package = release.packages[0]
-    fleet.download(fleet.downloader("10.0.0.1"), "10.0.0.1", package, package.size,
+    fleet.download_progress(fleet.downloader("10.0.0.1"), "10.0.0.1", package, package.size,
                    package.size, 1.0, 102.0)  # the last chunk's report, after the events
     assert fleet.machines["%032x" % 2].state == sp.INSTALLED

@@ -66,18 +66,18 @@ def test_min_version(release):
 
 def test_pause_and_slots_spare_a_machine_that_holds_one(release):
     policy = sp.Policy(max_concurrent=2, pause_file="/run/pause")
-    full = sp.Standing(held=False, in_use=2)
-    assert sp.decide(app(), release, policy=policy, standing=full).reason == \
+    full = sp.FleetContext(held=False, in_use=2)
+    assert sp.decide(app(), release, policy=policy, context=full).reason == \
         "waiting for a slot: 2 machines are updating (--max-concurrent)"
-    assert sp.decide(app(), release, policy=policy, standing=sp.Standing(False, 1)).offer
+    assert sp.decide(app(), release, policy=policy, context=sp.FleetContext(False, 1)).offer
     paused = "rollout paused: /run/pause exists"
     assert sp.decide(app(), release, policy=policy, gate=paused).reason == paused
-    holder = sp.Standing(held=True, in_use=2)
-    assert sp.decide(app(), release, policy=policy, gate=paused, standing=holder).offer
+    holder = sp.FleetContext(held=True, in_use=2)
+    assert sp.decide(app(), release, policy=policy, gate=paused, context=holder).offer
 
 
 def test_the_first_rule_that_refuses_gives_the_reason(release):
     policy = sp.Policy(groups=frozenset({"beta"}), min_version="3700.0.0", max_concurrent=1)
     decision = sp.decide(app(version="3600.0.0", group="stable"), release, policy=policy,
-                         gate="rollout paused", standing=sp.Standing(False, 5))
+                         gate="rollout paused", context=sp.FleetContext(False, 5))
     assert decision.reason.startswith("its group 'stable'")

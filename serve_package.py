@@ -19,7 +19,8 @@ order data flows through it, every name defined before it is used:
   3. Payload format     CrAU and its manifest, signatures (RSA with pow), boards (the
                         kernel), one-pass hashing (Hasher), FileGuard; Package: a file served
   4. Releases           a payload file planned (PayloadSpec), opened (only regular files:
-                        open_regular), hashed and checked; the release layout, Step (floor or
+                        open_regular), hashed and checked; files written whole or not at all
+                        (write_atomically); the release layout, Step (floor or
                         target) and download's record (record_lacks: a copy is whole),
                         Release, and Catalog with each board's path (floors, then the target:
                         the newest, or --target-version), computed once a load
@@ -30,13 +31,15 @@ order data flows through it, every name defined before it is used:
   6. Policy             Window (maintenance windows) and Stage (--stages), rollout_rules();
                         decide() what each app is offered under the rollout rules -> Decision;
                         for_syncer(): what a site server's download is answered
-  7. Fleet              Machine (what one machine is doing), Tally (the counts), Query, Served
-                        (what the fleet knows of the releases), Registry (every machine, the
-                        ones on probation first to go), RolloutCounts (offers of the hour,
-                        failures by release), Stages (ranks and open stages; only machines
-                        seen twice rank), Slots (--max-concurrent's holders), and Fleet: every
-                        machine, one call per app request, its events judged before its offer
-                        (Fleet.request -> AppOutcome), given the time
+  7. Fleet              Machine (what one machine is doing) and its record for --state-file
+                        (machine_record), Tally (the counts), Query, Served (what the fleet
+                        knows of the releases), Registry (every machine, the ones on
+                        probation first to go), RolloutCounts (offers of the hour, failures
+                        by release), Stages (ranks and open stages; only machines seen twice
+                        rank), Slots (--max-concurrent's holders), Unsaved (what --state-file
+                        has yet to save), and Fleet: every machine, one call per app request,
+                        its events judged before its offer (Fleet.request -> AppOutcome),
+                        given the time; Census: what the views read of it
   8. Views              the status page, /status.json, /machines.csv, /metrics, what the fleet
                         needs (fleet_needs) and the shutdown summary, from plain values
   9. Setup script       the sh script each machine runs (GET /setup), made for this server;
@@ -47,7 +50,8 @@ order data flows through it, every name defined before it is used:
  11. Application        RolloutGate (the pause file and a halt in it, the windows, the policy in
                         force); AppSettings; Service: what every endpoint needs, as plain
                         calls that return what to send and the lines to log (no socket);
-                        Warnings counted by cause; InFlight (the files downloads read, kept
+                        Warnings counted by cause, and OperatorLog: what the log tells the
+                        operator beyond each request; InFlight (the files downloads read, kept
                         open across a reload); the endpoints as values: an HttpRequest in,
                         respond() through one table (ROUTES, with path parameters), a
                         Response out (a payload's as a FilePart: payload_response() answers
@@ -1191,6 +1195,34 @@ def read_regular(path: str, limit: int, cut: bool = False) -> bytes:
                           % format_size(limit))
         data = data[:limit]
     return data
+
+
+def write_atomically(path: str, lines: Sequence[str]) -> None:
+    """The lines written to a new temporary file beside FILE, created exclusively with a name
+    of its own (never through a file or symlink planted there), fsync'ed, renamed over FILE,
+    and the directory fsync'ed; on any failure the temporary file is removed and FILE is as it
+    was."""
+    import tempfile  # here: only the state file and download write files
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                     dir=directory)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            for start in range(0, len(lines), 4096):
+                f.write("\n".join(lines[start:start + 4096]) + "\n")
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def checksum_in(text: bytes) -> Optional[str]:
@@ -3664,8 +3696,8 @@ class Fleet:
         with self.lock:
             return self.registry.by_address.get(address, address)
 
-    def download_progress(self, key: str, address: str, package: Package, end: int, sent: int,
-                 seconds: float, now: float) -> List[Note]:
+    def download_progress(self, key: str, address: str, package: Package, end: int,
+                          sent: int, seconds: float, now: float) -> List[Note]:
         """Progress of a download of the OS payload by machine `key`: `end` is the offset
         reached in the file, `sent` the bytes of this transfer so far, in `seconds`."""
         if package.path not in self.served.os_payloads:
@@ -3689,7 +3721,6 @@ class Fleet:
             self.extensions += collections.Counter()  # drops the names no machine enables
             self._changed(machine, before, now)
             return [setup_note(machine, report)]
-
 
 
 class Census:
@@ -4664,34 +4695,6 @@ PARTIAL = ".partial"  # a file being downloaded: never a name the server serves
 BOARD_ARCHES = {board: arch for arch, board in ARCH_BOARDS.items()}  # the <os sp> suffix
 
 
-def write_atomically(path: str, lines: Sequence[str]) -> None:
-    """The lines written to a new temporary file beside FILE, created exclusively with a name
-    of its own (never through a file or symlink planted there), fsync'ed, renamed over FILE,
-    and the directory fsync'ed; on any failure the temporary file is removed and FILE is as it
-    was."""
-    import tempfile  # here: only the state file and download write files
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                                     dir=directory)
-    try:
-        with open(fd, "w", encoding="utf-8") as f:
-            for start in range(0, len(lines), 4096):
-                f.write("\n".join(lines[start:start + 4096]) + "\n")
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
 class RemoteFile(NamedTuple):
     """A file of a release as the update service (or the release server) describes it."""
     name: str  # the name in the release layout (the OS payload: OS_PAYLOAD_FILE)
@@ -5664,26 +5667,26 @@ class OperatorLog:
         self.said_missing = []  # type: List[str]
         self.said_forgotten = (0, 0.0)  # machines forgotten, as of the last line, and when
 
-    def request_line(self, app: AppRequest, client: str, taken: AppOutcome,
-                       now: float) -> List[Note]:
+    def request_line(self, app: AppRequest, client: str, outcome: AppOutcome,
+                     now: float) -> List[Note]:
         """The request's own line: with -v always; a warning once per machine (and then, for
         many machines of one cause, a count every ten minutes); every forced offer. Its words
         are made only when the line is written."""
-        decision = taken.decision if app.updatecheck else None
+        decision = outcome.decision if app.updatecheck else None
 
         def line() -> str:
             return "%s %s: %s" % (client, describe_machine(app), describe_request(app, decision,
-                                                                                taken.happenings))
+                                                                                outcome.happenings))
         if decision is not None and decision.warning:
-            return self.warnings.note(decision.warning, taken.key, line, now)
+            return self.warnings.note(decision.warning, outcome.key, line, now)
         level = logging.INFO if decision is not None and decision.forced else logging.DEBUG
         return [Note(level, line())] if log.isEnabledFor(level) else []
 
-    def advice(self, app: AppRequest, client: str, taken: AppOutcome, release: Release,
-                now: float) -> List[Note]:
+    def advice(self, app: AppRequest, client: str, outcome: AppOutcome, release: Release,
+               now: float) -> List[Note]:
         """What the operator can do about what this request shows is coming or went wrong."""
         notes = []  # type: List[Note]
-        offered = app.updatecheck and taken.decision.offer
+        offered = app.updatecheck and outcome.decision.offer
         if not app.events and not offered:
             return notes
 
@@ -5692,10 +5695,10 @@ class OperatorLog:
 
         oem_payload = missing_oem_payload(app, release) if offered else None
         if oem_payload:
-            notes += self.warnings.note(("oem", oem_payload), taken.key,
+            notes += self.warnings.note(("oem", oem_payload), outcome.key,
                                         lambda: oem_advice(who(), app, release, oem_payload), now)
-        if any(map(is_postinstall_failure, app.events, taken.happenings)):
-            notes += self.warnings.note("postinstall", taken.key,
+        if any(map(is_postinstall_failure, app.events, outcome.happenings)):
+            notes += self.warnings.note("postinstall", outcome.key,
                                         lambda: postinstall_advice(who(), release), now)
         return notes
 
@@ -6006,15 +6009,15 @@ class Service:
                 continue
             release = catalog.for_machine(app.machine_board, app.version)
             path = catalog.path(app.machine_board)
-            taken = self.fleet.request(app, client, now, functools.partial(
+            outcome = self.fleet.request(app, client, now, functools.partial(
                 decide, app, release, intact, policy, gate, final=path[-1] if path else None),
                 release.version)
-            answers.append(answer_app(app, taken.decision, release,
+            answers.append(answer_app(app, outcome.decision, release,
                                       self.codebases(server_url, release)))
-            notes += self.operator_log.request_line(app, client, taken, now)
-            notes += taken.notes
-            notes += self.operator_log.advice(app, client, taken, release, now)
-            if any(h.state in (FAILED, ROLLED_BACK) for h in taken.happenings):
+            notes += self.operator_log.request_line(app, client, outcome, now)
+            notes += outcome.notes
+            notes += self.operator_log.advice(app, client, outcome, release, now)
+            if any(h.state in (FAILED, ROLLED_BACK) for h in outcome.happenings):
                 notes += self.rollout.check_halt()
         return OmahaAnswer(render_response(answers), notes)
 
@@ -6576,7 +6579,7 @@ def respond(app: Service, request: HttpRequest) -> Response:
 
 
 # ---------------------------------------------------------------------------------------------
-# 12. HTTP: a framing handler, the endpoints on top through one route table, the server
+# 12. HTTP: a framing handler, a file sender, the handler that carries requests to respond()
 # ---------------------------------------------------------------------------------------------
 
 IDLE_TIMEOUT = 60  # seconds a connection may sit idle or stalled; any progress resets it

@@ -13,7 +13,7 @@ needs something particular says which client and why. The file reads top to bott
 order data flows through it, every name defined before it is used:
 
   1. Codes and names    event types, results, error codes and machine states as words;
-                        clean() and the format_* words; PerSecond; the log: Note,
+                        clean() and the format_* words; PerSecond; UsageError; the log: Note,
                         log_line(), say(), _BatchingHandler
   2. Versions           parse and compare 3815.2.5 (+build ignored)
   3. Payload format     CrAU and its manifest, signatures (RSA with pow), boards (the
@@ -31,23 +31,26 @@ order data flows through it, every name defined before it is used:
   6. Policy             Window (maintenance windows) and Stage (--stages), rollout_rules();
                         decide() what each app is offered under the rollout rules -> Decision;
                         for_syncer(): what a site server's download is answered
-  7. Fleet              Machine (what one machine is doing) and its record for --state-file
-                        (machine_record), Tally (the counts), Query, Served (what the fleet
-                        knows of the releases), Registry (every machine, the ones on
-                        probation first to go), RolloutCounts (offers of the hour, failures
-                        by release), Stages (ranks and open stages; only machines seen twice
-                        rank), Slots (--max-concurrent's holders), Unsaved (what --state-file
-                        has yet to save), and Fleet: every machine, one call per app request,
-                        its events judged before its offer (Fleet.request -> AppOutcome),
-                        given the time; Census: what the views read of it
-  8. Views              the status page, /status.json, /machines.csv, /metrics, what the fleet
+  7. Machines           Machine (what one machine is doing, changed by what its requests
+                        say), its record for --state-file (machine_record), its facts
+                        (machine_facts) and its words in the log (machine_label)
+  8. Fleet              Tally (the counts), Query, Served (what the fleet knows of the
+                        releases), Registry (every machine, the ones on probation first to
+                        go), RolloutCounts (offers of the hour, failures by release), Stages
+                        (ranks and open stages; only machines seen twice rank), Slots
+                        (--max-concurrent's holders), Unsaved (what --state-file has yet to
+                        save), and Fleet: every machine, one call per app request, its events
+                        judged before its offer (Fleet.request -> AppOutcome), given the
+                        time; Census: what the views read of it
+  9. Views              the status page, /status.json, /machines.csv, /metrics, what the fleet
                         needs (fleet_needs) and the shutdown summary, from plain values
-  9. Setup script       the sh script each machine runs (GET /setup), made for this server;
+ 10. Setup script       the sh script each machine runs (GET /setup), made for this server;
                         provisioning: the Ignition and Butane configs of a new machine
- 10. Download           the connected side's client: sync_request() and parse_service_answer()
+ 11. Download           the connected side's client: sync_request() and parse_service_answer()
                         (pure), walk_floors(), Fetcher (HTTP, proxies, retries), fetch_file()
-                        (Range, hashed as written), verify_download(), move_into_place(), run_download()
- 11. Application        RolloutGate (the pause file and a halt in it, the windows, the policy in
+                        (Range, hashed as written), verify_download(), move_into_place(),
+                        run_download()
+ 12. Application        RolloutGate (the pause file and a halt in it, the windows, the policy in
                         force); AppSettings; Service: what every endpoint needs, as plain
                         calls that return what to send and the lines to log (no socket);
                         Warnings counted by cause, and OperatorLog: what the log tells the
@@ -56,18 +59,19 @@ order data flows through it, every name defined before it is used:
                         respond() through one table (ROUTES, with path parameters), a
                         Response out (a payload's as a FilePart: payload_response() answers
                         Range, If-Range and If-Modified-Since)
- 12. HTTP               FramingHandler (HTTP/1.1 framing, a body read within bounds) <-
-                        FileHandler (a FilePart sent zero-copy) <- Handler (a request to
-                        respond(), its Response written and logged); HttpSettings; Server
+ 13. Lifecycle          what keeps running: the fleet across restarts (read_state;
+                        StateKeeper: --state-file), the background jobs (Ticker: the
+                        application's clock job; Watcher: --watch; Reloader: SIGHUP, the
+                        releases and the rollout policy), systemd's notify()
+ 14. HTTP               FramingHandler (HTTP/1.1 framing, a body read within bounds, a
+                        Response written) <- FileHandler (a FilePart sent zero-copy) <- Handler
+                        (a request to respond(), its lines logged); HttpSettings; Server
                         (connections, TLS, the limit, the reaper)
- 13. Program            Settings (the program's flags, and the application's and the HTTP
+ 15. Program            Settings (the program's flags, and the application's and the HTTP
                         server's settings), the flag tables (the server's, download's),
                         settings_from(), loading, the banner
- 14. Lifecycle          the fleet across restarts (read_state; StateKeeper: --state-file), the
-                        background jobs (Ticker: the application's clock job; Watcher:
-                        --watch; Reloader: SIGHUP, the releases and the rollout policy),
-                        signals, systemd's notify(), serve()
- 15. Main               the server's command (main()) and download's (download_main())
+ 16. Main               signals and serve(); the server's command (main()) and download's
+                        (download_main())
 
 One Omaha request: Handler.route() reads the body -> respond() -> post_update() ->
 parse_request() -> Service.update_check() -> for each app Fleet.request() (its events, then
@@ -113,7 +117,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import (Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional,
+                    Sequence, Tuple, Union)
 
 __version__ = "0.1.0"
 
@@ -384,6 +389,11 @@ class PerSecond:
         if second != self._second:
             self._value, self._second = self._compute(self._value, second), second
         return self._value
+
+
+class UsageError(Exception):
+    """A mistake in the flags or --config (the program refuses to start, a reload keeps the
+    policy it has); the message is one sentence."""
 
 
 # -- logging -------------------------------------------------------------------------------
@@ -717,7 +727,12 @@ class NotPayload(Exception):
 
 
 class EndsEarly(Exception):
-    """A payload's bytes end inside its header or its manifest (which: the message)."""
+    """A payload's bytes end inside its header or its manifest: which (`inside`), and how many
+    bytes there are (`have`)."""
+
+    def __init__(self, part: str, have: int) -> None:
+        super().__init__(part)
+        self.inside, self.have = part, have
 
 
 def payload_manifest(fd: int, have: int) -> Manifest:
@@ -729,12 +744,12 @@ def payload_manifest(fd: int, have: int) -> Manifest:
     if not head or not (head.startswith(CRAU_MAGIC) or CRAU_MAGIC.startswith(head)):
         raise NotPayload()
     if len(head) < CRAU_HEADER.size:
-        raise EndsEarly("header")
+        raise EndsEarly("header", have)
     _, format_version, manifest_size = CRAU_HEADER.unpack_from(head)
     if format_version != 1 or manifest_size > MAX_MANIFEST:
         return Manifest(format_version, manifest_size, None, None, None)
     if CRAU_HEADER.size + manifest_size > have:
-        raise EndsEarly("manifest (%d bytes)" % have)
+        raise EndsEarly("manifest", have)
     return parse_manifest(format_version, os.pread(fd, manifest_size, CRAU_HEADER.size))
 
 
@@ -745,9 +760,10 @@ def inspect_payload(fd: int, size: int, label: str) -> Manifest:
     except NotPayload:
         raise PayloadError("%s is not an update payload: %s." % (
             label, describe_foreign_file(os.pread(fd, 64, 0)))) from None
-    except EndsEarly as exc:
-        raise PayloadError("%s is truncated: it ends inside the payload %s; copy it again."
-                           % (label, exc)) from None
+    except EndsEarly as short:
+        raise PayloadError("%s is truncated: it ends inside the payload %s%s; copy it again." % (
+            label, short.inside, " (%d bytes)" % short.have if short.inside == "manifest"
+            else "")) from None
     expected = manifest.expected_size
     if expected is not None and expected != size:
         raise PayloadError(
@@ -1249,13 +1265,13 @@ def read_checksum_file(path: str) -> Optional[str]:
 
 class OpenedPayload(NamedTuple):
     """A payload file opened and checked, before it is hashed."""
-    spec: "PayloadSpec"
+    spec: PayloadSpec
     fd: int
     st: os.stat_result
     manifest: Manifest
 
 
-def open_payload(spec: "PayloadSpec") -> OpenedPayload:
+def open_payload(spec: PayloadSpec) -> OpenedPayload:
     """Open a payload and check it is a complete update payload; the caller closes the fd."""
     path = spec.path
     try:
@@ -2458,7 +2474,7 @@ def missing_oem_payload(app: AppRequest, release: Release) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Fleet: what each machine is doing, given the time
+# 7. Machines: what each machine is doing, its record for --state-file, its facts and words
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2719,7 +2735,8 @@ class Machine:
         if happening.state == COMPLETE and self.installed_instead:
             return False  # still on the version it came back on: that is what it is
         if happening.state == COMPLETE:
-            self.from_version = intern(bounded_field(event.previousversion, FIELD_LIMITS["version"]))
+            self.from_version = intern(bounded_field(event.previousversion,
+                                                     FIELD_LIMITS["version"]))
             self.target, self.error = "", None
             self.size, self.completed_at = 0, now
         elif happening.state == ROLLED_BACK:
@@ -2857,10 +2874,14 @@ def machine_note(machine: Machine, level: int, event: str) -> Note:
                 {"event": event, "machine": machine_facts(machine)})
 
 
+# ---------------------------------------------------------------------------------------------
+# 8. Fleet: every machine, its counts, ranks and slots, given the time
+# ---------------------------------------------------------------------------------------------
+
 TALLIED = ("state", "version", "board", "group", "oem", "board_oem", "cause")
 MAX_DISTINCT = 64  # values one count keeps apart; past it, a new value counts as "(other)"
 OTHER = "(other)"
-Cause = Optional[Any]  # why a machine cannot update: an error code (int), a finding (its state)
+Cause = Union[int, str, None]  # why a machine cannot update: an error code, a finding (state)
 OTHER_LABELS = {"version": (OTHER, ""), "board_oem": (OTHER, OTHER)}
 CAUSE_EXAMPLES = 5
 
@@ -2882,7 +2903,7 @@ class Tally:
         self.completions = collections.deque()  # type: collections.deque
 
     @staticmethod
-    def labels(key: Tuple[Any, ...]) -> Tuple[str, ...]:
+    def labels(key: Tuple[Any, ...]) -> Tuple[Any, ...]:
         """A Machine.tally() as the counts name it, in the order of TALLIED: the version is the
         pair (version, target), target "" unless updating; board_oem the pair (board, OEM), for
         what each board's machines need; the cause (a Cause) is the error code of a failure
@@ -2935,7 +2956,7 @@ class Tally:
         self.downloading.pop(machine.key, None)
         self._unlist(machine.key, None)
 
-    def _unlist(self, key: str, cause: "Cause") -> None:
+    def _unlist(self, key: str, cause: Cause) -> None:
         """The machine off every cause's first few but its own."""
         for listed, keys in list(self.examples.items()):
             if listed != cause and key in keys:
@@ -3017,10 +3038,10 @@ class Query(NamedTuple):
 def parse_query(text: str, limit: int = PAGE_ROWS) -> Query:
     """A Query from a query string; ValueError says which field is wrong."""
     fields = {k: v[-1] for k, v in urllib.parse.parse_qs(text, keep_blank_values=True).items()}
-    query = Query(**{k: fields.get(k, "")[:200] for k in Query._fields[:7]}, limit=limit)
-    cause = query.cause
-    query = query._replace(cause=plain_number(cause) if cause and cause.isdigit() else
-                           cause or None)
+    cause = fields.get("cause", "")[:200]
+    code = plain_number(cause)  # ASCII digits make a code; any other word names a finding
+    query = Query(**{k: fields.get(k, "")[:200] for k in Query._fields[:7] if k != "cause"},
+                  cause=code if code is not None else cause or None, limit=limit)
     sort = fields.get("sort") or "last_seen"
     if sort not in SORT_KEYS:
         raise ValueError("sort=%s is not one of %s" % (clean(sort, 20), ", ".join(SORT_KEYS)))
@@ -3051,7 +3072,7 @@ def count_request(counters: collections.Counter, app: AppRequest,
 
 
 def summary_of(counts: Dict[str, Dict[Any, int]], total: int, extensions: Dict[Any, int],
-               examples: Dict[str, List[str]], updated: int, stalled: int,
+               examples: Dict[Cause, List[str]], updated: int, stalled: int,
                not_seen: int) -> Dict[str, Any]:
     """The fleet at a glance (Census.summary), as the views read it."""
     states = counts["state"]
@@ -3478,6 +3499,10 @@ class Unsaved:
         self.touches += 1
         self.changes += counted
 
+    def add(self, keys: Iterable[str]) -> None:
+        """These machines are saved next time (restored, forgotten, or a save failed)."""
+        self.keys.update(keys)
+
     def take(self, machines: Dict[str, Machine]
              ) -> Tuple[Dict[str, Optional[List[object]]], int, int]:
         """The records of the machines changed (None: forgotten since), and the counts."""
@@ -3488,9 +3513,10 @@ class Unsaved:
 
 
 class Fleet:
-    """Every machine seen (by machine_key), the state its requests and downloads put it in, and
-    the --max-concurrent slots. Each method takes the fleet's lock, is given the time, and
-    returns the lines that say what changed (one per change) for the caller to log."""
+    """Every machine seen (by machine_key), the state its requests and downloads put it in, its
+    counts, ranks and slots. Each method takes the fleet's lock; those that change a machine
+    are given the time and return the lines that say what changed (one per change) for the
+    caller to log."""
 
     def __init__(self, catalog: Catalog, update_timeout: float,
                  offer_words: str = "offered", max_concurrent: int = 0,
@@ -3540,7 +3566,8 @@ class Fleet:
             self.counts.failures.clear()
 
     def request(self, app: AppRequest, address: str, now: float,
-                choose: Callable[[FleetContext], Decision], release_version: str = "") -> AppOutcome:
+                choose: Callable[[FleetContext], Decision],
+                release_version: str = "") -> AppOutcome:
         """One app's Omaha request, under one hold of the lock, so that --max-concurrent holds
         however many machines ask at once. First what the machine did since its last request
         (its events: update_engine's first check after a reboot reports the update it completed,
@@ -3626,7 +3653,7 @@ class Fleet:
     def save_failed(self, keys: Iterable[str]) -> None:
         """These machines are saved next time."""
         with self.lock:
-            self.unsaved.keys.update(keys)
+            self.unsaved.add(keys)
 
     def restore(self, machines: Sequence["Machine"], now: float) -> None:
         """The machines a state file kept, counted and holding their slots as before; a time
@@ -3645,7 +3672,7 @@ class Fleet:
                 self.slots.holders.update(self.slots.among(machines, now))
             for machine in machines:
                 count_extensions(self.extensions, machine, 1)
-            self.unsaved.keys.update(m.key for m in machines)  # the first save writes all
+            self.unsaved.add(m.key for m in machines)  # the first save writes all
             self.tally.completions.clear()  # they completed before: not "in the last hour"
 
     def _offer(self, machine: "Machine", decision: Decision, now: float) -> None:
@@ -3667,7 +3694,7 @@ class Fleet:
             self.counts.forget(gone.key)
             self.tally.forget(gone)
             count_extensions(self.extensions, gone, -1)
-            self.unsaved.keys.add(gone.key)
+            self.unsaved.add([gone.key])
         return machine, None if created else machine.tally()
 
     def _rank(self, machine: "Machine") -> None:
@@ -3774,7 +3801,7 @@ class Census:
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Views: the page, /status.json, /machines.csv and /metrics, from the fleet's plain values
+# 9. Views: the page, /status.json, /machines.csv and /metrics, from the fleet's plain values
 # ---------------------------------------------------------------------------------------------
 
 FINDING_HINTS = {  # the causes the server finds itself, with no error code
@@ -4072,9 +4099,9 @@ def _summary_html(summary: Dict[str, Any], query: Query) -> str:
     if summary["failures"]:
         rows = "".join(
             '<tr><td>%s</td><td>%s</td><td><a href="%s">%d</a></td><td>%s</td></tr>' % (
-                esc(f["words"]), esc(f["hint"] or ""), esc(Query(cause=f["cause"]).link()),
+                esc(f["words"]), esc(f["hint"] or ""), esc(Query(cause=failure[0]).link()),
                 f["machines"], esc(", ".join(f["first"])))
-            for f in (_cause_facts(*failure) for failure in summary["failures"]))
+            for failure in summary["failures"] for f in [_cause_facts(*failure)])
         parts.append('<table id="failures"><tr><th>failed: cause</th><th>the usual reason</th>'
                      '<th>machines</th><th>the first few</th></tr>%s</table>' % rows)
     return "\n".join(parts)
@@ -4225,12 +4252,14 @@ class Family(NamedTuple):
 def _fleet_families(summary: Dict[str, Any], counters: Dict[Tuple, int]) -> List[Family]:
     """The machines by state, version, board and group, and what their requests counted."""
     worded = summary_json(summary)
-    by = [Family("machines_by_" + label, "gauge", "Machines seen, by %s." % label,
-                 [({label: k}, v) for k, v in sorted(worded[key].items())])
-          for label, key in (("version", "versions"), ("board", "boards"), ("group", "groups"))]
+    by_label = [Family("machines_by_" + label, "gauge", "Machines seen, by %s." % label,
+                       [({label: k}, v) for k, v in sorted(worded[key].items())])
+                for label, key in (("version", "versions"), ("board", "boards"),
+                                   ("group", "groups"))]
     ordered = sorted(counters.items(), key=_counter_order)
-    return [Family("machines", "gauge", "Machines seen, by state.",
-                   [({"state": k}, v) for k, v in sorted(summary["states"].items())])] + by + [
+    by_state = Family("machines", "gauge", "Machines seen, by state.",
+                      [({"state": k}, v) for k, v in sorted(summary["states"].items())])
+    return [by_state] + by_label + [
         Family("machines_stalled", "gauge", "Downloads with no progress for 10 minutes.",
                [({}, summary["stalled"])]),
         Family("machines_not_seen", "gauge", "Machines not seen for 2.5 hours.",
@@ -4282,7 +4311,7 @@ def metrics_text(catalog: Catalog, summary: Dict[str, Any], counters: Dict[Tuple
     return "\n".join(lines) + "\n"
 
 # ---------------------------------------------------------------------------------------------
-# 9. Setup script: one command on each machine
+# 10. Setup script: one command on each machine
 # ---------------------------------------------------------------------------------------------
 
 
@@ -4674,7 +4703,7 @@ def butane_config(provision: Provision) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. Download: the client that fetches releases from an update service into the release layout
+# 11. Download: the client that fetches releases from an update service into the release layout
 # ---------------------------------------------------------------------------------------------
 # On the connected side, `download DIR` asks an Omaha update service what a machine of each
 # board and channel would install, as Flatcar's own syncer does (flatcar/nebraska:
@@ -5359,19 +5388,22 @@ class Progress:
 
     def __init__(self, out: Any, terminal: bool) -> None:
         self.out, self.terminal = out, terminal
-        self.label, self.began, self.shown, self.start = "", 0.0, 0.0, 0
+        self.every = 0.2 if terminal else PROGRESS_EVERY_SECONDS  # seconds between two lines
+        self.label, self.began, self.next_line, self.start = "", 0.0, 0.0, 0
         self.said = False
 
     def begin(self, label: str, start: int, quiet_for: float = 0.0) -> None:
+        """A file's progress from byte `start`; its first line no sooner than `quiet_for`
+        seconds from now, nor than a line's interval."""
         self.label, self.start, self.said = label, start, False
         self.began = time.monotonic()
-        self.shown = self.began + quiet_for
+        self.next_line = self.began + max(quiet_for, self.every)
 
     def __call__(self, done: int, size: int) -> None:
         now = time.monotonic()
-        if now - self.shown < (0.2 if self.terminal else PROGRESS_EVERY_SECONDS):
+        if now < self.next_line:
             return
-        self.shown, self.said = now, True
+        self.next_line, self.said = now + self.every, True
         self._say(self._words(done, size, now), final=False)
 
     def end(self, words: str) -> None:
@@ -5541,7 +5573,7 @@ def run_download(options: DownloadOptions, fetcher: Fetcher, out: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# 11. Application: what the endpoints need, as plain calls, with no socket in sight
+# 12. Application: what the endpoints need, as plain calls, with no socket in sight
 # ---------------------------------------------------------------------------------------------
 
 # What "N more machines ..." says of each kind of warning that many machines can hit.
@@ -5666,9 +5698,10 @@ class OperatorLog:
         self.warnings = Warnings()
         self.said_missing = []  # type: List[str]
         self.said_forgotten = (0, 0.0)  # machines forgotten, as of the last line, and when
+        self.said_unhealthy = False
 
-    def request_line(self, app: AppRequest, client: str, outcome: AppOutcome,
-                     now: float) -> List[Note]:
+    def request_lines(self, app: AppRequest, client: str, outcome: AppOutcome,
+                      now: float) -> List[Note]:
         """The request's own line: with -v always; a warning once per machine (and then, for
         many machines of one cause, a count every ten minutes); every forced offer. Its words
         are made only when the line is written."""
@@ -5713,6 +5746,25 @@ class OperatorLog:
                      "%d (the longest unseen that held no slot); raise it if the fleet is "
                      "that large" % (forgotten - said, " since %s" % _clock(iso_time(when))
                                      if said else "", max_machines))]
+
+    def payload_changed(self, package: Package) -> List[Note]:
+        """A payload file is no longer the one hashed at start: said once a file."""
+        if not self.warnings.once(("changed", package.path)):
+            return []
+        return [Note(logging.ERROR, "%s is no longer the file that was hashed at startup (it was "
+                     "written to): it is not offered and not served any more; restart %s to "
+                     "hash it again" % (package.path, PROG))]
+
+    def unhealthy(self, health: str) -> List[Note]:
+        """What keeps the server from being healthy (a reload past its bound), said once a
+        reload: a reload that begins is said anew (reload_began())."""
+        if not health or self.said_unhealthy:
+            return []
+        self.said_unhealthy = True
+        return [Note(logging.ERROR, health)]
+
+    def reload_began(self) -> None:
+        self.said_unhealthy = False
 
     def needs(self, missing: List[str]) -> List[Note]:
         """A line when what the fleet needs and is not served changed."""
@@ -5939,7 +5991,8 @@ class RolloutGate:
 
 
 class AppSettings(NamedTuple):
-    """What the application is run with (Settings.app() makes it from the flags)."""
+    """What the application is run with (Settings.app: settings_from() makes it from the
+    flags)."""
     policy: Policy = Policy()
     skip_signature_check: bool = False  # said in each offer's line
     base_url: str = ""  # with local_payload: advertised instead of <scheme>://<Host>/packages/
@@ -5952,11 +6005,12 @@ class AppSettings(NamedTuple):
 
 
 class Service:
-    """The application: the catalog on offer, the rollout policy, the fleet, the warnings and the
-    clock, and what every endpoint needs of them as plain calls that return what to send and the
-    lines to log. It knows no socket, header or status code: the HTTP section carries requests
-    to it (as bottle.py's application is apart from its server adapters), and tests call it
-    directly. Each piece of state keeps its own lock: the fleet's, the warnings', the bytes
+    """The application: the catalog on offer, the rollout policy, the fleet, what the log has
+    told the operator (OperatorLog) and the clock, and what every endpoint needs of them as
+    plain calls that return what to send and the lines to log. It knows no socket, header or
+    status code: the endpoints below turn requests into its calls and its answers into
+    responses (as bottle.py's application is apart from its server adapters), and tests call
+    it directly. Each piece of state keeps its own lock: the fleet's, the warnings', the bytes
     served, the catalog's (a reload swaps it whole) and the files downloads are reading."""
 
     def __init__(self, catalog: Catalog, settings: AppSettings,
@@ -5983,9 +6037,6 @@ class Service:
         self._in_flight = InFlight()
         self.offer_changes = collections.deque(maxlen=5)  # type: collections.deque
         self.reloading_since = None  # type: Optional[float]  # time.monotonic(), while one runs
-        self._said_slow_reload = False
-        # connections open now, and refused so far: the HTTP server's, once it carries requests
-        self.connection_counts = lambda: (0, 0)  # type: Callable[[], Tuple[int, int]]
 
     # -- the Omaha endpoint ----------------------------------------------------------------
 
@@ -6014,7 +6065,7 @@ class Service:
                 release.version)
             answers.append(answer_app(app, outcome.decision, release,
                                       self.codebases(server_url, release)))
-            notes += self.operator_log.request_line(app, client, outcome, now)
+            notes += self.operator_log.request_lines(app, client, outcome, now)
             notes += outcome.notes
             notes += self.operator_log.advice(app, client, outcome, release, now)
             if any(h.state in (FAILED, ROLLED_BACK) for h in outcome.happenings):
@@ -6095,18 +6146,15 @@ class Service:
 
     def package_changed(self, package: Package) -> List[Note]:
         """A payload file is no longer the one hashed at start: said once a file."""
-        if not self.operator_log.warnings.once(("changed", package.path)):
-            return []
-        return [Note(logging.ERROR, "%s is no longer the file that was hashed at startup (it was "
-                     "written to): it is not offered and not served any more; restart %s to "
-                     "hash it again" % (package.path, PROG))]
+        return self.operator_log.payload_changed(package)
 
     def _look_changed(self, _previous: Tuple[Package, ...], _second: int
                       ) -> Tuple[Package, ...]:
         return tuple(p for p in self.catalog.packages() if p.changed_on_disk())
 
     def reload_began(self) -> None:
-        self.reloading_since, self._said_slow_reload = time.monotonic(), False
+        self.reloading_since = time.monotonic()
+        self.operator_log.reload_began()
 
     def reload_ended(self) -> None:
         self.reloading_since = None
@@ -6129,11 +6177,7 @@ class Service:
         now = self.clock()
         notes = self.operator_log.warnings.due(now) + self.operator_log.forgotten(
             self.fleet.registry.forgotten, self.settings.max_machines, now)
-        notes += self.rollout.check_halt()
-        health = self.health()
-        if health and not self._said_slow_reload:
-            self._said_slow_reload = True
-            notes.append(Note(logging.ERROR, health))
+        notes += self.rollout.check_halt() + self.operator_log.unhealthy(self.health())
         return notes + self.operator_log.needs(fleet_needs(
             self.catalog, self.census.summary(now))["missing"])
 
@@ -6170,9 +6214,8 @@ class Service:
         now = self.clock()
         return self.census.select(query, now), now
 
-    def metrics(self) -> str:
-        """/metrics, with the connection counts of the server that carries the requests."""
-        connections, refusals = self.connection_counts()
+    def metrics(self, connections: int, refusals: int) -> str:
+        """/metrics, with the server's connection counts given by the server."""
         with self._served_lock:
             served = dict(self._served)
         now = self.clock()
@@ -6240,15 +6283,12 @@ class HttpRequest(NamedTuple):
     the HTTP section makes of the bytes on a connection, and what tests build directly."""
     method: str
     target: str  # as the request line has it: the path, and maybe a query
-    headers: Headers = Headers()
+    headers: Headers
     client: str = "127.0.0.1"  # the peer's address
     server_url: str = "http://127.0.0.1"  # <scheme>://<Host>, as the client reached us
     body: bytes = b""
     params: Tuple[Tuple[str, str], ...] = ()  # the route's path parameters, once routed
-
-    @property
-    def path(self) -> str:
-        return request_path(self.target)
+    connections: Tuple[int, int] = (0, 0)  # the server's: open now, and refused so far
 
     @property
     def query(self) -> str:
@@ -6273,8 +6313,9 @@ class Response(NamedTuple):
     status: int
     headers: Tuple[Tuple[str, str], ...] = ()
     body: bytes = b""
-    words: str = ""
-    level: Optional[int] = logging.DEBUG
+    log_words: str = ""
+    log_level: Optional[int] = logging.DEBUG
+    log_target: str = ""  # what the access line names ("": the request's target)
     notes: Tuple[Note, ...] = ()
     file: Optional[FilePart] = None
     chunks: Optional[Iterable[bytes]] = None
@@ -6390,7 +6431,7 @@ def payload_response(request: HttpRequest, transfer: Transfer) -> Response:
     since = headers.get("If-Modified-Since")
     when = _parse_http_date(since) if since and "If-None-Match" not in headers else None
     if when is not None and int(package.mtime) <= when:
-        return Response(304, validators, words="not modified")
+        return Response(304, validators, log_words="not modified", log_target=package.name)
     size, range_header = package.size, headers.get("Range")
     if_range = headers.get("If-Range")
     if range_header is not None and if_range is not None and if_range.strip() not in [
@@ -6399,7 +6440,8 @@ def payload_response(request: HttpRequest, transfer: Transfer) -> Response:
     ranges = parse_range(range_header, size)
     if ranges == []:
         return Response(416, (("Content-Range", "bytes */%d" % size),),
-                        words="unsatisfiable range %s" % clean(range_header or "", 60))
+                        log_words="unsatisfiable range %s" % clean(range_header or "", 60),
+                        log_target=package.name)
     single = ranges is not None and len(ranges) == 1
     start, end = ranges[0] if single else (0, size - 1)
     status = 206 if single else 200
@@ -6415,15 +6457,15 @@ def post_update(app: Service, request: HttpRequest) -> Response:
     answered = app.update_check(parsed(parse_request, body_of(request)), request.client,
                                 request.server_url)
     return Response(200, (("Content-Type", "text/xml; charset=utf-8"),), answered.body,
-                    level=None, notes=tuple(answered.notes))
+                    log_level=None, notes=tuple(answered.notes))
 
 
 def get_package(app: Service, request: HttpRequest) -> Response:
-    """GET /packages/NAME: a payload file, with --basic-auth-file's credentials if any. The
+    """GET /packages/PATH: a payload file, with --basic-auth-file's credentials if any. The
     answer holds the file open for its download (a FilePart): whoever sends it calls
     app.download_finished() once it is sent."""
-    name = request.param("name")
-    found = app.find_package(name)
+    path = request.param("path")
+    found = app.find_package(path)
     if found is None:
         raise Refused(404, "no such package")
     if not authorised(request, app.settings.credentials):
@@ -6434,7 +6476,7 @@ def get_package(app: Service, request: HttpRequest) -> Response:
         refused = Refused(503, "the payload changed on disk; the server must be restarted",
                           [("Retry-After", "300")]).response
         return refused._replace(notes=tuple(app.package_changed(found)))
-    transfer = app.download_started(request.client, name)
+    transfer = app.download_started(request.client, path)
     if transfer is None:  # a reload took it away meanwhile
         raise Refused(404, "no such package")
     response = payload_response(request, transfer)
@@ -6455,7 +6497,8 @@ def get_needs(app: Service, request: HttpRequest) -> Response:
 
 
 def get_metrics(app: Service, request: HttpRequest) -> Response:
-    return text_response(app.metrics(), "text/plain; version=0.0.4; charset=utf-8")
+    return text_response(app.metrics(*request.connections),
+                         "text/plain; version=0.0.4; charset=utf-8")
 
 
 def get_page(app: Service, request: HttpRequest) -> Response:
@@ -6478,21 +6521,21 @@ def get_machines_csv(app: Service, request: HttpRequest) -> Response:
     return Response(200, (("Content-Type", "text/csv; charset=utf-8"),
                           ("Cache-Control", "no-store"),
                           ("Content-Disposition", 'attachment; filename="machines.csv"')),
-                    words="%d machines" % len(machines), chunks=csv_chunks(machines, now))
+                    log_words="%d machines" % len(machines), chunks=csv_chunks(machines, now))
 
 
 def get_setup(app: Service, request: HttpRequest) -> Response:
     """GET /setup: the script; ?check: the script that only checks."""
     check_only = "check" in urllib.parse.parse_qs(request.query, keep_blank_values=True)
     return text_response(app.setup_script(request.server_url, check_only),
-                         "text/x-shellscript; charset=utf-8", level=logging.INFO,
-                         words="the setup script%s" % (" (check only)" if check_only else ""))
+                         "text/x-shellscript; charset=utf-8", log_level=logging.INFO,
+                         log_words="the setup script%s" % (" (check only)" if check_only else ""))
 
 
 def post_setup_report(app: Service, request: HttpRequest) -> Response:
     """POST /setup/report: what the script found on the machine."""
     report = parsed(parse_setup_report, body_of(request, content_types=False))
-    return text_response("thank you\n", level=None,
+    return text_response("thank you\n", log_level=None,
                          notes=tuple(app.setup_report(report, request.client)))
 
 
@@ -6517,45 +6560,47 @@ def get_butane(app: Service, request: HttpRequest) -> Response:
 
 class Route(NamedTuple):
     """An endpoint: the methods it answers (HEAD wherever GET), the function that answers it,
-    its name in a 405's sentence, and whether it shows the fleet (--status-auth-file protects
-    it)."""
+    what a 405's sentence calls it, whether it shows the fleet (--status-auth-file protects
+    it), and the name of its one path parameter: a route with one answers every path under
+    its own, which the parameter holds."""
     methods: Tuple[str, ...]
     call: Callable[[Service, HttpRequest], Response]
-    what: str = ""
-    fleet: bool = False
+    called: str = ""
+    shows_fleet: bool = False
+    rest: str = ""
 
     def allowed(self) -> Tuple[str, ...]:
         return self.methods + ("HEAD",) if "GET" in self.methods else self.methods
 
 
-ROUTES = {  # a path, or a prefix and one parameter for the rest: "/packages/{name}"
+ROUTES = {
     "/v1/update": Route(("POST",), post_update, "the Omaha endpoint"),
     "/v1/update/": Route(("POST",), post_update, "the Omaha endpoint"),
-    PACKAGES_PREFIX + "{name}": Route(("GET",), get_package, "a package"),
-    "/": Route(("GET",), get_page, fleet=True),
-    "/status.json": Route(("GET",), get_status_json, fleet=True),
-    "/machines.csv": Route(("GET",), get_machines_csv, fleet=True),
-    "/metrics": Route(("GET",), get_metrics, fleet=True),
+    PACKAGES_PREFIX: Route(("GET",), get_package, "a package", rest="path"),
+    "/": Route(("GET",), get_page, shows_fleet=True),
+    "/status.json": Route(("GET",), get_status_json, shows_fleet=True),
+    "/machines.csv": Route(("GET",), get_machines_csv, shows_fleet=True),
+    "/metrics": Route(("GET",), get_metrics, shows_fleet=True),
     "/healthz": Route(("GET",), get_healthz),
-    "/needs": Route(("GET",), get_needs, fleet=True),
+    "/needs": Route(("GET",), get_needs, shows_fleet=True),
     "/setup": Route(("GET",), get_setup),
     "/setup/report": Route(("POST",), post_setup_report),
-    "/setup/state": Route(("GET",), get_setup_state, fleet=True),
+    "/setup/state": Route(("GET",), get_setup_state, shows_fleet=True),
     "/ignition": Route(("GET",), get_ignition),
     "/butane": Route(("GET",), get_butane),
 }
-_PREFIX_ROUTES = [(path.split("{")[0], path.split("{")[1].rstrip("}"), route)
-                  for path, route in ROUTES.items() if "{" in path]
+_UNDER = [(prefix, route) for prefix, route in ROUTES.items() if route.rest]
 
 
 def find_route(target: str) -> Tuple[str, Optional[Route], Tuple[Tuple[str, str], ...]]:
-    """The path a target names, its route (None: none) and the route's path parameters."""
+    """The path a target names, its route (None: none) and the route's path parameter."""
     path = target if target in ROUTES else request_path(target)
-    if path in ROUTES:
-        return path, ROUTES[path], ()
-    for prefix, name, route in _PREFIX_ROUTES:
+    route = ROUTES.get(path)
+    if route is not None and not route.rest:
+        return path, route, ()
+    for prefix, route in _UNDER:
         if path.startswith(prefix):
-            return path, route, ((name, path[len(prefix):]),)
+            return path, route, ((route.rest, path[len(prefix):]),)
     return path, None, ()
 
 
@@ -6568,9 +6613,9 @@ def respond(app: Service, request: HttpRequest) -> Response:
             raise Refused(404, "not found")
         if request.method not in route.allowed():
             allowed = route.allowed()
-            raise Refused(405, "%s expects a %s" % (route.what or path, " or ".join(allowed)),
+            raise Refused(405, "%s expects a %s" % (route.called or path, " or ".join(allowed)),
                           [("Allow", ", ".join(allowed))])
-        if route.fleet and not authorised(request, app.settings.status_credentials):
+        if route.shows_fleet and not authorised(request, app.settings.status_credentials):
             raise Refused(401, "the status pages need the credentials of --status-auth-file",
                           [("WWW-Authenticate", 'Basic realm="%s status", charset="UTF-8"' % PROG)])
         return route.call(app, request._replace(params=params))
@@ -6579,7 +6624,394 @@ def respond(app: Service, request: HttpRequest) -> Response:
 
 
 # ---------------------------------------------------------------------------------------------
-# 12. HTTP: a framing handler, a file sender, the handler that carries requests to respond()
+# 13. Lifecycle: what keeps running: the fleet's saves, the clock's job, watching, reloading
+# ---------------------------------------------------------------------------------------------
+
+# -- the fleet across restarts: --state-file -----------------------------------------------------
+# JSON Lines: a header line {"format": "serve-package fleet state", "version": 1, "fields": [...],
+# ...}, then one JSON array a machine, its values in the order of the header's fields. Written
+# whole to a temporary file beside FILE (write_atomically), fsync'ed, renamed over FILE: a kill
+# at any moment leaves the last complete file. Only the changed machines are
+# encoded again at each save; the others' lines are kept from the last one.
+
+STATE_FORMAT = "serve-package fleet state"
+STATE_VERSION = 1
+SAVE_AFTER = 3.0  # seconds from a change of a count or a slot to the save
+SAVE_IDLE = 60.0  # seconds between saves when only last-seen times changed
+
+
+MAX_STATE_LINE = 16 << 10  # a machine's record: its longest setup report is a few KiB
+
+
+def _bounded_lines(f: Any) -> Iterator[str]:
+    """A text file's lines, each at most MAX_STATE_LINE long: a longer one is read to its end
+    and given as its first MAX_STATE_LINE characters (which no record fills)."""
+    while True:
+        line = f.readline(MAX_STATE_LINE)
+        if not line:
+            return
+        if len(line) >= MAX_STATE_LINE and not line.endswith("\n"):
+            while True:
+                rest = f.readline(MAX_STATE_LINE)
+                if not rest or rest.endswith("\n"):
+                    break
+        yield line
+
+
+def _machine_from_line(line: str, number: int, fields: Sequence[str]) -> Machine:
+    if len(line) >= MAX_STATE_LINE:
+        raise ValueError("line %d: longer than any machine's record" % number)
+    try:
+        return machine_from_record(json.loads(line), fields)
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        raise ValueError("line %d: %s" % (number, exc)) from None
+
+
+def _state_header(path: str, line: str) -> Tuple[List[str], int]:
+    """The fields a state file's header lists and the machines it says it holds; UsageError
+    for a file this version must not read, ValueError for one that is no state file."""
+    try:
+        header = json.loads(line or "null")
+    except RecursionError:
+        raise ValueError("line 1 is nested deeper than any header") from None
+    if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
+        raise ValueError("line 1 is not a serve-package state file's header")
+    if type(header.get("version")) is not int:
+        raise ValueError("its header's version is not a number")
+    if header["version"] > STATE_VERSION:
+        raise UsageError("--state-file %s was written by a newer serve-package (state "
+                         "format %s; this one reads %d): start that one, or start with "
+                         "--reset-state to keep the file as %s.old and start afresh"
+                         % (path, clean(str(header.get("version")), 20), STATE_VERSION, path))
+    fields = header.get("fields", list(MACHINE_RECORD))
+    if not isinstance(fields, list) or not all(isinstance(n, str) for n in fields):
+        raise ValueError("its header does not list its fields")
+    count = header.get("machines")
+    return fields, count if type(count) is int else -1
+
+
+def read_state(path: str, reset: bool, max_machines: int = MAX_MACHINES) -> List[Machine]:
+    """The machines FILE kept, at most `max_machines` (the ones seen last); none when it does
+    not exist yet, or with --reset-state (the old file is kept as FILE.old). A record that is
+    not a machine's is dropped, counted and said; a file that is not a state file, or one of a
+    newer version, is a UsageError: it is never overwritten by a fleet that forgot it."""
+    if not path:
+        return []
+    if reset:
+        if os.path.exists(path):
+            os.replace(path, path + ".old")
+        return []
+    machines, dropped, first, read = [], 0, "", 0  # type: List[Machine], int, str, int
+    try:
+        with os.fdopen(open_regular(path), encoding="utf-8", errors="replace") as f:
+            fields, count = _state_header(path, f.readline(MAX_STATE_LINE))
+            for number, line in enumerate(_bounded_lines(f), 2):
+                try:
+                    machines.append(_machine_from_line(line, number, fields))
+                    read += 1
+                except ValueError as exc:
+                    dropped, first = dropped + 1, first or str(exc)
+                if len(machines) >= 2 * max_machines:  # memory stays within twice the cap
+                    machines = sorted(machines, key=lambda m: -m.last_seen)[:max_machines]
+            if read + dropped < count:
+                raise ValueError("it holds %d machines, its header says %d: it was cut short"
+                                 % (read + dropped, count))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise UsageError("--state-file %s cannot be read: %s" % (path, exc.strerror)) from None
+    except ValueError as exc:
+        raise UsageError("--state-file %s is damaged or not a state file (%s); it is left as it "
+                         "is: start with --reset-state to keep it as %s.old and start afresh"
+                         % (path, clean(str(exc), 120), path)) from None
+    if dropped:
+        log_line(logging.WARNING, "--state-file %s: %d record(s) that are not a machine's were "
+                 "dropped (the first, %s); the next save leaves them out" % (
+                     path, dropped, clean(first, 200)))
+    if read > max_machines:
+        log_line(logging.WARNING, "--state-file %s holds %d machines, more than --max-machines "
+                 "%d: the %d seen last are kept" % (path, read, max_machines, max_machines))
+    return sorted(machines, key=lambda m: -m.last_seen)[:max_machines]
+
+
+class Background:
+    """A job of the program's that runs in a thread of its own until told to stop: _run()
+    waits on `stop` between its rounds."""
+
+    name = "background"
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def start(self) -> "Background":
+        self.thread.start()
+        return self
+
+    def end(self, wait: float = 5.0) -> None:
+        """Stop it, and wait for the round under way to finish (up to `wait` seconds)."""
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(wait)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Ticker(Background):
+    """The application's clock job (Service.tick), once a second: the lines that are due."""
+
+    name = "tick"
+
+    def __init__(self, app: Service, every: float = 1.0) -> None:
+        super().__init__()
+        self.app, self.every = app, every
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            say(self.app.tick())
+
+
+class StateKeeper(Background):
+    """Saves the fleet to --state-file a few seconds after a change, in a thread of its own
+    (never on a request's path), and once more when the server stops."""
+
+    name = "state"
+
+    def __init__(self, path: str, fleet: Fleet) -> None:
+        super().__init__()
+        self.path, self.fleet = path, fleet
+        self.lines = {}  # type: Dict[str, str]  # machine -> its JSON line, as last saved
+        self.saved = (-1, -1)  # the fleet's (changes, touches) at the last save
+        self.saved_at = 0.0
+        self.failed = ""
+
+    def _run(self) -> None:
+        while not self.stop.wait(SAVE_AFTER):
+            changes, touches = self.fleet.unsaved.changes, self.fleet.unsaved.touches
+            if changes != self.saved[0] or (touches != self.saved[1]
+                                            and time.monotonic() - self.saved_at >= SAVE_IDLE):
+                self.save()
+
+    def close(self) -> bool:
+        """The last save, at shutdown; a failure is said loudly (what is lost and how much) and
+        is False, so that the program exits non-zero (systemd then shows the stop as failed)."""
+        self.stop.set()
+        self.thread.join()
+        if self.save():
+            return True
+        kept = ("the file keeps the last save" if os.path.exists(self.path)
+                else "and there is no file")
+        log_line(logging.CRITICAL, "the fleet (%d machines) could NOT be saved to %s at "
+                 "shutdown (%s): what changed since the last save is lost, %s" % (
+                     len(self.lines), self.path, self.failed, kept))
+        return False
+
+    def save(self) -> bool:
+        records, changes, touches = self.fleet.take_unsaved()
+        for key, record in records.items():
+            if record is None:
+                self.lines.pop(key, None)  # forgotten (--max-machines)
+            else:
+                self.lines[key] = json.dumps(record, separators=(",", ":"))
+        header = json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION,
+                             "saved": iso_time(time.time()), "machines": len(self.lines),
+                             "fields": MACHINE_RECORD})
+        try:
+            write_atomically(self.path, [header] + list(self.lines.values()))
+        except OSError as exc:
+            if exc.strerror != self.failed:
+                log_line(logging.ERROR, "cannot save the fleet to %s: %s; trying again" % (
+                    self.path, exc.strerror or exc))
+            self.failed = exc.strerror or str(exc)
+            self.fleet.save_failed(records)
+            return False
+        if self.failed:
+            log_line(logging.WARNING, "the fleet is saved to %s again (%d machines)" % (
+                self.path, len(self.lines)))
+        self.failed, self.saved, self.saved_at = "", (changes, touches), time.monotonic()
+        return True
+
+
+# -- watching and reloading ---------------------------------------------------------------------
+
+def notify(*fields: str) -> None:
+    """Tell systemd how the service is (Type=notify): READY=1, RELOADING=1, STOPPING=1,
+    STATUS=<one line>, as sd_notify(3) sends them, a datagram to $NOTIFY_SOCKET; nothing
+    when systemd did not set it."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address.startswith(("/", "@")):
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # the abstract namespace
+    if "RELOADING=1" in fields:  # systemd 253 and newer want the time of the reload with it
+        fields += ("MONOTONIC_USEC=%d" % int(time.monotonic() * 1e6),)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall("\n".join(fields).encode("utf-8"))
+    except OSError:
+        pass  # systemd is gone: nothing to tell
+
+
+def status_line(app: Service) -> str:
+    """The one-line state, for systemd's STATUS= (systemctl status shows it)."""
+    facts = app.census.summary(app.clock())
+    catalog = app.catalog
+    rollout, gate = facts["rollout"], app.rollout.gate(app.clock())
+    return "offering %s; %d machine(s): %d complete, %d updating, %d failed%s" % (
+        ", ".join("%s for %s" % (catalog.for_board(b).version, b) for b in catalog.boards()),
+        facts["machines"], rollout["complete"], rollout["in_progress"], rollout["failed"],
+        "; no new offers: " + gate if gate else "")
+
+
+WATCH_EVERY = 5.0  # seconds between two looks at --package-dir
+WATCH_SETTLE = 30.0  # a change without download's records is taken once unchanged this long
+
+
+def tree_state(directory: str) -> Tuple[Tuple[str, int, int], ...]:
+    """What --watch compares: each file in DIR and two levels below (<board>/<version>/<file>)
+    with its size and time."""
+    found = []
+    top = directory.rstrip(os.sep).count(os.sep)
+    for root, dirs, files in os.walk(directory):
+        if root.count(os.sep) - top >= 2:
+            dirs[:] = []
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(root, name))
+                found.append((os.path.relpath(os.path.join(root, name), directory),
+                              st.st_size, st.st_mtime_ns))
+    return tuple(sorted(found))
+
+
+def changes_whole(directory: str, state: Sequence[Tuple[str, int, int]],
+                  loaded: Sequence[Tuple[str, int, int]]) -> bool:
+    """Whether every version directory in which a file is new or changed since the load holds
+    download's record and every file the record lists, whole, and no file is still
+    downloading: such a change need not settle (any other waits WATCH_SETTLE)."""
+    names = [name for name, _, _ in state]
+    # every version directory with a file that is new or changed since the load
+    versions = {os.path.dirname(n) for n, _, _ in set(state) - set(loaded) if n.count(os.sep) == 2}
+    if any(n.endswith(PARTIAL) for n in names):
+        return False
+    for version in versions:
+        sizes = {os.path.basename(n): size for n, size, _ in state
+                 if os.path.dirname(n) == version}
+        try:
+            record = read_record(os.path.join(directory, version))
+        except (OSError, ValueError):
+            return False  # not there yet, or still being written
+        if record_lacks("", record, sizes):
+            return False
+    return True
+
+
+class Watcher(Background):
+    """--watch: looks at --package-dir every WATCH_EVERY seconds; when what it holds changed and
+    is complete (download's records) or has not changed for WATCH_SETTLE seconds (a copy in
+    progress is not taken half-way), asks serve() for a reload."""
+
+    name = "watch"
+
+    def __init__(self, directory: str, signals: queue.Queue,
+                 loaded: Sequence[Tuple[str, int, int]], config: str = "",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`loaded`: the directory's tree_state() as it was just before it was loaded;
+        `config`: the --config file, whose change is a reload of the rollout policy."""
+        super().__init__()
+        self.directory, self.signals, self.config, self.clock = directory, signals, config, clock
+        self.loaded = self.seen = tuple(loaded) + self._config_state()
+        self.since = clock()  # when the tree was last seen to change
+
+    def _config_state(self) -> Tuple[Tuple[str, int, int], ...]:
+        try:
+            st = os.stat(self.config)
+        except OSError:
+            return ()
+        return (("--config", st.st_size, st.st_mtime_ns),) if self.config else ()
+
+    def look(self) -> Tuple[Tuple[str, int, int], ...]:
+        """The tree and the --config file as they are now."""
+        return tree_state(self.directory) + self._config_state()
+
+    def reload_due(self, state: Tuple[Tuple[str, int, int], ...], now: float) -> bool:
+        """Whether this look asks for a reload: what changed since the load is whole (download's
+        records), or has not changed for WATCH_SETTLE seconds."""
+        whole = changes_whole(self.directory, state, self.loaded)
+        if state != self.seen:
+            self.seen, self.since = state, now
+            if not whole:
+                return False
+        if state != self.loaded and (whole or now - self.since >= WATCH_SETTLE):
+            self.loaded = state
+            return True
+        return False
+
+    def _run(self) -> None:
+        while not self.stop.wait(WATCH_EVERY):
+            try:
+                state = self.look()
+            except (OSError, ValueError, RecursionError) as exc:  # looked at again next round
+                log_line(logging.WARNING, "--watch cannot look at %s: %s" % (
+                    self.directory, clean(str(exc), 200)))
+                continue
+            if self.reload_due(state, self.clock()):
+                self.signals.put("watch")
+
+
+class Reloader(Background):
+    """Loads the releases anew when asked (SIGHUP or --watch), in a thread of its own: the
+    current set serves on meanwhile; a set whose every file passes replaces it at once; when one
+    fails, the current set stays and one sentence says which file and why. Files unchanged
+    since they were loaded are not read again. The rollout policy is read again too (from the
+    flags and --config: `policy`), and replaces the current one when it parses; else the
+    current one stays and one sentence says which setting and why. Asked again while a reload
+    runs, it reloads once more when that one is done, from what is there then."""
+
+    name = "reload"
+
+    def __init__(self, app: Service, load: Callable[[Sequence[Package]], Catalog],
+                 policy: Optional[Callable[[], Policy]] = None) -> None:
+        """`load`: the releases read anew, but the files given (unchanged since they were
+        loaded); `policy`: the rollout policy read anew (a UsageError says why it cannot)."""
+        super().__init__()
+        self.app, self.load, self.policy = app, load, policy
+        self.wanted = threading.Event()
+        self.why = ""
+
+    def request(self, why: str) -> None:
+        self.why = why
+        self.wanted.set()
+
+    def _run(self) -> None:
+        while self.wanted.wait() and not self.stop.is_set():
+            self.wanted.clear()
+            self.reload(self.why)
+
+    def reload(self, why: str) -> None:
+        """One reload, in the caller's thread."""
+        notify("RELOADING=1", "STATUS=reloading (%s)" % why)
+        log_line(logging.INFO, "reloading the releases (%s); the current ones serve on "
+                 "meanwhile" % why)
+        self.app.reload_began()
+        try:
+            say(self.app.replace_catalog(self.load(self.app.catalog.packages())))
+        except PayloadError as exc:
+            log_line(logging.ERROR, "reload failed, the releases stay as they were: %s"
+                     % str(exc).rstrip("."))
+        finally:
+            self.app.reload_ended()
+        if self.policy is not None:
+            try:
+                say(self.app.rollout.replace(self.policy()))
+            except UsageError as exc:
+                log_line(logging.ERROR, "the rollout policy stays as it was: %s" % exc)
+        notify("READY=1", "STATUS=" + status_line(self.app))
+
+
+# ---------------------------------------------------------------------------------------------
+# 14. HTTP: a framing handler, a file sender, the handler that carries requests to respond()
 # ---------------------------------------------------------------------------------------------
 
 IDLE_TIMEOUT = 60  # seconds a connection may sit idle or stalled; any progress resets it
@@ -6599,7 +7031,8 @@ CLIENT_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errn
 
 
 class HttpSettings(NamedTuple):
-    """What the HTTP server is run with (Settings.http() makes it from the flags)."""
+    """What the HTTP server is run with (Settings.http: settings_from() makes it from the
+    flags)."""
     tls: Any = None  # an ssl.SSLContext: HTTPS
     idle_timeout: int = IDLE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
@@ -6732,18 +7165,17 @@ class FramingHandler(http.server.BaseHTTPRequestHandler):
         if "Transfer-Encoding" in self.headers:
             # update_engine always sends Content-Length; refusing chunked bodies keeps the cap
             # simple to enforce before anything is read.
-            self.reject(411, "send the body with Content-Length, not Transfer-Encoding",
-                        close=True)
+            self.reject(411, "send the body with Content-Length, not Transfer-Encoding")
             return None
         length_text = self.headers.get("Content-Length")
         if length_text is None:
             return b""
         length = plain_number(length_text)
         if length is None:
-            self.reject(400, "Content-Length is not a number", close=True)
+            self.reject(400, "Content-Length is not a number")
             return None
         if length > MAX_BODY:
-            self.reject(413, "request body is over %d bytes" % MAX_BODY, close=True)
+            self.reject(413, "request body is over %d bytes" % MAX_BODY)
             return None
         if length and (self.headers.get("Expect") or "").lower() == "100-continue":
             # libcurl asks before sending a larger body, and waits a second for this
@@ -6768,30 +7200,42 @@ class FramingHandler(http.server.BaseHTTPRequestHandler):
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.wfile.write(head if self.command == "HEAD" else head + body)
 
-    def send_text(self, code: int, text: str, headers: Sequence[Tuple[str, str]] = (),
-                  close: bool = False) -> None:
-        body = (text + "\n").encode("utf-8")
-        if close:
-            self.close_connection = True
-        self.send(code, [("Content-Type", "text/plain; charset=utf-8"),
-                         ("Content-Length", str(len(body)))] + list(headers), body)
+    def answer(self, response: Response) -> None:
+        """A response whose body is in hand or made as it is sent (not a FilePart): its access
+        line, then its head and body. A body made as it is sent ends with the connection."""
+        if response.log_level is not None:
+            self.log_request(response.status, response.log_words, response.log_level,
+                             response.log_target)
+        if response.chunks is None:
+            length = [] if response.status == 304 else [("Content-Length",
+                                                           str(len(response.body)))]
+            self.send(response.status, list(response.headers) + length, response.body)
+            return
+        self.close_connection = True
+        self.send(response.status, response.headers)
+        if self.command != "HEAD":
+            for chunk in response.chunks:
+                self.wfile.write(chunk)
 
     def send_error(self, code: int, message: Optional[str] = None,
                    explain: Optional[str] = None) -> None:
-        """Errors found while reading the request line and headers."""
-        reason = message or HTTPStatus(code).phrase
+        """Errors found while reading the request line and headers (http.server's name): the
+        request line is all there is to say which request it was."""
+        refused = Refused(code, message or HTTPStatus(code).phrase).response
         log_line(logging.WARNING, "%s %s -> %d %s" % (
-            self.client(), clean(getattr(self, "requestline", "") or "-", 200), code, reason))
-        self.send_text(code, reason, close=True)
+            self.client(), clean(getattr(self, "requestline", "") or "-", 200), code,
+            refused.log_words))
+        self.close_connection = True
+        self.answer(refused._replace(log_level=None))
 
-    def reject(self, code: int, reason: str, headers: Sequence[Tuple[str, str]] = (),
-               close: bool = False) -> None:
-        """A request refused: the reason, in the log and to the client."""
-        self.log_request(code, reason, logging.WARNING)
-        self.send_text(code, reason, headers, close)
+    def reject(self, code: int, reason: str) -> None:
+        """A request refused before it is read whole: the reason, in the log and to the
+        client, and the connection closed (what is left of the request is not read)."""
+        self.close_connection = True
+        self.answer(Refused(code, reason).response)
 
     def log_request(self, code: Any = "-", words: Any = "", level: int = logging.DEBUG,
-                    target: Optional[str] = None) -> None:
+                    target: str = "") -> None:
         """The access log: every answered request's line is written here (http.server's own
         name), 'CLIENT METHOD TARGET -> CODE WORDS'; only refusals show without -v."""
         if log.isEnabledFor(level):
@@ -6891,27 +7335,17 @@ class Handler(FileHandler):
             return
         app = self.server.app
         response = respond(app, HttpRequest(self.command, self.path, self.headers, self.client(),
-                                            self.server_url(), body))
+                                            self.server_url(), body,
+                                            connections=self.server.connection_counts()))
         say(response.notes)  # before the answer: once a machine has it, its lines are written
-        if response.file is not None:
-            self.transfer = response.file.transfer
-            try:
-                self.send_file_part(response)
-            finally:
-                app.download_finished(self.transfer)
+        if response.file is None:
+            self.answer(response)
             return
-        if response.level is not None:
-            self.log_request(response.status, response.words, response.level)
-        if response.chunks is None:
-            length = [] if response.status == 304 else [("Content-Length",
-                                                           str(len(response.body)))]
-            self.send(response.status, list(response.headers) + length, response.body)
-            return
-        self.close_connection = True  # a body made as it is sent ends with the connection
-        self.send(response.status, response.headers)
-        if self.command != "HEAD":
-            for chunk in response.chunks:
-                self.wfile.write(chunk)
+        self.transfer = response.file.transfer
+        try:
+            self.send_file_part(response)
+        finally:
+            app.download_finished(self.transfer)
 
     def file_changed(self, package: Package) -> bool:
         if not package.changed_on_disk():
@@ -6949,7 +7383,6 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
                  settings: HttpSettings) -> None:
         self.address_family = family
         self.app = app
-        app.connection_counts = self.connection_counts
         self.settings = settings
         self._connections_lock = threading.Lock()  # connections and refusals
         self.connections = self.refusals = 0
@@ -6960,7 +7393,7 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.closing = threading.Event()
         super().__init__(address, Handler)
         if settings.tls is not None:
-            # The handshake happens in each connection's own thread (Handler.setup), so a slow
+            # The handshake happens in each connection's own thread (FramingHandler.setup), so a slow
             # client cannot hold up the accepting thread.
             self.socket = settings.tls.wrap_socket(self.socket, server_side=True,
                                                    do_handshake_on_connect=False)
@@ -7064,12 +7497,8 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 # ---------------------------------------------------------------------------------------------
-# 13. Program: flags, settings, loading, the banner
+# 15. Program: flags, settings, loading, the banner
 # ---------------------------------------------------------------------------------------------
-
-
-class UsageError(Exception):
-    """A mistake on the command line; the message is one sentence."""
 
 
 class Settings(NamedTuple):
@@ -7098,9 +7527,6 @@ class Settings(NamedTuple):
 
 
 # -- the command line ------------------------------------------------------------------------
-
-WATCH_EVERY = 5.0  # seconds between two looks at --package-dir
-WATCH_SETTLE = 30.0  # a change without download's records is taken once unchanged this long
 
 
 class Flag(NamedTuple):
@@ -7621,7 +8047,7 @@ def _progress_printer(label: str) -> Optional[Callable[[int, int], None]]:
     if not sys.stderr.isatty():
         return None
     progress = Progress(sys.stderr, terminal=True)
-    progress.begin("hashing " + label, 0, quiet_for=0.8)
+    progress.begin("hashing " + label, 0, quiet_for=1.0)
 
     def show(done: int, total: int) -> None:
         progress(done, total)
@@ -7807,478 +8233,27 @@ def banner(server: Server, settings: Settings) -> str:
                                                   catalog.target_rules[board]) for board in boards]
     for release in catalog.releases:
         lines += _release_lines(release, catalog)
-    offer = settings.app
-    if not offer.local_payload:
+    app_settings = settings.app
+    if not app_settings.local_payload:
         lines.append("payloads are not served here: machines download them from %s"
-                     % ", ".join(offer.mirrors))
-    elif offer.base_url or offer.mirrors:
+                     % ", ".join(app_settings.mirrors))
+    elif app_settings.base_url or app_settings.mirrors:
         lines.append("machines download from %s" % ", ".join(
-            ((offer.base_url,) if offer.base_url else ("this server",)) + offer.mirrors))
-    rules = rollout_rules(offer.policy)
+            ((app_settings.base_url,) if app_settings.base_url else ("this server",))
+            + app_settings.mirrors))
+    rules = rollout_rules(app_settings.policy)
     if rules:
         lines.append("rollout: " + "; ".join(rules))
     if settings.state_file:
         lines.append("fleet state: kept in %s (%d machine(s) loaded)" % (
             settings.state_file, len(server.app.fleet.machines)))
-    elif offer.policy.max_concurrent:
+    elif app_settings.policy.max_concurrent:
         lines.append("fleet state: in memory only: a restart frees every --max-concurrent slot "
                      "(--state-file FILE keeps them)")
     return "\n".join(lines + _where_to_point(server, settings))
 
 
-# ---------------------------------------------------------------------------------------------
-# 14. Lifecycle: the fleet kept across restarts, the clock's job, watching, reloading, serving
-# ---------------------------------------------------------------------------------------------
-
-# -- the fleet across restarts: --state-file -----------------------------------------------------
-# JSON Lines: a header line {"format": "serve-package fleet state", "version": 1, "fields": [...],
-# ...}, then one JSON array a machine, its values in the order of the header's fields. Written
-# whole to a temporary file beside FILE (write_atomically), fsync'ed, renamed over FILE: a kill
-# at any moment leaves the last complete file. Only the changed machines are
-# encoded again at each save; the others' lines are kept from the last one.
-
-STATE_FORMAT = "serve-package fleet state"
-STATE_VERSION = 1
-SAVE_AFTER = 3.0  # seconds from a change of a count or a slot to the save
-SAVE_IDLE = 60.0  # seconds between saves when only last-seen times changed
-
-
-MAX_STATE_LINE = 16 << 10  # a machine's record: its longest setup report is a few KiB
-
-
-def _bounded_lines(f: Any) -> Iterator[str]:
-    """A text file's lines, each at most MAX_STATE_LINE long: a longer one is read to its end
-    and given as its first MAX_STATE_LINE characters (which no record fills)."""
-    while True:
-        line = f.readline(MAX_STATE_LINE)
-        if not line:
-            return
-        if len(line) >= MAX_STATE_LINE and not line.endswith("\n"):
-            while True:
-                rest = f.readline(MAX_STATE_LINE)
-                if not rest or rest.endswith("\n"):
-                    break
-        yield line
-
-
-def _machine_from_line(line: str, number: int, fields: Sequence[str]) -> Machine:
-    if len(line) >= MAX_STATE_LINE:
-        raise ValueError("line %d: longer than any machine's record" % number)
-    try:
-        return machine_from_record(json.loads(line), fields)
-    except (ValueError, TypeError, KeyError, RecursionError) as exc:
-        raise ValueError("line %d: %s" % (number, exc)) from None
-
-
-def _state_header(path: str, line: str) -> Tuple[List[str], int]:
-    """The fields a state file's header lists and the machines it says it holds; UsageError
-    for a file this version must not read, ValueError for one that is no state file."""
-    try:
-        header = json.loads(line or "null")
-    except RecursionError:
-        raise ValueError("line 1 is nested deeper than any header") from None
-    if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
-        raise ValueError("line 1 is not a serve-package state file's header")
-    if type(header.get("version")) is not int:
-        raise ValueError("its header's version is not a number")
-    if header["version"] > STATE_VERSION:
-        raise UsageError("--state-file %s was written by a newer serve-package (state "
-                         "format %s; this one reads %d): start that one, or start with "
-                         "--reset-state to keep the file as %s.old and start afresh"
-                         % (path, clean(str(header.get("version")), 20), STATE_VERSION, path))
-    fields = header.get("fields", list(MACHINE_RECORD))
-    if not isinstance(fields, list) or not all(isinstance(n, str) for n in fields):
-        raise ValueError("its header does not list its fields")
-    count = header.get("machines")
-    return fields, count if type(count) is int else -1
-
-
-def read_state(path: str, reset: bool, max_machines: int = MAX_MACHINES) -> List[Machine]:
-    """The machines FILE kept, at most `max_machines` (the ones seen last); none when it does
-    not exist yet, or with --reset-state (the old file is kept as FILE.old). A record that is
-    not a machine's is dropped, counted and said; a file that is not a state file, or one of a
-    newer version, is a UsageError: it is never overwritten by a fleet that forgot it."""
-    if not path:
-        return []
-    if reset:
-        if os.path.exists(path):
-            os.replace(path, path + ".old")
-        return []
-    machines, dropped, first, read = [], 0, "", 0  # type: List[Machine], int, str, int
-    try:
-        with os.fdopen(open_regular(path), encoding="utf-8", errors="replace") as f:
-            fields, count = _state_header(path, f.readline(MAX_STATE_LINE))
-            for number, line in enumerate(_bounded_lines(f), 2):
-                try:
-                    machines.append(_machine_from_line(line, number, fields))
-                    read += 1
-                except ValueError as exc:
-                    dropped, first = dropped + 1, first or str(exc)
-                if len(machines) >= 2 * max_machines:  # memory stays within twice the cap
-                    machines = sorted(machines, key=lambda m: -m.last_seen)[:max_machines]
-            if read + dropped < count:
-                raise ValueError("it holds %d machines, its header says %d: it was cut short"
-                                 % (read + dropped, count))
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise UsageError("--state-file %s cannot be read: %s" % (path, exc.strerror)) from None
-    except ValueError as exc:
-        raise UsageError("--state-file %s is damaged or not a state file (%s); it is left as it "
-                         "is: start with --reset-state to keep it as %s.old and start afresh"
-                         % (path, clean(str(exc), 120), path)) from None
-    if dropped:
-        log_line(logging.WARNING, "--state-file %s: %d record(s) that are not a machine's were "
-                 "dropped (the first, %s); the next save leaves them out" % (
-                     path, dropped, clean(first, 200)))
-    if read > max_machines:
-        log_line(logging.WARNING, "--state-file %s holds %d machines, more than --max-machines "
-                 "%d: the %d seen last are kept" % (path, read, max_machines, max_machines))
-    return sorted(machines, key=lambda m: -m.last_seen)[:max_machines]
-
-
-class Background:
-    """A job of the program's that runs in a thread of its own until told to stop: _run()
-    waits on `stop` between its rounds."""
-
-    name = "background"
-
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-
-    def start(self) -> "Background":
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        raise NotImplementedError
-
-
-class Ticker(Background):
-    """The application's clock job (Service.tick), once a second: the lines that are due."""
-
-    name = "tick"
-
-    def __init__(self, app: Service, every: float = 1.0) -> None:
-        super().__init__()
-        self.app, self.every = app, every
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.every):
-            say(self.app.tick())
-
-
-class StateKeeper(Background):
-    """Saves the fleet to --state-file a few seconds after a change, in a thread of its own
-    (never on a request's path), and once more when the server stops."""
-
-    name = "state"
-
-    def __init__(self, path: str, fleet: Fleet) -> None:
-        super().__init__()
-        self.path, self.fleet = path, fleet
-        self.lines = {}  # type: Dict[str, str]  # machine -> its JSON line, as last saved
-        self.saved = (-1, -1)  # the fleet's (changes, touches) at the last save
-        self.saved_at = 0.0
-        self.failed = ""
-
-    def _run(self) -> None:
-        while not self.stop.wait(SAVE_AFTER):
-            changes, touches = self.fleet.unsaved.changes, self.fleet.unsaved.touches
-            if changes != self.saved[0] or (touches != self.saved[1]
-                                            and time.monotonic() - self.saved_at >= SAVE_IDLE):
-                self.save()
-
-    def close(self) -> bool:
-        """The last save, at shutdown; a failure is said loudly (what is lost and how much) and
-        is False, so that the program exits non-zero (systemd then shows the stop as failed)."""
-        self.stop.set()
-        self.thread.join()
-        if self.save():
-            return True
-        kept = ("the file keeps the last save" if os.path.exists(self.path)
-                else "and there is no file")
-        log_line(logging.CRITICAL, "the fleet (%d machines) could NOT be saved to %s at "
-                 "shutdown (%s): what changed since the last save is lost, %s" % (
-                     len(self.lines), self.path, self.failed, kept))
-        return False
-
-    def save(self) -> bool:
-        records, changes, touches = self.fleet.take_unsaved()
-        for key, record in records.items():
-            if record is None:
-                self.lines.pop(key, None)  # forgotten (--max-machines)
-            else:
-                self.lines[key] = json.dumps(record, separators=(",", ":"))
-        header = json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION,
-                             "saved": iso_time(time.time()), "machines": len(self.lines),
-                             "fields": MACHINE_RECORD})
-        try:
-            write_atomically(self.path, [header] + list(self.lines.values()))
-        except OSError as exc:
-            if exc.strerror != self.failed:
-                log_line(logging.ERROR, "cannot save the fleet to %s: %s; trying again" % (
-                    self.path, exc.strerror or exc))
-            self.failed = exc.strerror or str(exc)
-            self.fleet.save_failed(records)
-            return False
-        if self.failed:
-            log_line(logging.WARNING, "the fleet is saved to %s again (%d machines)" % (
-                self.path, len(self.lines)))
-        self.failed, self.saved, self.saved_at = "", (changes, touches), time.monotonic()
-        return True
-
-
-# -- running -----------------------------------------------------------------------------------
-
-def catch_signals() -> queue.Queue:
-    """SIGINT and SIGTERM (stop), and SIGHUP (reload: what `systemctl reload` sends), from now
-    on, as names in a queue (serve() waits on it)."""
-    signals = queue.Queue()  # type: queue.Queue
-
-    def on_signal(signum, frame) -> None:
-        signals.put(signal.Signals(signum).name)
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, on_signal)
-    return signals
-
-
-RELOADS = ("SIGHUP", "watch")  # what serve() reloads on, rather than stopping
-
-
-def notify(*fields: str) -> None:
-    """Tell systemd how the service is (Type=notify): READY=1, RELOADING=1, STOPPING=1,
-    STATUS=<one line>, as sd_notify(3) sends them, a datagram to $NOTIFY_SOCKET; nothing
-    when systemd did not set it."""
-    address = os.environ.get("NOTIFY_SOCKET", "")
-    if not address.startswith(("/", "@")):
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # the abstract namespace
-    if "RELOADING=1" in fields:  # systemd 253 and newer want the time of the reload with it
-        fields += ("MONOTONIC_USEC=%d" % int(time.monotonic() * 1e6),)
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall("\n".join(fields).encode("utf-8"))
-    except OSError:
-        pass  # systemd is gone: nothing to tell
-
-
-def status_line(app: Service) -> str:
-    """The one-line state, for systemd's STATUS= (systemctl status shows it)."""
-    facts = app.census.summary(app.clock())
-    catalog = app.catalog
-    rollout, gate = facts["rollout"], app.rollout.gate(app.clock())
-    return "offering %s; %d machine(s): %d complete, %d updating, %d failed%s" % (
-        ", ".join("%s for %s" % (catalog.for_board(b).version, b) for b in catalog.boards()),
-        facts["machines"], rollout["complete"], rollout["in_progress"], rollout["failed"],
-        "; no new offers: " + gate if gate else "")
-
-
-def tree_state(directory: str) -> Tuple[Tuple[str, int, int], ...]:
-    """What --watch compares: each file in DIR and two levels below (<board>/<version>/<file>)
-    with its size and time."""
-    found = []
-    top = directory.rstrip(os.sep).count(os.sep)
-    for root, dirs, files in os.walk(directory):
-        if root.count(os.sep) - top >= 2:
-            dirs[:] = []
-        for name in files:
-            with contextlib.suppress(OSError):
-                st = os.stat(os.path.join(root, name))
-                found.append((os.path.relpath(os.path.join(root, name), directory),
-                              st.st_size, st.st_mtime_ns))
-    return tuple(sorted(found))
-
-
-def changes_whole(directory: str, state: Sequence[Tuple[str, int, int]],
-                  loaded: Sequence[Tuple[str, int, int]]) -> bool:
-    """Whether every version directory in which a file is new or changed since the load holds
-    download's record and every file the record lists, whole, and no file is still
-    downloading: such a change need not settle (any other waits WATCH_SETTLE)."""
-    names = [name for name, _, _ in state]
-    # every version directory with a file that is new or changed since the load
-    versions = {os.path.dirname(n) for n, _, _ in set(state) - set(loaded) if n.count(os.sep) == 2}
-    if any(n.endswith(PARTIAL) for n in names):
-        return False
-    for version in versions:
-        sizes = {os.path.basename(n): size for n, size, _ in state
-                 if os.path.dirname(n) == version}
-        try:
-            record = read_record(os.path.join(directory, version))
-        except (OSError, ValueError):
-            return False  # not there yet, or still being written
-        if record_lacks("", record, sizes):
-            return False
-    return True
-
-
-class Watcher(Background):
-    """--watch: looks at --package-dir every WATCH_EVERY seconds; when what it holds changed and
-    is complete (download's records) or has not changed for WATCH_SETTLE seconds (a copy in
-    progress is not taken half-way), asks serve() for a reload."""
-
-    name = "watch"
-
-    def __init__(self, directory: str, signals: queue.Queue,
-                 loaded: Sequence[Tuple[str, int, int]], config: str = "",
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        """`loaded`: the directory's tree_state() as it was just before it was loaded;
-        `config`: the --config file, whose change is a reload of the rollout policy."""
-        super().__init__()
-        self.directory, self.signals, self.config, self.clock = directory, signals, config, clock
-        self.loaded = self.seen = tuple(loaded) + self._config_state()
-        self.since = clock()  # when the tree was last seen to change
-
-    def _config_state(self) -> Tuple[Tuple[str, int, int], ...]:
-        try:
-            st = os.stat(self.config)
-        except OSError:
-            return ()
-        return (("--config", st.st_size, st.st_mtime_ns),) if self.config else ()
-
-    def look(self) -> Tuple[Tuple[str, int, int], ...]:
-        """The tree and the --config file as they are now."""
-        return tree_state(self.directory) + self._config_state()
-
-    def reload_due(self, state: Tuple[Tuple[str, int, int], ...], now: float) -> bool:
-        """Whether this look asks for a reload: what changed since the load is whole (download's
-        records), or has not changed for WATCH_SETTLE seconds."""
-        whole = changes_whole(self.directory, state, self.loaded)
-        if state != self.seen:
-            self.seen, self.since = state, now
-            if not whole:
-                return False
-        if state != self.loaded and (whole or now - self.since >= WATCH_SETTLE):
-            self.loaded = state
-            return True
-        return False
-
-    def _run(self) -> None:
-        while not self.stop.wait(WATCH_EVERY):
-            try:
-                state = self.look()
-            except (OSError, ValueError, RecursionError) as exc:  # looked at again next round
-                log_line(logging.WARNING, "--watch cannot look at %s: %s" % (
-                    self.directory, clean(str(exc), 200)))
-                continue
-            if self.reload_due(state, self.clock()):
-                self.signals.put("watch")
-
-
-class Reloader:
-    """Loads the releases anew, in a thread of its own, when asked (SIGHUP or --watch): the
-    current set serves on meanwhile; a set whose every file passes replaces it at once; when one
-    fails, the current set stays and one sentence says which file and why. Files unchanged
-    since they were loaded are not read again. The rollout policy is read again too (from the
-    flags and --config: `policy`), and replaces the current one when it parses; else the
-    current one stays and one sentence says which setting and why."""
-
-    def __init__(self, app: Service, load: Callable[[Sequence[Package]], Catalog],
-                 policy: Optional[Callable[[], Policy]] = None) -> None:
-        """`load`: the releases read anew, but the files given (unchanged since they were
-        loaded); `policy`: the rollout policy read anew (a UsageError says why it cannot)."""
-        self.app, self.load, self.policy = app, load, policy
-        self.lock = threading.Lock()
-        self.thread = None  # type: Optional[threading.Thread]
-        self.again = False
-
-    def request(self, why: str) -> None:
-        with self.lock:
-            if self.thread is not None and self.thread.is_alive():
-                self.again = True  # once this one is done, from what is there then
-                return
-            self.thread = threading.Thread(target=self._run, args=(why,), name="reload",
-                                           daemon=True)
-            self.thread.start()
-
-    def _run(self, why: str) -> None:
-        while True:
-            notify("RELOADING=1", "STATUS=reloading (%s)" % why)
-            log_line(logging.INFO, "reloading the releases (%s); the current ones serve on "
-                     "meanwhile" % why)
-            self.app.reload_began()
-            try:
-                say(self.app.replace_catalog(self.load(self.app.catalog.packages())))
-            except PayloadError as exc:
-                log_line(logging.ERROR, "reload failed, the releases stay as they were: %s"
-                         % str(exc).rstrip("."))
-            finally:
-                self.app.reload_ended()
-            if self.policy is not None:
-                try:
-                    say(self.app.rollout.replace(self.policy()))
-                except UsageError as exc:
-                    log_line(logging.ERROR, "the rollout policy stays as it was: %s" % exc)
-            notify("READY=1", "STATUS=" + status_line(self.app))
-            with self.lock:
-                if not self.again:
-                    return
-                self.again = False
-
-
-def serve(server: Server, signals: queue.Queue, reloader: Reloader) -> str:
-    """Serve until SIGINT or SIGTERM (reloading on SIGHUP or --watch's word), then stop accepting
-    and give the downloads in flight up to the grace period to finish (a second signal ends that
-    at once); returns the signal's name."""
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25},
-                              name="accept", daemon=True)
-    thread.start()
-    while True:
-        try:
-            name = signals.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if name not in RELOADS:
-            break
-        reloader.request(name)
-    notify("STOPPING=1", "STATUS=stopping (%s)" % name)
-    server.shutdown()
-    server.server_close()
-    grace = server.settings.grace
-    deadline = time.monotonic() + grace
-    if server.downloads:
-        log_line(logging.INFO, "received %s: no new connections; waiting up to %d s for %d "
-                 "download(s) to finish (send it again to stop now)" % (
-                     name, grace, server.downloads))
-    while server.downloads and time.monotonic() < deadline:
-        try:
-            again = signals.get(timeout=0.1)
-            log_line(logging.INFO, "received %s again: stopping now" % again)
-            break
-        except queue.Empty:
-            pass
-    if server.downloads:
-        log_line(logging.WARNING, "%d download(s) cut short; the machines resume them from where "
-                 "they stopped" % server.downloads)
-    return name
-
-
-# ---------------------------------------------------------------------------------------------
-# 15. Main: the server's command and download's
-# ---------------------------------------------------------------------------------------------
-
-
-def print_config(args: argparse.Namespace) -> None:
-    settings = {k.replace("_", "-"): v for k, v in sorted(vars(args).items())
-                if k.replace("_", "-") not in NOT_IN_CONFIG}
-    sys.stdout.write(json.dumps(settings, indent=1) + "\n")
-
-
-def say_summary(app: Service, json_lines: bool) -> None:
-    """At exit: the fleet's counts, and the machines whose update failed."""
-    text, facts = app.shutdown_summary()
-    if json_lines:
-        log_line(logging.INFO, "summary", facts)
-    else:
-        for line in text.splitlines():
-            log_line(logging.INFO, line)
-
-
-# -- download: the connected side -------------------------------------------------------------
+# -- download's command line: the connected side ---------------------------------------------
 
 def build_download_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
@@ -8344,6 +8319,82 @@ def download_options_from(args: argparse.Namespace) -> DownloadOptions:
         dry_run=args.dry_run)
 
 
+# ---------------------------------------------------------------------------------------------
+# 16. Main: the server's command and download's
+# ---------------------------------------------------------------------------------------------
+
+
+# -- running ------------------------------------------------------------------------------------
+
+def catch_signals() -> queue.Queue:
+    """SIGINT and SIGTERM (stop), and SIGHUP (reload: what `systemctl reload` sends), from now
+    on, as names in a queue (serve() waits on it)."""
+    signals = queue.Queue()  # type: queue.Queue
+
+    def on_signal(signum, frame) -> None:
+        signals.put(signal.Signals(signum).name)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    return signals
+
+
+RELOADS = ("SIGHUP", "watch")  # what serve() reloads on, rather than stopping
+
+
+def serve(server: Server, signals: queue.Queue, reloader: Reloader) -> str:
+    """Serve until SIGINT or SIGTERM (reloading on SIGHUP or --watch's word), then stop accepting
+    and give the downloads in flight up to the grace period to finish (a second signal ends that
+    at once); returns the signal's name."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25},
+                              name="accept", daemon=True)
+    thread.start()
+    while True:
+        try:
+            name = signals.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if name not in RELOADS:
+            break
+        reloader.request(name)
+    notify("STOPPING=1", "STATUS=stopping (%s)" % name)
+    server.shutdown()
+    server.server_close()
+    grace = server.settings.grace
+    deadline = time.monotonic() + grace
+    if server.downloads:
+        log_line(logging.INFO, "received %s: no new connections; waiting up to %d s for %d "
+                 "download(s) to finish (send it again to stop now)" % (
+                     name, grace, server.downloads))
+    while server.downloads and time.monotonic() < deadline:
+        try:
+            again = signals.get(timeout=0.1)
+            log_line(logging.INFO, "received %s again: stopping now" % again)
+            break
+        except queue.Empty:
+            pass
+    if server.downloads:
+        log_line(logging.WARNING, "%d download(s) cut short; the machines resume them from where "
+                 "they stopped" % server.downloads)
+    return name
+
+
+def print_config(args: argparse.Namespace) -> None:
+    settings = {k.replace("_", "-"): v for k, v in sorted(vars(args).items())
+                if k.replace("_", "-") not in NOT_IN_CONFIG}
+    sys.stdout.write(json.dumps(settings, indent=1) + "\n")
+
+
+def say_summary(app: Service, json_lines: bool) -> None:
+    """At exit: the fleet's counts, and the machines whose update failed."""
+    text, facts = app.shutdown_summary()
+    if json_lines:
+        log_line(logging.INFO, "summary", facts)
+    else:
+        for line in text.splitlines():
+            log_line(logging.INFO, line)
+
+
 def download_main(argv: Sequence[str]) -> int:
     """`serve-package download DIR ...`: 0 when every file is present and verified."""
     try:
@@ -8400,14 +8451,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     keeper = StateKeeper(settings.state_file, app.fleet).start() if settings.state_file else None
     watcher = Watcher(str(settings.package_dir), signals, loaded,
                       args.config or "").start() if settings.watch else None
-    notify("READY=1", "STATUS=" + status_line(app))
     ticker = Ticker(app).start()
-    name = serve(server, signals, Reloader(
-        app, functools.partial(load_catalog_for, settings), lambda: rollout_policy(
-            build_parser().parse_args(config_arguments(argv) + argv), settings.state_file)))
+    reloader = Reloader(app, functools.partial(load_catalog_for, settings), lambda: rollout_policy(
+        build_parser().parse_args(config_arguments(argv) + argv), settings.state_file)).start()
+    notify("READY=1", "STATUS=" + status_line(app))
+    name = serve(server, signals, reloader)
+    reloader.stop.set()  # a reload under way is not waited for: its files are left as they are
     for job in (ticker, watcher):
         if job is not None:
-            job.stop.set()
+            job.end()
     saved = keeper is None or keeper.close()
     log_line(logging.INFO, "received %s, stopped" % name)
     say_summary(app, settings.log_format == "json")

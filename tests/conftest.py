@@ -23,6 +23,17 @@ DEMO_VERSION = "9999.9.9"
 DEMO_ARGS = ["--package-file", DEMO_PAYLOAD, "--package-version", DEMO_VERSION]
 
 
+SERVER_URL = "http://10.0.0.1:8000"  # as the HTTP layer gives it: <scheme>://<Host header>
+EXTENSIONS = [os.path.join(FIXTURES, "extensions", name)
+              for name in ("oem-azure.gz", "flatcar-python.gz")]
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    """The demo release with an OEM and an extension payload, as the application serves it."""
+    return sp.Catalog((sp.load_release(DEMO_PAYLOAD, "9999.9.9", EXTENSIONS),))
+
+
 def fixture_bytes(*parts: str) -> bytes:
     with open(os.path.join(FIXTURES, *parts), "rb") as f:
         return f.read()

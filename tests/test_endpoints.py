@@ -11,16 +11,9 @@ import pytest
 
 import serve_package as sp
 
-from conftest import DEMO_PAYLOAD, FIXTURES, Clock, machine
+from conftest import DEMO_PAYLOAD, SERVER_URL, Clock, machine
 
-EXTENSIONS = [FIXTURES + "/extensions/" + n for n in ("oem-azure.gz", "flatcar-python.gz")]
-SERVER_URL = "http://10.0.0.1:8000"
 SECRET = "Basic " + base64.b64encode(b"ops:s3cret").decode()
-
-
-@pytest.fixture(scope="module")
-def catalog():
-    return sp.Catalog((sp.load_release(DEMO_PAYLOAD, "9999.9.9", EXTENSIONS),))
 
 
 @pytest.fixture
@@ -45,7 +38,7 @@ def test_an_update_check_is_answered_with_its_lines_to_log(app):
     assert response.status == 200
     assert header(response, "Content-Type") == "text/xml; charset=utf-8"
     assert b'<manifest version="9999.9.9">' in response.body
-    assert response.level is None  # the request's own line is among its notes, not an access line
+    assert response.log_level is None  # its own line is among its notes: no access line
     assert ask(app, "POST", "/v1/update/", body, Content_Length=str(len(body))).status == 200
 
 
@@ -58,8 +51,8 @@ def test_a_bad_update_check_is_refused_with_its_reason(app, headers, body, statu
     if status != 411:
         headers["Content_Length"] = str(len(body))
     response = ask(app, "POST", "/v1/update", body, **headers)
-    assert response.status == status and response.level == logging.WARNING
-    assert words in response.words and response.body.decode().strip() == response.words
+    assert response.status == status and response.log_level == logging.WARNING
+    assert words in response.log_words and response.body.decode().strip() == response.log_words
 
 
 def test_a_wrong_method_is_405_with_allow_everywhere(app):
@@ -67,13 +60,23 @@ def test_a_wrong_method_is_405_with_allow_everywhere(app):
                             ("/packages/update.gz", "GET, HEAD"), ("/setup/report", "POST")):
         response = ask(app, "PUT", target)
         assert response.status == 405 and header(response, "Allow") == allowed, target
-    assert ask(app, "GET", "/v1/update").words == "the Omaha endpoint expects a POST"
+    assert ask(app, "GET", "/v1/update").log_words == "the Omaha endpoint expects a POST"
 
 
 def test_an_unknown_path_is_404(app):
     assert ask(app, "GET", "/nothing").status == 404
-    assert ask(app, "GET", "/packages/nothing.gz").words == "no such package"
+    assert ask(app, "GET", "/packages/nothing.gz").log_words == "no such package"
     assert ask(app, "GET", "/packages/../serve_package.py").status == 404
+    for target in ("/packages/", "/packages", "/packages/{path}", "/packages/%7Bpath%7D"):
+        assert ask(app, "GET", target).status == 404, target
+
+
+def test_a_cause_that_is_no_code_filters_every_machine_out(app):
+    ask(app, "POST", "/v1/update", machine(1), Content_Length="1")
+    for cause in ("%C2%B2", "9" * 30, "nothing"):
+        doc = json.loads(ask(app, "GET", "/status.json?cause=" + cause).body)
+        assert doc["total"] == 0, cause
+    assert json.loads(ask(app, "GET", "/status.json?cause=").body)["total"] == 1
 
 
 def test_a_payload_is_a_file_part_with_range_and_validators(app, catalog):
@@ -94,7 +97,8 @@ def test_a_payload_is_a_file_part_with_range_and_validators(app, catalog):
     assert stale.status == 200 and stale.file.count == package.size
     assert ask(app, "GET", "/packages/update.gz", Range="bytes=%d-" % package.size).status == 416
     since = sp.http_date(package.mtime + 10)
-    assert ask(app, "GET", "/packages/update.gz", If_Modified_Since=since).status == 304
+    fresh = ask(app, "GET", "/packages/update.gz", If_Modified_Since=since)
+    assert fresh.status == 304 and fresh.file is None and fresh.log_target == "update.gz"
 
 
 def test_downloads_and_status_pages_need_their_credentials(catalog):
@@ -119,11 +123,11 @@ def test_the_status_views(app):
     doc = json.loads(ask(app, "GET", "/status.json").body)
     assert doc["summary"]["machines"] == 1
     csv = ask(app, "GET", "/machines.csv")
-    assert csv.status == 200 and csv.words == "1 machines" and csv.body == b""
+    assert csv.status == 200 and csv.log_words == "1 machines" and csv.body == b""
     assert b"node-1" in b"".join(csv.chunks)
     assert ask(app, "GET", "/status.json?limit=x").status == 400
-    app.connection_counts = lambda: (7, 2)
-    metrics = ask(app, "GET", "/metrics")
+    metrics = sp.respond(app, sp.HttpRequest("GET", "/metrics", sp.Headers(),
+                                             connections=(7, 2)))
     assert b"serve_package_connections_open 7" in metrics.body
     assert header(metrics, "Content-Type").startswith("text/plain; version=0.0.4")
     assert ask(app, "GET", "/needs").status == 200
@@ -139,8 +143,8 @@ def test_health_fails_while_a_reload_is_stuck(catalog):
 
 def test_the_setup_script_its_report_and_the_machine_state(app):
     script = ask(app, "GET", "/setup?check")
-    assert script.status == 200 and script.level == logging.INFO
-    assert script.words == "the setup script (check only)"
+    assert script.status == 200 and script.log_level == logging.INFO
+    assert script.log_words == "the setup script (check only)"
     assert SERVER_URL.encode() in script.body
     report = b"id=abc\nversion=3760.2.0\n"
     thanks = ask(app, "POST", "/setup/report", report, Content_Length=str(len(report)))

@@ -218,7 +218,7 @@ def test_the_slots_and_each_machines_last_answer_are_shown(tmp_path, payloads):
     assert rows[first.machineid]["answer"] == "older than 1.0.0"
     assert rows[second.machineid]["answer"] == ("waiting for a slot: 1 machines are updating "
                                                 "(--max-concurrent)")
-    assert "serve_package_slots_in_use 1\n" in site.app.metrics()
+    assert "serve_package_slots_in_use 1\n" in site.app.metrics(0, 0)
 
 
 def test_a_save_that_failed_says_so_when_it_succeeds_again(tmp_path, payloads, caplog):

@@ -60,13 +60,11 @@ def test_the_reloader_swaps_the_releases_and_keeps_them_when_loading_fails(demo_
         return sp.Catalog([release(demo_release, "4000.0.0")])
 
     reloader = sp.Reloader(app, load, lambda: sp.Policy(max_concurrent=3))
-    reloader.request("SIGHUP")
-    reloader.thread.join(10)
+    reloader.reload("SIGHUP")
     assert app.catalog.for_board("amd64-usr").version == "4000.0.0"
     assert given[0] == [demo_release.packages[0]]  # unchanged files are not read again
     assert app.rollout.policy.max_concurrent == 3
-    reloader.request("SIGHUP")
-    reloader.thread.join(10)
+    reloader.reload("SIGHUP")
     assert app.catalog.for_board("amd64-usr").version == "4000.0.0"  # kept
     assert app.reloading_since is None
 
@@ -79,9 +77,23 @@ def test_a_policy_that_does_not_parse_leaves_the_current_one(demo_release):
         raise sp.UsageError("--max-concurrent x: not a number")
 
     reloader = sp.Reloader(app, lambda known: sp.Catalog([demo_release]), policy)
-    reloader.request("watch")
-    reloader.thread.join(10)
+    reloader.reload("watch")
     assert app.rollout.policy.max_concurrent == 2
+
+
+def test_a_reload_asked_for_runs_in_the_reloaders_thread(demo_release):
+    app = sp.Service(sp.Catalog([release(demo_release, "3760.2.0")]), sp.AppSettings(), Clock())
+    reloader = sp.Reloader(app, lambda known: sp.Catalog([release(demo_release, "4000.0.0")]))
+    reloader.start()
+    try:
+        reloader.request("SIGHUP")
+        for _ in range(500):
+            if app.catalog.for_board("amd64-usr").version == "4000.0.0":
+                break
+            reloader.stop.wait(0.01)
+        assert app.catalog.for_board("amd64-usr").version == "4000.0.0"
+    finally:
+        reloader.stop.set()
 
 
 def write_release(root, version, files, record=True):

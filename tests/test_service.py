@@ -9,17 +9,8 @@ import pytest
 
 import serve_package as sp
 
-from conftest import (DEMO_PAYLOAD, FIXTURES, NON_PRODUCTION, Clock, fixture_bytes, machine,
+from conftest import (DEMO_PAYLOAD, NON_PRODUCTION, SERVER_URL, Clock, fixture_bytes, machine,
                       machine_event)
-
-EXTENSIONS = [FIXTURES + "/extensions/" + n for n in ("oem-azure.gz", "flatcar-python.gz")]
-SERVER_URL = "http://10.0.0.1:8000"  # as the HTTP layer gives it: <scheme>://<Host header>
-
-
-@pytest.fixture(scope="module")
-def catalog():
-    return sp.Catalog((sp.load_release(DEMO_PAYLOAD, "9999.9.9", EXTENSIONS),))
-
 
 @pytest.fixture
 def clock():
@@ -130,8 +121,7 @@ def test_metrics_count_bytes_by_file_for_the_machine_that_asked(app, catalog):
     check(app, 2, client="10.0.0.7")  # another machine behind the same address asks meanwhile
     app.download_progress(transfer, 1000, 1000, 1000)
     assert state(app, 1)["download"]["bytes"] == 1000 and state(app, 2)["download"] is None
-    app.connection_counts = lambda: (3, 1)  # as the HTTP server tells them
-    text = app.metrics()
+    text = app.metrics(connections=3, refusals=1)
     assert 'serve_package_payload_bytes_served_total{file="update.gz"} 1000' in text
     assert "serve_package_connections_open 3" in text
 

@@ -303,14 +303,18 @@ def clean(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_WORD = re.compile(r"[A-Za-z0-9._+-]+")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
-def is_word(text: str, most: int = 64) -> bool:
-    """Whether `text` is one word, as every name here must be (a file, a board, a version, an
-    OEM, an extension, a group, a channel): letters, digits and . _ + -, the first a letter or
-    a digit (never '..', a hidden file or a flag), at most `most` characters."""
-    return 0 < len(text) <= most and _WORD.fullmatch(text) is not None
+def is_word(text: str, most: int = 64, name: bool = False) -> bool:
+    """Whether `text` is one word, as every label a machine or an operator gives must be (a
+    board, a version, an OEM, an extension, a group): letters, digits and . _ + -, at most
+    `most` characters. A name (`name`: a file's, or what becomes one, as download's --oem,
+    --extension and --channel do) also starts with a letter or a digit: never '..', a hidden
+    file or a flag."""
+    return (0 < len(text) <= most
+            and (_NAME if name else _WORD).fullmatch(text) is not None)
 
 
 # How much of each field a request gives the fleet keeps (a machine id is 32 hex digits, or a
@@ -1138,7 +1142,7 @@ def signature_words(package: Package) -> str:
 
 # Extension payloads: Flatcar's post-install finds them by name, with the globs *oem-<ID>.gz and
 # *flatcar-<NAME>.gz (flatcar/init: flatcar-postinst; flatcar/ue-rs: src/bin/download_sysext.rs).
-EXTENSION_NAME = re.compile(r"(?:oem|flatcar)-%s\.gz" % _WORD.pattern)
+EXTENSION_NAME = re.compile(r"(?:oem|flatcar)-%s\.gz" % _NAME.pattern)
 TEST_BUILD_PREFIX = "flatcar_test_update-"  # developer builds carry it; machines ask without
 OS_PAYLOAD_FILES = ("flatcar_production_update.gz", "update.gz")  # what --package-dir looks for
 
@@ -1484,12 +1488,12 @@ def record_lacks(directory: str, record: Dict[str, Any],
         return []
     if sizes is None:
         sizes = {}
-        for name in (name for name in files if is_word(name, FILE_NAME_MOST)):
+        for name in (name for name in files if is_word(name, FILE_NAME_MOST, name=True)):
             for each in (name, name + ".sha256"):
                 with contextlib.suppress(OSError, ValueError):
                     sizes[each] = os.stat(os.path.join(directory, each)).st_size
     return [clean(name, 80) for name, listed in sorted(files.items()) if isinstance(listed, dict)
-            and (not is_word(name, FILE_NAME_MOST) or sizes.get(name) != listed.get("size")
+            and (not is_word(name, FILE_NAME_MOST, name=True) or sizes.get(name) != listed.get("size")
                  or name + ".sha256" not in sizes)]
 
 
@@ -4789,7 +4793,7 @@ def _remote_file(element: ET.Element, first: bool, action_sha256: str) -> Remote
     name = element.get("name", "")
     if not first and not EXTENSION_NAME.fullmatch(name):
         raise RequestError("package %r is not an OEM or extension payload name" % clean(name, 80))
-    if first and not is_word(name, FILE_NAME_MOST):
+    if first and not is_word(name, FILE_NAME_MOST, name=True):
         raise RequestError("the OS payload's name %r is not a file name" % clean(name, 80))
     size = element.get("size", "")
     number = plain_number(size)
@@ -6238,7 +6242,7 @@ class Service:
 
 # -- the endpoints, as values: a request in, an answer out ------------------------------------
 
-_RANGE_SPEC = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")
+_RANGE_SPEC = re.compile(r"\s*([0-9]{0,18})\s*-\s*([0-9]{0,18})\s*")  # longer: no range
 MAX_RANGES = 64
 PLAIN = "text/plain; charset=utf-8"
 
@@ -6479,7 +6483,11 @@ def get_package(app: Service, request: HttpRequest) -> Response:
     transfer = app.download_started(request.client, path)
     if transfer is None:  # a reload took it away meanwhile
         raise Refused(404, "no such package")
-    response = payload_response(request, transfer)
+    try:
+        response = payload_response(request, transfer)
+    except BaseException:
+        app.download_finished(transfer)
+        raise
     if response.file is None:
         app.download_finished(transfer)
     return response
@@ -7183,8 +7191,10 @@ class FramingHandler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         self.deadline = None
         if len(body) < length:
-            log_line(logging.WARNING, "%s %s %s: client closed after %d of %d body bytes" % (
-                self.client(), self.command, clean(self.path, 200), len(body), length))
+            log_line(logging.WARNING, "%s %s %s: the body stopped after %d of %d bytes (the "
+                     "client closed, or sent nothing for %d s)" % (
+                         self.client(), self.command, clean(self.path, 200), len(body), length,
+                         self.server.settings.idle_timeout))
             self.close_connection = True
             return None
         return body
@@ -8288,7 +8298,7 @@ def _payload_word(flag: str, text: str, prefix: str) -> str:
     """An --oem or --extension name, given as 'azure' or as 'oem-azure.gz'."""
     name = text[len(prefix):] if text.startswith(prefix) else text
     name = name[:-3] if name.endswith(".gz") else name
-    if not is_word(name):
+    if not is_word(name, name=True):
         raise UsageError("%s %r is not a name like azure or python" % (flag, text))
     return name
 
@@ -8298,7 +8308,7 @@ def download_options_from(args: argparse.Namespace) -> DownloadOptions:
     values = vars(args)
     if os.path.exists(args.directory) and not os.path.isdir(args.directory):
         raise UsageError("%s is not a directory" % args.directory)
-    if not is_word(args.channel):
+    if not is_word(args.channel, name=True):
         raise UsageError("--channel %r is not a channel name like stable" % args.channel)
     if args.version and args.all_extensions:
         raise UsageError("--all-extensions needs the update service's answer, which lists a "

@@ -173,3 +173,21 @@ def test_a_payload_changed_on_disk_is_503_with_its_line(tmp_path):
     changed = ask(app, "GET", "/packages/update.gz")
     assert changed.status == 503 and header(changed, "Retry-After") == "300"
     assert changed.notes and "no longer the file" in changed.notes[0].text
+
+
+def test_a_range_too_long_to_be_a_number_is_ignored_and_the_file_closed(app, catalog):
+    """A range of thousands of digits is no range (the whole file), never an error that leaves
+    the payload counted as being read: a reload could then never close it."""
+    for header in ("bytes=%s-" % ("9" * 5000), "bytes=0-%s" % ("9" * 5000)):
+        response = ask(app, "GET", "/packages/update.gz", Range=header)
+        assert response.status == 200 and response.file.start == 0
+        app.download_finished(response.file.transfer)
+    assert not app._in_flight.readers
+
+
+def test_labels_may_start_with_any_word_character_file_names_may_not(app):
+    assert ask(app, "GET", "/ignition?group=_canary&extension=.x").status == 200
+    report = b"extensions=_local python\nversion=3760.2.0\n"
+    assert ask(app, "POST", "/setup/report", report, Content_Length=str(len(report))).status == 200
+    assert not sp.is_word("..", name=True) and not sp.is_word("-rf", name=True)
+    assert sp.is_word("_canary") and sp.is_word("flatcar-python.gz", 128, name=True)

@@ -159,7 +159,7 @@ def test_body_shorter_than_content_length_is_dropped(server, caplog):
         sock.sendall(head + b"<request")
         sock.shutdown(socket.SHUT_WR)
         assert sock.recv(100) == b""
-    wait_for_log(caplog, "client closed after 8 of 500 body bytes")
+    wait_for_log(caplog, "the body stopped after 8 of 500 bytes")
 
 
 @pytest.mark.parametrize("host, codebase", [

@@ -6242,7 +6242,8 @@ class Service:
 
 # -- the endpoints, as values: a request in, an answer out ------------------------------------
 
-_RANGE_SPEC = re.compile(r"\s*([0-9]{0,18})\s*-\s*([0-9]{0,18})\s*")  # longer: no range
+_RANGE_SPEC = re.compile(r"\s*([0-9]*)\s*-\s*([0-9]*)\s*")
+_PAST_ANY_FILE = 1 << 63  # what a position of over 18 digits counts as (int() of it is slow)
 MAX_RANGES = 64
 PLAIN = "text/plain; charset=utf-8"
 
@@ -6394,18 +6395,17 @@ def parse_range(header: Optional[str], size: int) -> Optional[List[Tuple[int, in
         match = _RANGE_SPEC.fullmatch(part)
         if not match or (not match.group(1) and not match.group(2)):
             return None
-        first, last = match.group(1), match.group(2)
-        if first:
-            start = int(first)
-            end = int(last) if last else size - 1
-            if last and end < start:
+        first, last = [None if not n else int(n) if len(n) <= 18 else _PAST_ANY_FILE
+                       for n in match.groups()]
+        if first is not None:
+            start = first
+            end = last if last is not None else size - 1
+            if last is not None and end < start:
                 return None  # invalid range-spec: the whole header is ignored
             if start < size:
                 ranges.append((start, min(end, size - 1)))
-        else:
-            suffix = int(last)
-            if suffix > 0:
-                ranges.append((max(0, size - suffix), size - 1))
+        elif last:
+            ranges.append((max(0, size - last), size - 1))
     return ranges
 
 

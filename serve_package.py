@@ -1504,7 +1504,11 @@ def _release_layout(package_dir: str) -> List[ReleasePlan]:
         where = os.path.join(package_dir, board)
         if not os.path.isdir(where):
             continue
-        entries = sorted(os.listdir(where))
+        try:
+            entries = sorted(os.listdir(where))
+        except OSError as exc:  # e.g. made by root with umask 077, the server another user
+            raise PayloadError("%s cannot be listed: %s; make it readable by the user that "
+                               "runs the server." % (where, exc.strerror or exc)) from None
         if any(name in entries for name in OS_PAYLOAD_FILES):
             plans.append(ReleasePlan(tuple(plan_payloads(None, where, (), None)), "", board))
             continue
@@ -6243,7 +6247,7 @@ class Service:
 # -- the endpoints, as values: a request in, an answer out ------------------------------------
 
 _RANGE_SPEC = re.compile(r"\s*([0-9]*)\s*-\s*([0-9]*)\s*")
-_PAST_ANY_FILE = 1 << 63  # what a position of over 18 digits counts as (int() of it is slow)
+_PAST_ANY_FILE = 1 << 63  # a position of over 18 digits, past any file (int() of it is slow)
 MAX_RANGES = 64
 PLAIN = "text/plain; charset=utf-8"
 
@@ -6395,13 +6399,14 @@ def parse_range(header: Optional[str], size: int) -> Optional[List[Tuple[int, in
         match = _RANGE_SPEC.fullmatch(part)
         if not match or (not match.group(1) and not match.group(2)):
             return None
+        first, last = [(n.lstrip("0") or "0") if n else "" for n in match.groups()]
+        if first and last and (len(last), last) < (len(first), first):
+            return None  # invalid range-spec (last before first): the whole header is ignored
         first, last = [None if not n else int(n) if len(n) <= 18 else _PAST_ANY_FILE
-                       for n in match.groups()]
+                       for n in (first, last)]
         if first is not None:
             start = first
             end = last if last is not None else size - 1
-            if last is not None and end < start:
-                return None  # invalid range-spec: the whole header is ignored
             if start < size:
                 ranges.append((start, min(end, size - 1)))
         elif last:
@@ -6995,7 +7000,12 @@ class Reloader(Background):
     def _run(self) -> None:
         while self.wanted.wait() and not self.stop.is_set():
             self.wanted.clear()
-            self.reload(self.why)
+            try:
+                self.reload(self.why)
+            except Exception as exc:  # the next SIGHUP or --watch must still reload
+                log_line(logging.ERROR, "reload failed, the releases stay as they were: %r"
+                         % exc)
+                notify("READY=1", "STATUS=" + status_line(self.app))
 
     def reload(self, why: str) -> None:
         """One reload, in the caller's thread."""
@@ -7003,13 +7013,17 @@ class Reloader(Background):
         log_line(logging.INFO, "reloading the releases (%s); the current ones serve on "
                  "meanwhile" % why)
         self.app.reload_began()
+        failure = ""
         try:
             say(self.app.replace_catalog(self.load(self.app.catalog.packages())))
         except PayloadError as exc:
-            log_line(logging.ERROR, "reload failed, the releases stay as they were: %s"
-                     % str(exc).rstrip("."))
+            failure = str(exc).rstrip(".")
+        except OSError as exc:  # what the checks did not foresee: a file it cannot read
+            failure = "%s: %s" % (exc.filename or "a file", exc.strerror or exc)
         finally:
             self.app.reload_ended()
+        if failure:
+            log_line(logging.ERROR, "reload failed, the releases stay as they were: " + failure)
         if self.policy is not None:
             try:
                 say(self.app.rollout.replace(self.policy()))
@@ -7192,7 +7206,7 @@ class FramingHandler(http.server.BaseHTTPRequestHandler):
         self.deadline = None
         if len(body) < length:
             log_line(logging.WARNING, "%s %s %s: the body stopped after %d of %d bytes (the "
-                     "client closed, or sent nothing for %d s)" % (
+                     "client closed, or the request was not in whole within %d s)" % (
                          self.client(), self.command, clean(self.path, 200), len(body), length,
                          self.server.settings.idle_timeout))
             self.close_connection = True

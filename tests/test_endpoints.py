@@ -195,3 +195,16 @@ def test_labels_may_start_with_any_word_character_file_names_may_not(app):
     assert ask(app, "POST", "/setup/report", report, Content_Length=str(len(report))).status == 200
     assert not sp.is_word("..", name=True) and not sp.is_word("-rf", name=True)
     assert sp.is_word("_canary") and sp.is_word("flatcar-python.gz", 128, name=True)
+
+
+@pytest.mark.parametrize("header, ranges", [
+    ("bytes=00000000000000000000-", [(0, 9)]),
+    ("bytes=000000000000000000001-", [(1, 9)]),
+    ("bytes=000000000000000000002-5", [(2, 5)]),
+    ("bytes=2-0000000000000000000005", [(2, 5)]),
+    ("bytes=-0000000000000000000003", [(7, 9)]),
+    ("bytes=1234567890123456789-1234567890123456788", None),  # last before first: ignored
+    ("bytes=1234567890123456789-1234567890123456789", []),  # past the file: 416
+])
+def test_a_range_position_is_read_by_its_value_whatever_its_digits(header, ranges):
+    assert sp.parse_range(header, 10) == ranges

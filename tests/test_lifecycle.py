@@ -3,6 +3,7 @@
 the Watcher's verdict on each look at the tree with the clock given; the Ticker's round."""
 
 import json
+import os
 import queue
 
 import pytest
@@ -161,3 +162,55 @@ def test_the_ticker_says_what_is_due(demo_release, caplog):
     finally:
         ticker.stop.set()
     assert any("arm64-usr" in r.getMessage() for r in caplog.records), arm
+
+
+def test_a_reload_that_fails_unforeseen_leaves_the_reloader_reloading(demo_release, caplog):
+    """An error no check foresaw (a directory the server may not list) is one line, and the
+    next SIGHUP still reloads."""
+    app = sp.Service(sp.Catalog([release(demo_release, "3760.2.0")]), sp.AppSettings(), Clock())
+    loads = []
+
+    def load(known):
+        loads.append(1)
+        if len(loads) == 1:
+            raise PermissionError(13, "Permission denied", "/srv/releases/arm64-usr")
+        if len(loads) == 2:
+            raise RuntimeError("a bug")
+        return sp.Catalog([release(demo_release, "4000.0.0")])
+
+    reloader = sp.Reloader(app, load).start()
+    try:
+        for _ in range(3):
+            reloader.request("SIGHUP")
+            for _ in range(500):
+                if not reloader.wanted.is_set() and app.reloading_since is None:
+                    break
+                reloader.stop.wait(0.01)
+            reloader.stop.wait(0.05)
+        for _ in range(500):
+            if app.catalog.for_board("amd64-usr").version == "4000.0.0":
+                break
+            reloader.stop.wait(0.01)
+    finally:
+        reloader.stop.set()
+    assert app.catalog.for_board("amd64-usr").version == "4000.0.0"
+    said = [r.getMessage() for r in caplog.records if "reload failed" in r.getMessage()]
+    assert said[0].endswith("/srv/releases/arm64-usr: Permission denied")
+    assert "a bug" in said[1]
+
+
+def test_a_board_directory_that_cannot_be_listed_is_one_sentence(tmp_path, monkeypatch):
+    """As when download made it as root with umask 077 and the server runs as its own user
+    (the test runs as root, who may list anything: the refusal is the OS's, given here)."""
+    board = tmp_path / "amd64-usr"
+    board.mkdir()
+    listdir = os.listdir
+
+    def refused(path):
+        if path == str(board):
+            raise PermissionError(13, "Permission denied", path)
+        return listdir(path)
+
+    monkeypatch.setattr(sp.os, "listdir", refused)
+    with pytest.raises(sp.PayloadError, match="amd64-usr cannot be listed: Permission denied"):
+        sp.load_catalog_for(sp.Settings(package_dir=str(tmp_path)))

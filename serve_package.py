@@ -6297,7 +6297,8 @@ class HttpRequest(NamedTuple):
     server_url: str = "http://127.0.0.1"  # <scheme>://<Host>, as the client reached us
     body: bytes = b""
     params: Tuple[Tuple[str, str], ...] = ()  # the route's path parameters, once routed
-    connections: Tuple[int, int] = (0, 0)  # the server's: open now, and refused so far
+    # the server's connections open now, and refused so far (its lock taken only when asked)
+    connections: Callable[[], Tuple[int, int]] = lambda: (0, 0)
 
     @property
     def query(self) -> str:
@@ -6325,7 +6326,7 @@ class Response(NamedTuple):
     log_words: str = ""
     log_level: Optional[int] = logging.DEBUG
     log_target: str = ""  # what the access line names ("": the request's target)
-    notes: Tuple[Note, ...] = ()
+    notes: Sequence[Note] = ()
     file: Optional[FilePart] = None
     chunks: Optional[Iterable[bytes]] = None
 
@@ -6466,7 +6467,7 @@ def post_update(app: Service, request: HttpRequest) -> Response:
     answered = app.update_check(parsed(parse_request, body_of(request)), request.client,
                                 request.server_url)
     return Response(200, (("Content-Type", "text/xml; charset=utf-8"),), answered.body,
-                    log_level=None, notes=tuple(answered.notes))
+                    log_level=None, notes=answered.notes)
 
 
 def get_package(app: Service, request: HttpRequest) -> Response:
@@ -6510,7 +6511,7 @@ def get_needs(app: Service, request: HttpRequest) -> Response:
 
 
 def get_metrics(app: Service, request: HttpRequest) -> Response:
-    return text_response(app.metrics(*request.connections),
+    return text_response(app.metrics(*request.connections()),
                          "text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -6624,14 +6625,15 @@ def respond(app: Service, request: HttpRequest) -> Response:
     try:
         if route is None:
             raise Refused(404, "not found")
-        if request.method not in route.allowed():
+        if request.method not in route.methods and not (request.method == "HEAD"
+                                                        and "GET" in route.methods):
             allowed = route.allowed()
             raise Refused(405, "%s expects a %s" % (route.called or path, " or ".join(allowed)),
                           [("Allow", ", ".join(allowed))])
         if route.shows_fleet and not authorised(request, app.settings.status_credentials):
             raise Refused(401, "the status pages need the credentials of --status-auth-file",
                           [("WWW-Authenticate", 'Basic realm="%s status", charset="UTF-8"' % PROG)])
-        return route.call(app, request._replace(params=params))
+        return route.call(app, request._replace(params=params) if params else request)
     except Refused as refused:
         return refused.response
 
@@ -7360,7 +7362,7 @@ class Handler(FileHandler):
         app = self.server.app
         response = respond(app, HttpRequest(self.command, self.path, self.headers, self.client(),
                                             self.server_url(), body,
-                                            connections=self.server.connection_counts()))
+                                            connections=self.server.connection_counts))
         say(response.notes)  # before the answer: once a machine has it, its lines are written
         if response.file is None:
             self.answer(response)

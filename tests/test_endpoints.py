@@ -127,7 +127,7 @@ def test_the_status_views(app):
     assert b"node-1" in b"".join(csv.chunks)
     assert ask(app, "GET", "/status.json?limit=x").status == 400
     metrics = sp.respond(app, sp.HttpRequest("GET", "/metrics", sp.Headers(),
-                                             connections=(7, 2)))
+                                             connections=lambda: (7, 2)))
     assert b"serve_package_connections_open 7" in metrics.body
     assert header(metrics, "Content-Type").startswith("text/plain; version=0.0.4")
     assert ask(app, "GET", "/needs").status == 200

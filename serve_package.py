@@ -1956,6 +1956,7 @@ def parse_request(body: bytes) -> Request:
                    tuple(_app_request(app, platform) for app in apps))
 
 
+@functools.lru_cache(maxsize=64)  # a fleet sends one or two; made-up ones push each other out
 def content_type_problem(value: str) -> Optional[str]:
     """None when the Content-Type is one update_engine could send (go-omaha's rule)."""
     if not value.strip():

@@ -1493,7 +1493,8 @@ def record_lacks(directory: str, record: Dict[str, Any],
                 with contextlib.suppress(OSError, ValueError):
                     sizes[each] = os.stat(os.path.join(directory, each)).st_size
     return [clean(name, 80) for name, listed in sorted(files.items()) if isinstance(listed, dict)
-            and (not is_word(name, FILE_NAME_MOST, name=True) or sizes.get(name) != listed.get("size")
+            and (not is_word(name, FILE_NAME_MOST, name=True)
+                 or sizes.get(name) != listed.get("size")
                  or name + ".sha256" not in sizes)]
 
 
@@ -3489,6 +3490,15 @@ class Slots:
         if self.limit:
             self.holders[machine.key] = machine
 
+    def restore(self, machines: Sequence["Machine"], now: float) -> None:
+        """The machines a state file kept hold their slots as before."""
+        if self.limit:
+            self.holders.update(self.among(machines, now))
+
+    def forget(self, key: str) -> None:
+        """A machine the fleet forgets holds no slot."""
+        self.holders.pop(key, None)
+
     def look(self, machine: "Machine", now: float) -> None:
         """A machine changed: it lets its slot go once it no longer holds one."""
         if not machine.holds_slot(now, self.timeout):
@@ -3677,8 +3687,7 @@ class Fleet:
                 self.registry.restore(machine)
                 self._rank(machine)
                 self.tally.change(machine, None, now)
-            if self.slots.limit:
-                self.slots.holders.update(self.slots.among(machines, now))
+            self.slots.restore(machines, now)
             for machine in machines:
                 count_extensions(self.extensions, machine, 1)
             self.unsaved.add(m.key for m in machines)  # the first save writes all
@@ -3698,7 +3707,7 @@ class Fleet:
         under before (None: new). A machine forgotten to make room is uncounted."""
         machine, created, gone = self.registry.seen(key, address, now, self.slots.holders)
         if gone is not None:
-            self.slots.holders.pop(gone.key, None)
+            self.slots.forget(gone.key)
             self.stages.remove(gone.key)
             self.counts.forget(gone.key)
             self.tally.forget(gone)
@@ -6375,8 +6384,9 @@ def body_of(request: HttpRequest, content_types: bool = True) -> bytes:
     a Content-Type update_engine could send."""
     if "Content-Length" not in request.headers:
         raise Refused(411, "Content-Length is required")
-    problem = content_type_problem(request.headers.get("Content-Type") or "")
-    if content_types and problem:
+    problem = content_type_problem(request.headers.get("Content-Type") or "") \
+        if content_types else None
+    if problem:
         raise Refused(415, problem)
     return request.body
 

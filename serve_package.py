@@ -7430,8 +7430,8 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.closing = threading.Event()
         super().__init__(address, Handler)
         if settings.tls is not None:
-            # The handshake happens in each connection's own thread (FramingHandler.setup), so a slow
-            # client cannot hold up the accepting thread.
+            # The handshake happens in each connection's own thread (FramingHandler.setup), so
+            # a slow client cannot hold up the accepting thread.
             self.socket = settings.tls.wrap_socket(self.socket, server_side=True,
                                                    do_handshake_on_connect=False)
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
